@@ -1,0 +1,198 @@
+"""The one statistics core of normlab.
+
+Every normalization in normlab is two steps: statistics over *reduction dims*, then an affine
+map over *feature dims*. This module is the first step, and the only place in the library that
+computes a mean, a variance or an extremum of data:
+
+* :func:`moments` — mean and biased variance over any set of dims, for the in-network norms.
+* :class:`Moments` — the mergeable ``(count, mean, M2)`` triple (Chan, Golub & LeVeque 1979),
+  for streaming scalers and, later, all-reduce across processes.
+* :func:`extrema` — per-feature minimum and maximum, for Min-Max scaling.
+
+Numerics (stated once for the whole library):
+
+* Accumulation happens in float32 or wider, whatever the input dtype: fp16/bf16 are upcast
+  (:func:`accumulation_dtype`), float64 stays float64.
+* Variance is always centred — Welford (``torch.var_mean``) or a corrected two-pass sum —
+  never ``E[x²] − E[x]²`` on raw data, so ``|mean| ≫ std`` loses nothing beyond the
+  resolution of the input itself. Variances are clamped at 0.
+
+>>> import torch
+>>> x = torch.tensor([[1., 2.], [3., 4.]])
+>>> mean, var = moments(x, dims=(0,))
+>>> mean, var
+(tensor([[2., 3.]]), tensor([[1., 1.]]))
+>>> a = Moments.from_data(x[:1], dims=(0,)); b = Moments.from_data(x[1:], dims=(0,))
+>>> (a + b).var(correction=1)
+tensor([2., 2.])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["accumulation_dtype", "moments", "Moments", "extrema"]
+
+Dims = Sequence[int]
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float32 at least, float64 if any input is.
+
+    >>> accumulation_dtype(torch.bfloat16)
+    torch.float32
+    >>> accumulation_dtype(torch.float32, torch.float64)
+    torch.float64
+    """
+    out = torch.float32
+    for dt in dtypes:
+        if dt is not None and dt.is_floating_point:
+            out = torch.promote_types(out, dt)
+    return out
+
+
+def moments(
+    x: Tensor,
+    dims: Dims,
+    *,
+    center: bool = True,
+    keepdim: bool = True,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor | None, Tensor]:
+    """Mean and biased variance of ``x`` over ``dims``, accumulated in float32 or wider.
+
+    With ``center=False`` the mean is not subtracted: the result is ``(None, mean(x²))``, the
+    statistic of RMSNorm ("LayerNorm without centering") and of Weight/Cosine Norm.
+
+    Args:
+        x: any floating-point tensor.
+        dims: the reduction dims.
+        center: subtract the mean (default) or not.
+        keepdim: keep reduced dims as size 1, so the results broadcast against ``x``.
+        dtype: accumulation dtype; default :func:`accumulation_dtype` of ``x``.
+
+    Returns:
+        ``(mean, var)`` in the accumulation dtype. ``var`` is ``mean((x - mean)²)`` (divisor
+        ``n``), computed by Welford's algorithm, so it is exact to rounding when
+        ``|mean| ≫ std``. The ops are differentiable, so the autograd backward passes can
+        recompute statistics for double backward.
+    """
+    dims = tuple(dims)
+    xa = x.to(dtype or accumulation_dtype(x.dtype))
+    if not center:
+        return None, xa.square().mean(dim=dims, keepdim=keepdim)
+    var, mean = torch.var_mean(xa, dim=dims, correction=0, keepdim=keepdim)
+    return mean, var
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Mergeable first and second moments: ``count``, ``mean`` and ``m2 = Σ(x − mean)²``.
+
+    Two triples computed on disjoint parts of the data merge into the triple of their union,
+    exactly up to rounding (Chan, Golub & LeVeque, "Updating formulae and a pairwise algorithm
+    for computing sample variances", 1979)::
+
+        n = nₐ + n_b,   δ = mean_b − meanₐ
+        mean = meanₐ + δ·n_b/n,   m2 = m2ₐ + m2_b + δ²·nₐ·n_b/n
+
+    That is what lets a scaler stream (``partial_fit``) and processes all-reduce statistics.
+    ``count`` is per feature, so NaN can be ignored feature by feature.
+    """
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def from_data(
+        cls,
+        x: Tensor,
+        dims: Dims = (0,),
+        *,
+        ignore_nan: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> "Moments":
+        """The triple of ``x`` reduced over ``dims`` (reduced dims dropped).
+
+        ``ignore_nan=True`` skips NaN values, so each feature has its own count.
+        """
+        dims = tuple(dims)
+        xa = x.to(dtype or accumulation_dtype(x.dtype))
+        if not ignore_nan:
+            n = 1
+            for d in dims:
+                n *= x.shape[d]
+            count = torch.full_like(xa.sum(dim=dims), float(n))
+            if n == 0:
+                zero = torch.zeros_like(count)
+                return cls(count, zero, zero.clone())
+            mean, var = moments(xa, dims, keepdim=False)
+            return cls(count, mean, var * count)
+        valid = ~torch.isnan(xa)
+        count = valid.sum(dim=dims, dtype=xa.dtype)
+        safe = count.clamp(min=1)
+        mean = torch.where(valid, xa, 0).sum(dim=dims) / safe
+        d = torch.where(valid, xa - _unsqueeze_dims(mean, dims, xa.dim()), 0)
+        # corrected two-pass: the second term removes the rounding error left in `mean`
+        m2 = d.square().sum(dim=dims) - d.sum(dim=dims).square() / safe
+        return cls(count, mean, m2.clamp(min=0))
+
+    @classmethod
+    def empty(cls, shape, *, dtype=torch.float64, device=None) -> "Moments":
+        """The identity of :meth:`merge`: zero count, zero mean, zero m2."""
+        z = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(z, z.clone(), z.clone())
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Moments of the union of the two data sets (Chan et al.)."""
+        n = self.count + other.count
+        safe = torch.where(n > 0, n, torch.ones_like(n))
+        delta = other.mean - self.mean
+        w = other.count / safe
+        mean = self.mean + delta * w
+        m2 = self.m2 + other.m2 + delta.square() * self.count * w
+        return Moments(n, mean, m2)
+
+    __add__ = merge
+
+    def var(self, correction: int = 0) -> Tensor:
+        """Variance with divisor ``count − correction`` (0: biased; 1: unbiased).
+
+        Where the divisor is not positive the result is NaN, as in ``torch.var``.
+        """
+        denom = self.count - correction
+        out = self.m2 / torch.where(denom > 0, denom, torch.ones_like(denom))
+        return torch.where(denom > 0, out.clamp(min=0), torch.full_like(out, float("nan")))
+
+    def to(self, *args, **kwargs) -> "Moments":
+        """Move or cast all three tensors (``Tensor.to`` arguments)."""
+        return Moments(*(t.to(*args, **kwargs) for t in (self.count, self.mean, self.m2)))
+
+
+def extrema(
+    x: Tensor, dims: Dims = (0,), *, ignore_nan: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Per-feature ``(min, max)`` of ``x`` over ``dims``.
+
+    With ``ignore_nan=True`` NaN values are skipped; a feature with no finite-or-infinite value
+    left (all NaN) gets NaN for both.
+    """
+    dims = tuple(dims)
+    if not ignore_nan:
+        return x.amin(dim=dims), x.amax(dim=dims)
+    nan = torch.isnan(x)
+    lo = torch.where(nan, float("inf"), x).amin(dim=dims)
+    hi = torch.where(nan, float("-inf"), x).amax(dim=dims)
+    empty = nan.all(dim=dims) if x.numel() else torch.ones_like(lo, dtype=torch.bool)
+    return torch.where(empty, float("nan"), lo), torch.where(empty, float("nan"), hi)
+
+
+def _unsqueeze_dims(t: Tensor, dims: tuple[int, ...], ndim: int) -> Tensor:
+    for d in sorted(d % ndim for d in dims):
+        t = t.unsqueeze(d)
+    return t
