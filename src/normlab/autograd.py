@@ -1,0 +1,130 @@
+r"""The written-out backward pass shared by every normalization in normlab.
+
+Every in-network norm is one op: statistics over reduction dims, then an affine map over
+feature dims,
+
+.. math::
+
+    \hat x = (x - \mu)\cdot r,\qquad r = (\sigma^2 + \epsilon)^{-1/2},\qquad
+    y = \gamma \hat x + \beta
+
+(seed 004 eq. 10–13; LayerNorm eq. 14–15, InstanceNorm eq. 16–17; RMSNorm drops the
+centering, :math:`\hat x = x\cdot(\overline{x^2}+\epsilon)^{-1/2}`). BN, LN, IN and GN differ
+only in which dims they reduce and how :math:`\gamma, \beta` broadcast, so one
+:class:`NormalizeAffine` serves them all, and Weight and Cosine Norm reuse it with
+:math:`\mu = 0`.
+
+The backward is seed 004 eq. (4)–(9), with :math:`m` the number of reduced values and
+:math:`g = \partial l/\partial\hat x = \gamma\,\partial l/\partial y` (eq. 4). Substituting
+eq. (5) :math:`\partial l/\partial\sigma^2 = -\tfrac12 r^3\sum g\,(x-\mu)` and eq. (6)
+:math:`\partial l/\partial\mu = -r\sum g` into eq. (7) gives the x̂ form:
+
+.. math::
+
+    \frac{\partial l}{\partial x} = r\left(g - \overline{g} - \hat x\,\overline{g\hat x}\right)
+    \qquad\text{(centred; without centering drop } \overline{g}\text{)}
+
+    \frac{\partial l}{\partial\gamma} = \sum \frac{\partial l}{\partial y}\hat x
+    \;\text{(eq. 8)},\qquad
+    \frac{\partial l}{\partial\beta} = \sum \frac{\partial l}{\partial y}\;\text{(eq. 9)}
+
+where bars are means over the reduction dims and the sums run over every dim that
+:math:`\gamma` broadcasts along. When the statistics are fixed (BatchNorm in eval mode, using
+running statistics) :math:`\mu, r` are constants and :math:`\partial l/\partial x = r g`.
+
+The backward is built from differentiable torch ops, recomputing the statistics from the saved
+input when a graph is being built, so double backward (gradient penalties) is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .stats import accumulation_dtype, moments
+
+__all__ = ["NormalizeAffine", "normalize_affine"]
+
+
+class NormalizeAffine(torch.autograd.Function):
+    """``y = γ·(x − μ)·rsqrt(σ² + ε) + β`` over ``dims``; backward written out (module doc).
+
+    ``apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)`` returns
+    ``(y, mean, var)``: ``y`` in ``x``'s dtype, and the (non-differentiable) statistics used,
+    in the accumulation dtype, with reduced dims kept. ``weight``/``bias`` are ``None`` or
+    tensors that broadcast against ``x``. ``fixed_var`` (and ``fixed_mean`` when centring)
+    replace the batch statistics, as BatchNorm does in eval mode.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dims, eps, center, fixed_mean, fixed_var):
+        acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
+        batch_stats = fixed_var is None
+        if batch_stats:
+            mean, var = moments(x, dims, center=center, dtype=acc)
+        else:
+            mean = fixed_mean.to(acc) if center else None
+            var = fixed_var.to(acc)
+        rstd = torch.rsqrt(var + eps)
+        y = x.to(acc)
+        y = (y - mean) if center else y.clone() if y is x else y
+        y.mul_(rstd)
+        if weight is not None:
+            y.mul_(weight)
+        if bias is not None:
+            y.add_(bias)
+        ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, batch_stats
+        # the bias itself is not needed by backward: keep only its shape and dtype
+        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+        ctx.save_for_backward(x, weight, mean, rstd)
+        mean_out = mean if center else var.new_zeros(())
+        ctx.mark_non_differentiable(mean_out, var)
+        return y.to(x.dtype), mean_out, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dims, center = ctx.dims, ctx.center
+        acc = rstd.dtype
+        if ctx.batch_stats and torch.is_grad_enabled():
+            # double backward: the statistics must depend on x in the graph being built
+            mean, var = moments(x, dims, center=center, dtype=acc)
+            rstd = torch.rsqrt(var + ctx.eps)
+        xa = x.to(acc)
+        xhat = ((xa - mean) if center else xa) * rstd
+        dya = dy.to(acc)
+        g = dya * weight if weight is not None else dya  # eq. (4)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            if ctx.batch_stats:
+                proj = xhat * (g * xhat).mean(dim=dims, keepdim=True)
+                if center:
+                    proj = proj + g.mean(dim=dims, keepdim=True)
+                dx = (g - proj) * rstd  # eq. (5)-(7) in x̂ form
+            else:
+                dx = g * rstd
+            dx = dx.to(x.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            dw = (dya * xhat).sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
+        if ctx.needs_input_grad[2]:
+            shape, dtype = ctx.bias_meta
+            db = dya.sum_to_size(shape).to(dtype)  # eq. (9)
+        return dx, dw, db, None, None, None, None, None
+
+
+def normalize_affine(
+    x: Tensor,
+    dims: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    center: bool = True,
+    fixed_mean: Tensor | None = None,
+    fixed_var: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Functional entry point of :class:`NormalizeAffine` (keyword arguments allowed)."""
+    return NormalizeAffine.apply(x, weight, bias, tuple(dims), eps, center, fixed_mean, fixed_var)
+

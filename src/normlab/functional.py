@@ -1,0 +1,386 @@
+r"""The normalization ops, with torch.nn.functional's signatures.
+
+Each in-network norm only chooses its reduction dims and how γ/β broadcast, then calls the one
+op :func:`normlab.autograd.normalize_affine` (statistics from :mod:`normlab.stats`, backward
+written out from seed 004 eq. 4–9):
+
+============  ===============================  ======================================
+op            statistics over                  γ, β per
+============  ===============================  ======================================
+batch_norm    (N, \*spatial), per channel      channel
+layer_norm    the trailing ``normalized_shape``   element of ``normalized_shape``
+instance_norm (\*spatial), per sample & channel   channel
+group_norm    (C/G, \*spatial), per sample & group  channel (a reshape around LayerNorm)
+rms_norm      like layer_norm, no centering    element of ``normalized_shape``
+============  ===============================  ======================================
+
+GroupNorm with one group is LayerNorm over (C, \*spatial); with C groups it is InstanceNorm:
+
+>>> import torch
+>>> x = torch.randn(2, 6, 5)
+>>> torch.allclose(group_norm(x, 1), layer_norm(x, (6, 5)), atol=1e-6)
+True
+>>> torch.allclose(group_norm(x, 6), instance_norm(x), atol=1e-6)
+True
+
+Besides the in-network norms: :func:`cosine_linear` (seed 004 eq. 20–26), and the classic
+column scalings of seed 000, :func:`zscore` and :func:`minmax` (one-shot; to fit on training
+data and apply to test data, use :mod:`normlab.preprocessing`).
+
+Errors name the offending value and the fix; a failed call mutates nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .autograd import normalize_affine
+from .stats import extrema, moments
+
+__all__ = [
+    "batch_norm",
+    "layer_norm",
+    "instance_norm",
+    "group_norm",
+    "rms_norm",
+    "cosine_linear",
+    "weight_norm",
+    "zscore",
+    "minmax",
+]
+
+
+# --------------------------------------------------------------------------------- checks
+def _check_input(x: Tensor, op: str, min_ndim: int = 1) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{op}: expected a floating-point tensor, got dtype {x.dtype}; "
+            f"convert it first, e.g. x.float()"
+        )
+    if x.dim() < min_ndim:
+        raise ValueError(
+            f"{op}: expected at least {min_ndim}-D input, got {x.dim()}-D input of shape "
+            f"{tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(
+            f"{op}: got an empty input of shape {tuple(x.shape)}; normalization needs at "
+            f"least one value per statistic: skip empty batches before calling it"
+        )
+
+
+def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str) -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(
+            f"{op}: {name} must have shape {tuple(shape)} to match the input, got "
+            f"{tuple(t.shape)}"
+        )
+
+
+def _channels(x: Tensor, op: str, *params: tuple[Tensor | None, str]) -> int:
+    c = x.shape[1]
+    for t, name in params:
+        _check_param(t, name, (c,), op)
+    return c
+
+
+def _per_channel(t: Tensor | None, ndim: int) -> Tensor | None:
+    """View a (C,) tensor so it broadcasts along dim 1 of an ``ndim``-D input."""
+    return None if t is None else t.view((-1,) + (1,) * (ndim - 2))
+
+
+def _keep_format(y: Tensor, like: Tensor) -> Tensor:
+    """Return ``y`` in the memory format of ``like`` (reshapes lose channels_last)."""
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        try:
+            if like.is_contiguous(memory_format=fmt) and not like.is_contiguous():
+                return y.contiguous(memory_format=fmt)
+        except RuntimeError:  # format does not apply to this ndim
+            continue
+    return y
+
+
+@torch.no_grad()
+def _update_running(running: Tensor | None, batch: Tensor, momentum: float) -> None:
+    # torch's convention: new = (1 − momentum)·running + momentum·batch
+    if running is not None:
+        running.mul_(1 - momentum).add_(batch.to(running.dtype), alpha=momentum)
+
+
+# --------------------------------------------------------------------------------- norms
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Batch Normalization (Ioffe & Szegedy 2015; seed 004 eq. 10–13) over (N, \*spatial).
+
+    In training the batch statistics normalize (biased variance, eq. 11) and, when given,
+    ``running_mean``/``running_var`` are updated in place with the *unbiased* batch variance::
+
+        running = (1 − momentum) · running + momentum · batch        (torch's convention)
+
+    Keras names the other factor: its ``momentum=0.99`` is torch's ``momentum=0.01``.
+    In eval (``training=False``) the running statistics normalize, which makes BN the fixed
+    affine map ``x·γ/√(σ²+ε) + (β − γμ/√(σ²+ε))`` of seed 000 §2.2.
+
+    Shape: input ``(N, C)`` or ``(N, C, *spatial)``; statistics and parameters ``(C,)``.
+    """
+    op = "batch_norm"
+    _check_input(input, op, min_ndim=2)
+    _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"),
+              (weight, "weight"), (bias, "bias"))
+    nd = input.dim()
+    dims = (0, *range(2, nd))
+    w, b = _per_channel(weight, nd), _per_channel(bias, nd)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "batch_norm: running_mean and running_var are required when training=False; "
+                "pass training=True to normalize with batch statistics"
+            )
+        return normalize_affine(input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
+                                fixed_var=_per_channel(running_var, nd))[0]
+    n = input.numel() // input.shape[1]
+    if n <= 1:
+        raise ValueError(
+            f"batch_norm: expected more than 1 value per channel when training, got input of "
+            f"shape {tuple(input.shape)}; use a batch of at least 2 (e.g. drop_last=True in the "
+            f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
+        )
+    y, mean, var = normalize_affine(input, dims, w, b, eps)
+    _update_running(running_mean, mean.flatten(), momentum)
+    _update_running(running_var, var.flatten() * (n / (n - 1)), momentum)  # unbiased
+    return y
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Instance Normalization (Ulyanov et al. 2016; seed 004 eq. 16–17): statistics over
+    (\*spatial) for each sample and channel.
+
+    With ``use_input_stats`` and running buffers given, the buffers are updated with the
+    batch average of the per-instance mean and unbiased variance (torch's rule); with
+    ``use_input_stats=False`` the running statistics normalize, as BatchNorm in eval mode.
+
+    Shape: input ``(N, C, *spatial)``; parameters and running statistics ``(C,)``.
+    """
+    op = "instance_norm"
+    _check_input(input, op, min_ndim=3)
+    _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"),
+              (weight, "weight"), (bias, "bias"))
+    nd = input.dim()
+    w, b = _per_channel(weight, nd), _per_channel(bias, nd)
+    dims = tuple(range(2, nd))
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "instance_norm: running_mean and running_var are required when "
+                "use_input_stats=False"
+            )
+        return normalize_affine(input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
+                                fixed_var=_per_channel(running_var, nd))[0]
+    n = input[0, 0].numel()
+    if n <= 1 and running_var is not None:
+        raise ValueError(
+            f"instance_norm: expected more than 1 spatial element per channel to update "
+            f"running statistics, got input of shape {tuple(input.shape)}"
+        )
+    y, mean, var = normalize_affine(input, dims, w, b, eps)
+    _update_running(running_mean, mean.flatten(1).mean(0), momentum)
+    if running_var is not None:
+        _update_running(running_var, var.flatten(1).mean(0) * (n / (n - 1)), momentum)
+    return y
+
+
+def _trailing_dims(input: Tensor, normalized_shape, op: str) -> tuple[tuple[int, ...], tuple]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or tuple(input.shape[input.dim() - k:]) != shape or input.dim() < k:
+        raise ValueError(
+            f"{op}: normalized_shape {shape} must equal the trailing dims of the input, got "
+            f"input of shape {tuple(input.shape)}; pass normalized_shape=input.shape[-k:] for "
+            f"the last k dims"
+        )
+    return tuple(range(input.dim() - k, input.dim())), shape
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int] | int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Layer Normalization (Ba et al. 2016; seed 004 eq. 14–15): statistics over the trailing
+    ``normalized_shape`` dims of each sample; γ, β have shape ``normalized_shape``.
+    """
+    op = "layer_norm"
+    _check_input(input, op)
+    dims, shape = _trailing_dims(input, normalized_shape, op)
+    _check_param(weight, "weight", shape, op)
+    _check_param(bias, "bias", shape, op)
+    return normalize_affine(input, dims, weight, bias, eps)[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int] | int,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    r"""RMSNorm (Zhang & Sennrich 2019): LayerNorm without centering,
+    ``y = γ · x / √(mean(x²) + ε)``; ``eps=None`` means ``torch.finfo(input.dtype).eps``.
+    """
+    op = "rms_norm"
+    _check_input(input, op)
+    dims, shape = _trailing_dims(input, normalized_shape, op)
+    _check_param(weight, "weight", shape, op)
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    return normalize_affine(input, dims, weight, None, eps, center=False)[0]
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Group Normalization (Wu & He 2018): channels split into ``num_groups`` groups,
+    statistics over (channels in group, \*spatial) per sample; γ, β per channel.
+
+    It is a reshape around the LayerNorm core: ``(N, C, *S) → (N, G, C/G, ∏S)``.
+    """
+    op = "group_norm"
+    _check_input(input, op, min_ndim=2)
+    c = _channels(input, op, (weight, "weight"), (bias, "bias"))
+    if num_groups <= 0 or c % num_groups:
+        raise ValueError(
+            f"group_norm: num_groups={num_groups} must divide the {c} channels; choose a "
+            f"divisor of {c}"
+        )
+    n, cg = input.shape[0], c // num_groups
+    x = input.reshape(n, num_groups, cg, -1)
+    w = None if weight is None else weight.view(num_groups, cg, 1)
+    b = None if bias is None else bias.view(num_groups, cg, 1)
+    y = normalize_affine(x, (2, 3), w, b, eps)[0]
+    return _keep_format(y.view(input.shape), input)
+
+
+# --------------------------------------------------------------------------- weight-side
+def weight_norm(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
+    r"""Weight Normalization (Salimans & Kingma 2016; seed 004 eq. 19): ``w = g · v/‖v‖``.
+
+    ``‖v‖`` is taken over every dim except ``dim`` (``dim=None``: over the whole tensor), so
+    each output unit gets its own direction and length; as in torch, ``dim=-1`` also means
+    the whole tensor. It is the core with μ = 0 and
+    σ = ‖v‖/√n, whose backward is the projection of the seed's equations:
+    ``∂l/∂v = (g/‖v‖)(∂l/∂w − ŵ (ŵ·∂l/∂w))``, ``∂l/∂g = ŵ·∂l/∂w`` with ``ŵ = v/‖v‖``.
+
+    ``g`` has ``v``'s shape with size 1 on every reduced dim (or is 0-D when ``dim=None``).
+    """
+    if dim is None or dim == -1:  # torch's rule: -1 means the whole tensor, like None
+        dims = tuple(range(v.dim()))
+    else:
+        d = dim % v.dim()
+        dims = tuple(i for i in range(v.dim()) if i != d)
+    n = math.prod(v.shape[i] for i in dims)
+    # x̂ = v·√n/‖v‖, so w = (g/√n)·x̂
+    return normalize_affine(v, dims, g / math.sqrt(n), None, 0.0, center=False)[0]
+
+
+def cosine_linear(
+    x: Tensor, weight: Tensor, centered: bool = False, eps: float = 1e-8
+) -> Tensor:
+    r"""Cosine Normalization (Luo et al. 2018; seed 004 eq. 20): ``y_j = cos θ = w_j·x /
+    (‖w_j‖ ‖x‖)`` instead of the unbounded dot product; ``centered=True`` is the Pearson form
+    of eq. 21–26, ``(w_j − μ_w)·(x − μ_x) / (n σ_w σ_x)``.
+
+    ``eps`` sits inside each square root, ``‖x − μ‖ → √(‖x − μ‖² + eps)``.
+
+    Shape: ``x (*, in_features)``, ``weight (out_features, in_features)`` → ``(*, out_features)``.
+    """
+    op = "cosine_linear"
+    _check_input(x, op)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"cosine_linear: weight must have shape (out_features, {x.shape[-1]}) for input "
+            f"of shape {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    n = x.shape[-1]
+    # the core normalizes by √(σ² + eps/n) = √(‖x−μ‖² + eps)/√n: rescale by 1/√n each side
+    xh = normalize_affine(x, (-1,), None, None, eps / n, center=centered)[0]
+    wh = normalize_affine(weight, (-1,), None, None, eps / n, center=centered)[0]
+    return torch.nn.functional.linear(xh, wh) / n
+
+
+# --------------------------------------------------------------------- classic scalings
+def _as_dims(x: Tensor, dim) -> tuple[int, ...]:
+    return (dim,) if isinstance(dim, int) else tuple(dim)
+
+
+def zscore(x: Tensor, dim: int | Sequence[int] = 0, eps: float = 0.0, correction: int = 1) -> Tensor:
+    r"""Z-Score standardization of seed 000 §1.2: ``(x − mean) / √(var + eps)`` along ``dim``
+    (default: per column). A constant column gets scale 1 instead of a division by zero.
+
+    ``correction=1`` (default) uses the unbiased variance, as ``torch.std`` and the lesson's
+    ``Z_ScoreNormalization`` do; ``correction=0`` gives scikit-learn's ``StandardScaler``.
+
+    >>> zscore(torch.tensor([[1., 2.], [3., 4.]]))
+    tensor([[-0.7071, -0.7071],
+            [ 0.7071,  0.7071]])
+    """
+    _check_input(x, "zscore")
+    dims = _as_dims(x, dim)
+    mean, var = moments(x, dims)
+    n = math.prod(x.shape[d] for d in dims)
+    if n - correction <= 0:
+        raise ValueError(
+            f"zscore: {n} value(s) along dim {dim} leave no degrees of freedom with "
+            f"correction={correction}; use correction=0 or more samples"
+        )
+    std = (var * (n / (n - correction)) + eps).sqrt()
+    return ((x - mean) / torch.where(std > 0, std, 1)).to(x.dtype)
+
+
+def minmax(
+    x: Tensor, dim: int | Sequence[int] = 0, feature_range: tuple[float, float] = (0, 1)
+) -> Tensor:
+    r"""Min-Max (0-1) normalization of seed 000 §1.1: ``(x − min)/(max − min)`` along ``dim``,
+    mapped to ``feature_range``. A constant column gets range 1 (it maps to ``feature_range[0]``).
+
+    >>> minmax(torch.tensor([[1., 10.], [3., 20.], [2., 15.]]))
+    tensor([[0.0000, 0.0000],
+            [1.0000, 1.0000],
+            [0.5000, 0.5000]])
+    """
+    _check_input(x, "minmax")
+    lo_t, hi_t = feature_range
+    if not lo_t < hi_t:
+        raise ValueError(f"minmax: feature_range must be (min, max) with min < max, got {feature_range}")
+    dims = _as_dims(x, dim)
+    lo, hi = extrema(x, dims)
+    for d in sorted(d % x.dim() for d in dims):
+        lo, hi = lo.unsqueeze(d), hi.unsqueeze(d)
+    rng = hi - lo
+    return (x - lo) / torch.where(rng > 0, rng, 1) * (hi_t - lo_t) + lo_t

@@ -1,0 +1,569 @@
+r"""Drop-in normalization modules for ``torch.nn``.
+
+Each module holds parameters and buffers with torch.nn's names, defaults and ``state_dict``
+keys (``ours.load_state_dict(theirs.state_dict())`` works both ways), and its ``forward`` is
+one call into :mod:`normlab.functional`.
+
+.. _train-eval:
+
+**Training and evaluation (BatchNorm; InstanceNorm with** ``track_running_stats=True`` **).**
+In ``train()`` mode the layer normalizes with the statistics of the current batch and updates
+``running_mean`` and ``running_var`` (the latter with the *unbiased* batch variance)::
+
+    running = (1 − momentum) · running + momentum · batch
+
+This is torch's convention; Keras's ``momentum`` is the weight of the *old* value, so Keras
+``momentum=0.99`` equals torch ``momentum=0.01``. ``momentum=None`` gives the cumulative
+average over ``num_batches_tracked`` batches instead. In ``eval()`` mode the running
+statistics normalize, so a single test sample gets the same output whatever batch it is in
+(seed 000, "BN的训练和测试过程"). ``track_running_stats=False`` always uses batch statistics.
+
+>>> import torch
+>>> bn = BatchNorm1d(3)
+>>> y = bn(torch.randn(8, 3) * 5 + 2)          # train mode: batch statistics
+>>> int(bn.num_batches_tracked)
+1
+>>> y = bn.eval()(torch.randn(1, 3))            # eval mode: running statistics
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.parameter import Parameter
+
+from . import functional as F
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "CosineLinear",
+    "weight_norm",
+    "remove_weight_norm",
+]
+
+
+def _shape_error(module: nn.Module, expected: str, x: Tensor) -> ValueError:
+    return ValueError(
+        f"{type(module).__name__}({getattr(module, 'num_features', '')}) expects {expected}, "
+        f"got {x.dim()}-D input of shape {tuple(x.shape)}"
+    )
+
+
+class _NormBase(nn.Module):
+    """Parameters, running buffers and their bookkeeping, shared by BatchNorm and InstanceNorm.
+
+    Subclasses set ``_ndims`` (accepted input ranks, batched first) and ``_layout`` (its
+    description for errors); 1d/2d/3d classes differ in nothing else.
+    """
+
+    _version = 2
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+    _ndims: tuple[int, ...] = ()
+    _layout: str = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = Parameter(torch.empty(num_features, **factory))
+            self.bias = Parameter(torch.empty(num_features, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() not in self._ndims:
+            raise _shape_error(self, self._layout, x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        # checkpoints from before torch 0.4.1 (version < 2) have no num_batches_tracked
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+
+
+class _BatchNorm(_NormBase):
+    """Batch Normalization over (N, \\*spatial) per channel; see the module docs for
+    train/eval and momentum. Arguments, attributes and ``state_dict`` are torch.nn's."""
+
+    def _check_input(self, x: Tensor) -> None:
+        super()._check_input(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels "
+                f"in dim 1, got input of shape {tuple(x.shape)}"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        tracking = self.training and self.track_running_stats
+        factor = 0.0 if self.momentum is None else self.momentum
+        if tracking and self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked + 1)  # cumulative average
+        use_batch_stats = self.training or self.running_mean is None
+        keep = not self.training or self.track_running_stats
+        out = F.batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+        if tracking:  # only after success: a failed call leaves every buffer as it was
+            self.num_batches_tracked.add_(1)
+        return out
+
+
+class BatchNorm1d(_BatchNorm):
+    """BatchNorm over a ``(N, C)`` or ``(N, C, L)`` input (torch.nn.BatchNorm1d)."""
+
+    _ndims, _layout = (2, 3), "2-D (N, C) or 3-D (N, C, L) input"
+
+
+class BatchNorm2d(_BatchNorm):
+    """BatchNorm over a ``(N, C, H, W)`` input (torch.nn.BatchNorm2d)."""
+
+    _ndims, _layout = (4,), "4-D (N, C, H, W) input"
+
+
+class BatchNorm3d(_BatchNorm):
+    """BatchNorm over a ``(N, C, D, H, W)`` input (torch.nn.BatchNorm3d)."""
+
+    _ndims, _layout = (5,), "5-D (N, C, D, H, W) input"
+
+
+class _InstanceNorm(_NormBase):
+    """Instance Normalization: statistics over spatial dims per sample and channel.
+
+    Defaults are torch's: ``affine=False``, ``track_running_stats=False``. Unbatched input
+    (no N dim) is accepted. With ``track_running_stats=True`` eval mode uses the running
+    statistics, as BatchNorm does.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        batched = input.dim() == self._ndims[-1]
+        channels = input.shape[1 if batched else 0]
+        if channels != self.num_features:
+            msg = (
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+            if self.affine or self.track_running_stats:
+                raise ValueError(msg)
+            warnings.warn(msg + "; num_features is unused without affine or running stats", stacklevel=2)
+        x = input if batched else input.unsqueeze(0)
+        out = F.instance_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+        return out if batched else out.squeeze(0)
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """InstanceNorm over ``(N, C, L)`` or unbatched ``(C, L)`` input (torch.nn.InstanceNorm1d)."""
+
+    _ndims, _layout = (2, 3), "3-D (N, C, L) or 2-D unbatched (C, L) input"
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """InstanceNorm over ``(N, C, H, W)`` or unbatched ``(C, H, W)`` input."""
+
+    _ndims, _layout = (3, 4), "4-D (N, C, H, W) or 3-D unbatched (C, H, W) input"
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """InstanceNorm over ``(N, C, D, H, W)`` or unbatched ``(C, D, H, W)`` input."""
+
+    _ndims, _layout = (4, 5), "5-D (N, C, D, H, W) or 4-D unbatched (C, D, H, W) input"
+
+
+def _as_shape(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(s) for s in normalized_shape)
+
+
+class LayerNorm(nn.Module):
+    """Layer Normalization over the trailing ``normalized_shape`` dims (torch.nn.LayerNorm).
+
+    Statistics per sample (seed 004 eq. 14–15), so train and eval behave the same and no
+    running statistics exist.
+    """
+
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = Parameter(torch.empty(self.normalized_shape, **factory))
+            self.bias = Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
+        )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm: LayerNorm without centering (torch.nn.RMSNorm); ``eps=None`` means
+    ``torch.finfo(input.dtype).eps``."""
+
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class GroupNorm(nn.Module):
+    """Group Normalization (torch.nn.GroupNorm): ``num_channels`` split into ``num_groups``
+    groups, statistics per sample and group. ``num_groups=1`` is LayerNorm over (C, \\*S);
+    ``num_groups=num_channels`` is InstanceNorm.
+
+    Raises ``ValueError`` at construction when ``num_groups`` does not divide
+    ``num_channels``.
+    """
+
+    __constants__ = ["num_groups", "num_channels", "eps", "affine"]
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_groups <= 0 or num_channels % num_groups:
+            divisors = [d for d in range(1, num_channels + 1) if num_channels % d == 0]
+            raise ValueError(
+                f"GroupNorm: num_groups={num_groups} must divide num_channels={num_channels}; "
+                f"choose one of {divisors}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = Parameter(torch.empty(num_channels, **factory))
+            self.bias = Parameter(torch.empty(num_channels, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"GroupNorm({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
+                f"channels in dim 1 of an (N, C, *) input, got shape {tuple(input.shape)}"
+            )
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class CosineLinear(nn.Module):
+    r"""A linear layer whose outputs are cosines (Cosine Normalization, Luo et al. 2018).
+
+    ``y_j = cos θ_j = w_j·x / (‖w_j‖ ‖x‖)`` (seed 004 eq. 20): bounded in [−1, 1] whatever
+    the scale of ``x`` or ``w``. ``centered=True`` subtracts the means of ``w_j`` and ``x``
+    first, the Pearson correlation of eq. 21–26. No bias: a bias would break the bound.
+
+    Shape: ``(*, in_features) → (*, out_features)``.
+    """
+
+    __constants__ = ["in_features", "out_features", "centered", "eps"]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        centered: bool = False,
+        eps: float = 1e-8,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if centered and in_features < 2:
+            raise ValueError("CosineLinear(centered=True) needs in_features >= 2: one centred value is always 0")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.centered = centered
+        self.eps = eps
+        self.weight = Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.cosine_linear(input, self.weight, self.centered, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"centered={self.centered}, eps={self.eps}"
+        )
+
+
+# ------------------------------------------------------------------------------ weight norm
+class _WeightNorm(nn.Module):
+    """Holds ``original0`` (g) and ``original1`` (v) under the keys torch's parametrization
+    uses, so state dicts move between ``torch.nn.utils.parametrizations.weight_norm`` and
+    ours."""
+
+    def __init__(self, weight: Tensor, dim: int | None) -> None:
+        super().__init__()
+        self.dim = dim
+        v = weight.detach()
+        if dim is None or dim == -1:
+            g = torch.linalg.vector_norm(v)
+        else:
+            d = dim % v.dim()
+            g = torch.linalg.vector_norm(v, dim=[i for i in range(v.dim()) if i != d], keepdim=True)
+        self.original0 = Parameter(g.clone())
+        self.original1 = Parameter(v.clone())
+
+    def forward(self) -> Tensor:
+        return F.weight_norm(self.original1, self.original0, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+_WN_CLASSES: dict[type, type] = {}
+
+
+def _weight_normed_class(base: type) -> type:
+    # One subclass per module class, computing every weight-normed attribute on access. It is
+    # rebuilt from (base, state) when pickled, copied or saved: torch's parametrized classes
+    # refuse pickling, and hook-based weight norm refuses deepcopy.
+    if base not in _WN_CLASSES:
+
+        def __getattr__(self, name):
+            wn = self.__dict__["_modules"].get("parametrizations")
+            if wn is not None and name in wn._modules and isinstance(wn._modules[name], _WeightNorm):
+                return wn._modules[name]()
+            return base.__getattr__(self, name)
+
+        def __reduce_ex__(self, protocol):
+            return _rebuild_weight_normed, (base, self.__getstate__())
+
+        _WN_CLASSES[base] = type(
+            f"WeightNorm{base.__name__}",
+            (base,),
+            {
+                "__getattr__": __getattr__,
+                "__reduce_ex__": __reduce_ex__,
+                "__module__": base.__module__,
+                "_normlab_base": base,
+            },
+        )
+    return _WN_CLASSES[base]
+
+
+def _rebuild_weight_normed(base: type, state: dict) -> nn.Module:
+    obj = base.__new__(base)
+    obj.__setstate__(state)
+    obj.__class__ = _weight_normed_class(base)
+    return obj
+
+
+def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) -> nn.Module:
+    r"""Reparametrize ``module.<name>`` as ``w = g · v / ‖v‖`` (Salimans & Kingma 2016; seed 004
+    eq. 19), with the analytic backward of :func:`normlab.functional.weight_norm`.
+
+    ``‖v‖`` is over every dim except ``dim`` (0: one length per output unit; ``None`` or ``-1``:
+    the whole tensor). ``g`` and ``v`` live at ``parametrizations.<name>.original0`` and
+    ``.original1``, the keys of ``torch.nn.utils.parametrizations.weight_norm``; ``w`` is
+    recomputed on every access, and the module survives ``copy.deepcopy``, ``pickle`` and
+    ``torch.save``. Undo with :func:`remove_weight_norm`.
+
+    >>> lin = weight_norm(torch.nn.Linear(4, 3))
+    >>> sorted(lin.state_dict())
+    ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
+    """
+    param = module._parameters.get(name)
+    if not isinstance(param, Tensor):
+        raise ValueError(
+            f"weight_norm: {type(module).__name__} has no parameter named {name!r}; "
+            f"parameters: {sorted(k for k, v in module._parameters.items() if v is not None)}"
+        )
+    if "parametrizations" not in module._modules:
+        module.add_module("parametrizations", nn.ModuleDict())
+    elif name in module.parametrizations:
+        raise ValueError(f"weight_norm: {name!r} of {type(module).__name__} is already weight-normed")
+    holder = _WeightNorm(param, dim)
+    del module._parameters[name]
+    module.parametrizations[name] = holder
+    if "_normlab_base" not in type(module).__dict__:
+        module.__class__ = _weight_normed_class(type(module))
+    return module
+
+
+def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
+    """Undo :func:`weight_norm`: ``module.<name>`` becomes a plain parameter holding the
+    current ``g · v/‖v‖``."""
+    wn = module._modules.get("parametrizations")
+    if wn is None or name not in wn._modules:
+        raise ValueError(f"remove_weight_norm: {name!r} of {type(module).__name__} is not weight-normed")
+    with torch.no_grad():
+        w = wn[name]().detach().clone()
+    del wn[name]
+    if len(wn) == 0:
+        del module._modules["parametrizations"]
+        module.__class__ = type(module)._normlab_base
+    module.register_parameter(name, Parameter(w))
+    return module
