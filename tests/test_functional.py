@@ -1,0 +1,235 @@
+"""normlab.functional against torch.nn.functional, float64 gradcheck, numerics and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normlab.functional as F
+
+from conftest import TOL, assert_rel
+
+
+def _bn(x, w, b, mod):
+    return mod.batch_norm(x, None, None, w, b, True)
+
+
+def _bn_eval(x, w, b, mod):
+    c = x.shape[1]
+    rm = torch.linspace(-1, 1, c, dtype=x.dtype)
+    rv = torch.linspace(0.5, 2, c, dtype=x.dtype)
+    return mod.batch_norm(x, rm, rv, w, b, False)
+
+
+# name: (op(x, w, b, module), input shape, parameter shape or None)
+CASES = {
+    "batch_norm_2d": (_bn, (7, 5), (5,)),
+    "batch_norm_4d": (_bn, (3, 4, 5, 3), (4,)),
+    "batch_norm_eval": (_bn_eval, (3, 4, 5), (4,)),
+    "instance_norm": (lambda x, w, b, m: m.instance_norm(x, weight=w, bias=b), (3, 4, 5, 3), (4,)),
+    "layer_norm": (lambda x, w, b, m: m.layer_norm(x, (5, 3), w, b), (3, 4, 5, 3), (5, 3)),
+    "group_norm": (lambda x, w, b, m: m.group_norm(x, 2, w, b), (3, 4, 5, 3), (4,)),
+    "group_norm_3d": (lambda x, w, b, m: m.group_norm(x, 3, w, b), (2, 6, 7), (6,)),
+    "rms_norm": (lambda x, w, b, m: m.rms_norm(x, (6,), w), (4, 3, 6), (6,)),
+    "rms_norm_eps": (lambda x, w, b, m: m.rms_norm(x, (3, 6), None, 1e-3), (4, 3, 6), None),
+    "layer_norm_noaffine": (lambda x, w, b, m: m.layer_norm(x, (6,)), (4, 3, 6), None),
+}
+
+
+def _inputs(shape, pshape, dtype, offset=0.0):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + offset).to(dtype).requires_grad_()
+    if pshape is None:
+        return x, None, None
+    w = torch.randn(pshape, dtype=torch.float64).to(dtype).requires_grad_()
+    b = torch.randn(pshape, dtype=torch.float64).to(dtype).requires_grad_()
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", CASES)
+def test_matches_torch_forward_and_backward(name, dtype):
+    op, shape, pshape = CASES[name]
+    x, w, b = _inputs(shape, pshape, dtype)
+    ours = op(x, w, b, F)
+    theirs = op(x, w, b, TF)
+    assert ours.dtype == dtype
+    assert_rel(ours, theirs, dtype, what=f"{name} forward")
+    dy = torch.randn_like(ours)
+    args = [t for t in (x, w, b) if t is not None]
+    g_ours = torch.autograd.grad(ours, args, dy, allow_unused=True)
+    g_theirs = torch.autograd.grad(theirs, args, dy, allow_unused=True)
+    for i, (a, t) in enumerate(zip(g_ours, g_theirs)):
+        if t is None:  # torch's rms_norm has no bias, etc.
+            assert a is None or a.abs().max() == 0
+            continue
+        assert_rel(a, t, dtype, what=f"{name} grad[{i}]")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradcheck_and_gradgradcheck(name):
+    op, shape, pshape = CASES[name]
+    x, w, b = _inputs(shape, pshape, torch.float64)
+    args = tuple(t for t in (x, w, b) if t is not None)
+
+    def fn(*a):
+        return op(*(list(a) + [None] * (3 - len(a))), F)
+
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_weight_norm_op_matches_torch_and_gradchecks():
+    v = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    for dim in (0, 1, 2, -2, None, -1):
+        if dim in (None, -1):
+            g = torch.rand((), dtype=torch.float64) + 0.5
+        else:
+            gshape = [1] * 3
+            gshape[dim] = v.shape[dim]
+            g = torch.rand(gshape, dtype=torch.float64) + 0.5
+        g.requires_grad_()
+        ref = torch._weight_norm(v, g, -1 if dim is None else dim)
+        assert_rel(F.weight_norm(v, g, dim), ref, torch.float64, what=f"weight_norm dim={dim}")
+        assert torch.autograd.gradcheck(lambda v, g: F.weight_norm(v, g, dim), (v, g))
+        assert torch.autograd.gradgradcheck(lambda v, g: F.weight_norm(v, g, dim), (v, g))
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_cosine_linear_is_cosine_of_seed_eq_20_26(centered):
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    y = F.cosine_linear(x, w, centered=centered, eps=0.0)
+    xc = x - x.mean(-1, keepdim=True) if centered else x
+    wc = w - w.mean(-1, keepdim=True) if centered else w
+    ref = TF.cosine_similarity(xc[:, None, :], wc[None, :, :], dim=-1, eps=0)
+    assert_rel(y, ref, torch.float64)
+    if centered:  # eq. 26: (w−μw)·(x−μx) / (n σw σx) is the Pearson correlation
+        n = x.shape[1]
+        pearson = (xc @ wc.T) / (n * x.std(-1, correction=0)[:, None] * w.std(-1, correction=0)[None, :])
+        assert_rel(y, pearson, torch.float64)
+    assert y.abs().max() <= 1 + 1e-12
+    assert torch.autograd.gradcheck(lambda x, w: F.cosine_linear(x, w, centered), (x, w))
+    assert torch.autograd.gradgradcheck(lambda x, w: F.cosine_linear(x, w, centered), (x, w))
+
+
+def test_zscore_reproduces_the_lesson_and_sklearn():
+    f = torch.arange(1, 5, dtype=torch.float32).reshape(2, 2)
+    assert torch.allclose(F.zscore(f), torch.tensor([[-0.7071, -0.7071], [0.7071, 0.7071]]), atol=1e-4)
+    from sklearn.preprocessing import StandardScaler, minmax_scale
+
+    x = torch.randn(50, 4, dtype=torch.float64) * 5 + 3
+    x[:, 2] = 7.0  # constant column: scale 1, output 0
+    ref = StandardScaler().fit_transform(x.numpy())
+    assert torch.allclose(F.zscore(x, correction=0), torch.from_numpy(ref), atol=1e-12)
+    assert torch.allclose(F.minmax(x), torch.from_numpy(minmax_scale(x.numpy())), atol=1e-12)
+    assert torch.allclose(F.minmax(x, feature_range=(-1, 2)), torch.from_numpy(minmax_scale(x.numpy(), (-1, 2))), atol=1e-12)
+    # along rows, and differentiable
+    xr = x.T.contiguous().requires_grad_()
+    assert torch.allclose(F.zscore(xr, dim=1, correction=0), torch.from_numpy(ref.T), atol=1e-12)
+    F.zscore(xr, dim=1).sum().backward()
+    assert xr.grad is not None
+
+
+def test_scaling_errors():
+    with pytest.raises(ValueError, match="feature_range"):
+        F.minmax(torch.randn(3, 2), feature_range=(1, 0))
+    with pytest.raises(ValueError, match="correction"):
+        F.zscore(torch.randn(1, 2))
+
+
+# ------------------------------------------------------------------------------ numerics
+OFFSET_CASES = ["batch_norm_4d", "layer_norm", "group_norm", "instance_norm"]
+
+
+@pytest.mark.parametrize("name", OFFSET_CASES)
+def test_huge_offset_fp32_matches_float64_on_same_values(name):
+    op, shape, pshape = CASES[name]
+    x32 = (torch.randn(shape) * 1.0 + 1e4).float()
+    ours = op(x32, None, None, F)
+    ref = op(x32.double(), None, None, F)  # float64 on exactly the same (rounded) values
+    assert (ours.double() - ref).abs().max() < 1e-2
+
+
+def test_huge_offset_running_var():
+    x = (torch.randn(64, 8, dtype=torch.float64) * 0.5 + 1e4).float()
+    rm, rv = torch.zeros(8), torch.ones(8)
+    F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    ref = x.double().var(0)
+    assert ((rv.double() - ref).abs() / ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", CASES)
+def test_half_precision_same_dtype_close_to_fp32(name, dtype):
+    op, shape, pshape = CASES[name]
+    x, w, b = _inputs(shape, pshape, torch.float32)
+    low = op(*(t.detach().to(dtype) if t is not None else None for t in (x, w, b)), F)
+    assert low.dtype == dtype
+    high = op(*(t.detach().to(dtype).float() if t is not None else None for t in (x, w, b)), F)
+    assert (low.float() - high).abs().max() <= TOL[dtype] * max(1.0, float(high.abs().max()))
+
+
+# -------------------------------------------------------------------------------- errors
+def test_integer_input_is_a_type_error():
+    with pytest.raises(TypeError, match="floating-point"):
+        F.layer_norm(torch.ones(2, 3, dtype=torch.long), (3,))
+    with pytest.raises(TypeError, match="Tensor"):
+        F.rms_norm([1.0, 2.0], (2,))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: F.batch_norm(torch.empty(0, 3), None, None, training=True),
+        lambda: F.layer_norm(torch.empty(0, 3), (3,)),
+        lambda: F.group_norm(torch.empty(0, 4, 2), 2),
+    ],
+)
+def test_empty_input_is_a_clear_value_error(call):
+    with pytest.raises(ValueError, match="empty"):
+        call()
+
+
+def test_batch_norm_one_value_per_channel_changes_nothing():
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = rm.clone(), rv.clone()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm(torch.randn(1, 3), rm, rv, training=True)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+        F.batch_norm(torch.randn(2, 3), None, None, training=False)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: F.layer_norm(torch.randn(2, 3), (4,)), r"trailing dims"),
+        (lambda: F.layer_norm(torch.randn(2, 3), (3,), torch.ones(4)), r"weight must have shape \(3,\)"),
+        (lambda: F.batch_norm(torch.randn(2, 3), torch.zeros(4), torch.ones(4), training=True), r"running_mean must have shape \(3,\)"),
+        (lambda: F.group_norm(torch.randn(2, 6, 3), 4), r"num_groups=4 must divide the 6"),
+        (lambda: F.instance_norm(torch.randn(2, 3)), r"at least 3-D"),
+        (lambda: F.instance_norm(torch.randn(2, 3, 1), torch.zeros(3), torch.ones(3)), r"more than 1 spatial"),
+        (lambda: F.instance_norm(torch.randn(2, 3, 4), use_input_stats=False), r"required"),
+        (lambda: F.cosine_linear(torch.randn(2, 3), torch.randn(4, 5)), r"\(out_features, 3\)"),
+    ],
+)
+def test_shape_errors_name_the_expected_shape(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_channels_last_and_non_contiguous_inputs():
+    x = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    for name in ("batch_norm_4d", "group_norm", "instance_norm"):
+        op = CASES[name][0]
+        y = op(x, None, None, F)
+        assert y.is_contiguous(memory_format=torch.channels_last), name
+        assert_rel(y, op(x.contiguous(), None, None, TF), what=name)
+    xt = torch.randn(6, 5, 4, 3).permute(3, 2, 1, 0)  # non-contiguous (3, 4, 5, 6)
+    for name in ("batch_norm_4d", "group_norm", "instance_norm"):
+        op = CASES[name][0]
+        assert_rel(op(xt, None, None, F), op(xt.contiguous(), None, None, TF), what=name)
+    assert_rel(F.layer_norm(xt, (5, 6)), TF.layer_norm(xt.contiguous(), (5, 6)), what="layer_norm")
