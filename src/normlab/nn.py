@@ -535,16 +535,17 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
     >>> sorted(lin.state_dict())
     ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
     """
+    wn = module._modules.get("parametrizations")
+    if wn is not None and name in wn._modules:
+        raise ValueError(f"weight_norm: {name!r} of {type(module).__name__} is already weight-normed")
     param = module._parameters.get(name)
     if not isinstance(param, Tensor):
         raise ValueError(
             f"weight_norm: {type(module).__name__} has no parameter named {name!r}; "
             f"parameters: {sorted(k for k, v in module._parameters.items() if v is not None)}"
         )
-    if "parametrizations" not in module._modules:
+    if wn is None:
         module.add_module("parametrizations", nn.ModuleDict())
-    elif name in module.parametrizations:
-        raise ValueError(f"weight_norm: {name!r} of {type(module).__name__} is already weight-normed")
     holder = _WeightNorm(param, dim)
     del module._parameters[name]
     module.parametrizations[name] = holder
