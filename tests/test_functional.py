@@ -35,6 +35,7 @@ CASES = {
     "group_norm_3d": (lambda x, w, b, m: m.group_norm(x, 3, w, b), (2, 6, 7), (6,)),
     "rms_norm": (lambda x, w, b, m: m.rms_norm(x, (6,), w), (4, 3, 6), (6,)),
     "rms_norm_eps": (lambda x, w, b, m: m.rms_norm(x, (3, 6), None, 1e-3), (4, 3, 6), None),
+    "layer_norm_1d": (lambda x, w, b, m: m.layer_norm(x, (7,), w, b), (7,), (7,)),  # nothing to sum for dγ
     "layer_norm_noaffine": (lambda x, w, b, m: m.layer_norm(x, (6,)), (4, 3, 6), None),
 }
 

@@ -38,14 +38,39 @@ input when a graph is being built, so double backward (gradient penalties) is ex
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .stats import accumulation_dtype, moments
+from .stats import accumulation_dtype, centered, mean_square, moments
 
 __all__ = ["NormalizeAffine", "normalize_affine"]
+
+
+def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
+    """``(y − mean)·rstd·γ + β`` with as few passes over ``y`` as the shapes allow.
+
+    When ``rstd·γ`` is smaller than ``y`` (BN: both per channel) it is folded into one scale
+    and shift, the affine view of seed 000 §2.2; otherwise (LN: rstd per row, γ per column)
+    the factors are applied in turn, in place on ``y`` unless ``y`` is the caller's ``x``.
+    """
+    small = weight is None or math.prod(torch.broadcast_shapes(rstd.shape, weight.shape)) < y.numel()
+    if small:
+        scale = rstd if weight is None else rstd * weight
+        shift = None if mean is None else -mean * scale
+        if bias is not None:
+            shift = bias if shift is None else shift + bias
+        if shift is None:
+            return y * scale
+        return torch.addcmul(shift, y, scale)
+    if mean is not None:
+        y = y - mean
+    elif y is x:
+        y = y.clone()
+    y.mul_(rstd).mul_(weight)
+    return y if bias is None else y.add_(bias)
 
 
 class NormalizeAffine(torch.autograd.Function):
@@ -62,19 +87,15 @@ class NormalizeAffine(torch.autograd.Function):
     def forward(ctx, x, weight, bias, dims, eps, center, fixed_mean, fixed_var):
         acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
         batch_stats = fixed_var is None
-        if batch_stats:
-            mean, var = moments(x, dims, center=center, dtype=acc)
+        if batch_stats:  # y starts as the centred copy the variance pass needs anyway
+            mean, y = centered(x, dims, acc) if center else (None, x.to(acc))
+            var = mean_square(y, dims)
         else:
             mean = fixed_mean.to(acc) if center else None
             var = fixed_var.to(acc)
+            y = x.to(acc)
         rstd = torch.rsqrt(var + eps)
-        y = x.to(acc)
-        y = (y - mean) if center else y.clone() if y is x else y
-        y.mul_(rstd)
-        if weight is not None:
-            y.mul_(weight)
-        if bias is not None:
-            y.add_(bias)
+        y = _affine(y, x, rstd, weight, bias, mean if not batch_stats else None)
         ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, batch_stats
         # the bias itself is not needed by backward: keep only its shape and dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
@@ -86,31 +107,37 @@ class NormalizeAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         x, weight, mean, rstd = ctx.saved_tensors
-        dims, center = ctx.dims, ctx.center
-        acc = rstd.dtype
-        if ctx.batch_stats and torch.is_grad_enabled():
-            # double backward: the statistics must depend on x in the graph being built
+        dims, center, acc = ctx.dims, ctx.center, rstd.dtype
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # double backward builds a graph through these ops; otherwise temporaries are
+        # reused in place (fewer allocations: the reference path is memory-bound)
+        graph = torch.is_grad_enabled()
+        if ctx.batch_stats and graph:  # the statistics must depend on x in that graph
             mean, var = moments(x, dims, center=center, dtype=acc)
             rstd = torch.rsqrt(var + ctx.eps)
         xa = x.to(acc)
-        xhat = ((xa - mean) if center else xa) * rstd
+        xhat = (xa - mean if center else xa) * rstd
         dya = dy.to(acc)
-        g = dya * weight if weight is not None else dya  # eq. (4)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            if ctx.batch_stats:
-                proj = xhat * (g * xhat).mean(dim=dims, keepdim=True)
-                if center:
-                    proj = proj + g.mean(dim=dims, keepdim=True)
-                dx = (g - proj) * rstd  # eq. (5)-(7) in x̂ form
-            else:
-                dx = g * rstd
-            dx = dx.to(x.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            dw = (dya * xhat).sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
-        if ctx.needs_input_grad[2]:
+        if need_b:
             shape, dtype = ctx.bias_meta
             db = dya.sum_to_size(shape).to(dtype)  # eq. (9)
+        dyx = dya * xhat if need_w or (need_x and ctx.batch_stats) else None
+        if need_w:
+            dw = dyx.sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
+            if dw.data_ptr() == dyx.data_ptr():  # nothing was summed: dyx is reused below
+                dw = dw.clone()
+        if need_x:
+            g = dya if weight is None else dya * weight  # eq. (4): ∂l/∂x̂ = γ·∂l/∂y
+            if ctx.batch_stats:  # eq. (5)-(7) in x̂ form: r·(g − mean(g) − x̂·mean(g·x̂))
+                gxh = dyx if weight is None else (dyx * weight if graph else dyx.mul_(weight))
+                gx_mean = gxh.mean(dim=dims, keepdim=True)
+                proj = xhat * gx_mean if graph else xhat.mul_(gx_mean)
+                if center:
+                    g_mean = g.mean(dim=dims, keepdim=True)
+                    proj = proj + g_mean if graph else proj.add_(g_mean)
+                g = g - proj if graph or weight is None else g.sub_(proj)
+            dx = (g * rstd if graph or g is dya else g.mul_(rstd)).to(x.dtype)
         return dx, dw, db, None, None, None, None, None
 
 

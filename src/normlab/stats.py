@@ -13,8 +13,8 @@ Numerics (stated once for the whole library):
 
 * Accumulation happens in float32 or wider, whatever the input dtype: fp16/bf16 are upcast
   (:func:`accumulation_dtype`), float64 stays float64.
-* Variance is always centred — Welford (``torch.var_mean``) or a corrected two-pass sum —
-  never ``E[x²] − E[x]²`` on raw data, so ``|mean| ≫ std`` loses nothing beyond the
+* Variance is always centred — two passes (mean, then mean of squared deviations), with a
+  correction term where data stream in — never ``E[x²] − E[x]²`` on raw data, so ``|mean| ≫ std`` loses nothing beyond the
   resolution of the input itself. Variances are clamped at 0.
 
 >>> import torch
@@ -29,13 +29,14 @@ tensor([2., 2.])
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "moments", "Moments", "extrema"]
+__all__ = ["accumulation_dtype", "centered", "mean_square", "moments", "Moments", "extrema"]
 
 Dims = Sequence[int]
 
@@ -53,6 +54,22 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
         if dt is not None and dt.is_floating_point:
             out = torch.promote_types(out, dt)
     return out
+
+
+def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``(mean, x − mean)`` over ``dims`` (mean with reduced dims kept), in the accumulation
+    dtype. The first pass of the two-pass variance; norms reuse the centred tensor."""
+    xa = x.to(dtype or accumulation_dtype(x.dtype))
+    mean = xa.mean(dim=tuple(dims), keepdim=True)
+    return mean, xa - mean
+
+
+def mean_square(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
+    """``mean(x²)`` over ``dims``: the variance of centred data, or RMSNorm's statistic."""
+    dims = tuple(dims)
+    n = math.prod(x.shape[d] for d in dims)
+    # vector_norm fuses square and sum in one pass (and its gradient at 0 is 0, not NaN)
+    return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keepdim).square() / max(n, 1)
 
 
 def moments(
@@ -76,17 +93,17 @@ def moments(
         dtype: accumulation dtype; default :func:`accumulation_dtype` of ``x``.
 
     Returns:
-        ``(mean, var)`` in the accumulation dtype. ``var`` is ``mean((x - mean)²)`` (divisor
-        ``n``), computed by Welford's algorithm, so it is exact to rounding when
-        ``|mean| ≫ std``. The ops are differentiable, so the autograd backward passes can
-        recompute statistics for double backward.
+        ``(mean, var)`` in the accumulation dtype. ``var`` is ``mean((x − mean)²)`` (divisor
+        ``n``) by two passes, so it is exact to rounding when ``|mean| ≫ std``. The ops are
+        differentiable, so the autograd backward passes can recompute statistics for double
+        backward.
     """
     dims = tuple(dims)
-    xa = x.to(dtype or accumulation_dtype(x.dtype))
     if not center:
-        return None, xa.square().mean(dim=dims, keepdim=keepdim)
-    var, mean = torch.var_mean(xa, dim=dims, correction=0, keepdim=keepdim)
-    return mean, var
+        return None, mean_square(x.to(dtype or accumulation_dtype(x.dtype)), dims, keepdim)
+    mean, d = centered(x, dims, dtype)
+    var = mean_square(d, dims, keepdim)
+    return (mean if keepdim else mean.squeeze(dims)), var
 
 
 @dataclass(frozen=True)
