@@ -1,0 +1,19 @@
+"""The README's ten-line example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    assert "torch.Size([200, 1])" in capsys.readouterr().out
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    cmds = re.findall(r"```bash\n(.*?)\n```", README.read_text(), flags=re.S)
+    assert any(c.strip() in ci for c in cmds if "pytest" in c)
