@@ -212,7 +212,7 @@ def test_batch_norm_one_value_per_channel_changes_nothing():
         (lambda: F.batch_norm(torch.randn(2, 3), torch.zeros(4), torch.ones(4), training=True), r"running_mean must have shape \(3,\)"),
         (lambda: F.group_norm(torch.randn(2, 6, 3), 4), r"num_groups=4 must divide the 6"),
         (lambda: F.instance_norm(torch.randn(2, 3)), r"at least 3-D"),
-        (lambda: F.instance_norm(torch.randn(2, 3, 1), torch.zeros(3), torch.ones(3)), r"more than 1 spatial"),
+        (lambda: F.instance_norm(torch.randn(2, 3, 1), torch.zeros(3), torch.ones(3)), r"more than 1 value per channel"),
         (lambda: F.instance_norm(torch.randn(2, 3, 4), use_input_stats=False), r"required"),
         (lambda: F.cosine_linear(torch.randn(2, 3), torch.randn(4, 5)), r"\(out_features, 3\)"),
     ],

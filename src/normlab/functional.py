@@ -137,32 +137,8 @@ def batch_norm(
 
     Shape: input ``(N, C)`` or ``(N, C, *spatial)``; statistics and parameters ``(C,)``.
     """
-    op = "batch_norm"
-    _check_input(input, op, min_ndim=2)
-    _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"),
-              (weight, "weight"), (bias, "bias"))
-    nd = input.dim()
-    dims = (0, *range(2, nd))
-    w, b = _per_channel(weight, nd), _per_channel(bias, nd)
-    if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "batch_norm: running_mean and running_var are required when training=False; "
-                "pass training=True to normalize with batch statistics"
-            )
-        return normalize_affine(input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
-                                fixed_var=_per_channel(running_var, nd))[0]
-    n = input.numel() // input.shape[1]
-    if n <= 1:
-        raise ValueError(
-            f"batch_norm: expected more than 1 value per channel when training, got input of "
-            f"shape {tuple(input.shape)}; use a batch of at least 2 (e.g. drop_last=True in the "
-            f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
-        )
-    y, mean, var = normalize_affine(input, dims, w, b, eps)
-    _update_running(running_mean, mean.flatten(), momentum)
-    _update_running(running_var, var.flatten() * (n / (n - 1)), momentum)  # unbiased
-    return y
+    return _channel_norm("batch_norm", input, (0, *range(2, input.dim())), running_mean, running_var,
+                         weight, bias, training, momentum, eps)
 
 
 def instance_norm(
@@ -184,31 +160,43 @@ def instance_norm(
 
     Shape: input ``(N, C, *spatial)``; parameters and running statistics ``(C,)``.
     """
-    op = "instance_norm"
-    _check_input(input, op, min_ndim=3)
-    _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"),
-              (weight, "weight"), (bias, "bias"))
+    if isinstance(input, Tensor) and input.dim() < 3:
+        raise ValueError(
+            f"instance_norm: expected at least 3-D input (N, C, *spatial), got {input.dim()}-D "
+            f"input of shape {tuple(input.shape)}"
+        )
+    return _channel_norm("instance_norm", input, tuple(range(2, input.dim())), running_mean,
+                         running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
+    """BatchNorm and InstanceNorm: per-channel parameters and running statistics, reduction
+    over ``dims``; batch statistics (updating the running ones) or the running ones."""
+    _check_input(input, op, min_ndim=2)
+    c = _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"),
+                  (weight, "weight"), (bias, "bias"))
     nd = input.dim()
     w, b = _per_channel(weight, nd), _per_channel(bias, nd)
-    dims = tuple(range(2, nd))
-    if not use_input_stats:
+    if not batch_stats:
         if running_mean is None or running_var is None:
             raise ValueError(
-                "instance_norm: running_mean and running_var are required when "
-                "use_input_stats=False"
+                f"{op}: running_mean and running_var are required to normalize with running "
+                f"statistics; pass them, or use batch statistics (training=True / "
+                f"use_input_stats=True)"
             )
         return normalize_affine(input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
                                 fixed_var=_per_channel(running_var, nd))[0]
-    n = input[0, 0].numel()
-    if n <= 1 and running_var is not None:
+    n = math.prod(input.shape[d] for d in dims)
+    if n <= 1:
         raise ValueError(
-            f"instance_norm: expected more than 1 spatial element per channel to update "
-            f"running statistics, got input of shape {tuple(input.shape)}"
+            f"{op}: expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(input.shape)}; use a batch of at least 2 (e.g. drop_last=True in the "
+            f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
         )
     y, mean, var = normalize_affine(input, dims, w, b, eps)
-    _update_running(running_mean, mean.flatten(1).mean(0), momentum)
-    if running_var is not None:
-        _update_running(running_var, var.flatten(1).mean(0) * (n / (n - 1)), momentum)
+    # InstanceNorm has one statistic per (sample, channel): the running ones get their average
+    _update_running(running_mean, mean.reshape(-1, c).mean(0), momentum)
+    _update_running(running_var, var.reshape(-1, c).mean(0) * (n / (n - 1)), momentum)  # unbiased
     return y
 
 
