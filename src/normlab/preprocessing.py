@@ -16,8 +16,9 @@ the same scaler as one ``fit`` on all of them, up to rounding.
 Shared rules (written once here, referenced by both classes):
 
 * **Fit on training data only.** The statistics are parameters of the model: compute them on
-  the training set, then apply the *same* fitted scaler to validation and test data; fitting on
-  test data leaks it into the model (seed 000: "必须从训练集上得出，不能借助测试集的数据").
+  the training set, then apply the *same* fitted scaler to validation and test data (seed 000,
+  §2: the per-column mean and variance "must come from the training set, never from the test
+  set").
 * **Types.** numpy (or lists, DataFrames) in → numpy out: float32 and float16 stay as they
   are, anything else becomes float64 (scikit-learn's rule). Tensor in → tensor out on the same
   device with the same floating dtype; integer and bool tensors come back in
@@ -46,7 +47,7 @@ from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch import Tensor
 
-from .stats import Moments, extrema
+from normlab.stats import Moments, extrema  # absolute: `python -m doctest` runs this file alone
 
 __all__ = ["MinMaxScaler", "StandardScaler", "ZScoreScaler"]
 
@@ -128,7 +129,7 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         -------
         ndarray or Tensor of the same shape (see the module notes on types)
         """
-        return self._apply(X, lambda x: self._forward(x))
+        return self._apply(X, self._forward)
 
     def inverse_transform(self, X):
         """Undo :meth:`transform`: map scaled data back to the original units.
@@ -141,7 +142,7 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         -------
         ndarray or Tensor of the same shape
         """
-        return self._apply(X, lambda x: self._inverse(x), check_names=False)
+        return self._apply(X, self._inverse, check_names=False)
 
     def state_dict(self) -> dict[str, Any]:
         """The fitted statistics as plain tensors and values, ready for ``torch.save``.
@@ -168,12 +169,12 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         sd = dict(state_dict)
         n = sd.pop("n_features_in", None)
         names = sd.pop("feature_names_in", None)
-        expected = set(self._stat_keys)
-        if set(sd) != expected or not isinstance(n, int):
+        if set(sd) != set(self._stat_keys) or not isinstance(n, int):
+            needed = sorted({*self._stat_keys, "n_features_in", "feature_names_in"})
             raise ValueError(
-                f"state_dict for {type(self).__name__} needs keys "
-                f"{sorted(expected | {'n_features_in', 'feature_names_in'})}, got {sorted(state_dict)}; "
-                f"pass the dict returned by {type(self).__name__}.state_dict()."
+                f"state_dict for {type(self).__name__} needs keys {needed}, got "
+                f"{sorted(state_dict)}; pass the dict returned by "
+                f"{type(self).__name__}.state_dict()."
             )
         stats = {k: torch.as_tensor(sd[k]).detach().to("cpu", copy=True) for k in self._stat_keys}
         if any(t.dim() == 1 and t.shape[0] != n for t in stats.values()) or (
@@ -205,14 +206,15 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     # -- plumbing ------------------------------------------------------------------------------
 
     def _check_params(self) -> None:
-        """Validate hyper-parameters; at fit time because ``__init__`` and ``set_params`` only store."""
+        """Validate hyper-parameters: at fit time, as ``__init__`` and ``set_params`` only store."""
 
     def _fit(self, X, *, reset: bool):
         self._check_params()
+        # Validation records feature names and counts (on reset) only once X has passed every
+        # check, and nothing after it can fail on user input: a failed call keeps the old fit.
         x, _ = self._validate(X, reset=reset)
         batch = {k: v.cpu() for k, v in self._batch_stats(x.detach()).items()}
-        # After validation nothing below can fail on user input, so the old fit survives errors.
-        self.n_features_in_ = x.shape[1]
+        self.n_features_in_ = x.shape[1]  # also for inputs validate_data cannot count
         self._commit(batch if reset else self._merge(self._stats, batch))
         return self
 
@@ -247,19 +249,21 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         if isinstance(X, Tensor):
             x = _check_tensor(X, name)
             out_dtype = X.dtype if X.is_floating_point() else torch.get_default_dtype()
-
-            def back(y: Tensor) -> Tensor:
-                return y.to(out_dtype)
-
         else:
-            a = check_array(X, dtype=_NUMPY_FLOATS, ensure_all_finite="allow-nan", estimator=self)
-            x = _from_numpy(a)
+            x = _from_numpy(
+                check_array(X, dtype=_NUMPY_FLOATS, ensure_all_finite="allow-nan", estimator=self)
+            )
+            out_dtype = x.dtype
+        to_numpy = not isinstance(X, Tensor)
 
-            def back(y: Tensor) -> np.ndarray:
-                return y.to(x.dtype).numpy()
+        def back(y: Tensor):
+            y = y.to(out_dtype)
+            return y.numpy() if to_numpy else y
 
         if check_names:
-            validate_data(self, X, reset=reset, skip_check_array=True)
+            # Column names live on X itself; inputs without a shape (lists, array wrappers)
+            # have none, and their features are counted on the converted array.
+            validate_data(self, X if hasattr(X, "shape") else x, reset=reset, skip_check_array=True)
         elif x.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"X has {x.shape[1]} features, but {name} is expecting "
@@ -285,7 +289,10 @@ def _check_tensor(X: Tensor, name: str) -> Tensor:
                 f"is required by {name}."
             )
     if X.is_floating_point() and torch.isinf(X).any():
-        raise ValueError(f"Input X contains infinity; {name} accepts NaN (ignored) but not inf.")
+        raise ValueError(
+            f"Input X contains infinity; {name} ignores NaN but cannot scale inf. Mark such "
+            "values missing first, e.g. X.masked_fill(X.isinf(), float('nan'))."
+        )
     return X
 
 
@@ -355,7 +362,11 @@ class MinMaxScaler(_Scaler):
 
     def _check_params(self) -> None:
         fr = self.feature_range
-        if not (isinstance(fr, (tuple, list)) and len(fr) == 2 and float(fr[0]) < float(fr[1])):
+        try:
+            ok = len(fr) == 2 and float(fr[0]) < float(fr[1])
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(
                 f"feature_range must be a pair (min, max) with min < max, got {fr!r}; "
                 "for example feature_range=(0, 1) or (-1, 1)."
@@ -381,8 +392,9 @@ class MinMaxScaler(_Scaler):
         return {
             "min_": (a - lo * scale).numpy(),
             "scale_": scale.numpy(),
-            "data_min_": lo.numpy(),
-            "data_max_": hi.numpy(),
+            # copies: the public attributes must not alias the running statistics
+            "data_min_": lo.numpy().copy(),
+            "data_max_": hi.numpy().copy(),
             "data_range_": (hi - lo).numpy(),
             "n_samples_seen_": int(stats["n_samples_seen"]),
         }
@@ -407,8 +419,8 @@ class StandardScaler(_Scaler):
     the population (biased) variance, as in scikit-learn. Streaming ``partial_fit`` merges
     :class:`~normlab.stats.Moments` with Chan's formulae, so chunks give the same ``μ, σ²`` as
     one pass. A feature whose variance is at rounding level,
-    ``σ² ≤ n·eps·σ² + (n·μ·eps)²`` (the error bound of the two-pass variance), is treated as
-    constant and gets ``scale_ = 1``. See the module notes: fit on training data only, then
+    ``σ² ≤ n·eps·σ² + (n·μ·eps)²`` (the error bound of the two-pass variance), is treated
+    as constant and gets ``scale_ = 1``. See the module notes: fit on training data only, then
     apply to test data.
 
     Parameters
@@ -436,13 +448,13 @@ class StandardScaler(_Scaler):
     Examples
     --------
     >>> import numpy as np, torch
-    >>> train = np.array([[0., 1e6], [2., 1e6]])
+    >>> train = np.array([[0., 5.], [2., 5.]])  # the second feature is constant
     >>> scaler = StandardScaler().fit(train)
-    >>> scaler.mean_, scaler.scale_
-    (array([      1., 1000000.]), array([1., 1.]))
-    >>> scaler.transform(np.array([[4., 1e6]]))
+    >>> scaler.mean_, scaler.var_, scaler.scale_
+    (array([1., 5.]), array([1., 0.]), array([1., 1.]))
+    >>> scaler.transform(np.array([[4., 5.]]))
     array([[3., 0.]])
-    >>> scaler.transform(torch.tensor([[4., 1e6]], dtype=torch.float64))
+    >>> scaler.transform(torch.tensor([[4., 5.]], dtype=torch.float64))
     tensor([[3., 0.]], dtype=torch.float64)
     """
 
