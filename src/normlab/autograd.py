@@ -109,36 +109,48 @@ class NormalizeAffine(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         dims, center, acc = ctx.dims, ctx.center, rstd.dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # double backward builds a graph through these ops; otherwise temporaries are
-        # reused in place (fewer allocations: the reference path is memory-bound)
-        graph = torch.is_grad_enabled()
-        if ctx.batch_stats and graph:  # the statistics must depend on x in that graph
+        # Without a graph to build, two x-sized buffers are reused in place (the reference
+        # path is memory-bound and fresh allocations cost page faults). Double backward
+        # builds a graph through the same formula, out of place, with the statistics
+        # recomputed so that they depend on x.
+        inplace = not torch.is_grad_enabled()
+        if ctx.batch_stats and not inplace:
             mean, var = moments(x, dims, center=center, dtype=acc)
             rstd = torch.rsqrt(var + ctx.eps)
         xa = x.to(acc)
-        xhat = (xa - mean if center else xa) * rstd
+        xhat = xa - mean if center else xa * rstd  # buffer A
+        if center:
+            xhat = xhat.mul_(rstd) if inplace else xhat * rstd
         dya = dy.to(acc)
         dx = dw = db = None
         if need_b:
             shape, dtype = ctx.bias_meta
             db = dya.sum_to_size(shape).to(dtype)  # eq. (9)
-        dyx = dya * xhat if need_w or (need_x and ctx.batch_stats) else None
+        buf = dya * xhat if need_w or (need_x and ctx.batch_stats) else None  # buffer B
         if need_w:
-            dw = dyx.sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
-            if dw.data_ptr() == dyx.data_ptr():  # nothing was summed: dyx is reused below
+            dw = buf.sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
+            if dw.data_ptr() == buf.data_ptr():  # nothing was summed: buf is reused below
                 dw = dw.clone()
-        if need_x:
-            g = dya if weight is None else dya * weight  # eq. (4): ∂l/∂x̂ = γ·∂l/∂y
-            if ctx.batch_stats:  # eq. (5)-(7) in x̂ form: r·(g − mean(g) − x̂·mean(g·x̂))
-                gxh = dyx if weight is None else (dyx * weight if graph else dyx.mul_(weight))
-                gx_mean = gxh.mean(dim=dims, keepdim=True)
-                proj = xhat * gx_mean if graph else xhat.mul_(gx_mean)
-                if center:
-                    g_mean = g.mean(dim=dims, keepdim=True)
-                    proj = proj + g_mean if graph else proj.add_(g_mean)
-                g = g - proj if graph or weight is None else g.sub_(proj)
-            dx = (g * rstd if graph or g is dya else g.mul_(rstd)).to(x.dtype)
-        return dx, dw, db, None, None, None, None, None
+        if not need_x:
+            return dx, dw, db, None, None, None, None, None
+        if not ctx.batch_stats:  # fixed statistics: ∂l/∂x = r·γ·∂l/∂y
+            g = dya if weight is None else dya * weight
+            dx = g * rstd if g is dya or not inplace else g.mul_(rstd)
+            return dx.to(x.dtype), dw, db, None, None, None, None, None
+        # eq. (5)-(7) in x̂ form: ∂l/∂x = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·∂l/∂y (eq. 4)
+        if weight is not None:
+            buf = buf.mul_(weight) if inplace else buf * weight
+        gx_mean = buf.mean(dim=dims, keepdim=True)
+        if weight is None:
+            g = dya
+        else:  # B is free again: it takes g
+            g = torch.mul(dya, weight, out=buf) if inplace else dya * weight
+        proj = xhat.mul_(gx_mean) if inplace else xhat * gx_mean
+        if center:
+            g_mean = g.mean(dim=dims, keepdim=True)
+            proj = proj.add_(g_mean) if inplace else proj + g_mean
+        dx = torch.sub(g, proj, out=proj).mul_(rstd) if inplace else (g - proj) * rstd
+        return dx.to(x.dtype), dw, db, None, None, None, None, None
 
 
 def normalize_affine(
