@@ -28,3 +28,14 @@ def test_no_command_prints_help(capsys):
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "normlab", "list"], capture_output=True, text=True, check=True)
     assert "LayerNorm" in out.stdout
+
+
+def test_submodules_load_on_first_use():
+    assert normlab.nn.BatchNorm2d(2).num_features == 2
+    assert set(normlab.__all__) >= {"stats", "functional", "nn", "preprocessing"}
+    try:
+        normlab.nope
+    except AttributeError as e:
+        assert "nope" in str(e)
+    else:
+        raise AssertionError("unknown attribute did not raise")

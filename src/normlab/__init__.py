@@ -2,8 +2,10 @@
 
 Layers (imports point down only): ``stats`` (the one moments core) → ``autograd`` (written-out
 backward passes) → ``functional`` (the ops) → ``nn`` (modules) and ``preprocessing`` (scalers).
+Submodules load on first use: ``import normlab; normlab.nn.BatchNorm2d(8)`` works.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version as _version
 
 try:
@@ -11,6 +13,11 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from . import stats  # noqa: E402
+_SUBMODULES = ("stats", "autograd", "functional", "nn", "preprocessing", "cli")
+__all__ = ["__version__", *_SUBMODULES]
 
-__all__ = ["__version__", "stats"]
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'normlab' has no attribute {name!r}")

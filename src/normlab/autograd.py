@@ -63,7 +63,7 @@ def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
         if bias is not None:
             shift = bias if shift is None else shift + bias
         if shift is None:
-            return y * scale
+            return y * scale if y is x else y.mul_(scale)
         return torch.addcmul(shift, y, scale)
     if mean is not None:
         y = y - mean
