@@ -272,7 +272,7 @@ def group_norm(
     w = None if weight is None else weight.view(num_groups, cg, 1)
     b = None if bias is None else bias.view(num_groups, cg, 1)
     y = normalize_affine(x, (2, 3), w, b, eps)[0]
-    return _keep_format(y.view(input.shape), input)
+    return _keep_format(y.reshape(input.shape), input)
 
 
 # --------------------------------------------------------------------------- weight-side
