@@ -185,13 +185,30 @@ def test_integer_input_is_a_type_error():
     "call",
     [
         lambda: F.batch_norm(torch.empty(0, 3), None, None, training=True),
-        lambda: F.layer_norm(torch.empty(0, 3), (3,)),
-        lambda: F.group_norm(torch.empty(0, 4, 2), 2),
+        lambda: F.layer_norm(torch.empty(2, 0), (0,)),
+        lambda: F.instance_norm(torch.empty(2, 3, 0)),
+        lambda: F.zscore(torch.empty(0, 3)),
+        lambda: F.minmax(torch.empty(0, 3)),
     ],
 )
-def test_empty_input_is_a_clear_value_error(call):
+def test_statistics_over_nothing_are_a_clear_value_error(call):
     with pytest.raises(ValueError, match="empty"):
         call()
+
+
+@pytest.mark.parametrize(
+    "call, ref",
+    [
+        (lambda m: m.layer_norm(torch.empty(0, 3), (3,)), (0, 3)),
+        (lambda m: m.rms_norm(torch.empty(0, 2, 3), (3,)), (0, 2, 3)),
+        (lambda m: m.group_norm(torch.empty(0, 4, 2), 2), (0, 4, 2)),
+        (lambda m: m.instance_norm(torch.empty(0, 4, 2)), (0, 4, 2)),
+        (lambda m: m.batch_norm(torch.empty(0, 3), torch.zeros(3), torch.ones(3)), (0, 3)),
+    ],
+)
+def test_an_empty_batch_passes_through_as_in_torch(call, ref):
+    # no statistic is computed over an empty set here: torch returns an empty output
+    assert call(F).shape == call(TF).shape == ref
 
 
 def test_batch_norm_one_value_per_channel_changes_nothing():
@@ -200,7 +217,7 @@ def test_batch_norm_one_value_per_channel_changes_nothing():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         F.batch_norm(torch.randn(1, 3), rm, rv, training=True)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
-    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+    with pytest.raises(ValueError, match="running_mean and running_var are required"):  # eval
         F.batch_norm(torch.randn(2, 3), None, None, training=False)
 
 
@@ -234,3 +251,30 @@ def test_channels_last_and_non_contiguous_inputs():
         op = CASES[name][0]
         assert_rel(op(xt, None, None, F), op(xt.contiguous(), None, None, TF), what=name)
     assert_rel(F.layer_norm(xt, (5, 6)), TF.layer_norm(xt.contiguous(), (5, 6)), what="layer_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_default_eps_is_that_of_the_accumulation_dtype(dtype):
+    # small-RMS rows make eps visible: torch uses float32's eps for half inputs
+    x = (torch.randn(4, 8) * 0.05).to(dtype)
+    ours, theirs = F.rms_norm(x, (8,)), TF.rms_norm(x, (8,))
+    ref = TF.rms_norm(x.float(), (8,), eps=torch.finfo(torch.float32).eps)
+    assert (ours.float() - ref).abs().max() <= 3e-2 * ref.abs().max()
+    assert (ours.float() - theirs.float()).abs().max() <= 3e-2 * ref.abs().max()
+
+
+def test_constant_channel_centres_to_zero_even_with_tiny_eps():
+    # the corrected two-pass mean removes its own rounding error
+    x = torch.full((4, 3, 3, 3), 3.3)
+    assert F.batch_norm(x, None, None, training=True, eps=1e-12).abs().max() == 0
+    assert F.group_norm(x, 3, eps=1e-12).abs().max() == 0
+    assert F.layer_norm(x, (3, 3), eps=1e-12).abs().max() == 0
+
+
+def test_weight_norm_over_no_dims_and_dim_range():
+    v = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    assert_rel(F.weight_norm(v, g, 0), torch._weight_norm(v, g, 0), torch.float64)
+    assert torch.autograd.gradcheck(lambda v, g: F.weight_norm(v, g, 0), (v, g))
+    with pytest.raises(IndexError, match="dim=2 is out of range"):
+        F.weight_norm(torch.randn(3, 4), torch.ones(3, 1), 2)

@@ -197,7 +197,7 @@ def test_group_norm_checks_divisibility_at_construction():
         (torch.randn(1, 3), ValueError),  # one value per channel
         (torch.randn(1, 3, 1), ValueError),
         (torch.ones(4, 3, dtype=torch.long), TypeError),
-        (torch.empty(0, 3), ValueError),
+        (torch.empty(0, 3), ValueError),  # empty batch: no batch statistics
         (torch.randn(4, 2), ValueError),  # wrong channel count
     ],
 )
@@ -293,3 +293,39 @@ def test_cosine_linear_module(centered):
     assert torch.equal(c(x), y)
     with pytest.raises(ValueError, match="in_features >= 2"):
         N.CosineLinear(1, 3, centered=True)
+
+
+@pytest.mark.parametrize("name", ["bn2d", "in2d_tracked"])
+def test_graph_built_in_eval_survives_a_train_step(name):
+    # teacher/student or consistency losses: the eval graph must keep the statistics it used,
+    # although the train step then updates the running buffers in place
+    ours, shape = make(name, N)
+    theirs, _ = make(name, nn)
+    _randomize(theirs)
+    theirs.running_mean.uniform_(-1, 1)
+    theirs.running_var.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    frozen = copy.deepcopy(theirs).eval()  # the oracle for the eval branch: untouched buffers
+    x = torch.randn(shape, requires_grad=True)
+    ours.eval()
+    y1 = ours(x)
+    ours.train()
+    y2 = ours(x)
+    got = torch.autograd.grad((y1 * y1).sum() + (y2 * y2 * y2).sum(), x)[0]
+    theirs.train()
+    want = torch.autograd.grad((frozen(x) ** 2).sum() + (theirs(x) ** 3).sum(), x)[0]
+    assert_rel(got, want, what=name)
+
+
+def test_weight_norm_on_a_1d_parameter_matches_torch():
+    from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
+
+    ours = N.weight_norm(nn.BatchNorm1d(4), dim=0)
+    theirs = torch_weight_norm(nn.BatchNorm1d(4), dim=0)
+    assert ours.parametrizations.weight.original0.shape == theirs.parametrizations.weight.original0.shape
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.parametrizations.weight.original0.fill_(2.0)
+            m.parametrizations.weight.original1.copy_(torch.tensor([1.0, -3.0, 0.5, 2.0]))
+    assert torch.equal(ours.weight, theirs.weight)

@@ -44,7 +44,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .stats import accumulation_dtype, centered, mean_square, moments
+from .stats import accumulation_dtype, centered, mean_square, moments, reduce_mean
 
 __all__ = ["NormalizeAffine", "normalize_affine"]
 
@@ -91,8 +91,10 @@ class NormalizeAffine(torch.autograd.Function):
             mean, y = centered(x, dims, acc) if center else (None, x.to(acc))
             var = mean_square(y, dims)
         else:
-            mean = fixed_mean.to(acc) if center else None
-            var = fixed_var.to(acc)
+            # copies: a later in-place update of the running buffers must not reach the
+            # tensors saved for backward (a graph built in eval, then a train step)
+            mean = fixed_mean.to(acc, copy=True) if center else None
+            var = fixed_var.to(acc, copy=True)
             y = x.to(acc)
         rstd = torch.rsqrt(var + eps)
         y = _affine(y, x, rstd, weight, bias, mean if not batch_stats else None)
@@ -140,14 +142,14 @@ class NormalizeAffine(torch.autograd.Function):
         # eq. (5)-(7) in x̂ form: ∂l/∂x = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·∂l/∂y (eq. 4)
         if weight is not None:
             buf = buf.mul_(weight) if inplace else buf * weight
-        gx_mean = buf.mean(dim=dims, keepdim=True)
+        gx_mean = reduce_mean(buf, dims)
         if weight is None:
             g = dya
         else:  # B is free again: it takes g
             g = torch.mul(dya, weight, out=buf) if inplace else dya * weight
         proj = xhat.mul_(gx_mean) if inplace else xhat * gx_mean
         if center:
-            g_mean = g.mean(dim=dims, keepdim=True)
+            g_mean = reduce_mean(g, dims)
             proj = proj.add_(g_mean) if inplace else proj + g_mean
         dx = torch.sub(g, proj, out=proj).mul_(rstd) if inplace else (g - proj) * rstd
         return dx.to(x.dtype), dw, db, None, None, None, None, None

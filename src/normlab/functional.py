@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .autograd import normalize_affine
-from .stats import extrema, moments
+from .stats import accumulation_dtype, extrema, moments
 
 __all__ = [
     "batch_norm",
@@ -68,11 +68,24 @@ def _check_input(x: Tensor, op: str, min_ndim: int = 1) -> None:
             f"{op}: expected at least {min_ndim}-D input, got {x.dim()}-D input of shape "
             f"{tuple(x.shape)}"
         )
-    if x.numel() == 0:
+
+
+def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
+    if math.prod(x.shape[d] for d in dims) == 0:
         raise ValueError(
-            f"{op}: got an empty input of shape {tuple(x.shape)}; normalization needs at "
-            f"least one value per statistic: skip empty batches before calling it"
+            f"{op}: no values to compute statistics over: input of shape {tuple(x.shape)} is "
+            f"empty along dims {tuple(dims)}; skip empty batches before calling it"
         )
+
+
+def _normalize(op: str, x: Tensor, dims: Sequence[int], weight=None, bias=None, eps=1e-5, **kw):
+    """:func:`normalize_affine` with torch's rule for empty input: an empty batch gives an
+    empty output, but statistics over an empty set are an error."""
+    if kw.get("fixed_var") is None:
+        _require_values(x, dims, op)
+    if x.numel() == 0:
+        return x.clone(), None, None
+    return normalize_affine(x, dims, weight, bias, eps, **kw)
 
 
 def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str) -> None:
@@ -184,16 +197,19 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
                 f"statistics; pass them, or use batch statistics (training=True / "
                 f"use_input_stats=True)"
             )
-        return normalize_affine(input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
-                                fixed_var=_per_channel(running_var, nd))[0]
+        return _normalize(op, input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
+                          fixed_var=_per_channel(running_var, nd))[0]
     n = math.prod(input.shape[d] for d in dims)
     if n <= 1:
+        got = "an empty batch" if n == 0 else "1"
         raise ValueError(
-            f"{op}: expected more than 1 value per channel when training, got input of shape "
-            f"{tuple(input.shape)}; use a batch of at least 2 (e.g. drop_last=True in the "
+            f"{op}: expected more than 1 value per channel when training, got {got} (input of "
+            f"shape {tuple(input.shape)}); use a batch of at least 2 (e.g. drop_last=True in the "
             f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
         )
-    y, mean, var = normalize_affine(input, dims, w, b, eps)
+    y, mean, var = _normalize(op, input, dims, w, b, eps)
+    if mean is None:  # an empty batch of instances: nothing to update the running stats with
+        return y
     # InstanceNorm has one statistic per (sample, channel): the running ones get their average
     _update_running(running_mean, mean.reshape(-1, c).mean(0), momentum)
     _update_running(running_var, var.reshape(-1, c).mean(0) * (n / (n - 1)), momentum)  # unbiased
@@ -227,7 +243,7 @@ def layer_norm(
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op)
     _check_param(bias, "bias", shape, op)
-    return normalize_affine(input, dims, weight, bias, eps)[0]
+    return _normalize(op, input, dims, weight, bias, eps)[0]
 
 
 def rms_norm(
@@ -237,14 +253,16 @@ def rms_norm(
     eps: float | None = None,
 ) -> Tensor:
     r"""RMSNorm (Zhang & Sennrich 2019): LayerNorm without centering,
-    ``y = γ · x / √(mean(x²) + ε)``; ``eps=None`` means ``torch.finfo(input.dtype).eps``.
+    ``y = γ · x / √(mean(x²) + ε)``; ``eps=None`` means the machine epsilon of the dtype the
+    statistics are accumulated in (float32 for fp16/bf16 input), as torch does.
     """
     op = "rms_norm"
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op)
-    eps = torch.finfo(input.dtype).eps if eps is None else eps
-    return normalize_affine(input, dims, weight, None, eps, center=False)[0]
+    if eps is None:  # torch's rule: the eps of the dtype the statistics are computed in
+        eps = torch.finfo(accumulation_dtype(input.dtype)).eps
+    return _normalize(op, input, dims, weight, None, eps, center=False)[0]
 
 
 def group_norm(
@@ -268,14 +286,24 @@ def group_norm(
             f"divisor of {c}"
         )
     n, cg = input.shape[0], c // num_groups
-    x = input.reshape(n, num_groups, cg, -1)
+    x = input.reshape(n, num_groups, cg, math.prod(input.shape[2:]))
     w = None if weight is None else weight.view(num_groups, cg, 1)
     b = None if bias is None else bias.view(num_groups, cg, 1)
-    y = normalize_affine(x, (2, 3), w, b, eps)[0]
+    y = _normalize(op, x, (2, 3), w, b, eps)[0]
     return _keep_format(y.reshape(input.shape), input)
 
 
 # --------------------------------------------------------------------------- weight-side
+def weight_norm_dims(v: Tensor, dim: int | None) -> tuple[int, ...]:
+    """The dims ``‖v‖`` is taken over in weight norm: all but ``dim`` (``None`` or ``-1``: all,
+    torch's rule)."""
+    if dim is None or dim == -1:
+        return tuple(range(v.dim()))
+    if not -v.dim() <= dim < v.dim():
+        raise IndexError(f"weight_norm: dim={dim} is out of range for a {v.dim()}-D weight of shape {tuple(v.shape)}")
+    return tuple(i for i in range(v.dim()) if i != dim % v.dim())
+
+
 def weight_norm(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
     r"""Weight Normalization (Salimans & Kingma 2016; seed 004 eq. 19): ``w = g · v/‖v‖``.
 
@@ -287,14 +315,10 @@ def weight_norm(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
 
     ``g`` has ``v``'s shape with size 1 on every reduced dim (or is 0-D when ``dim=None``).
     """
-    if dim is None or dim == -1:  # torch's rule: -1 means the whole tensor, like None
-        dims = tuple(range(v.dim()))
-    else:
-        d = dim % v.dim()
-        dims = tuple(i for i in range(v.dim()) if i != d)
+    dims = weight_norm_dims(v, dim)
     n = math.prod(v.shape[i] for i in dims)
     # x̂ = v·√n/‖v‖, so w = (g/√n)·x̂
-    return normalize_affine(v, dims, g / math.sqrt(n), None, 0.0, center=False)[0]
+    return _normalize("weight_norm", v, dims, g / math.sqrt(n), None, 0.0, center=False)[0]
 
 
 def cosine_linear(
@@ -317,8 +341,8 @@ def cosine_linear(
         )
     n = x.shape[-1]
     # the core normalizes by √(σ² + eps/n) = √(‖x−μ‖² + eps)/√n: rescale by 1/√n each side
-    xh = normalize_affine(x, (-1,), None, None, eps / n, center=centered)[0]
-    wh = normalize_affine(weight, (-1,), None, None, eps / n, center=centered)[0]
+    xh = _normalize(op, x, (-1,), None, None, eps / n, center=centered)[0]
+    wh = _normalize(op, weight, (-1,), None, None, eps / n, center=centered)[0]
     return torch.nn.functional.linear(xh, wh) / n
 
 
@@ -340,6 +364,7 @@ def zscore(x: Tensor, dim: int | Sequence[int] = 0, eps: float = 0.0, correction
     """
     _check_input(x, "zscore")
     dims = _as_dims(x, dim)
+    _require_values(x, dims, "zscore")
     mean, var = moments(x, dims)
     n = math.prod(x.shape[d] for d in dims)
     if n - correction <= 0:
@@ -367,6 +392,7 @@ def minmax(
     if not lo_t < hi_t:
         raise ValueError(f"minmax: feature_range must be (min, max) with min < max, got {feature_range}")
     dims = _as_dims(x, dim)
+    _require_values(x, dims, "minmax")
     lo, hi = extrema(x, dims)
     for d in sorted(d % x.dim() for d in dims):
         lo, hi = lo.unsqueeze(d), hi.unsqueeze(d)

@@ -39,6 +39,7 @@ from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from . import functional as F
+from .stats import mean_square
 
 __all__ = [
     "BatchNorm1d",
@@ -468,11 +469,11 @@ class _WeightNorm(nn.Module):
         super().__init__()
         self.dim = dim
         v = weight.detach()
-        if dim is None or dim == -1:
-            g = torch.linalg.vector_norm(v)
-        else:
-            d = dim % v.dim()
-            g = torch.linalg.vector_norm(v, dim=[i for i in range(v.dim()) if i != d], keepdim=True)
+        dims = F.weight_norm_dims(v, dim)
+        # g = ‖v‖ over dims, so that w = g·v/‖v‖ starts equal to the weight it replaces
+        g = (mean_square(v, dims) * math.prod(v.shape[d] for d in dims)).sqrt()
+        if dim is None or dim == -1:  # torch keeps a 0-D g for the whole-tensor norm
+            g = g.reshape(())
         self.original0 = Parameter(g.clone())
         self.original1 = Parameter(v.clone())
 

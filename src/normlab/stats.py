@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "centered", "mean_square", "moments", "Moments", "extrema"]
+__all__ = ["accumulation_dtype", "reduce_mean", "centered", "mean_square", "moments", "Moments", "extrema"]
 
 Dims = Sequence[int]
 
@@ -58,17 +58,32 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
+def reduce_mean(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
+    """Mean over ``dims``; over no dims it is a copy of ``x`` (``Tensor.mean(dim=())`` would
+    reduce over every dim instead)."""
+    dims = tuple(dims)
+    return x.mean(dim=dims, keepdim=keepdim) if dims else x.clone()
+
+
 def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``(mean, x − mean)`` over ``dims`` (mean with reduced dims kept), in the accumulation
-    dtype. The first pass of the two-pass variance; norms reuse the centred tensor."""
+    dtype: the first pass of the two-pass variance; norms reuse the centred tensor.
+
+    The mean is refined once by the mean of the deviations (the corrected two-pass algorithm),
+    which removes its rounding error: a constant feature centres to exactly 0.
+    """
     xa = x.to(dtype or accumulation_dtype(x.dtype))
-    mean = xa.mean(dim=tuple(dims), keepdim=True)
-    return mean, xa - mean
+    mean = reduce_mean(xa, dims)
+    d = xa - mean
+    correction = reduce_mean(d, dims)
+    return mean + correction, d.sub_(correction)
 
 
 def mean_square(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
     """``mean(x²)`` over ``dims``: the variance of centred data, or RMSNorm's statistic."""
     dims = tuple(dims)
+    if not dims:
+        return x.square()
     n = math.prod(x.shape[d] for d in dims)
     # vector_norm fuses square and sum in one pass (and its gradient at 0 is 0, not NaN)
     return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keepdim).square() / max(n, 1)
