@@ -278,3 +278,21 @@ def test_weight_norm_over_no_dims_and_dim_range():
     assert torch.autograd.gradcheck(lambda v, g: F.weight_norm(v, g, 0), (v, g))
     with pytest.raises(IndexError, match="dim=2 is out of range"):
         F.weight_norm(torch.randn(3, 4), torch.ones(3, 1), 2)
+
+
+@pytest.mark.parametrize("name", ["batch_norm_4d", "layer_norm", "group_norm", "rms_norm", "instance_norm"])
+def test_torch_func_transforms(name):
+    # per-sample gradients (vmap over grad) and Jacobians, as with torch.nn.functional
+    from torch.func import grad, jacrev, vmap
+
+    op, shape, pshape = CASES[name]
+    x, w, b = (t.detach() if t is not None else None for t in _inputs(shape, pshape, torch.float64))
+
+    def loss(mod):
+        return lambda xi: op(xi.unsqueeze(0) if name != "batch_norm_4d" else xi, w, b, mod).pow(3).sum()
+
+    if name == "batch_norm_4d":  # batch statistics couple the samples: plain grad and jacobian
+        assert_rel(grad(loss(F))(x), grad(loss(TF))(x), torch.float64)
+        assert_rel(jacrev(lambda t: op(t, w, b, F))(x), jacrev(lambda t: op(t, w, b, TF))(x), torch.float64)
+    else:
+        assert_rel(vmap(grad(loss(F)))(x), vmap(grad(loss(TF)))(x), torch.float64)

@@ -83,8 +83,12 @@ class NormalizeAffine(torch.autograd.Function):
     replace the batch statistics, as BatchNorm does in eval mode.
     """
 
+    # forward and setup_context are separate (torch's newer style), so torch.func transforms
+    # (grad, vmap, jacrev) work; vmap is derived from the ops themselves
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, weight, bias, dims, eps, center, fixed_mean, fixed_var):
+    def forward(x, weight, bias, dims, eps, center, fixed_mean, fixed_var):
         acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
         batch_stats = fixed_var is None
         if batch_stats:  # y starts as the centred copy the variance pass needs anyway
@@ -98,13 +102,17 @@ class NormalizeAffine(torch.autograd.Function):
             y = x.to(acc)
         rstd = torch.rsqrt(var + eps)
         y = _affine(y, x, rstd, weight, bias, mean if not batch_stats else None)
-        ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, batch_stats
+        return y.to(x.dtype), (mean if center else var.new_zeros(())), var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, dims, eps, center, _, fixed_var = inputs
+        _, mean, var = output
+        ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, fixed_var is None
         # the bias itself is not needed by backward: keep only its shape and dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.save_for_backward(x, weight, mean, rstd)
-        mean_out = mean if center else var.new_zeros(())
-        ctx.mark_non_differentiable(mean_out, var)
-        return y.to(x.dtype), mean_out, var
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.mark_non_differentiable(mean, var)
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -131,7 +139,7 @@ class NormalizeAffine(torch.autograd.Function):
         buf = dya * xhat if need_w or (need_x and ctx.batch_stats) else None  # buffer B
         if need_w:
             dw = buf.sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
-            if dw.data_ptr() == buf.data_ptr():  # nothing was summed: buf is reused below
+            if dw is buf:  # nothing was summed: buf is reused below
                 dw = dw.clone()
         if not need_x:
             return dx, dw, db, None, None, None, None, None
