@@ -132,6 +132,13 @@ def test_zscore_reproduces_the_lesson_and_sklearn():
     assert xr.grad is not None
 
 
+def test_scalings_gradcheck():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: F.zscore(t), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: F.zscore(t, dim=1, correction=0, eps=1e-3), (x,))
+    assert torch.autograd.gradcheck(lambda t: F.minmax(t, feature_range=(-1, 1)), (x,))
+
+
 def test_scaling_errors():
     with pytest.raises(ValueError, match="feature_range"):
         F.minmax(torch.randn(3, 2), feature_range=(1, 0))

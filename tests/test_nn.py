@@ -110,19 +110,34 @@ def test_copies_survive(name):
         assert torch.equal(c(x), ref)
 
 
-@pytest.mark.parametrize("name", ["bn2d", "in2d_tracked", "gn", "bn3d", "in3d"])
-def test_channels_last_and_non_contiguous(name):
+def _twins(name):
     ours, shape = make(name, N)
     theirs, _ = make(name, nn)
     ours.load_state_dict(theirs.state_dict())
+    return ours, theirs, shape
+
+
+@pytest.mark.parametrize("name", [k for k, v in SPECS.items() if len(v[3]) in (4, 5)])
+def test_channels_last_keeps_its_format(name):
+    ours, theirs, shape = _twins(name)
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     x = torch.randn(shape).contiguous(memory_format=fmt)
     y = ours(x)
     assert y.is_contiguous(memory_format=fmt)
     assert_rel(y, theirs(x.contiguous()), what=name)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_non_contiguous_input(name):
+    ours, theirs, shape = _twins(name)
     xt = torch.randn(tuple(reversed(shape))).permute(*reversed(range(len(shape))))
     assert not xt.is_contiguous()
-    assert_rel(ours(xt), theirs(xt.contiguous()), what=name)
+    xs = [xt.clone().requires_grad_(), xt.contiguous().requires_grad_()]
+    ys = [ours(xs[0]), theirs(xs[1])]
+    assert_rel(ys[0], ys[1], what=name)
+    for x, y in zip(xs, ys):
+        y.backward(torch.ones_like(y).mul_(torch.arange(y.numel()).view_as(y) % 7))
+    assert_rel(xs[0].grad, xs[1].grad, what=f"{name} grad")
 
 
 def test_reset_and_extra_repr():
@@ -289,8 +304,13 @@ def test_cosine_linear_module(centered):
     x2 = 0.01 * x + (5.0 if centered else 0.0)
     assert torch.allclose(layer(x2), y, atol=1e-4)
     assert f"centered={centered}" in repr(layer)
-    c = copy.deepcopy(layer)
-    assert torch.equal(c(x), y)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for c in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), torch.load(buf, weights_only=False)):
+        assert torch.equal(c(x), y)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous, same values
+    assert torch.allclose(layer(xt), y)
     with pytest.raises(ValueError, match="in_features >= 2"):
         N.CosineLinear(1, 3, centered=True)
 
