@@ -292,6 +292,10 @@ def test_weight_norm_errors():
         N.weight_norm(nn.Linear(2, 2), "kernel")
     with pytest.raises(ValueError, match="not weight-normed"):
         N.remove_weight_norm(nn.Linear(2, 2))
+    plain = nn.Linear(2, 2)
+    with pytest.raises(IndexError, match="out of range"):
+        N.weight_norm(plain, dim=3)
+    assert type(plain) is nn.Linear and "parametrizations" not in plain._modules
 
 
 @pytest.mark.parametrize("centered", [False, True])

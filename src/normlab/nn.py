@@ -545,9 +545,9 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
             f"weight_norm: {type(module).__name__} has no parameter named {name!r}; "
             f"parameters: {sorted(k for k, v in module._parameters.items() if v is not None)}"
         )
+    holder = _WeightNorm(param, dim)  # first: a bad dim must leave the module untouched
     if wn is None:
         module.add_module("parametrizations", nn.ModuleDict())
-    holder = _WeightNorm(param, dim)
     del module._parameters[name]
     module.parametrizations[name] = holder
     if "_normlab_base" not in type(module).__dict__:
