@@ -44,13 +44,14 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .stats import accumulation_dtype, centered, mean_square, moments, reduce_mean
+from .stats import accumulation_dtype, centered, corrected_variance, mean_square, moments, reduce_mean
 
 __all__ = ["NormalizeAffine", "normalize_affine"]
 
 
 def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
-    """``(y − mean)·rstd·γ + β`` with as few passes over ``y`` as the shapes allow.
+    """``(y − mean)·rstd·γ + β`` with as few passes over ``y`` as the shapes allow
+    (``mean``: a running mean, or the residual of :func:`~normlab.stats.centered`).
 
     When ``rstd·γ`` is smaller than ``y`` (BN: both per channel) it is folded into one scale
     and shift, the affine view of seed 000 §2.2; otherwise (LN: rstd per row, γ per column)
@@ -65,11 +66,12 @@ def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
         if shift is None:
             return y * scale if y is x else y.mul_(scale)
         return torch.addcmul(shift, y, scale)
-    if mean is not None:
-        y = y - mean
-    elif y is x:
+    if y is x:
         y = y.clone()
-    y.mul_(rstd).mul_(weight)
+    if mean is not None:
+        y.sub_(mean)
+    y.mul_(rstd)
+    y.mul_(weight)
     return y if bias is None else y.add_(bias)
 
 
@@ -92,16 +94,20 @@ class NormalizeAffine(torch.autograd.Function):
         acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
         batch_stats = fixed_var is None
         if batch_stats:  # y starts as the centred copy the variance pass needs anyway
-            mean, y = centered(x, dims, acc) if center else (None, x.to(acc))
-            var = mean_square(y, dims)
+            if center:
+                mean, y, shift = centered(x, dims, acc)  # y − shift is exactly centred
+                var = corrected_variance(y, shift, dims)
+            else:
+                mean, y, shift = None, x.to(acc), None
+                var = mean_square(y, dims)
         else:
             # copies: a later in-place update of the running buffers must not reach the
             # tensors saved for backward (a graph built in eval, then a train step)
             mean = fixed_mean.to(acc, copy=True) if center else None
             var = fixed_var.to(acc, copy=True)
-            y = x.to(acc)
+            y, shift = x.to(acc), mean
         rstd = torch.rsqrt(var + eps)
-        y = _affine(y, x, rstd, weight, bias, mean if not batch_stats else None)
+        y = _affine(y, x, rstd, weight, bias, shift)
         return y.to(x.dtype), (mean if center else var.new_zeros(())), var
 
     @staticmethod

@@ -13,9 +13,9 @@ Numerics (stated once for the whole library):
 
 * Accumulation happens in float32 or wider, whatever the input dtype: fp16/bf16 are upcast
   (:func:`accumulation_dtype`), float64 stays float64.
-* Variance is always centred — two passes (mean, then mean of squared deviations), with a
-  correction term where data stream in — never ``E[x²] − E[x]²`` on raw data, so ``|mean| ≫ std`` loses nothing beyond the
-  resolution of the input itself. Variances are clamped at 0.
+* Variance is always centred — the corrected two-pass algorithm (:func:`centered`), or Chan's
+  merge where data stream in — never ``E[x²] − E[x]²`` on raw data, so ``|mean| ≫ std``
+  loses nothing beyond the resolution of the input itself. Variances are clamped at 0.
 
 >>> import torch
 >>> x = torch.tensor([[1., 2.], [3., 4.]])
@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "reduce_mean", "centered", "mean_square", "moments", "Moments", "extrema"]
+__all__ = ["accumulation_dtype", "reduce_mean", "centered", "corrected_variance", "mean_square", "moments", "Moments", "extrema"]
 
 Dims = Sequence[int]
 
@@ -65,18 +65,27 @@ def reduce_mean(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
     return x.mean(dim=dims, keepdim=keepdim) if dims else x.clone()
 
 
-def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """``(mean, x − mean)`` over ``dims`` (mean with reduced dims kept), in the accumulation
-    dtype: the first pass of the two-pass variance; norms reuse the centred tensor.
+def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, d, r)``: the first pass of the corrected two-pass variance, in the
+    accumulation dtype, reduced dims kept.
 
-    The mean is refined once by the mean of the deviations (the corrected two-pass algorithm),
-    which removes its rounding error: a constant feature centres to exactly 0.
+    ``d = x − m₀`` with ``m₀`` the computed mean, and ``r = mean(d)`` the rounding error
+    ``m₀`` still carries; ``mean = m₀ + r`` is the refined mean, the exactly centred data is
+    ``d − r`` and the variance ``mean(d²) − r²`` (Chan, Golub & LeVeque's corrected two-pass
+    algorithm). A constant feature thus centres to exactly 0. Norms reuse ``d`` as the buffer
+    of their output and fold ``− r`` into their affine step, so the refinement costs one
+    reduction.
     """
     xa = x.to(dtype or accumulation_dtype(x.dtype))
-    mean = reduce_mean(xa, dims)
-    d = xa - mean
-    correction = reduce_mean(d, dims)
-    return mean + correction, d.sub_(correction)
+    m0 = reduce_mean(xa, dims)
+    d = xa - m0
+    r = reduce_mean(d, dims)
+    return m0 + r, d, r
+
+
+def corrected_variance(d: Tensor, r: Tensor, dims: Dims) -> Tensor:
+    """``mean((d − r)²) = mean(d²) − r²`` over ``dims``, clamped at 0 (see :func:`centered`)."""
+    return (mean_square(d, dims) - r.square()).clamp(min=0)
 
 
 def mean_square(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
@@ -118,9 +127,11 @@ def moments(
     dims = tuple(dims)
     if not center:
         return None, mean_square(x.to(dtype or accumulation_dtype(x.dtype)), dims, keepdim)
-    mean, d = centered(x, dims, dtype)
-    var = mean_square(d, dims, keepdim)
-    return (mean if keepdim else mean.squeeze(dims)), var
+    mean, d, r = centered(x, dims, dtype)
+    var = corrected_variance(d, r, dims)
+    if not keepdim:
+        mean, var = mean.squeeze(dims), var.squeeze(dims)
+    return mean, var
 
 
 @dataclass(frozen=True)
