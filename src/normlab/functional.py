@@ -393,8 +393,6 @@ def minmax(
         raise ValueError(f"minmax: feature_range must be (min, max) with min < max, got {feature_range}")
     dims = _as_dims(x, dim)
     _require_values(x, dims, "minmax")
-    lo, hi = extrema(x, dims)
-    for d in sorted(d % x.dim() for d in dims):
-        lo, hi = lo.unsqueeze(d), hi.unsqueeze(d)
+    lo, hi = extrema(x, dims, keepdim=True)
     rng = hi - lo
     return (x - lo) / torch.where(rng > 0, rng, 1) * (hi_t - lo_t) + lo_t

@@ -38,7 +38,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "reduce_mean", "centered", "corrected_variance", "mean_square", "moments", "Moments", "extrema"]
+__all__ = [
+    "accumulation_dtype",
+    "reduce_mean",
+    "centered",
+    "corrected_variance",
+    "mean_square",
+    "moments",
+    "Moments",
+    "extrema",
+]
 
 Dims = Sequence[int]
 
@@ -220,20 +229,20 @@ class Moments:
 
 
 def extrema(
-    x: Tensor, dims: Dims = (0,), *, ignore_nan: bool = False
+    x: Tensor, dims: Dims = (0,), *, ignore_nan: bool = False, keepdim: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Per-feature ``(min, max)`` of ``x`` over ``dims``.
+    """Per-feature ``(min, max)`` of ``x`` over ``dims`` (``keepdim``: reduced dims kept).
 
     With ``ignore_nan=True`` NaN values are skipped; a feature with no finite-or-infinite value
     left (all NaN) gets NaN for both.
     """
     dims = tuple(dims)
     if not ignore_nan:
-        return x.amin(dim=dims), x.amax(dim=dims)
+        return x.amin(dim=dims, keepdim=keepdim), x.amax(dim=dims, keepdim=keepdim)
     nan = torch.isnan(x)
-    lo = torch.where(nan, float("inf"), x).amin(dim=dims)
-    hi = torch.where(nan, float("-inf"), x).amax(dim=dims)
-    empty = nan.all(dim=dims) if x.numel() else torch.ones_like(lo, dtype=torch.bool)
+    lo = torch.where(nan, float("inf"), x).amin(dim=dims, keepdim=keepdim)
+    hi = torch.where(nan, float("-inf"), x).amax(dim=dims, keepdim=keepdim)
+    empty = nan.all(dim=dims, keepdim=keepdim) if x.numel() else torch.ones_like(lo, dtype=torch.bool)
     return torch.where(empty, float("nan"), lo), torch.where(empty, float("nan"), hi)
 
 
