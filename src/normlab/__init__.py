@@ -13,7 +13,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("stats", "autograd", "functional", "nn", "preprocessing", "cli")
+_SUBMODULES = ("stats", "autograd", "functional", "nn", "preprocessing", "diagnostics", "lab", "cli")
 __all__ = ["__version__", *_SUBMODULES]
 
 

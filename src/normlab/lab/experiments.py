@@ -1,0 +1,484 @@
+"""The experiments of the seeds, as a registry of functions that return plain records.
+
+Each experiment tests one claim of the lesson (seed 000) or the survey (seed 004) and computes
+its verdict from the numbers it measured (see :mod:`normlab.lab.records` for the record format).
+Every experiment has a quick version (the tour of ``normlab run``: seconds on a laptop CPU) and
+a full one (``--full``: more epochs, more seeds, the settings of the papers where they fit).
+
+Add your own in a few lines; it then runs with ``normlab run NAME`` like the built-in ones::
+
+    from normlab.lab.experiments import experiment
+    from normlab.lab import data, models, records, train
+
+    @experiment("my-ln", "LayerNorm on wine", source="my notes", claim="LN beats none on wine")
+    def my_ln(cfg):
+        split = data.load_dataset("wine", seed=0).scaled("zscore")
+        acc = {}
+        for norm in ("none", "layer"):
+            model = models.mlp(13, 3, depth=4, width=32, norm=norm, seed=0)
+            acc[norm] = train.fit(model, split, epochs=cfg.epochs_or(5, 20)).test_metric[-1]
+        return {"checks": [records.check("LN − none accuracy", acc["layer"] - acc["none"], ">", 0)]}
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import nn as nln
+from ..diagnostics import GlorotMonitor
+from . import data, models, records, train
+
+__all__ = ["Config", "Experiment", "EXPERIMENTS", "experiment", "run", "TOUR"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """How to run an experiment: quick or full, which seeds, an epochs override, the device."""
+
+    full: bool = False
+    seeds: tuple[int, ...] | None = None
+    epochs: int | None = None
+    device: str = "cpu"
+    progress: bool | None = False
+
+    def pick(self, quick, full):
+        return full if self.full else quick
+
+    def epochs_or(self, quick: int, full: int) -> int:
+        return self.epochs if self.epochs is not None else self.pick(quick, full)
+
+    def seeds_or(self, quick: int, full: int = 5) -> tuple[int, ...]:
+        return self.seeds if self.seeds is not None else tuple(range(self.pick(quick, full)))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    source: str
+    claim: str
+    fn: Callable[[Config], dict] = field(repr=False)
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def experiment(name: str, title: str, *, source: str, claim: str):
+    """Register ``fn(cfg) -> dict`` as experiment ``name``.
+
+    ``fn`` returns the record's ``checks`` (required) and any of ``params``, ``figures``,
+    ``tables``, ``notes``; the registry adds the name, title, source, claim, the verdict and the
+    wall time.
+    """
+
+    def register(fn: Callable[[Config], dict]) -> Callable[[Config], dict]:
+        if name in EXPERIMENTS:
+            raise ValueError(f"an experiment named {name!r} is already registered; choose another name")
+        EXPERIMENTS[name] = Experiment(name, title, source, claim, fn)
+        return fn
+
+    return register
+
+
+def run(name: str, cfg: Config | None = None) -> dict:
+    """Run one registered experiment and return its record."""
+    if name not in EXPERIMENTS:
+        raise KeyError(f"unknown experiment {name!r}; valid names: {', '.join(EXPERIMENTS)}")
+    exp, cfg = EXPERIMENTS[name], cfg or Config()
+    start = time.perf_counter()
+    out = exp.fn(cfg)
+    checks = out.get("checks", [])
+    record = {
+        "name": exp.name,
+        "title": exp.title,
+        "source": exp.source,
+        "claim": exp.claim,
+        "params": {"full": cfg.full, **out.get("params", {})},
+        "checks": checks,
+        "verdict": records.verdict(checks),
+        "figures": out.get("figures", []),
+        "tables": out.get("tables", []),
+        "notes": out.get("notes", []),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return records.to_json(record)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _mean_curve(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Mean and mean ± std over seeds, epoch by epoch (shorter, diverged runs padded with NaN)."""
+    n = max(len(c) for c in curves)
+    t = torch.tensor([c + [math.nan] * (n - len(c)) for c in curves], dtype=torch.float64)
+    mean = t.nanmean(0)
+    std = torch.sqrt(((t - mean) ** 2).nanmean(0)) if len(curves) > 1 else torch.zeros(n, dtype=torch.float64)
+    return mean.tolist(), (mean - std).tolist(), (mean + std).tolist()
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _std(values) -> float:
+    values = [float(v) for v in values]
+    return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _auc(curve: list[float]) -> float:
+    """Mean of a per-epoch curve: lower for a loss that falls sooner (speed of convergence)."""
+    return _mean(curve)
+
+
+def _curves_panel(title: str, ylabel: str, runs: dict[str, list[list[float]]], logy: bool = False, x0: int = 1) -> dict:
+    series = []
+    for label, curves in runs.items():
+        mean, lo, hi = _mean_curve(curves)
+        series.append(records.series(label, range(x0, x0 + len(mean)), mean, lo, hi))
+    return records.panel("lines", title, "epoch", ylabel, logy=logy, series=series)
+
+
+class _GradientRecorder:
+    """Every weight-gradient value of each layer during chosen epochs (the lesson's ``weights_vp``)."""
+
+    def __init__(self, model: nn.Module, epochs: set[int], steps_per_epoch: int):
+        self.monitor = GlorotMonitor(model)
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.values: dict[int, dict[str, list[torch.Tensor]]] = {e: {} for e in epochs}
+
+    def on_step(self, step: int, model: nn.Module, loss) -> None:
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        if epoch in self.epochs:
+            for name, g in self.monitor.weight_grads().items():
+                self.values[epoch].setdefault(name, []).append(g)
+
+    def layers(self, epoch: int) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(gs) for name, gs in self.values[epoch].items()}
+
+    def remove(self) -> None:
+        self.monitor.remove()
+
+
+def _grad_std_spread(layers: dict[str, torch.Tensor]) -> float:
+    """log10(max/min) over layers of the weight-gradient standard deviation: 0 = perfectly steady."""
+    stds = [float(g.double().std()) for g in layers.values()]
+    stds = [s for s in stds if s > 0 and math.isfinite(s)]
+    return math.log10(max(stds) / min(stds)) if len(stds) > 1 else math.nan
+
+
+def _boxes(layers: dict[str, torch.Tensor], group: str) -> list[dict]:
+    return [records.box(f"{group}:{i + 1}", g, group=group) for i, g in enumerate(layers.values())]
+
+
+def _steps_per_epoch(split: data.Split, batch_size: int, drop_last: bool = False) -> int:
+    n = len(split.X_train)
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+# ----------------------------------------------------------------------------- zscore
+
+
+@experiment(
+    "zscore",
+    "Raw vs Z-Score inputs",
+    source="seed 000 §2 (Z-Score modelling experiment)",
+    claim="A network trained on Z-Score inputs (statistics from the training split) converges faster and "
+    "reaches a lower test error than on raw inputs, and its per-layer gradients are steadier in the first epochs.",
+)
+def _zscore(cfg: Config) -> dict:
+    epochs, seeds = cfg.epochs_or(5, 20), cfg.seeds_or(2)
+    lr, batch = 0.03, 10
+    raw_split = data.make_regression(num_examples=1000, num_inputs=2, degree=2, loc=(3.0, -2.0), scale=(4.0, 2.0), seed=0)
+    runs = {"raw": raw_split, "zscore": raw_split.scaled("zscore")}
+    curves: dict[str, list[list[float]]] = {k: [] for k in runs}
+    spreads: dict[str, list[float]] = {k: [] for k in runs}
+    boxes: list[dict] = []
+    spe = _steps_per_epoch(raw_split, batch)
+    for seed in seeds:
+        for kind, split in runs.items():
+            model = models.mlp(2, 1, depth=3, width=4, activation="sigmoid", init="xavier", seed=seed)
+            rec = _GradientRecorder(model, {1}, spe)
+            h = train.fit(model, split, epochs=epochs, lr=lr, batch_size=batch, seed=seed, device=cfg.device,
+                          on_step=rec.on_step, progress=cfg.progress, description=f"zscore {kind} seed {seed}")
+            rec.remove()
+            curves[kind].append(h.test_loss)
+            spreads[kind].append(_grad_std_spread(rec.layers(1)))
+            if seed == seeds[0]:
+                boxes += _boxes(rec.layers(1), kind)
+    # The same on a real dataset with features on very different scales.
+    real_acc: dict[str, list[list[float]]] = {"raw": [], "zscore": []}
+    real = data.load_dataset("breast_cancer", seed=0)
+    for seed in seeds:
+        for kind, split in (("raw", real), ("zscore", real.scaled("zscore"))):
+            model = models.mlp(real.num_features, 2, depth=3, width=16, activation="sigmoid", init="xavier", seed=seed)
+            h = train.fit(model, split, epochs=epochs, lr=lr, batch_size=batch, seed=seed, device=cfg.device, progress=cfg.progress)
+            real_acc[kind].append(h.test_metric)
+    final = {k: _mean([c[-1] for c in v]) for k, v in curves.items()}
+    auc = {k: _mean([_auc(c) for c in v]) for k, v in curves.items()}
+    acc = {k: _mean([c[-1] for c in v]) for k, v in real_acc.items()}
+    spread = {k: _mean(v) for k, v in spreads.items()}
+    checks = [
+        records.check("final test MSE, zscore / raw", final["zscore"] / final["raw"], "<", 1.0,
+                      f"mean over {len(seeds)} seeds after {epochs} epochs: zscore {final['zscore']:.4g}, raw {final['raw']:.4g}"),
+        records.check("mean test MSE over epochs (convergence speed), zscore / raw", auc["zscore"] / auc["raw"], "<", 1.0),
+        records.check("breast_cancer test accuracy, zscore − raw", acc["zscore"] - acc["raw"], ">", 0.0,
+                      f"zscore {acc['zscore']:.3f}, raw {acc['raw']:.3f}"),
+        records.check("epoch-1 gradient spread across layers (log10 max/min std), zscore − raw",
+                      spread["zscore"] - spread["raw"], "<", 0.0,
+                      f"zscore {spread['zscore']:.3f}, raw {spread['raw']:.3f} (0 = equal gradient scale in every layer)"),
+    ]
+    return {
+        "params": {"epochs": epochs, "seeds": list(seeds), "lr": lr, "batch_size": batch, "model": "sigmoid MLP 2-4-4-4-1, Xavier",
+                   "data": "regression degree 2, inputs z·(4, 2) + (3, −2); breast_cancer"},
+        "checks": checks,
+        "figures": [
+            records.figure(
+                "Test loss per epoch (mean ± std over seeds)",
+                _curves_panel("regression: test MSE", "MSE", curves, logy=True),
+                _curves_panel("breast_cancer: test accuracy", "accuracy", real_acc),
+            ),
+            records.figure(
+                f"Weight gradients per layer during epoch 1 (seed {seeds[0]})",
+                records.panel("boxes", "raw vs zscore", "layer", "∂loss/∂w", boxes=boxes),
+            ),
+        ],
+        "tables": [records.table("Summary (mean over seeds)", ["inputs", "final test MSE", "mean test MSE", "breast_cancer accuracy", "gradient spread"],
+                                 [[k, final[k], auc[k], acc[k], spread[k]] for k in runs])],
+    }
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+@experiment(
+    "drift",
+    "Gradients drift as training goes on: Z-Score only vs BatchNorm",
+    source="seed 000 §3.1 (Zero-Centered property fades)",
+    claim="With Z-Score inputs alone, a tanh network's per-layer gradients are steady early (epoch 5) and "
+    "unsteady later (epoch 40); BatchNorm keeps them steady.",
+)
+def _drift(cfg: Config) -> dict:
+    late = cfg.epochs_or(20, 40)
+    early = min(5, late)
+    seeds = cfg.seeds_or(2)
+    lr, batch = 0.03, 10
+    split = data.make_regression(num_examples=1000, num_inputs=2, degree=2, bias=False, seed=0).scaled("zscore")
+    spe = _steps_per_epoch(split, batch)
+    spread = {(k, e): [] for k in ("zscore", "zscore+BN") for e in (early, late)}
+    boxes, curves = [], {"zscore": [], "zscore+BN": []}
+    for seed in seeds:
+        for kind, norm in (("zscore", "none"), ("zscore+BN", "batch")):
+            model = models.mlp(2, 1, depth=4, width=8, activation="tanh", init="xavier", norm=norm, seed=seed)
+            rec = _GradientRecorder(model, {early, late}, spe)
+            h = train.fit(model, split, epochs=late, lr=lr, batch_size=batch, seed=seed, device=cfg.device,
+                          on_step=rec.on_step, progress=cfg.progress, description=f"drift {kind} seed {seed}")
+            rec.remove()
+            curves[kind].append(h.test_loss)
+            for e in (early, late):
+                spread[(kind, e)].append(_grad_std_spread(rec.layers(e)))
+                if seed == seeds[0]:
+                    boxes.append((kind, e, _boxes(rec.layers(e), f"epoch {e}")))
+    m = {k: _mean(v) for k, v in spread.items()}
+    checks = [
+        records.check(f"Z-Score only: gradient spread at epoch {late} − epoch {early}", m[("zscore", late)] - m[("zscore", early)], ">", 0.0,
+                      "spread = log10(max/min) over layers of the weight-gradient std; growing = drifting apart"),
+        records.check(f"epoch {late} gradient spread, BN − Z-Score only", m[("zscore+BN", late)] - m[("zscore", late)], "<", 0.0),
+    ]
+    abs_panels = []
+    for kind in ("zscore", "zscore+BN"):
+        bx = [b for k, _, group in boxes if k == kind for b in group]
+        abs_panels.append(records.panel("boxes", kind, "epoch:layer", "∂loss/∂w", boxes=bx))
+    return {
+        "params": {"epochs": [early, late], "seeds": list(seeds), "lr": lr, "batch_size": batch,
+                   "model": "tanh MLP 2-8-8-8-8-1, Xavier; BN before each tanh"},
+        "checks": checks,
+        "figures": [
+            records.figure(f"Weight gradients per layer at epoch {early} and {late} (seed {seeds[0]})", *abs_panels),
+            records.figure("Test MSE per epoch", _curves_panel("test MSE", "MSE", curves, logy=True)),
+        ],
+        "tables": [records.table("Gradient spread across layers (log10 max/min of per-layer std), mean over seeds",
+                                 ["model", f"epoch {early}", f"epoch {late}"],
+                                 [[k, m[(k, early)], m[(k, late)]] for k in ("zscore", "zscore+BN")])],
+    }
+
+
+# ----------------------------------------------------------------------------- glorot
+
+
+@experiment(
+    "glorot",
+    "The Glorot condition at initialisation: default vs Xavier init",
+    source="seed 000 §3.2; Glorot & Bengio (2010)",
+    claim="With torch's default init U(±1/√n) the forward variance shrinks by about 1/3 per tanh layer and the "
+    "back-propagated gradient variance shrinks likewise; Xavier init keeps both far steadier (what shrink is left "
+    "comes from tanh's slope below 1 away from 0). Sigmoid's "
+    "derivative (≤ 1/4) makes the gradients vanish whatever the init.",
+)
+def _glorot(cfg: Config) -> dict:
+    depth, width, n = cfg.pick((8, 256, 512), (12, 512, 2048))
+    seeds = cfg.seeds_or(2)
+    results: dict[tuple[str, str], list[list[dict]]] = {}
+    summaries: dict[tuple[str, str], list[dict]] = {}
+    for activation in ("tanh", "sigmoid"):
+        for init in ("default", "xavier"):
+            for seed in seeds:
+                model = models.mlp(width, 1, depth=depth, width=width, activation=activation, init=init, seed=seed)
+                _zero_biases(model)  # Glorot & Bengio's setting: the comparison is about the weights
+                g = torch.Generator().manual_seed(seed)
+                x, target = torch.randn(n, width, generator=g), torch.randn(n, 1, generator=g)
+                with GlorotMonitor(model, layers=[nn.Linear]) as mon:
+                    nn.functional.mse_loss(model(x), target).backward()
+                    stats = mon.stats()[:-1]  # hidden layers; the output layer has another width
+                results.setdefault((activation, init), []).append(stats)
+                summaries.setdefault((activation, init), []).append(_variance_ratios(stats))
+
+    def avg(key, field_):
+        return _mean(s[field_] for s in summaries[key])
+
+    panels = []
+    for which, label in (("forward_var", "forward: Var(layer output)"), ("backward_var", "backward: Var(∂loss/∂layer output)")):
+        series = []
+        for (activation, init), runs in results.items():
+            per_layer = [_mean(run[i][which] for run in runs) for i in range(depth)]
+            series.append(records.series(f"{activation}/{init}", range(1, depth + 1), per_layer))
+        panels.append(records.panel("lines", label, "layer", "variance", logy=True, series=series))
+    checks = [
+        records.check("tanh/default: forward variance ratio per layer", avg(("tanh", "default"), "forward_per_layer"), ">", 0.25,
+                      "theory n·Var(W) = 1/3 per layer"),
+        records.check("tanh/default: forward variance ratio per layer (upper)", avg(("tanh", "default"), "forward_per_layer"), "<", 0.45),
+        records.check("tanh/default: backward variance ratio per layer", avg(("tanh", "default"), "backward_per_layer"), "<", 0.5,
+                      "gradient variance shrinks on the way back to the first layer"),
+        records.check("tanh: forward variance ratio per layer, xavier / default",
+                      avg(("tanh", "xavier"), "forward_per_layer") / avg(("tanh", "default"), "forward_per_layer"), ">", 1.8),
+        records.check("tanh: backward variance ratio per layer, xavier / default",
+                      avg(("tanh", "xavier"), "backward_per_layer") / avg(("tanh", "default"), "backward_per_layer"), ">", 1.8),
+        records.check("sigmoid/xavier: backward variance ratio per layer", avg(("sigmoid", "xavier"), "backward_per_layer"), "<", 0.25,
+                      "sigmoid' ≤ 1/4, so the gradient variance shrinks by ≥ 16× per layer at unit weight scale"),
+    ]
+    rows = [[f"{a}/{i}", avg((a, i), "forward_per_layer"), avg((a, i), "backward_per_layer"), avg((a, i), "forward_ratio"),
+             avg((a, i), "backward_ratio"), avg((a, i), "saturation")] for (a, i) in results]
+    return {
+        "params": {"depth": depth, "width": width, "batch": n, "seeds": list(seeds), "input": "N(0, 1)", "biases": 0, "loss": "MSE to N(0, 1) targets"},
+        "checks": checks,
+        "figures": [records.figure("Variance per hidden layer at initialisation (mean over seeds)", *panels)],
+        "tables": [records.table(
+            "Per-layer ratios (geometric mean over layers; 1 = the Glorot condition holds)",
+            ["activation/init", "forward ratio per layer", "backward ratio per layer", "forward last/first", "backward first/last", "saturated fraction"],
+            rows)],
+        "notes": ["Backward ratio per layer = (Var(grad at layer l) / Var(grad at layer l+1)) averaged geometrically: "
+                  "below 1 the gradient shrinks as it flows back towards the input (vanishing)."],
+    }
+
+
+def _zero_biases(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+
+
+def _variance_ratios(stats: list[dict]) -> dict:
+    """Geometric-mean per-layer forward and backward variance ratios of a monitored stack."""
+    fwd = [s["forward_var"] for s in stats]
+    bwd = [s["backward_var"] for s in stats]
+    layers = len(stats) - 1
+    sat = [s.get("saturation", math.nan) for s in stats]
+    return {
+        "forward_per_layer": (fwd[-1] / fwd[0]) ** (1 / layers),
+        "backward_per_layer": (bwd[0] / bwd[-1]) ** (1 / layers),
+        "forward_ratio": fwd[-1] / fwd[0],
+        "backward_ratio": bwd[0] / bwd[-1],
+        "saturation": _mean(v for v in sat if not math.isnan(v)),
+    }
+
+
+# ----------------------------------------------------------------------------- batchnorm
+
+
+class _Percentiles:
+    """15/50/85th percentiles of one unit's input to the last hidden sigmoid, on fixed data, over steps."""
+
+    def __init__(self, model: nn.Sequential, X: torch.Tensor, every: int):
+        self.act = [m for m in model if isinstance(m, nn.Sigmoid)][-1]
+        self.X, self.every, self.steps, self.values = X, every, [], []
+        self.accuracy: list[float] = []
+
+    def __call__(self, step, model, loss, y=None) -> None:
+        if step % self.every:
+            return
+        seen = []
+        handle = self.act.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, 0].detach()))
+        model.eval()
+        with torch.no_grad():
+            out = model(self.X)
+        model.train()
+        handle.remove()
+        q = torch.quantile(seen[0].double().cpu(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
+        self.steps.append(step)
+        self.values.append(q.tolist())
+        self.accuracy.append(float((out.argmax(1) == self.y).float().mean()))
+
+
+@experiment(
+    "batchnorm",
+    "A deep sigmoid network with and without BatchNorm",
+    source="seed 000 §4; Ioffe & Szegedy (2015), Fig. 1",
+    claim="BatchNorm makes a 3-hidden-layer sigmoid network train faster and reach a higher test accuracy, and "
+    "keeps the distribution of a sigmoid's input steadier during training.",
+)
+def _batchnorm(cfg: Config) -> dict:
+    epochs, seeds = cfg.epochs_or(8, 40), cfg.seeds_or(2)
+    lr, batch = 0.1, 60
+    split = data.load_dataset("digits", seed=0).scaled("zscore")
+    every = max(1, _steps_per_epoch(split, batch, True) // 2)
+    acc_curves = {"none": [], "BN": []}
+    drift = {"none": [], "BN": []}
+    bands = {}
+    for seed in seeds:
+        for kind, norm in (("none", "none"), ("BN", "batch")):
+            model = models.mlp(split.num_features, 10, depth=3, width=100, activation="sigmoid", norm=norm, seed=seed)
+            tracker = _Percentiles(model, split.X_test.to(cfg.device), every)
+            tracker.y = split.y_test.to(cfg.device)
+            train.fit(model, split, epochs=epochs, lr=lr, batch_size=batch, seed=seed, device=cfg.device, drop_last=True,
+                      on_step=tracker, progress=cfg.progress, description=f"batchnorm {kind} seed {seed}")
+            acc_curves[kind].append(tracker.accuracy)
+            q = torch.tensor(tracker.values, dtype=torch.float64)
+            width = (q[:, 2] - q[:, 0]).mean()
+            drift[kind].append(float((q[1:] - q[:-1]).abs().sum(0).mean() / width))
+            if seed == seeds[0]:
+                bands[kind] = (tracker.steps, q)
+    steps = bands["none"][0]
+    mean_acc = {k: _mean_curve(v) for k, v in acc_curves.items()}
+    final = {k: m[0][-1] for k, m in mean_acc.items()}
+    early = {k: _mean(m[0][: max(1, len(m[0]) // 4)]) for k, m in mean_acc.items()}
+    d = {k: _mean(v) for k, v in drift.items()}
+    checks = [
+        records.check("final test accuracy, BN − none", final["BN"] - final["none"], ">", 0.0,
+                      f"BN {final['BN']:.3f}, none {final['none']:.3f}"),
+        records.check("test accuracy over the first quarter of training, BN − none", early["BN"] - early["none"], ">", 0.0),
+        records.check("drift of the sigmoid input's percentiles (path length / band width), BN / none", d["BN"] / d["none"], "<", 1.0,
+                      f"BN {d['BN']:.3f}, none {d['none']:.3f}"),
+    ]
+    band_panels = [
+        records.panel("lines", f"{kind}: input to one sigmoid (15/50/85%)", "step", "value",
+                      series=[records.series("median", steps, q[:, 1], q[:, 0], q[:, 2])])
+        for kind, (_, q) in bands.items()
+    ]
+    acc_panel = records.panel("lines", "test accuracy", "step", "accuracy",
+                              series=[records.series(k, steps, *m) for k, m in mean_acc.items()])
+    return {
+        "params": {"epochs": epochs, "seeds": list(seeds), "lr": lr, "batch_size": batch, "data": "digits (Z-Score)",
+                   "model": "sigmoid MLP 64-100-100-100-10, BN before each sigmoid"},
+        "checks": checks,
+        "figures": [records.figure("Ioffe & Szegedy Fig. 1 on digits", acc_panel, *band_panels)],
+        "tables": [records.table("Summary (mean over seeds)", ["model", "final test accuracy", "early test accuracy", "percentile drift"],
+                                 [[k, final[k], early[k], d[k]] for k in acc_curves])],
+    }

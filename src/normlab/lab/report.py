@@ -1,0 +1,448 @@
+"""The lab report: one self-contained HTML page, plus JSON and CSV files, built from records.
+
+:func:`write_report` turns the records experiments return (their shape is the contract in
+:mod:`normlab.lab.records`) into a directory that opens offline, with nothing fetched from
+anywhere::
+
+    out_dir/
+      index.html         the page: inline CSS, figures embedded as base64 PNGs, no scripts
+      records.json       {"meta": {...}, "records": [...]}, the only input rebuild() needs
+      <name>-<k>.csv     table k (from 1) of experiment <name>; header = the table's columns
+      <name>-curves.csv  every point of every "lines" panel: figure,panel,series,x,y,lo,hi
+
+What the page shows, top to bottom:
+
+1. "normlab report", the run's ``meta`` (version, command, date, device, total seconds:
+   whatever keys it has) as a definition list, and a summary table with one row per
+   experiment: its name (a link to its section), title, verdict (✔ supported in green,
+   ✘ not supported in red) and wall time in seconds;
+2. one ``<section id="<name>">`` per experiment: the title, where the claim comes from, the claim
+   quoted, the verdict and its summary, the parameters that were run, the checks behind the
+   verdict (``value op threshold``, passed, detail), each figure with its title as caption,
+   each table (floats to 4 significant digits), and the notes.
+
+The page computes nothing: it shows what the records say, so ``normlab report DIR``
+(:func:`rebuild`) recreates it from ``records.json`` alone, e.g. after the style changes.
+A figure that cannot be drawn is replaced by an error message (and a warning) so that one bad
+record does not cost the rest of the page.
+
+>>> from normlab.lab.records import figure, panel
+>>> png = render_figure(figure("demo", panel("bars", "one bar", labels=["a"], values=[1.0])))
+>>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+True
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+__all__ = ["write_report", "load_records", "rebuild", "render_figure"]
+
+RECORDS_FILE = "records.json"
+INDEX_FILE = "index.html"
+CURVE_COLUMNS = ("figure", "panel", "series", "x", "y", "lo", "hi")
+
+_REQUIRED = ("name", "title", "claim", "checks", "verdict")
+_NAME = re.compile(r"[\w.-]+\Z")  # a record's name becomes a file name and an HTML id
+_PANEL_INCHES = (4.2, 3.2)
+_DPI = 90  # small PNGs: a page with a few dozen figures stays a few MB
+_PANELS_PER_ROW = 3
+_ROTATE_OVER = 6  # more x tick labels than this are rotated so they do not overlap
+_BOX_STATS = ("whislo", "q1", "med", "q3", "whishi")
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def write_report(records: list[dict], out_dir: str | Path, *, meta: dict | None = None) -> Path:
+    """Write ``records.json``, the CSV files and ``index.html`` into ``out_dir``; return the page.
+
+    Args:
+        records: one dict per experiment, shaped as :mod:`normlab.lab.records` describes; names
+            must be unique and made of letters, digits, ``_``, ``-`` and ``.``.
+        out_dir: created with its parents if missing; files already there are overwritten.
+        meta: facts about the run shown at the top of the page (version, command, date, device,
+            total seconds, ...); stored in ``records.json`` beside the records.
+
+    Returns:
+        The path of ``index.html``.
+    """
+    _validate(records, "write_report(records)")
+    meta = meta or {}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / RECORDS_FILE, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1, allow_nan=True)
+    for rec in records:
+        for k, tab in enumerate(rec.get("tables") or (), start=1):
+            _write_csv(out / f"{rec['name']}-{k}.csv", tab["columns"], tab["rows"])
+        lines = list(_lines_panels(rec))
+        if lines:
+            _write_csv(out / f"{rec['name']}-curves.csv", CURVE_COLUMNS, _curve_rows(lines))
+    page = out / INDEX_FILE
+    page.write_text(_page(records, meta), encoding="utf-8")
+    return page
+
+
+def load_records(out_dir: str | Path) -> tuple[list[dict], dict]:
+    """Read ``out_dir/records.json`` back as ``(records, meta)``.
+
+    Raises:
+        FileNotFoundError: there is no ``records.json`` in ``out_dir``.
+        ValueError: the file is not JSON, or not ``{"meta": {...}, "records": [record, ...]}``.
+    """
+    path = Path(out_dir) / RECORDS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `normlab run --out {out_dir}` first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rerun `normlab run --out {out_dir}`") from err
+    if not (isinstance(data, dict) and isinstance(data.get("records"), list) and isinstance(data.get("meta", {}), dict)):
+        raise ValueError(
+            f'{path} must hold {{"meta": {{...}}, "records": [...]}}, got a {type(data).__name__} '
+            f"with keys {sorted(data) if isinstance(data, dict) else []}; rerun `normlab run --out {out_dir}`"
+        )
+    _validate(data["records"], str(path))
+    return data["records"], data.get("meta", {})
+
+
+def rebuild(out_dir: str | Path) -> Path:
+    """Rewrite the report in ``out_dir`` from its ``records.json`` (``normlab report DIR``)."""
+    records, meta = load_records(out_dir)
+    return write_report(records, out_dir, meta=meta)
+
+
+def _validate(records: Any, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the record unless ``records`` can be rendered."""
+    if not isinstance(records, list):
+        raise ValueError(f"{where}: records must be a list of dicts, got a {type(records).__name__}")
+    seen: set[str] = set()
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: record {i} is a {type(rec).__name__}, expected a dict (see normlab.lab.records)")
+        missing = [key for key in _REQUIRED if key not in rec]
+        if missing:
+            raise ValueError(f"{where}: record {i} ({rec.get('name', '?')!r}) lacks {missing}; see normlab.lab.records")
+        name = rec["name"]
+        if not (isinstance(name, str) and _NAME.match(name)):
+            raise ValueError(
+                f"{where}: record {i} is named {name!r}; a name names files and anchors, so use only "
+                "letters, digits, '_', '-' and '.'"
+            )
+        if name in seen:
+            raise ValueError(f"{where}: two records are named {name!r}; names must be unique")
+        if not (isinstance(rec["verdict"], dict) and "supported" in rec["verdict"]):
+            raise ValueError(f"{where}: record {name!r} needs verdict = {{'supported': bool, 'summary': str}}")
+        seen.add(name)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _lines_panels(rec: dict) -> Iterator[tuple[dict, dict]]:
+    """Every ``(figure, panel)`` of the record whose panel is a "lines" panel."""
+    for fig in rec.get("figures") or ():
+        for pan in fig["panels"]:
+            if pan.get("kind") == "lines":
+                yield fig, pan
+
+
+def _curve_rows(lines: Iterable[tuple[dict, dict]]) -> Iterator[list[Any]]:
+    """Long format, one row per point; ``lo``/``hi`` are blank for a series without a band."""
+    for fig, pan in lines:
+        for s in pan.get("series", ()):
+            lo, hi = s.get("lo"), s.get("hi")
+            for i, (x, y) in enumerate(zip(s["x"], s["y"])):
+                band = [lo[i], hi[i]] if lo is not None else ["", ""]
+                yield [fig.get("title", ""), pan.get("title", ""), s.get("label", ""), x, y, *band]
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def render_figure(fig: dict) -> bytes:
+    """Draw one figure dict (see :mod:`normlab.lab.records`) and return it as PNG bytes.
+
+    Panels sit side by side, 3 to a row, each about 4.2×3.2 inches at 90 dpi. NaN values are
+    left out of the drawing and infinite ones are treated as NaN; ``logy`` gives a log axis when
+    every drawn value is positive and a symmetric-log axis otherwise.
+
+    Raises:
+        ValueError: the figure has no panels or a panel of unknown kind.
+    """
+    panels = fig["panels"]
+    if not panels:
+        raise ValueError(f"figure {fig.get('title', '')!r} has no panels; give figure() at least one panel()")
+    ncols = min(_PANELS_PER_ROW, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    width, height = _PANEL_INCHES
+    # A bare Figure with its own Agg canvas, not pyplot: no global state to close, and the
+    # figure is freed with its last reference.
+    mfig = Figure(figsize=(width * ncols, height * nrows), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(mfig)
+    axes = list(mfig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax, pan in zip(axes, panels):
+        _draw_panel(ax, pan)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if fig.get("title"):
+        mfig.suptitle(fig["title"])
+    buf = io.BytesIO()
+    mfig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def _draw_panel(ax: Axes, pan: dict) -> None:
+    kind = pan.get("kind")
+    if kind not in _PAINTERS:
+        raise ValueError(f"panel {pan.get('title', '')!r} has kind {kind!r}; expected one of {sorted(_PAINTERS)}")
+    drawn = _PAINTERS[kind](ax, pan)
+    ax.set_title(pan.get("title", ""), fontsize="medium")
+    ax.set_xlabel(pan.get("xlabel", ""))
+    ax.set_ylabel(pan.get("ylabel", ""))
+    if pan.get("logy"):
+        _log_scale(ax, drawn)
+
+
+def _draw_lines(ax: Axes, pan: dict) -> list[float]:
+    """One curve per series, its ``lo``–``hi`` band shaded in the curve's colour."""
+    drawn: list[float] = []
+    series = pan.get("series", [])
+    for s in series:
+        x, y = _plottable(s["x"]), _plottable(s["y"])
+        (line,) = ax.plot(x, y, label=s.get("label", ""))
+        drawn += y
+        if s.get("lo") is not None:
+            lo, hi = _plottable(s["lo"]), _plottable(s["hi"])
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            drawn += lo + hi
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    return drawn
+
+
+def _draw_boxes(ax: Axes, pan: dict) -> list[float]:
+    """Boxes from summary statistics; a box with a non-finite statistic leaves an empty slot."""
+    boxes = pan.get("boxes", [])
+    groups = list(dict.fromkeys(b.get("group") for b in boxes))  # in order of first appearance
+    colour = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    stats, positions, colours = [], [], []
+    for pos, b in enumerate(boxes, start=1):
+        st = {key: float(b[key]) for key in _BOX_STATS}
+        if all(math.isfinite(v) for v in st.values()):
+            stats.append(st)
+            positions.append(pos)
+            colours.append(colour[b.get("group")])
+    if stats:
+        art = ax.bxp(
+            stats, positions, showfliers=False, patch_artist=True, manage_ticks=False,
+            medianprops={"color": "black"},
+        )
+        for patch, c in zip(art["boxes"], colours):
+            patch.set_facecolor(c)
+    _label_ticks(ax, [b.get("label", "") for b in boxes])
+    named = [g for g in groups if g is not None]
+    if named:
+        ax.legend(handles=[Patch(facecolor=colour[g], label=g) for g in named], fontsize="small")
+    return [v for st in stats for v in st.values()]
+
+
+def _draw_bars(ax: Axes, pan: dict) -> list[float]:
+    """One bar per label, with error bars when ``errors`` is given."""
+    values = _plottable(pan.get("values", []))
+    errors = pan.get("errors")
+    yerr = None if errors is None else _plottable(errors)
+    ax.bar(range(1, len(values) + 1), values, yerr=yerr, capsize=3, color="C0")
+    _label_ticks(ax, pan.get("labels", []))
+    return values
+
+
+_PAINTERS: dict[str, Callable[[Axes, dict], list[float]]] = {
+    "lines": _draw_lines,
+    "boxes": _draw_boxes,
+    "bars": _draw_bars,
+}
+
+
+def _plottable(values: Iterable[float]) -> list[float]:
+    """Floats with ±inf as NaN: matplotlib leaves NaN out, but inf breaks autoscaling."""
+    return [v if math.isfinite(v) else math.nan for v in map(float, values)]
+
+
+def _label_ticks(ax: Axes, labels: Sequence[str]) -> None:
+    """Label positions 1..n, rotated when there are many."""
+    if not labels:
+        return
+    positions = range(1, len(labels) + 1)
+    if len(labels) > _ROTATE_OVER:
+        ax.set_xticks(positions, labels, rotation=45, ha="right", fontsize="small")
+    else:
+        ax.set_xticks(positions, labels)
+    ax.set_xlim(0.5, len(labels) + 0.5)
+
+
+def _log_scale(ax: Axes, drawn: Iterable[float]) -> None:
+    """Log y axis if every finite drawn value is positive, else symlog, linear below the
+    smallest nonzero magnitude so that small values stay visible next to zero or negatives."""
+    finite = [v for v in drawn if math.isfinite(v)]
+    if finite and min(finite) > 0:
+        ax.set_yscale("log")
+        return
+    nonzero = [abs(v) for v in finite if v != 0]
+    ax.set_yscale("symlog", linthresh=min(nonzero) if nonzero else 1.0)
+
+
+# -- the page ------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { margin-bottom: .2em; }
+h2 small { color: #777; font-weight: normal; font-size: .6em; }
+section { border-top: 1px solid #ddd; margin-top: 2.5em; padding-top: .5em; }
+dl.meta { display: grid; grid-template-columns: max-content auto; gap: .1em 1em; font-size: .85em; color: #555; }
+dl.meta dt { font-weight: bold; }
+dl.meta dd { margin: 0; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
+caption { text-align: left; font-weight: bold; padding: .3em 0; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+blockquote { border-left: 4px solid #bbb; margin: 1em 0; padding: .2em 1em; color: #444; font-style: italic; }
+.ok { color: #1a7f37; font-weight: bold; }
+.bad { color: #c62828; font-weight: bold; }
+.source { color: #666; font-size: .9em; }
+code { background: #f4f4f4; padding: .1em .3em; border-radius: 3px; font-size: .85em; }
+figure { margin: 1.5em 0; }
+figure img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: .9em; }
+figure.error p { color: #c62828; font-family: monospace; }
+"""
+
+
+def _page(records: Sequence[dict], meta: dict) -> str:
+    body = [
+        "<h1>normlab report</h1>",
+        _meta_list(meta),
+        _html_table(["experiment", "title", "verdict", "seconds"], (_summary_row(r) for r in records)),
+        *(_section(r) for r in records),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>normlab report</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(part for part in body if part)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def _meta_list(meta: dict) -> str:
+    if not meta:
+        return ""
+    items = "".join(f"<dt>{_esc(key)}</dt><dd>{_cell(value)}</dd>" for key, value in meta.items())
+    return f'<dl class="meta">{items}</dl>'
+
+
+def _summary_row(rec: dict) -> list[str]:
+    name = rec["name"]
+    return [f'<a href="#{_esc(name)}">{_esc(name)}</a>', _esc(rec["title"]), _badge(rec["verdict"]["supported"]), _seconds(rec)]
+
+
+def _section(rec: dict) -> str:
+    name, v = rec["name"], rec["verdict"]
+    parts = [f'<section id="{_esc(name)}">', f"<h2>{_esc(rec['title'])} <small>{_esc(name)}</small></h2>"]
+    if rec.get("source"):
+        parts.append(f'<p class="source">Source: {_esc(rec["source"])}</p>')
+    parts.append(f"<blockquote>“{_esc(rec['claim'])}”</blockquote>")
+    parts.append(f"<p>{_badge(v['supported'])} — {_esc(v.get('summary', ''))}</p>")
+    if rec.get("params"):
+        params = " ".join(f"<code>{_esc(key)}={_cell(value)}</code>" for key, value in rec["params"].items())
+        parts.append(f"<p>Parameters: {params}</p>")
+    if rec["checks"]:
+        head = ["check", "value", "op", "threshold", "passed", "detail"]
+        rows = (
+            [_esc(c["name"]), _cell(c["value"]), _esc(c["op"]), _cell(c["threshold"]), _badge(c["passed"], short=True), _esc(c.get("detail", ""))]
+            for c in rec["checks"]
+        )
+        parts.append(_html_table(head, rows, caption="Checks"))
+    parts += [_figure_html(name, fig) for fig in rec.get("figures") or ()]
+    parts += [
+        _html_table([_esc(c) for c in tab["columns"]], ([_cell(v) for v in row] for row in tab["rows"]), caption=tab.get("title", ""))
+        for tab in rec.get("tables") or ()
+    ]
+    if rec.get("notes"):
+        parts.append("<ul>" + "".join(f"<li>{_esc(note)}</li>" for note in rec["notes"]) + "</ul>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _figure_html(record_name: str, fig: dict) -> str:
+    caption = f"<figcaption>{_esc(fig.get('title', ''))}</figcaption>"
+    try:
+        png = render_figure(fig)
+    except Exception as err:  # one bad figure (bad data, odd values) must not cost the whole page
+        message = f"{record_name}: figure {fig.get('title', '')!r} could not be drawn: {type(err).__name__}: {err}"
+        warnings.warn(message, stacklevel=2)
+        return f'<figure class="error"><p>{_esc(message)}</p>{caption}</figure>'
+    data = base64.b64encode(png).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(fig.get("title", ""))}">{caption}</figure>'
+
+
+def _html_table(head: Sequence[str], rows: Iterable[Sequence[str]], caption: str = "") -> str:
+    """A table from cells that are already HTML (escaped text, links, badges)."""
+    cap = f"<caption>{_esc(caption)}</caption>" if caption else ""
+    thead = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+    tbody = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{cap}<thead>{thead}</thead><tbody>{tbody}</tbody></table>"
+
+
+def _badge(supported: bool, short: bool = False) -> str:
+    if short:
+        return '<span class="ok">✔</span>' if supported else '<span class="bad">✘</span>'
+    return '<span class="ok">✔ supported</span>' if supported else '<span class="bad">✘ not supported</span>'
+
+
+def _seconds(rec: dict) -> str:
+    seconds = rec.get("seconds")
+    return "" if seconds is None else f"{seconds:.1f}"
+
+
+def _cell(value: Any) -> str:
+    """A JSON value as escaped page text: floats to 4 significant digits, lists/dicts as JSON.
+
+    >>> [_cell(v) for v in (3.14159265, 1e-7, float("nan"), float("inf"), 12, True, None, "<b>")]
+    ['3.142', '1e-07', 'nan', 'inf', '12', 'True', '', '&lt;b&gt;']
+    >>> _cell([0, 1])
+    '[0, 1]'
+    """
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif value is None:
+        text = ""
+    elif isinstance(value, (list, dict)):
+        text = json.dumps(value, allow_nan=True)
+    else:
+        text = str(value)
+    return _esc(text)
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)

@@ -1,0 +1,210 @@
+"""normlab.lab.report: the files it writes, the offline page, the PNGs, and rebuilding from JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+
+import pytest
+from matplotlib.figure import Figure
+
+from normlab.lab import report
+from normlab.lab.records import box, check, figure, panel, series, table, verdict
+from normlab.lab.report import load_records, rebuild, render_figure, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NAN, INF = float("nan"), float("inf")
+
+
+def _record(name, title, claim, checks, **optional):
+    return {"name": name, "title": title, "claim": claim, "checks": checks, "verdict": verdict(checks), **optional}
+
+
+def _zscore() -> dict:
+    """Lines with bands, NaN and inf, a log axis; bars with errors; a table with NaN."""
+    x = [1.0, 2.0, 3.0, 4.0]
+    curves = panel(
+        "lines", "training loss", "epoch", "loss", logy=True,
+        series=[
+            series("raw", x, [2.0, 1.5, NAN, 1.2], lo=[1.8, 1.3, NAN, 1.0], hi=[2.2, 1.7, NAN, 1.4]),
+            series("z-score", x, [1.0, 0.5, 0.25, INF]),
+        ],
+    )
+    bars = panel("bars", "final loss", ylabel="loss", labels=["raw", "z-score"], values=[1.2, 0.25], errors=[0.1, NAN])
+    checks = [check("loss ratio", 4.8, ">", 2.0, "raw / z-score after 4 epochs"), check("epochs to 0.5", NAN, "<", 3)]
+    return _record(
+        "zscore", "Raw vs Z-Score inputs", "Z-Score inputs converge <script>alert(1)</script> faster", checks,
+        source="seed 000 §2",
+        params={"epochs": 4, "seeds": [0, 1]},
+        figures=[figure("Loss & accuracy", curves, bars)],
+        tables=[table("final loss", ["inputs", "loss", "std"], [["raw", 1.23456789, 0.1], ["z-score", 0.25, NAN]])],
+        notes=["quick mode: 4 epochs"],
+        seconds=1.25,
+    )
+
+
+def _grads() -> dict:
+    """Grouped boxes (one all-NaN, negatives under logy, >6 of them) and a symlog curve; 4 panels wrap."""
+    boxes = [box(f"L{i}", [-1.0, 0.5, 2.0 ** i], group="BN" if i % 2 else "none") for i in range(7)]
+    boxes.append(box("empty", []))  # no finite values: NaN statistics
+    grads = panel("boxes", "gradient per layer", "layer", "grad", logy=True, boxes=boxes)
+    signed = panel("lines", "signed", logy=True, series=[series("s", [0, 1, 2], [-1.0, 0.0, 1e-4])])
+    ungrouped = panel("boxes", "no groups", boxes=[box("a", [1.0, 2.0, 3.0])])
+    bars = panel("bars", "many bars", labels=[f"b{i}" for i in range(8)], values=list(range(8)))
+    checks = [check("variance ratio", 1.5, "<", 10.0)]
+    return _record("grads", "Gradients per layer", "BN keeps gradients alike", checks,
+                   figures=[figure("Gradients", grads, signed, ungrouped, bars)], seconds=0.5)
+
+
+def _bare() -> dict:
+    return _record("bare", "Nothing but the claim", "a claim with no figures", [])
+
+
+RECORDS = [_zscore(), _grads(), _bare()]
+META = {"version": "0.1.0", "command": "normlab run --quick", "device": "cpu", "seconds": 1.75}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report") / "nested" / "run"
+    assert write_report(RECORDS, d, meta=META) == d / "index.html"
+    return d
+
+
+@pytest.fixture(scope="module")
+def page(out) -> str:
+    return (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_files(out):
+    names = {p.name for p in out.iterdir()}
+    assert names == {"index.html", "records.json", "zscore-1.csv", "zscore-curves.csv", "grads-curves.csv"}
+
+
+def test_page_is_offline(page):
+    assert 'src="http' not in page and 'href="http' not in page
+    assert "<link" not in page and "<script" not in page
+    n_figures = sum(len(r.get("figures", [])) for r in RECORDS)
+    assert page.count('<img src="data:image/png;base64,') == n_figures
+
+
+def test_page_content(page):
+    for rec in RECORDS:
+        assert f'<section id="{rec["name"]}">' in page
+        assert f'<a href="#{rec["name"]}">' in page
+    assert "✔ supported" in page and "✘ not supported" in page
+    assert "Z-Score inputs converge &lt;script&gt;alert(1)&lt;/script&gt; faster" in page
+    assert "Loss &amp; accuracy" in page
+    assert "<td>1.235</td>" in page and "<td>nan</td>" in page  # 4 significant digits; NaN
+    assert "<code>seeds=[0, 1]</code>" in page
+    assert "<dt>command</dt><dd>normlab run --quick</dd>" in page
+    assert "quick mode: 4 epochs" in page and "seed 000 §2" in page
+    assert "no checks were computed" in page  # the bare record's verdict
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    return struct.unpack(">II", png[16:24])
+
+
+def test_render_figure_wraps_panels_at_three():
+    one = render_figure(RECORDS[0]["figures"][0])
+    four = render_figure(RECORDS[1]["figures"][0])
+    assert one.startswith(PNG_SIGNATURE) and four.startswith(PNG_SIGNATURE)
+    assert _png_size(one) == pytest.approx((2 * 4.2 * 90, 3.2 * 90), abs=1)
+    assert _png_size(four) == pytest.approx((3 * 4.2 * 90, 2 * 3.2 * 90), abs=1)
+
+
+@pytest.mark.parametrize(
+    "values, scale",
+    [([1.0, 10.0, NAN], "log"), ([-1.0, 0.0, 1e-4], "symlog"), ([0.0, 1.0], "symlog"), ([NAN], "symlog")],
+)
+def test_logy_falls_back_to_symlog(values, scale):
+    ax = Figure().subplots()
+    report._log_scale(ax, values)
+    assert ax.get_yscale() == scale
+
+
+def test_render_figure_errors():
+    with pytest.raises(ValueError, match="no panels"):
+        render_figure(figure("empty"))
+    with pytest.raises(ValueError, match="'pie'"):
+        render_figure({"title": "t", "panels": [{"kind": "pie", "title": "p"}]})
+
+
+def test_bad_figure_leaves_the_rest_of_the_page(tmp_path):
+    broken = _record("broken", "Broken", "c", [], figures=[
+        {"title": "pie chart", "panels": [{"kind": "pie", "title": "p"}]},
+        figure("fine", panel("bars", "b", labels=["a"], values=[1.0])),
+    ])
+    with pytest.warns(UserWarning, match="pie chart"):
+        page = write_report([broken], tmp_path).read_text(encoding="utf-8")
+    assert '<figure class="error">' in page and "kind &#x27;pie&#x27;" in page
+    assert page.count("data:image/png;base64,") == 1
+
+
+def test_records_round_trip(out):
+    records, meta = load_records(out)
+    assert meta == META
+    # NaN != NaN, so compare the JSON text (NaN is written and read back as NaN)
+    assert json.dumps(records) == json.dumps(RECORDS)
+    assert math.isnan(records[0]["tables"][0]["rows"][1][2])
+
+
+def test_table_csv(out):
+    with open(out / "zscore-1.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    tab = RECORDS[0]["tables"][0]
+    assert rows[0] == tab["columns"]
+    assert rows[1:] == [[str(v) for v in row] for row in tab["rows"]]
+
+
+def test_curves_csv(out):
+    with open(out / "zscore-curves.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8  # two series of 4 points
+    first, last = rows[0], rows[-1]
+    assert (first["figure"], first["panel"], first["series"]) == ("Loss & accuracy", "training loss", "raw")
+    assert (float(first["x"]), float(first["y"]), float(first["lo"]), float(first["hi"])) == (1.0, 2.0, 1.8, 2.2)
+    assert (last["series"], last["y"], last["lo"], last["hi"]) == ("z-score", "inf", "", "")
+
+
+def test_rebuild(out):
+    before = (out / "index.html").read_text(encoding="utf-8")
+    (out / "index.html").unlink()
+    assert rebuild(out) == out / "index.html"
+    assert (out / "index.html").read_text(encoding="utf-8") == before
+
+
+def test_missing_dir_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"records\.json.*normlab run --out"):
+        rebuild(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "must hold"),
+        ('{"meta": {}, "records": [{"name": "x"}]}', r"lacks \['title'"),
+    ],
+)
+def test_bad_json_names_the_file(tmp_path, text, match):
+    (tmp_path / "records.json").write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=match) as err:
+        load_records(tmp_path)
+    assert str(tmp_path / "records.json") in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        ([_bare(), _bare()], "two records are named 'bare'"),
+        ([{**_bare(), "name": "a/b"}], "named 'a/b'"),
+        ([{**_bare(), "verdict": True}], "needs verdict"),
+    ],
+)
+def test_write_report_rejects_bad_records(tmp_path, records, match):
+    with pytest.raises(ValueError, match=match):
+        write_report(records, tmp_path)
