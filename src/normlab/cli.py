@@ -1,6 +1,13 @@
 """The ``normlab`` command line (also ``python -m normlab``).
 
-``normlab --version`` prints the version; ``normlab list`` lists what normlab provides.
+* ``normlab run [NAME ...] [--out DIR] [--full] [--seeds K] [--epochs N] [--device cpu|cuda]`` —
+  run experiments of the lab (all of them, quick, when no name is given: the tour) and write the
+  report to ``DIR/index.html`` (default ``normlab-report``).
+* ``normlab list`` — the experiments, and the layers, ops and scalers normlab provides.
+* ``normlab report DIR`` — rebuild the page from ``DIR/records.json``.
+
+Exit codes: 0 success (whatever the verdicts: a claim that does not hold is a result, not an
+error), 1 an experiment raised, 2 bad usage (unknown name, bad option, missing records).
 """
 
 from __future__ import annotations
@@ -23,13 +30,88 @@ def _catalogue() -> list[tuple[str, list[tuple[str, str]]]]:
     return sections
 
 
+def _experiments():
+    from .lab import experiments
+
+    return experiments
+
+
 def _list(_args: argparse.Namespace) -> int:
-    for title, rows in _catalogue():
+    exps = _experiments().EXPERIMENTS
+    sections = [("experiments (normlab run NAME)", [(e.name, e.title) for e in exps.values()]), *_catalogue()]
+    for title, rows in sections:
         print(title)
         width = max(len(name) for name, _ in rows)
         for name, summary in rows:
             print(f"  {name:<{width}}  {summary}")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import platform
+    import time
+    import traceback
+
+    import torch
+
+    from . import __version__
+    from .lab import report
+
+    E = _experiments()
+    names = args.names or list(E.TOUR)
+    unknown = [n for n in names if n not in E.EXPERIMENTS]
+    if unknown:
+        print(f"normlab run: unknown experiment(s) {', '.join(unknown)}; valid names: {', '.join(E.EXPERIMENTS)}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("normlab run: --device cuda was asked for but torch.cuda.is_available() is False; use --device cpu", file=sys.stderr)
+        return 2
+    cfg = E.Config(full=args.full, seeds=tuple(range(args.seeds)) if args.seeds else None, epochs=args.epochs,
+                   device=args.device, progress=None if not args.quiet else False)
+    records, failed, start = [], [], time.perf_counter()
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name}: {E.EXPERIMENTS[name].title} ...", flush=True)
+        try:
+            rec = E.run(name, cfg)
+        except Exception:  # one broken experiment must not cost the others their report
+            failed.append(name)
+            traceback.print_exc()
+            continue
+        records.append(rec)
+        mark = "supported" if rec["verdict"]["supported"] else "NOT supported"
+        print(f"      {mark} ({rec['seconds']:.1f} s): {rec['verdict']['summary']}", flush=True)
+    meta = {
+        "normlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "command": "normlab run " + " ".join(args.argv), "mode": "full" if args.full else "quick (tour)",
+        "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - start, 1),
+    }
+    if records:
+        page = report.write_report(records, args.out, meta=meta)
+        held = sum(r["verdict"]["supported"] for r in records)
+        print(f"{held}/{len(records)} claims supported; report: {page}")
+    if failed:
+        print(f"normlab run: experiment(s) failed with an error: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .lab import report
+
+    try:
+        page = report.rebuild(args.dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"normlab report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {page}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("list", help="list the layers, ops and scalers normlab provides")
+    p = sub.add_parser("run", help="run experiments of the lab and write a report (no names: the quick tour)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (see `normlab list`); default: all, quick")
+    p.add_argument("--out", default="normlab-report", help="report directory (default: normlab-report)")
+    p.add_argument("--full", action="store_true", help="full versions: more epochs and seeds (minutes to an hour)")
+    p.add_argument("--seeds", type=_positive, metavar="K", help="run seeds 0..K-1 (default: 2 quick, 5 full)")
+    p.add_argument("--epochs", type=_positive, metavar="N", help="override every experiment's number of epochs")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("list", help="list the experiments, and the layers, ops and scalers normlab provides")
     p.set_defaults(func=_list)
+    p = sub.add_parser("report", help="rebuild DIR/index.html from DIR/records.json")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0

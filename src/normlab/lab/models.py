@@ -57,14 +57,15 @@ class _Channel(nn.Module):
         return self.norm(x.unsqueeze(1)).squeeze(1)
 
 
-def _groups(channels: int, num_groups: int | None) -> int:
+def _groups(channels: int, num_groups: int | None, spatial: int = 1) -> int:
     if num_groups is not None:
         if channels % num_groups:
             raise ValueError(f"num_groups={num_groups} does not divide {channels} channels; pick a divisor")
         return num_groups
-    # Wu & He use 32 groups; with few channels take the largest divisor ≤ 32 that leaves ≥ 2 per group.
-    for g in range(min(32, channels // 2), 0, -1):
-        if channels % g == 0:
+    # Wu & He's 32 groups, fewer when a group would hold under 2 channels or under 16 values
+    # (an MLP has no spatial extent: 32 groups of 2 features would normalize pairs to ±1).
+    for g in range(min(32, channels // 2), 1, -1):
+        if channels % g == 0 and (channels // g) * spatial >= 16:
             return g
     return 1
 
@@ -76,7 +77,7 @@ def _norm(kind: str, channels: int, *, spatial: tuple[int, ...] = (), num_groups
     if kind == "layer":
         return nln.LayerNorm(channels) if dims == 0 else nln.GroupNorm(1, channels)
     if kind == "group":
-        return nln.GroupNorm(_groups(channels, num_groups), channels)
+        return nln.GroupNorm(_groups(channels, num_groups, math.prod(spatial)), channels)
     if kind == "instance":
         if dims == 0:
             return _Channel(nln.InstanceNorm1d(1, affine=True))
