@@ -40,6 +40,7 @@ import html
 import io
 import json
 import math
+import textwrap
 import re
 import warnings
 from pathlib import Path
@@ -206,7 +207,8 @@ def render_figure(fig: dict) -> bytes:
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if fig.get("title"):
-        mfig.suptitle(fig["title"])
+        # ~11 characters per inch at the default font size; wrap rather than clip.
+        mfig.suptitle(textwrap.fill(fig["title"], max(30, int(11 * width * ncols))))
     buf = io.BytesIO()
     mfig.savefig(buf, format="png", dpi=_DPI)
     return buf.getvalue()
@@ -294,7 +296,7 @@ def _label_ticks(ax: Axes, labels: Sequence[str]) -> None:
     if not labels:
         return
     positions = range(1, len(labels) + 1)
-    if len(labels) > _ROTATE_OVER:
+    if len(labels) > _ROTATE_OVER or sum(len(str(lab)) for lab in labels) > 40:
         ax.set_xticks(positions, labels, rotation=45, ha="right", fontsize="small")
     else:
         ax.set_xticks(positions, labels)
