@@ -13,6 +13,17 @@ def test_readme_example_runs(capsys):
     assert "torch.Size([200, 1])" in capsys.readouterr().out
 
 
+def test_readme_monitor_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    exec(compile(blocks[1], "README.md", "exec"), {})
+    assert "forward_ratio" in capsys.readouterr().out
+
+
+def test_readme_main_command_runs_the_tour():
+    cmds = re.findall(r"```bash\n(.*?)\n```", README.read_text(), flags=re.S)
+    assert cmds[0].strip() == "pip install -e '.[lab]' && normlab run"
+
+
 def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     cmds = re.findall(r"```bash\n(.*?)\n```", README.read_text(), flags=re.S)
