@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from .. import nn as nln
+from ..diagnostics import GlorotMonitor
 from .data import Split, batches
 
-__all__ = ["fit", "evaluate", "History"]
+__all__ = ["fit", "evaluate", "History", "GradientRecorder"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nln._BatchNorm)
 
@@ -186,3 +187,42 @@ def _optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_d
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
+class GradientRecorder:
+    """Every weight-gradient value of each layer during chosen epochs — the data of the lesson's
+    per-layer gradient box plots (seed 000's ``weights_vp(model, att="grad")``), pooled over all the
+    optimizer steps of an epoch rather than read from the last one.
+
+    Pass ``on_step``/``on_epoch`` to :func:`fit`; afterwards ``layers(epoch)`` maps each layer's
+    name to a flat tensor of its gradients, and ``remove()`` takes the monitor's hooks away.
+
+    >>> from normlab.lab.data import make_regression
+    >>> from normlab.lab.models import mlp
+    >>> model = mlp(2, 1, depth=2, width=4, seed=0)
+    >>> rec = GradientRecorder(model, epochs={1, 3})
+    >>> _ = fit(model, make_regression(num_examples=40, seed=0), epochs=3, batch_size=10,
+    ...         on_step=rec.on_step, on_epoch=rec.on_epoch)
+    >>> rec.remove()
+    >>> {name: g.numel() for name, g in rec.layers(3).items()}  # 3 steps × weights per layer
+    {'0': 24, '2': 48, '4': 12}
+    """
+
+    def __init__(self, model: nn.Module, epochs: set[int]):
+        self.monitor = GlorotMonitor(model)
+        self.epochs, self.epoch = set(epochs), 1
+        self.values: dict[int, dict[str, list[torch.Tensor]]] = {e: {} for e in self.epochs}
+
+    def on_step(self, step: int, model: nn.Module, loss) -> None:
+        if self.epoch in self.epochs:
+            for name, g in self.monitor.weight_grads().items():
+                self.values[self.epoch].setdefault(name, []).append(g)
+
+    def on_epoch(self, epoch: int, model: nn.Module, history: History) -> None:
+        self.epoch = epoch + 1
+
+    def layers(self, epoch: int) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(gs) for name, gs in self.values[epoch].items()}
+
+    def remove(self) -> None:
+        self.monitor.remove()
