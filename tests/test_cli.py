@@ -21,7 +21,7 @@ def test_list_names_every_public_layer(capsys):
 
 
 def test_no_command_prints_help(capsys):
-    assert main([]) == 0
+    assert main([]) == 2
     assert "usage" in capsys.readouterr().out
 
 

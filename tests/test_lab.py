@@ -320,3 +320,64 @@ def test_the_lab_is_not_imported_by_the_library():
     code = "import sys, normlab.nn, normlab.functional, normlab.preprocessing, normlab.diagnostics; " \
            "print(any(m.startswith('normlab.lab') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_unseeded_models_draw_from_the_global_rng():
+    torch.manual_seed(0)
+    a, b = models.mlp(2, 1), models.mlp(2, 1)
+    assert not torch.equal(a[0].weight, b[0].weight)
+    torch.manual_seed(0)
+    assert torch.equal(models.mlp(2, 1)[0].weight, a[0].weight)
+
+
+def test_fit_is_deterministic_with_dropout_and_leaves_the_global_rng_alone():
+    split = data.make_regression(num_examples=100, seed=0)
+
+    first = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
+    second = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
+    second.load_state_dict(first.state_dict())
+    state = torch.random.get_rng_state()
+    assert train.fit(first, split, epochs=2, seed=3).train_loss == train.fit(second, split, epochs=2, seed=3).train_loss
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_fit_refuses_a_batch_larger_than_the_data_with_drop_last():
+    split = data.make_regression(num_examples=100, seed=0)
+    with pytest.raises(ValueError, match="no batch"):
+        train.fit(models.mlp(2, 1), split, batch_size=500, drop_last=True)
+
+
+def test_evaluation_restores_each_submodules_mode():
+    split = data.make_regression(num_examples=100, seed=0)
+    model = models.mlp(2, 1, norm="batch", seed=0)
+    model[1].eval()  # a frozen BN inside a training model
+    train.evaluate(model, split.X_test, split.y_test, nn.MSELoss(), lambda out, y: 0.0)
+    assert model.training and not model[1].training
+
+
+def test_failed_and_vanished_runs_count_against_their_configuration():
+    mean, lo, hi = experiments._mean_curve([[0.9, 0.9, 0.9], [0.1]])
+    assert mean[0] == pytest.approx(0.5) and math.isnan(mean[1]) and math.isnan(hi[2])
+    assert experiments._log10_spread([1.0, 100.0]) == pytest.approx(2.0)
+    assert experiments._log10_spread([0.0, 1.0]) == math.inf
+    assert math.isnan(experiments._log10_spread([1.0]))
+
+
+def test_cli_deduplicates_names_refuses_a_file_as_out_and_imports_user_experiments(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(experiments, "EXPERIMENTS", dict(experiments.EXPERIMENTS))
+    assert main(["run", "affine", "affine", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert len(json.loads((tmp_path / "r" / "records.json").read_text())["records"]) == 1
+    (tmp_path / "f").write_text("")
+    assert main(["run", "affine", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "my_lab_plugin.py").write_text(
+        "from normlab.lab.experiments import experiment\n"
+        "from normlab.lab import records\n"
+        "@experiment('plugged', 'Plugged', source='me', claim='1 > 0')\n"
+        "def plugged(cfg):\n"
+        "    return {'checks': [records.check('one', 1, '>', 0)]}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    assert main(["run", "--import", "my_lab_plugin", "plugged", "--out", "p", "--quiet"]) == 0
+    assert main(["run", "--import", "no_such_module_here", "plugged"]) == 2
+    assert "no_such_module_here" in capsys.readouterr().err

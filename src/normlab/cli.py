@@ -6,6 +6,9 @@
 * ``normlab list`` — the experiments, and the layers, ops and scalers normlab provides.
 * ``normlab report DIR`` — rebuild the page from ``DIR/records.json``.
 
+User experiments (registered with :func:`normlab.lab.experiments.experiment`) run with
+``normlab run --import MODULE NAME``.
+
 Exit codes: 0 success (whatever the verdicts: a claim that does not hold is a result, not an
 error), 1 an experiment raised, 2 bad usage (unknown name, bad option, missing records).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 
@@ -57,14 +61,28 @@ def _run(args: argparse.Namespace) -> int:
     from . import __version__
     from .lab import report
 
+    import importlib
+
+    if args.imports and "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # as `python -m` does: modules in the working directory are found
+    for module in args.imports:  # user experiments register themselves on import
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            print(f"normlab run: --import {module} failed ({e}); run from its directory or add it to PYTHONPATH", file=sys.stderr)
+            return 2
     E = _experiments()
-    names = args.names or list(E.TOUR)
+    names = list(dict.fromkeys(args.names)) or list(E.TOUR)
     unknown = [n for n in names if n not in E.EXPERIMENTS]
     if unknown:
         print(f"normlab run: unknown experiment(s) {', '.join(unknown)}; valid names: {', '.join(E.EXPERIMENTS)}", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("normlab run: --device cuda was asked for but torch.cuda.is_available() is False; use --device cpu", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"normlab run: --out {out} is a file, not a directory; pass another --out", file=sys.stderr)
         return 2
     cfg = E.Config(full=args.full, seeds=tuple(range(args.seeds)) if args.seeds else None, epochs=args.epochs,
                    device=args.device, progress=None if not args.quiet else False)
@@ -86,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - start, 1),
     }
     if records:
-        page = report.write_report(records, args.out, meta=meta)
+        page = report.write_report(records, out, meta=meta)
         held = sum(r["verdict"]["supported"] for r in records)
         print(f"{held}/{len(records)} claims supported; report: {page}")
     if failed:
@@ -108,7 +126,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -127,10 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (see `normlab list`); default: all, quick")
     p.add_argument("--out", default="normlab-report", help="report directory (default: normlab-report)")
     p.add_argument("--full", action="store_true", help="full versions: more epochs and seeds (minutes to an hour)")
-    p.add_argument("--seeds", type=_positive, metavar="K", help="run seeds 0..K-1 (default: 2 quick, 5 full)")
+    p.add_argument("--seeds", type=_positive, metavar="K",
+                   help="run seeds 0..K-1 (default: each experiment's own, 1-2 quick, 5 full)")
     p.add_argument("--epochs", type=_positive, metavar="N", help="override every experiment's number of epochs")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first, so the experiments it registers can be run (repeatable)")
     p.set_defaults(func=_run)
     p = sub.add_parser("list", help="list the experiments, and the layers, ops and scalers normlab provides")
     p.set_defaults(func=_list)
@@ -147,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv[1:]
     if getattr(args, "func", None) is None:
         parser.print_help()
-        return 0
+        return 2
     return args.func(args)
 
 

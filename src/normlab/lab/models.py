@@ -24,6 +24,7 @@ torch.Size([8, 1])
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -87,6 +88,18 @@ def _norm(kind: str, channels: int, *, spatial: tuple[int, ...] = (), num_groups
     raise AssertionError(kind)  # pragma: no cover - callers check `kind`
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Draw from a private RNG seeded with ``seed`` (the global one is left alone), or from the
+    global RNG as torch does when ``seed`` is None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _check_kinds(norm: str, activation: str, placement: str, allowed=NORMS) -> None:
     if norm not in allowed:
         raise ValueError(f"norm must be one of {list(allowed)}, got {norm!r}")
@@ -138,9 +151,7 @@ def mlp(
     _check_kinds(norm, activation, placement)
     if depth < 0 or width < 1:
         raise ValueError(f"depth must be >= 0 and width >= 1, got depth={depth}, width={width}")
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _seeded(seed):
         layers: list[nn.Module] = []
         fan_in = in_features
         for _ in range(depth):
@@ -180,9 +191,7 @@ def cnn(
 ) -> nn.Sequential:
     """``Conv3×3 → Norm2d → act → Conv3×3 → Norm2d → act → MaxPool2 → Linear`` for small images."""
     _check_kinds(norm, activation, placement, allowed=tuple(k for k in NORMS if k != "cosine"))
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _seeded(seed):
         layers: list[nn.Module] = []
         c_in = in_channels
         for c in channels:

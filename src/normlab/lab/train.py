@@ -6,9 +6,10 @@ and metric are computed on the whole training and test sets, then switched back 
 (so BatchNorm uses batch statistics while learning and its running statistics when measured).
 The metric is accuracy for classification and MSE for regression.
 
-Runs are deterministic for a seed: the seed fixes the shuffling of every epoch (and, with
-``init_seed``, nothing else is touched — the model's initial weights are the caller's). A
-progress bar (rich) is shown only when standard error is a terminal.
+Runs are deterministic for a seed: the seed fixes the shuffling of every epoch and every random
+draw the model makes while training (dropout), from a private RNG that leaves the global one
+alone; the initial weights are the caller's (see ``seed`` of :func:`~normlab.lab.models.mlp`).
+A progress bar (rich, on standard error) is shown only when standard error is a terminal.
 
 >>> from normlab.lab.data import make_regression
 >>> from normlab.lab.models import mlp
@@ -21,8 +22,8 @@ progress bar (rich) is shown only when standard error is a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -34,7 +35,7 @@ from .. import nn as nln
 from ..diagnostics import GlorotMonitor
 from .data import Split, batches
 
-__all__ = ["fit", "evaluate", "History", "GradientRecorder"]
+__all__ = ["fit", "evaluate", "mode", "History", "GradientRecorder"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nln._BatchNorm)
 
@@ -73,26 +74,36 @@ def _loss_and_metric(task: str, loss: str | None):
     raise ValueError(f"loss must be 'mse', 'ce' or None (chosen from the task), got {loss!r}")
 
 
+@contextlib.contextmanager
+def mode(model: nn.Module, training: bool):
+    """Run a block with every submodule in train (or eval) mode, then restore each submodule's own
+    mode — a BN frozen with ``.eval()`` inside a model being trained stays frozen."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, was in saved:
+            m.training = was
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, X, y, criterion, metric_fn, batch_size: int = 4096) -> tuple[float, float]:
-    """Loss and metric of ``model`` on ``(X, y)`` in eval mode; restores the previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
+    """Loss and metric of ``model`` on ``(X, y)`` in eval mode; restores every submodule's mode."""
+    with mode(model, False):
         outs = torch.cat([model(xb) for xb, _ in batches(X, y, batch_size)])
-    finally:
-        model.train(was_training)
     return criterion(outs, y).item(), metric_fn(outs, y)
 
 
 def _progress(enabled: bool | None, total: int, description: str):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not (console.is_terminal if enabled is None else enabled):
         return None
     from rich.progress import Progress
 
-    bar = Progress(transient=True)
+    bar = Progress(console=console, transient=True)
     bar.start()
     bar.add_task(description, total=total)
     return bar
@@ -133,6 +144,11 @@ def fit(
     criterion, metric_name, metric_fn = _loss_and_metric(data.task, loss)
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if drop_last and len(data.X_train) < batch_size:
+        raise ValueError(
+            f"drop_last=True with batch_size={batch_size} and {len(data.X_train)} training examples leaves no batch "
+            "to train on; use a batch_size no larger than the training set"
+        )
     if len(data.X_train) % batch_size == 1 and not drop_last:
         # Fail before training, with the fix, rather than at the end of the first epoch.
         if any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
@@ -148,7 +164,9 @@ def fit(
     history = History(metric=metric_name)
     bar = _progress(progress, epochs, description)
     model.train()
-    try:
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _closing(bar):
+        torch.manual_seed(int(seed))  # dropout and any other random layer draw from here
         for epoch in range(1, epochs + 1):
             start, total, count = time.perf_counter(), 0.0, 0
             for xb, yb in batches(split.X_train, split.y_train, batch_size, shuffle=True, generator=generator, drop_last=drop_last):
@@ -161,10 +179,9 @@ def fit(
                 if on_step is not None:
                     on_step(history.steps, model, out)
             history.seconds.append(time.perf_counter() - start)
-            history.batch_loss.append(total / max(count, 1))
+            history.batch_loss.append(total / count)
             for part in ("train", "test"):
-                X, y = getattr(split, f"X_{part}"), getattr(split, f"y_{part}")
-                value, metric = evaluate(model, X, y, criterion, metric_fn)
+                value, metric = evaluate(model, getattr(split, f"X_{part}"), getattr(split, f"y_{part}"), criterion, metric_fn)
                 getattr(history, f"{part}_loss").append(value)
                 getattr(history, f"{part}_metric").append(metric)
             if on_epoch is not None:
@@ -174,10 +191,16 @@ def fit(
             if not math.isfinite(history.batch_loss[-1]):
                 history.diverged = True
                 break
+    return history
+
+
+@contextlib.contextmanager
+def _closing(bar):
+    try:
+        yield
     finally:
         if bar is not None:
             bar.stop()
-    return history
 
 
 def _optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float):
