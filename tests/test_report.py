@@ -126,6 +126,13 @@ def test_logy_falls_back_to_symlog(values, scale):
     assert ax.get_yscale() == scale
 
 
+def test_logx_puts_batch_sizes_on_a_base_2_axis():
+    ax = Figure().subplots()
+    report._draw_lines(ax, panel("lines", "err", logx=True, series=[series("bn", [2, 8, 32], [0.5, 0.1, 0.05])]))
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "8", "32"]
+
+
 def test_render_figure_errors():
     with pytest.raises(ValueError, match="no panels"):
         render_figure(figure("empty"))

@@ -609,8 +609,8 @@ def _batch_size(cfg: Config) -> dict:
                   "on 8×8 digits), so its statistics stay good; a fully-connected BN sees only the batch, which makes "
                   "the small-batch effect of Wu & He visible on data this small."],
         "checks": checks,
-        "figures": [records.figure("Test error vs batch size (Wu & He 2018, Fig. 1 / Table 2)",
-                                   records.panel("lines", "test error", "batch size (examples per GPU)", "error", series=series))],
+        "figures": [records.figure("Test error vs batch size (cf. Wu & He 2018, Fig. 1)",
+                                   records.panel("lines", "test error", "batch size", "error", series=series, logx=True))],
         "tables": [records.table("Test error (mean over seeds)", ["norm", *[f"batch {s}" for s in sizes]],
                                  [[n, *[by[s] for s in sizes]] for n, by in err.items()])],
     }
@@ -733,7 +733,7 @@ def _train_eval(cfg: Config) -> dict:
         "checks": checks,
         "figures": [records.figure(
             "Running vs batch statistics",
-            records.panel("lines", "test accuracy by test batch size", "test batch size", "accuracy",
+            records.panel("lines", "test accuracy by test batch size", "test batch size", "accuracy", logx=True,
                           series=[records.series(k, test_batches, v) for k, v in acc.items()]),
             records.panel("bars", "running-mean error vs population", "momentum", "relative error", labels=labels,
                           values=[mom[m][0] for m in momenta]),

@@ -27,7 +27,8 @@ figure = {"title": str, "panels": [panel, ...]}   # panels side by side (wrapped
 panel kinds (every panel has "kind", "title", "xlabel", "ylabel"; optional "logy": bool):
 
 - ``"lines"``: ``"series": [{"label", "x": [...], "y": [...], "lo": [...]?, "hi": [...]?}]`` —
-  curves; when ``lo``/``hi`` are given the band between them is shaded (mean ± std, percentiles).
+  curves; when ``lo``/``hi`` are given the band between them is shaded (mean ± std, percentiles);
+  optional ``"logx": true`` puts x on a base-2 log scale ticked at the data (batch sizes).
 - ``"boxes"``: ``"boxes": [{"label", "whislo", "q1", "med", "q3", "whishi"}]`` — box plots from
   summary statistics (matplotlib ``bxp``), e.g. one box per layer; ``"group"`` (optional str per
   box) colours boxes of the same group alike.

@@ -240,6 +240,10 @@ def _draw_lines(ax: Axes, pan: dict) -> list[float]:
             drawn += lo + hi
     if len(series) > 1:
         ax.legend(fontsize="small")
+    if pan.get("logx") and series:
+        ax.set_xscale("log", base=2)  # e.g. batch sizes 2, 4, ..., 32: even steps
+        ticks = sorted({v for s in series for v in _plottable(s["x"]) if v == v and v > 0})
+        ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
     return drawn
 
 
