@@ -381,3 +381,19 @@ def test_cli_deduplicates_names_refuses_a_file_as_out_and_imports_user_experimen
     assert main(["run", "--import", "my_lab_plugin", "plugged", "--out", "p", "--quiet"]) == 0
     assert main(["run", "--import", "no_such_module_here", "plugged"]) == 2
     assert "no_such_module_here" in capsys.readouterr().err
+
+
+def test_full_mode_reports_how_many_seeds_hold_each_check_alone(monkeypatch):
+    monkeypatch.setattr(experiments, "EXPERIMENTS", dict(experiments.EXPERIMENTS))
+
+    @experiments.experiment("seedy", "Seedy", source="", claim="seed 1 alone misbehaves")
+    def seedy(cfg):
+        seeds = cfg.seeds_or(3)
+        value = 1.0 if seeds == (1,) else 0.0
+        return {"params": {"seeds": list(seeds)}, "checks": [records.check("quiet", value, "<", 0.5)]}
+
+    rec = experiments.run("seedy", experiments.Config(full=True, seeds=(0, 1, 2)))
+    assert rec["verdict"]["supported"] and rec["verdict"]["seeds"] == {"supported": 2, "of": 3}
+    assert "2/3 seeds" in rec["checks"][0]["detail"] and "2/3 supported" in rec["verdict"]["summary"]
+    assert rec["tables"][-1]["rows"] == [[0, "supported", ""], [1, "not supported", "quiet (1)"], [2, "supported", ""]]
+    assert "seeds" not in experiments.run("seedy", experiments.Config(seeds=(0, 1, 2)))["verdict"]  # quick: mean only

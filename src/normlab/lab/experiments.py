@@ -23,6 +23,7 @@ it like the built-in ones, or call ``run("my-ln")`` from Python::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -41,13 +42,18 @@ __all__ = ["Config", "Experiment", "EXPERIMENTS", "experiment", "run", "TOUR"]
 
 @dataclass(frozen=True)
 class Config:
-    """How to run an experiment: quick or full, which seeds, an epochs override, the device."""
+    """How to run an experiment: quick or full, which seeds, an epochs override, the device.
+
+    ``each_seed`` (default: in full mode) also reruns the experiment on every seed alone, so the
+    report says in how many seeds each check holds, not only whether it holds on the mean.
+    """
 
     full: bool = False
     seeds: tuple[int, ...] | None = None
     epochs: int | None = None
     device: str = "cpu"
     progress: bool | None = False
+    each_seed: bool | None = None
 
     def pick(self, quick, full):
         return full if self.full else quick
@@ -95,7 +101,17 @@ def run(name: str, cfg: Config | None = None) -> dict:
     exp, cfg = EXPERIMENTS[name], cfg or Config()
     start = time.perf_counter()
     out = exp.fn(cfg)
-    checks = out.get("checks", [])
+    checks, tables = out.get("checks", []), list(out.get("tables", []))
+    verdict = records.verdict(checks)
+    seeds = out.get("params", {}).get("seeds")
+    if (cfg.full if cfg.each_seed is None else cfg.each_seed) and isinstance(seeds, list) and len(seeds) > 1:
+        alone = {s: exp.fn(dataclasses.replace(cfg, seeds=(s,), each_seed=False)).get("checks", []) for s in seeds}
+        checks, rows = _count_seeds(checks, alone)
+        held = sum(row[1] == "supported" for row in rows)
+        verdict["seeds"] = {"supported": held, "of": len(seeds)}
+        verdict["summary"] += f"; each seed alone: {held}/{len(seeds)} supported"
+        tables.append(records.table("Each seed on its own (the checks computed from that seed's run only)",
+                                    ["seed", "verdict", "failing checks"], rows))
     record = {
         "name": exp.name,
         "title": exp.title,
@@ -103,13 +119,27 @@ def run(name: str, cfg: Config | None = None) -> dict:
         "claim": exp.claim,
         "params": {"full": cfg.full, **out.get("params", {})},
         "checks": checks,
-        "verdict": records.verdict(checks),
+        "verdict": verdict,
         "figures": out.get("figures", []),
-        "tables": out.get("tables", []),
+        "tables": tables,
         "notes": out.get("notes", []),
         "seconds": round(time.perf_counter() - start, 2),
     }
     return records.to_json(record)
+
+
+def _count_seeds(checks: list[dict], alone: dict[int, list[dict]]) -> tuple[list[dict], list[list]]:
+    """Add "held alone in k/n seeds" to each check's detail; one row per seed for the report."""
+    out = []
+    for c in checks:
+        passed = [any(a["name"] == c["name"] and a["passed"] for a in runs) for runs in alone.values()]
+        note = f"held alone in {sum(passed)}/{len(passed)} seeds"
+        out.append({**c, "detail": f"{c['detail']}; {note}" if c["detail"] else note})
+    rows = []
+    for seed, runs in alone.items():
+        failing = [f"{a['name']} ({a['value']:.4g})" for a in runs if not a["passed"]]
+        rows.append([seed, "not supported" if failing or not runs else "supported", "; ".join(failing)])
+    return out, rows
 
 
 # ----------------------------------------------------------------------------- shared helpers
