@@ -44,6 +44,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import kernels
 from .stats import accumulation_dtype, centered, corrected_variance, mean_square, moments, reduce_mean
 
 __all__ = ["NormalizeAffine", "normalize_affine"]
@@ -93,6 +94,9 @@ class NormalizeAffine(torch.autograd.Function):
     def forward(x, weight, bias, dims, eps, center, fixed_mean, fixed_var):
         acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
         batch_stats = fixed_var is None
+        planned = kernels.plan(x, dims, weight, bias, batch_stats, center)
+        if planned is not None:
+            return _kernel_forward(planned, x, weight, bias, dims, eps, center)
         if batch_stats:  # y starts as the centred copy the variance pass needs anyway
             if center:
                 mean, y, shift = centered(x, dims, acc)  # y − shift is exactly centred
@@ -115,6 +119,8 @@ class NormalizeAffine(torch.autograd.Function):
         x, weight, bias, dims, eps, center, _, fixed_var = inputs
         _, mean, var = output
         ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, fixed_var is None
+        # the forward's choice, made again from the same inputs (a kernel returns float64 stats)
+        ctx.planned = kernels.plan(x, dims, weight, bias, ctx.batch_stats, center) if var.dtype == torch.float64 else None
         # the bias itself is not needed by backward: keep only its shape and dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
@@ -125,6 +131,8 @@ class NormalizeAffine(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         dims, center, acc = ctx.dims, ctx.center, rstd.dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.planned is not None and not torch.is_grad_enabled():
+            return _kernel_backward(ctx, dy, x, weight, mean, rstd)
         # Without a graph to build, two x-sized buffers are reused in place (the reference
         # path is memory-bound and fresh allocations cost page faults). Double backward
         # builds a graph through the same formula, out of place, with the statistics
@@ -167,6 +175,38 @@ class NormalizeAffine(torch.autograd.Function):
             proj = proj.add_(g_mean) if inplace else proj + g_mean
         dx = torch.sub(g, proj, out=proj).mul_(rstd) if inplace else (g - proj) * rstd
         return dx.to(x.dtype), dw, db, None, None, None, None, None
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.reshape(-1)
+
+
+def _kernel_forward(planned, x, weight, bias, dims, eps, center):
+    """The forward by a fast kernel (:mod:`normlab.kernels`); statistics come back in float64."""
+    backend, p = planned
+    xv = p.view(x)
+    if p.form == "rows":
+        y, mean, var = backend.rows_forward(xv, _flat(weight), _flat(bias), eps, center, p.groups, p.seg)
+    else:
+        y, mean, var = backend.channels_forward(xv, _flat(weight), _flat(bias), eps)
+    stat_shape = [1 if d in {i % x.dim() for i in dims} else n for d, n in enumerate(x.shape)]
+    mean = mean.view(stat_shape) if center else var.new_zeros(())
+    return p.unview(y, x), mean, var.view(stat_shape)
+
+
+def _kernel_backward(ctx, dy, x, weight, mean, rstd):
+    backend, p = ctx.planned
+    xv, dyv = p.view(x), p.view(dy)
+    m, r = mean.expand_as(rstd).reshape(-1), rstd.reshape(-1)
+    if p.form == "rows":
+        dx, dw, db = backend.rows_backward(dyv, xv, m, r, _flat(weight), ctx.eps, ctx.center, p.groups, p.seg)
+    else:
+        dx, dw, db = backend.channels_backward(dyv, xv, m, r, _flat(weight), ctx.eps)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx = p.unview(dx, x) if need_x else None
+    dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
+    db = db.view(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
+    return dx, dw, db, None, None, None, None, None
 
 
 def normalize_affine(

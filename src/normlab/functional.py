@@ -71,7 +71,7 @@ def _check_input(x: Tensor, op: str, min_ndim: int = 1) -> None:
 
 
 def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
-    if math.prod(x.shape[d] for d in dims) == 0:
+    if math.prod([x.shape[d] for d in dims]) == 0:
         raise ValueError(
             f"{op}: no values to compute statistics over: input of shape {tuple(x.shape)} is "
             f"empty along dims {tuple(dims)}; skip empty batches before calling it"
@@ -199,7 +199,7 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
             )
         return _normalize(op, input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
                           fixed_var=_per_channel(running_var, nd))[0]
-    n = math.prod(input.shape[d] for d in dims)
+    n = math.prod([input.shape[d] for d in dims])
     if n <= 1:
         got = "an empty batch" if n == 0 else "1"
         raise ValueError(
@@ -316,7 +316,7 @@ def weight_norm(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
     ``g`` has ``v``'s shape with size 1 on every reduced dim (or is 0-D when ``dim=None``).
     """
     dims = weight_norm_dims(v, dim)
-    n = math.prod(v.shape[i] for i in dims)
+    n = math.prod([v.shape[i] for i in dims])
     # x̂ = v·√n/‖v‖, so w = (g/√n)·x̂
     return _normalize("weight_norm", v, dims, g / math.sqrt(n), None, 0.0, center=False)[0]
 
@@ -366,7 +366,7 @@ def zscore(x: Tensor, dim: int | Sequence[int] = 0, eps: float = 0.0, correction
     dims = _as_dims(x, dim)
     _require_values(x, dims, "zscore")
     mean, var = moments(x, dims)
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])
     if n - correction <= 0:
         raise ValueError(
             f"zscore: {n} value(s) along dim {dim} leave no degrees of freedom with "

@@ -471,7 +471,7 @@ class _WeightNorm(nn.Module):
         v = weight.detach()
         dims = F.weight_norm_dims(v, dim)
         # g = ‖v‖ over dims, so that w = g·v/‖v‖ starts equal to the weight it replaces
-        g = (mean_square(v, dims) * math.prod(v.shape[d] for d in dims)).sqrt()
+        g = (mean_square(v, dims) * math.prod([v.shape[d] for d in dims])).sqrt()
         if dim is None or dim == -1:  # torch keeps a 0-D g for the whole-tensor norm
             g = g.reshape(())
         self.original0 = Parameter(g.clone())

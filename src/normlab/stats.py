@@ -102,7 +102,7 @@ def mean_square(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
     dims = tuple(dims)
     if not dims:
         return x.square()
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])
     # vector_norm fuses square and sum in one pass (and its gradient at 0 is 0, not NaN)
     return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keepdim).square() / max(n, 1)
 

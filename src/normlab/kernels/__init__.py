@@ -1,0 +1,209 @@
+"""Fast backends for the normalization core, and the switch between them.
+
+Every norm of :mod:`normlab.functional` goes through :class:`normlab.autograd.NormalizeAffine`
+(statistics over reduction dims, then an affine map). Its work reduces to two canonical forms,
+which the fast kernels implement:
+
+* **rows** — ``x`` viewed as ``(R, D)``, one statistic per row: LayerNorm and RMSNorm (γ, β per
+  column), GroupNorm and InstanceNorm on contiguous input (γ, β per segment of ``seg`` columns:
+  parameter ``(r % groups)·(D/seg) + j // seg``);
+* **channels** — BatchNorm in training, ``x`` viewed as ``(N, C, S)``, one statistic per
+  channel (``S == 1``: the ``(M, C)`` layout of 2-D and ``channels_last`` input).
+
+Backends, each a module with the same four functions (``rows_forward``, ``rows_backward``,
+``channels_forward``, ``channels_backward``; see :mod:`normlab.kernels.reference`):
+
+* ``reference`` — :mod:`normlab.kernels.reference`: the oracle, plain torch ops through the core;
+* ``cpu`` — :mod:`normlab.kernels.cpu`: fused numba loops (float32/float64 on the CPU).
+
+Which one runs is :func:`get_backend`: ``"auto"`` (the default: a kernel when one supports the
+device, dtype and layout, the reference otherwise), ``"reference"`` (always the reference) or
+``"torch"`` (torch's native ops, decided in :mod:`normlab.functional`: a baseline and an escape
+hatch). Set it with :func:`set_backend`, for a block with ``with use_backend("reference"):``, or
+for a whole process with the environment variable ``NORMLAB_BACKEND``.
+
+>>> import torch, normlab.functional as F
+>>> x = torch.randn(64, 128)
+>>> with use_backend("reference"):
+...     ref = F.layer_norm(x, (128,))
+>>> torch.allclose(F.layer_norm(x, (128,)), ref, atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "plan", "Plan"]
+
+BACKENDS = ("auto", "reference", "torch")
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown normlab backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _check(os.environ.get("NORMLAB_BACKEND", "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The backend in force: ``"auto"``, ``"reference"`` or ``"torch"``."""
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Choose the backend for the whole process; returns the previous one."""
+    global _backend
+    previous, _backend = _backend, _check(name)
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """``with use_backend("reference"): ...`` — the backend for one block, restored after."""
+    previous = set_backend(name)
+    try:
+        yield name
+    finally:
+        set_backend(previous)
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one ``NormalizeAffine`` call maps onto a canonical form.
+
+    ``form`` is ``"rows"`` or ``"channels"``; ``shape`` the canonical view of ``x`` (``(R, D)``
+    or ``(N, C, S)``); ``groups``/``seg`` the rows form's parameter layout; ``permute`` the
+    dims that make a ``channels_last`` input contiguous (``None`` when it already is).
+    """
+
+    form: str
+    shape: tuple[int, ...]
+    groups: int = 1
+    seg: int = 1
+    permute: tuple[int, ...] | None = None
+
+    def view(self, t: Tensor) -> Tensor:
+        """``t`` (shaped like ``x``) in the canonical layout, without a copy."""
+        if self.permute is not None:
+            t = t.permute(self.permute)
+        return t.reshape(self.shape)
+
+    def unview(self, t: Tensor, like: Tensor) -> Tensor:
+        """The inverse of :meth:`view`: a canonical tensor back in ``like``'s shape and layout."""
+        if self.permute is None:
+            return t.view(like.shape)
+        permuted = tuple(like.shape[d] for d in self.permute)
+        inverse = [0] * len(self.permute)
+        for i, d in enumerate(self.permute):
+            inverse[d] = i
+        return t.view(permuted).permute(inverse)
+
+
+def _ops():
+    """The custom ops (:mod:`normlab.kernels.ops`), or ``None`` when numba is missing."""
+    global _OPS
+    if _OPS is False:
+        try:
+            from . import ops
+        except ImportError:  # numba missing: the reference serves
+            ops = None
+        _OPS = ops
+    return _OPS
+
+
+_OPS = False
+
+
+def _supported(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _is_plain(t: Tensor | None) -> bool:
+    """Not a functorch-wrapped (vmap/grad) tensor: the kernels need real storage."""
+    if t is None or torch.compiler.is_compiling():
+        return True
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
+         batch_stats: bool, center: bool = True):
+    """``(ops, Plan)`` when a kernel computes this call exactly, else ``None`` (the reference)."""
+    if _backend != "auto" or not batch_stats or x.numel() == 0 or not _supported(x):
+        return None
+    backend = _ops()
+    if backend is None or not (_is_plain(x) and _is_plain(weight) and _is_plain(bias)):
+        return None
+    for t in (weight, bias):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return None
+    dims = tuple([d % x.dim() for d in dims])
+    p = _rows_plan(x, dims, weight, bias) or (_channels_plan(x, dims, weight, bias) if center else None)
+    return None if p is None else (backend, p)
+
+
+def _aligned(t: Tensor | None, nd: int) -> tuple[int, ...] | None:
+    if t is None:
+        return None
+    if t.dim() > nd:
+        return ()
+    return (1,) * (nd - t.dim()) + tuple(t.shape)
+
+
+def _rows_layout(x: Tensor, k: int, shape: tuple[int, ...] | None) -> tuple[int, int] | None:
+    """``(groups, K)`` when a parameter of ``shape`` indexes rows by ``r % groups`` and columns
+    by ``j // seg`` (ones, then x's trailing row dims | x's leading reduced dims, then ones)."""
+    nd = x.dim()
+    lead, tail = shape[: nd - k], shape[nd - k:]
+    i = 0  # plain loops: torch.compile traces this function
+    while i < len(lead) and lead[i] == 1:
+        i += 1
+    t = len(tail)
+    while t > 0 and tail[t - 1] == 1:
+        t -= 1
+    if list(lead[i:]) != list(x.shape[i: nd - k]) or list(tail[:t]) != list(x.shape[nd - k: nd - k + t]):
+        return None
+    return math.prod(lead[i:]), math.prod(tail[:t])
+
+
+def _rows_plan(x, dims, weight, bias) -> Plan | None:
+    nd = x.dim()
+    k = len(dims)
+    if dims != tuple(range(nd - k, nd)) or not x.is_contiguous():
+        return None
+    layouts = [_rows_layout(x, k, _aligned(t, nd)) for t in (weight, bias) if t is not None]
+    if None in layouts or (len(layouts) == 2 and layouts[0] != layouts[1]):
+        return None
+    R, D = math.prod(x.shape[: nd - k]), math.prod(x.shape[nd - k:])
+    groups, K = layouts[0] if layouts else (1, D)
+    if R % groups or D % K:
+        return None
+    return Plan("rows", (R, D), groups, D // K)
+
+
+def _channels_plan(x, dims, weight, bias) -> Plan | None:
+    nd = x.dim()
+    if nd < 2 or dims != (0, *range(2, nd)):
+        return None
+    c = x.shape[1]
+    for t in (weight, bias):
+        if t is not None and _aligned(t, nd) != (1, c) + (1,) * (nd - 2):
+            return None
+    if x.is_contiguous():
+        return Plan("channels", (x.shape[0], c, math.prod(x.shape[2:])))
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(nd)
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return Plan("channels", (x.numel() // c, c, 1), permute=(0, *range(2, nd), 1))
+    return None

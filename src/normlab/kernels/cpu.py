@@ -1,0 +1,441 @@
+"""Fused CPU kernels (numba): one pass over memory per direction, parallel over rows or channels.
+
+Same signatures as :mod:`normlab.kernels.reference`, which is their oracle (see
+:mod:`normlab.kernels` for the two canonical forms, *rows* and *channels*).
+
+Numerics, shared by every kernel here:
+
+* statistics in float64 whatever the input (float32 or float64): the mean by a sum, the variance
+  by the corrected two-pass formula ``(Σd² − (Σd)²/n)/n`` with ``d = x − mean`` (Chan, Golub &
+  LeVeque) — the row or channel block is in cache for the second pass, so it costs no memory
+  traffic;
+* the output in the input's precision with the mean split into ``m₀ = float(mean)`` and the
+  residual ``mean − m₀`` folded into the shift, so data with a large offset (1e4 ± 1 in float32)
+  normalizes without catastrophic cancellation: ``(x − m₀)`` is exact when ``x`` is close to
+  ``m₀`` (Sterbenz);
+* parameter gradients are accumulated in float64 per block of rows, then summed.
+
+Why numba: the kernels are loops that must fuse the statistics, the normalization and the
+affine map into one pass over memory, parallel over rows; numba compiles such loops to
+vectorised machine code (LLVM) from Python in the repository, with no C++ toolchain at install
+time, and its ``cache=True`` keeps the compiled code between processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# Reassociation lets LLVM vectorise the float64 reductions; no 'nnan'/'ninf', so NaN and inf
+# propagate exactly as in the reference.
+_FM = {"reassoc", "contract", "nsz", "arcp"}
+_OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
+
+
+def threads() -> int:
+    return numba.get_num_threads()
+
+
+@njit(inline="always")
+def _row_stats(x, r, D, center, eps):
+    s = 0.0
+    if center:
+        for j in range(D):
+            s += x[r, j]
+    m = s / D
+    ss = 0.0
+    c = 0.0
+    for j in range(D):
+        d = x[r, j] - m
+        ss += d * d
+        c += d
+    var = (ss - c * c / D) / D if center else ss / D
+    if var < 0.0:
+        var = 0.0
+    return m, var, 1.0 / math.sqrt(var + eps)
+
+
+@njit(**_OPTS)
+def _k_rows_forward_elem(x, w, b, eps, center, y, mean, var):
+    """LN/RMS: rows of ``x (R, D)``; γ, β per column."""
+    R, D = x.shape
+    for r in prange(R):
+        m, v, rs = _row_stats(x, r, D, center, eps)
+        mean[r] = m
+        var[r] = v
+        m0 = x.dtype.type(m)
+        rs0 = x.dtype.type(rs)
+        c0 = x.dtype.type((m - m0) * rs)
+        for j in range(D):
+            y[r, j] = ((x[r, j] - m0) * rs0 - c0) * w[j] + b[j]
+
+
+@njit(**_OPTS)
+def _k_rows_forward_seg(x, w, b, eps, center, groups, seg, y, mean, var):
+    """GN/IN: rows of ``x (R, D)``, D = K·seg; γ, β index ``(r % groups)·K + j // seg``."""
+    R, D = x.shape
+    K = D // seg
+    for r in prange(R):
+        m, v, rs = _row_stats(x, r, D, center, eps)
+        mean[r] = m
+        var[r] = v
+        m0 = x.dtype.type(m)
+        p0 = (r % groups) * K
+        for k in range(K):
+            scale = rs * w[p0 + k]
+            s0 = x.dtype.type(scale)
+            h0 = x.dtype.type(b[p0 + k] - (m - m0) * scale)
+            base = k * seg
+            for s in range(seg):
+                y[r, base + s] = (x[r, base + s] - m0) * s0 + h0
+
+
+def _blocks(R: int) -> int:
+    return max(1, min(R, 4 * threads()))
+
+
+@njit(**_OPTS)
+def _k_rows_backward_elem(dy, x, mean, rstd, w, center, nblk, dx, dwp, dbp):
+    """LN/RMS backward: ``dx = r·(g − mean(g) − x̂·mean(g·x̂))``, g = γ·dy; dγ, dβ partials per block."""
+    R, D = x.shape
+    per = (R + nblk - 1) // nblk
+    for blk in prange(nblk):
+        for r in range(blk * per, min(R, (blk + 1) * per)):
+            m = mean[r]
+            rs = rstd[r]
+            m0 = x.dtype.type(m)
+            rs0 = x.dtype.type(rs)
+            c0 = x.dtype.type((m - m0) * rs)
+            sg = 0.0
+            sgx = 0.0
+            for j in range(D):
+                xh = (x[r, j] - m0) * rs0 - c0
+                g = dy[r, j] * w[j]
+                sg += g
+                sgx += g * xh
+                dwp[blk, j] += dy[r, j] * xh
+                dbp[blk, j] += dy[r, j]
+            mg = x.dtype.type(sg / D) if center else x.dtype.type(0.0)
+            mgx = x.dtype.type(sgx / D)
+            for j in range(D):
+                xh = (x[r, j] - m0) * rs0 - c0
+                dx[r, j] = rs0 * (dy[r, j] * w[j] - mg - xh * mgx)
+
+
+@njit(**_OPTS)
+def _k_rows_backward_seg(dy, x, mean, rstd, w, center, groups, seg, nblk, dx, dwp, dbp):
+    """GN/IN backward; dγ, dβ partials per block over the ``groups·K`` parameters."""
+    R, D = x.shape
+    K = D // seg
+    per = (R + nblk - 1) // nblk
+    for blk in prange(nblk):
+        for r in range(blk * per, min(R, (blk + 1) * per)):
+            m = mean[r]
+            rs = rstd[r]
+            m0 = x.dtype.type(m)
+            rs0 = x.dtype.type(rs)
+            c0 = x.dtype.type((m - m0) * rs)
+            p0 = (r % groups) * K
+            sg = 0.0
+            sgx = 0.0
+            for k in range(K):
+                wk = w[p0 + k]
+                sd = 0.0
+                sdx = 0.0
+                base = k * seg
+                for s in range(seg):
+                    xh = (x[r, base + s] - m0) * rs0 - c0
+                    sd += dy[r, base + s]
+                    sdx += dy[r, base + s] * xh
+                dwp[blk, p0 + k] += sdx
+                dbp[blk, p0 + k] += sd
+                sg += wk * sd
+                sgx += wk * sdx
+            mg = sg / D if center else 0.0
+            mgx = sgx / D
+            for k in range(K):
+                wk = x.dtype.type(w[p0 + k] * rs)
+                a0 = x.dtype.type(rs * mgx)
+                h0 = x.dtype.type(-rs * mg + rs * mgx * (m - m0) * rs)
+                base = k * seg
+                # dx = r·(γ·dy − mg − x̂·mgx), x̂ = (x − m₀)·r − c, expanded into one FMA chain
+                for s in range(seg):
+                    dx[r, base + s] = wk * dy[r, base + s] - a0 * rs0 * (x[r, base + s] - m0) + h0
+
+
+@njit(**_OPTS)
+def _k_channels_forward(x, w, b, eps, y, mean, var):
+    """BN training on ``x (N, C, S)``, S > 1: statistics per channel over (N, S), parallel over C."""
+    N, C, S = x.shape
+    n = N * S
+    for c in prange(C):
+        s = 0.0
+        for i in range(N):
+            for k in range(S):
+                s += x[i, c, k]
+        m = s / n
+        ss = 0.0
+        cc = 0.0
+        for i in range(N):
+            for k in range(S):
+                d = x[i, c, k] - m
+                ss += d * d
+                cc += d
+        v = (ss - cc * cc / n) / n
+        if v < 0.0:
+            v = 0.0
+        rs = 1.0 / math.sqrt(v + eps)
+        mean[c] = m
+        var[c] = v
+        m0 = x.dtype.type(m)
+        scale = rs * w[c]
+        s0 = x.dtype.type(scale)
+        h0 = x.dtype.type(b[c] - (m - m0) * scale)
+        for i in range(N):
+            for k in range(S):
+                y[i, c, k] = (x[i, c, k] - m0) * s0 + h0
+
+
+@njit(**_OPTS)
+def _k_channels_backward(dy, x, mean, rstd, w, dx, dw, db):
+    """BN training backward on ``(N, C, S)``, parallel over C."""
+    N, C, S = x.shape
+    n = N * S
+    for c in prange(C):
+        m = mean[c]
+        rs = rstd[c]
+        m0 = x.dtype.type(m)
+        rs0 = x.dtype.type(rs)
+        c0 = x.dtype.type((m - m0) * rs)
+        sd = 0.0
+        sdx = 0.0
+        for i in range(N):
+            for k in range(S):
+                xh = (x[i, c, k] - m0) * rs0 - c0
+                sd += dy[i, c, k]
+                sdx += dy[i, c, k] * xh
+        dw[c] = sdx
+        db[c] = sd
+        a = x.dtype.type(w[c] * rs)
+        mg = x.dtype.type(sd / n)
+        mgx = x.dtype.type(sdx / n)
+        for i in range(N):
+            for k in range(S):
+                xh = (x[i, c, k] - m0) * rs0 - c0
+                dx[i, c, k] = a * (dy[i, c, k] - mg - xh * mgx)
+
+
+@njit(**_OPTS)
+def _k_columns_partials(x, nblk, part_n, part_mean, part_m2):
+    """BN training on ``x (M, C)`` (2-D input, channels_last): per block of rows, two-pass
+    mean and M2 per column (the block is in cache), to be merged with Chan's formula."""
+    M, C = x.shape
+    per = (M + nblk - 1) // nblk
+    for blk in prange(nblk):
+        lo, hi = blk * per, min(M, (blk + 1) * per)
+        cnt = hi - lo
+        part_n[blk] = cnt
+        if cnt <= 0:
+            continue
+        acc = np.zeros(C)
+        for i in range(lo, hi):
+            for c in range(C):
+                acc[c] += x[i, c]
+        for c in range(C):
+            acc[c] /= cnt
+            part_mean[blk, c] = acc[c]
+        m2 = np.zeros(C)
+        cs = np.zeros(C)
+        for i in range(lo, hi):
+            for c in range(C):
+                d = x[i, c] - acc[c]
+                m2[c] += d * d
+                cs[c] += d
+        for c in range(C):
+            v = m2[c] - cs[c] * cs[c] / cnt
+            part_m2[blk, c] = v if v > 0.0 else 0.0
+
+
+@njit(**_OPTS)
+def _k_columns_merge(part_n, part_mean, part_m2, mean, var):
+    nblk, C = part_mean.shape
+    for c in prange(C):
+        n = 0.0
+        m = 0.0
+        m2 = 0.0
+        for blk in range(nblk):
+            nb = part_n[blk]
+            if nb <= 0:
+                continue
+            d = part_mean[blk, c] - m
+            tot = n + nb
+            m += d * nb / tot
+            m2 += part_m2[blk, c] + d * d * n * nb / tot
+            n = tot
+        mean[c] = m
+        var[c] = m2 / n
+
+
+@njit(**_OPTS)
+def _k_columns_apply(x, mean, rstd, w, b, nblk, y):
+    M, C = x.shape
+    m0 = np.empty(C, x.dtype)
+    s0 = np.empty(C, x.dtype)
+    h0 = np.empty(C, x.dtype)
+    for c in range(C):
+        m0[c] = mean[c]
+        scale = rstd[c] * w[c]
+        s0[c] = scale
+        h0[c] = b[c] - (mean[c] - m0[c]) * scale
+    per = (M + nblk - 1) // nblk
+    for blk in prange(nblk):
+        for i in range(blk * per, min(M, (blk + 1) * per)):
+            for c in range(C):
+                y[i, c] = (x[i, c] - m0[c]) * s0[c] + h0[c]
+
+
+@njit(**_OPTS)
+def _k_columns_backward_partials(dy, x, mean, rstd, nblk, part_d, part_dx):
+    M, C = x.shape
+    m0 = np.empty(C, x.dtype)
+    rs0 = np.empty(C, x.dtype)
+    c0 = np.empty(C, x.dtype)
+    for c in range(C):
+        m0[c] = mean[c]
+        rs0[c] = rstd[c]
+        c0[c] = (mean[c] - m0[c]) * rstd[c]
+    per = (M + nblk - 1) // nblk
+    for blk in prange(nblk):
+        for i in range(blk * per, min(M, (blk + 1) * per)):
+            for c in range(C):
+                xh = (x[i, c] - m0[c]) * rs0[c] - c0[c]
+                part_d[blk, c] += dy[i, c]
+                part_dx[blk, c] += dy[i, c] * xh
+
+
+@njit(**_OPTS)
+def _k_columns_backward_apply(dy, x, mean, rstd, w, sd, sdx, nblk, dx):
+    M, C = x.shape
+    m0 = np.empty(C, x.dtype)
+    rs0 = np.empty(C, x.dtype)
+    c0 = np.empty(C, x.dtype)
+    a = np.empty(C, x.dtype)
+    mg = np.empty(C, x.dtype)
+    mgx = np.empty(C, x.dtype)
+    for c in range(C):
+        m0[c] = mean[c]
+        rs0[c] = rstd[c]
+        c0[c] = (mean[c] - m0[c]) * rstd[c]
+        a[c] = w[c] * rstd[c]
+        mg[c] = sd[c] / M
+        mgx[c] = sdx[c] / M
+    per = (M + nblk - 1) // nblk
+    for blk in prange(nblk):
+        for i in range(blk * per, min(M, (blk + 1) * per)):
+            for c in range(C):
+                xh = (x[i, c] - m0[c]) * rs0[c] - c0[c]
+                dx[i, c] = a[c] * (dy[i, c] - mg[c] - xh * mgx[c])
+
+
+@njit(**_OPTS)
+def _k_scale_shift(x, scale, shift, y):
+    """BN eval on ``(N, C, S)``: ``y = x·scale[c] + shift[c]``."""
+    N, C, S = x.shape
+    for ic in prange(N * C):
+        i, c = ic // C, ic % C
+        s0 = scale[c]
+        h0 = shift[c]
+        for k in range(S):
+            y[i, c, k] = x[i, c, k] * s0 + h0
+
+
+# ---------------------------------------------------------------------- torch-level entry points
+# Same signatures as normlab.kernels.reference; tensors in, tensors out (numpy views, no copies).
+
+import torch  # noqa: E402
+
+
+def _np(t):
+    return t.detach().numpy()
+
+
+def _param(t, n, fill, like):
+    return _np(t.reshape(-1)) if t is not None else np.full(n, fill, dtype=_np(like).dtype)
+
+
+def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int):
+    """``x (R, D)`` → ``(y, mean, var)``; mean and biased var per row, float64."""
+    R, D = x.shape
+    P = groups * (D // seg)
+    y = torch.empty_like(x)
+    mean = torch.empty(R, dtype=torch.float64)
+    var = torch.empty(R, dtype=torch.float64)
+    w, b = _param(weight, P, 1.0, x), _param(bias, P, 0.0, x)
+    if groups == 1 and seg == 1:
+        _k_rows_forward_elem(_np(x), w, b, eps, center, _np(y), _np(mean), _np(var))
+    else:
+        _k_rows_forward_seg(_np(x), w, b, eps, center, groups, seg, _np(y), _np(mean), _np(var))
+    return y, mean, var
+
+
+def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int):
+    """``(dx, dweight, dbias)``; the parameter gradients flat, in x's dtype (``None`` without weight)."""
+    R, D = x.shape
+    P = groups * (D // seg)
+    nblk = _blocks(R)
+    dx = torch.empty_like(x)
+    dwp = np.zeros((nblk, P))
+    dbp = np.zeros((nblk, P))
+    w = _param(weight, P, 1.0, x)
+    dy = dy.contiguous()
+    if groups == 1 and seg == 1:
+        _k_rows_backward_elem(_np(dy), _np(x), _np(mean), _np(rstd), w, center, nblk, _np(dx), dwp, dbp)
+    else:
+        _k_rows_backward_seg(_np(dy), _np(x), _np(mean), _np(rstd), w, center, groups, seg, nblk, _np(dx), dwp, dbp)
+    return dx, torch.from_numpy(dwp.sum(0)).to(x.dtype), torch.from_numpy(dbp.sum(0)).to(x.dtype)
+
+
+def channels_forward(x, weight, bias, eps: float):
+    """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel, float64."""
+    N, C, S = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(C, dtype=torch.float64)
+    var = torch.empty(C, dtype=torch.float64)
+    w, b = _param(weight, C, 1.0, x), _param(bias, C, 0.0, x)
+    if S > 1:
+        _k_channels_forward(_np(x), w, b, eps, _np(y), _np(mean), _np(var))
+        return y, mean, var
+    x2, y2 = _np(x)[:, :, 0], _np(y)[:, :, 0]
+    nblk = _blocks(N)
+    part_n = np.zeros(nblk, dtype=np.int64)
+    part_mean = np.zeros((nblk, C))
+    part_m2 = np.zeros((nblk, C))
+    _k_columns_partials(x2, nblk, part_n, part_mean, part_m2)
+    _k_columns_merge(part_n, part_mean, part_m2, _np(mean), _np(var))
+    rstd = 1.0 / np.sqrt(_np(var) + eps)
+    _k_columns_apply(x2, _np(mean), rstd, w, b, nblk, y2)
+    return y, mean, var
+
+
+def channels_backward(dy, x, mean, rstd, weight, eps: float):
+    """BN training backward on ``(N, C, S)`` → ``(dx, dweight, dbias)`` per channel, in x's dtype."""
+    N, C, S = x.shape
+    dx = torch.empty_like(x)
+    w = _param(weight, C, 1.0, x)
+    dy = dy.contiguous()
+    if S > 1:
+        dw = np.zeros(C)
+        db = np.zeros(C)
+        _k_channels_backward(_np(dy), _np(x), _np(mean), _np(rstd), w, _np(dx), dw, db)
+    else:
+        x2, dy2, dx2 = _np(x)[:, :, 0], _np(dy)[:, :, 0], _np(dx)[:, :, 0]
+        nblk = _blocks(N)
+        part_d = np.zeros((nblk, C))
+        part_dx = np.zeros((nblk, C))
+        _k_columns_backward_partials(dy2, x2, _np(mean), _np(rstd), nblk, part_d, part_dx)
+        db, dw = part_d.sum(0), part_dx.sum(0)
+        _k_columns_backward_apply(dy2, x2, _np(mean), _np(rstd), w, db, dw, nblk, dx2)
+    return dx, torch.from_numpy(dw).to(x.dtype), torch.from_numpy(db).to(x.dtype)

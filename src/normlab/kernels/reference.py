@@ -1,0 +1,70 @@
+"""The oracle of every kernel: the canonical forms computed by the core, with the same signatures.
+
+Each function reshapes the canonical view back into the shape the core reduces over and calls
+:func:`normlab.autograd.normalize_affine` (forward) or differentiates it (backward), so a kernel
+is tested against the very code that is tested against ``torch.nn``, float64 ``gradcheck`` and
+the seed's equations. Slow on purpose: clarity over speed.
+
+Forms (see :mod:`normlab.kernels`): *rows* ``x (R, D)`` with statistics per row and parameters
+``(groups·D/seg,)`` indexed ``(r % groups)·(D/seg) + j // seg``; *channels* ``x (N, C, S)`` with
+statistics per channel over ``(N, S)`` and parameters ``(C,)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..autograd import normalize_affine
+
+__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward"]
+
+
+def _rows(x: Tensor, groups: int, seg: int) -> tuple[Tensor, tuple[int, ...], tuple[int, int, int]]:
+    R, D = x.shape
+    return x.reshape(R // groups, groups, D // seg, seg), (2, 3), (groups, D // seg, 1)
+
+
+def _flat(t, shape):
+    return None if t is None else t.reshape(shape)
+
+
+def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int):
+    """``x (R, D)`` → ``(y, mean, var)``: mean and biased variance per row in float64."""
+    x4, dims, pshape = _rows(x, groups, seg)
+    y, mean, var = normalize_affine(x4.double(), dims, _flat(weight, pshape), _flat(bias, pshape), eps, center=center)
+    mean = mean if center else torch.zeros_like(var)
+    return y.to(x.dtype).reshape(x.shape), mean.reshape(-1), var.reshape(-1)
+
+
+def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int):
+    """``(dx, dweight, dbias)`` of :func:`rows_forward`, the parameter gradients flattened.
+
+    ``mean``/``rstd`` are what the forward saved (kernels use them; the reference recomputes).
+    """
+    x4, dims, pshape = _rows(x, groups, seg)
+    return _grads(lambda xx, w, b: normalize_affine(xx, dims, w, b, eps, center=center)[0], x4, dy.reshape(x4.shape),
+                  weight, pshape, x.shape)
+
+
+def channels_forward(x, weight, bias, eps: float):
+    """BatchNorm training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel in float64."""
+    C = x.shape[1]
+    y, mean, var = normalize_affine(x.double(), (0, 2), _flat(weight, (C, 1)), _flat(bias, (C, 1)), eps)
+    return y.to(x.dtype), mean.reshape(-1), var.reshape(-1)
+
+
+def channels_backward(dy, x, mean, rstd, weight, eps: float):
+    """``(dx, dweight, dbias)`` of :func:`channels_forward`."""
+    C = x.shape[1]
+    return _grads(lambda xx, w, b: normalize_affine(xx, (0, 2), w, b, eps)[0], x, dy, weight, (C, 1), x.shape)
+
+
+def _grads(f, x, dy, weight, pshape, out_shape):
+    with torch.enable_grad():
+        xx = x.detach().double().requires_grad_()
+        w = torch.ones(pshape, dtype=torch.float64) if weight is None else weight.detach().double().reshape(pshape)
+        w.requires_grad_()
+        b = torch.zeros(pshape, dtype=torch.float64, requires_grad=True)
+        dx, dw, db = torch.autograd.grad(f(xx, w, b), (xx, w, b), dy.double())
+    return dx.to(x.dtype).reshape(out_shape), dw.reshape(-1).to(x.dtype), db.reshape(-1).to(x.dtype)
