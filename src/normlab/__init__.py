@@ -1,7 +1,8 @@
 """normlab — the normalization toolkit and lab for PyTorch.
 
-Layers (imports point down only): ``stats`` (the one moments core) → ``autograd`` (written-out
-backward passes) → ``functional`` (the ops) → ``nn`` (modules) and ``preprocessing`` (scalers).
+Layers (imports point down only): ``stats`` (the one moments core) → ``kernels`` (fast
+backends; ``normlab.set_backend``) → ``autograd`` (written-out backward passes) → ``functional``
+(the ops) → ``nn`` (modules) and ``preprocessing`` (scalers) → ``diagnostics`` → ``lab``.
 Submodules load on first use: ``import normlab; normlab.nn.BatchNorm2d(8)`` works.
 """
 
@@ -13,11 +14,14 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("stats", "autograd", "functional", "nn", "preprocessing", "diagnostics", "lab", "cli")
-__all__ = ["__version__", *_SUBMODULES]
+_SUBMODULES = ("stats", "autograd", "kernels", "functional", "nn", "preprocessing", "diagnostics", "lab", "cli")
+_BACKEND = ("set_backend", "get_backend", "use_backend")  # from normlab.kernels
+__all__ = ["__version__", *_SUBMODULES, *_BACKEND]
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _BACKEND:
+        return getattr(importlib.import_module(f"{__name__}.kernels"), name)
     raise AttributeError(f"module 'normlab' has no attribute {name!r}")

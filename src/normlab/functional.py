@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import kernels
 from .autograd import normalize_affine
 from .stats import accumulation_dtype, extrema, moments
 
@@ -126,6 +127,11 @@ def _update_running(running: Tensor | None, batch: Tensor, momentum: float) -> N
         running.mul_(1 - momentum).add_(batch.to(running.dtype), alpha=momentum)
 
 
+def _native() -> bool:
+    """The "torch" backend (:func:`normlab.set_backend`): torch's own op after our checks."""
+    return kernels.get_backend() == "torch"
+
+
 # --------------------------------------------------------------------------------- norms
 def batch_norm(
     input: Tensor,
@@ -150,6 +156,8 @@ def batch_norm(
 
     Shape: input ``(N, C)`` or ``(N, C, *spatial)``; statistics and parameters ``(C,)``.
     """
+    if _native():
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _channel_norm("batch_norm", input, (0, *range(2, input.dim())), running_mean, running_var,
                          weight, bias, training, momentum, eps)
 
@@ -178,6 +186,9 @@ def instance_norm(
             f"instance_norm: expected at least 3-D input (N, C, *spatial), got {input.dim()}-D "
             f"input of shape {tuple(input.shape)}"
         )
+    if _native():
+        return torch.nn.functional.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                                                 momentum, eps)
     return _channel_norm("instance_norm", input, tuple(range(2, input.dim())), running_mean,
                          running_var, weight, bias, use_input_stats, momentum, eps)
 
@@ -243,6 +254,8 @@ def layer_norm(
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op)
     _check_param(bias, "bias", shape, op)
+    if _native():
+        return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
     return _normalize(op, input, dims, weight, bias, eps)[0]
 
 
@@ -260,6 +273,8 @@ def rms_norm(
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op)
+    if _native():
+        return torch.nn.functional.rms_norm(input, shape, weight, eps)
     if eps is None:  # torch's rule: the eps of the dtype the statistics are computed in
         eps = torch.finfo(accumulation_dtype(input.dtype)).eps
     return _normalize(op, input, dims, weight, None, eps, center=False)[0]
@@ -285,6 +300,8 @@ def group_norm(
             f"group_norm: num_groups={num_groups} must divide the {c} channels; choose a "
             f"divisor of {c}"
         )
+    if _native():
+        return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     n, cg = input.shape[0], c // num_groups
     x = input.reshape(n, num_groups, cg, math.prod(input.shape[2:]))
     w = None if weight is None else weight.view(num_groups, cg, 1)

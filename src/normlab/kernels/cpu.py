@@ -29,9 +29,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# Reassociation lets LLVM vectorise the float64 reductions; no 'nnan'/'ninf', so NaN and inf
+# Reassociation lets LLVM vectorise the float64 reductions; no FMA contraction (x̂·γ·dy − mean(g)
+# must cancel exactly when it is 0) and no "nnan"/"ninf", so NaN and inf
 # propagate exactly as in the reference.
-_FM = {"reassoc", "contract", "nsz", "arcp"}
+_FM = {"reassoc", "nsz", "arcp"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
 
 
@@ -154,16 +155,14 @@ def _k_rows_backward_seg(dy, x, mean, rstd, w, center, groups, seg, nblk, dx, dw
                 dbp[blk, p0 + k] += sd
                 sg += wk * sd
                 sgx += wk * sdx
-            mg = sg / D if center else 0.0
-            mgx = sgx / D
+            mg = x.dtype.type(sg / D) if center else x.dtype.type(0.0)
+            mgx = x.dtype.type(sgx / D)
             for k in range(K):
-                wk = x.dtype.type(w[p0 + k] * rs)
-                a0 = x.dtype.type(rs * mgx)
-                h0 = x.dtype.type(-rs * mg + rs * mgx * (m - m0) * rs)
+                wk = w[p0 + k]
                 base = k * seg
-                # dx = r·(γ·dy − mg − x̂·mgx), x̂ = (x − m₀)·r − c, expanded into one FMA chain
                 for s in range(seg):
-                    dx[r, base + s] = wk * dy[r, base + s] - a0 * rs0 * (x[r, base + s] - m0) + h0
+                    xh = (x[r, base + s] - m0) * rs0 - c0
+                    dx[r, base + s] = rs0 * (dy[r, base + s] * wk - mg - xh * mgx)
 
 
 @njit(**_OPTS)
@@ -362,6 +361,14 @@ def _np(t):
     return t.detach().numpy()
 
 
+def _empty_like(x):  # the tests poison outputs here to catch elements a kernel leaves unwritten
+    return torch.empty_like(x)
+
+
+def _empty(n):
+    return torch.empty(n, dtype=torch.float64)
+
+
 def _param(t, n, fill, like):
     return _np(t.reshape(-1)) if t is not None else np.full(n, fill, dtype=_np(like).dtype)
 
@@ -370,9 +377,7 @@ def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: in
     """``x (R, D)`` → ``(y, mean, var)``; mean and biased var per row, float64."""
     R, D = x.shape
     P = groups * (D // seg)
-    y = torch.empty_like(x)
-    mean = torch.empty(R, dtype=torch.float64)
-    var = torch.empty(R, dtype=torch.float64)
+    y, mean, var = _empty_like(x), _empty(R), _empty(R)
     w, b = _param(weight, P, 1.0, x), _param(bias, P, 0.0, x)
     if groups == 1 and seg == 1:
         _k_rows_forward_elem(_np(x), w, b, eps, center, _np(y), _np(mean), _np(var))
@@ -386,7 +391,7 @@ def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: i
     R, D = x.shape
     P = groups * (D // seg)
     nblk = _blocks(R)
-    dx = torch.empty_like(x)
+    dx = _empty_like(x)
     dwp = np.zeros((nblk, P))
     dbp = np.zeros((nblk, P))
     w = _param(weight, P, 1.0, x)
@@ -401,9 +406,7 @@ def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: i
 def channels_forward(x, weight, bias, eps: float):
     """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel, float64."""
     N, C, S = x.shape
-    y = torch.empty_like(x)
-    mean = torch.empty(C, dtype=torch.float64)
-    var = torch.empty(C, dtype=torch.float64)
+    y, mean, var = _empty_like(x), _empty(C), _empty(C)
     w, b = _param(weight, C, 1.0, x), _param(bias, C, 0.0, x)
     if S > 1:
         _k_channels_forward(_np(x), w, b, eps, _np(y), _np(mean), _np(var))
@@ -423,7 +426,7 @@ def channels_forward(x, weight, bias, eps: float):
 def channels_backward(dy, x, mean, rstd, weight, eps: float):
     """BN training backward on ``(N, C, S)`` → ``(dx, dweight, dbias)`` per channel, in x's dtype."""
     N, C, S = x.shape
-    dx = torch.empty_like(x)
+    dx = _empty_like(x)
     w = _param(weight, C, 1.0, x)
     dy = dy.contiguous()
     if S > 1:
