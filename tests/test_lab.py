@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import normlab.nn as nln
 from normlab.cli import main
 from normlab.lab import data, experiments, models, records, train
 from normlab.preprocessing import StandardScaler

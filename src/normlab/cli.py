@@ -3,6 +3,8 @@
 * ``normlab run [NAME ...] [--out DIR] [--full] [--seeds K] [--epochs N] [--device cpu|cuda]`` —
   run experiments of the lab (all of them, quick, when no name is given: the tour) and write the
   report to ``DIR/index.html`` (default ``normlab-report``).
+* ``normlab bench [METHOD ...] [--quick] [--json FILE] [--plot FILE]`` — time every norm against
+  torch's native op, the reference path and a same-size copy (see :mod:`normlab.bench`).
 * ``normlab list`` — the experiments, and the layers, ops and scalers normlab provides.
 * ``normlab report DIR`` — rebuild the page from ``DIR/records.json``.
 
@@ -125,6 +127,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -156,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first, so the experiments it registers can be run (repeatable)")
     p.set_defaults(func=_run)
+    p = sub.add_parser("bench", help="time every norm against torch native, the reference and a copy (GB/s)")
+    p.add_argument("methods", nargs="*", metavar="METHOD", help="layer_norm, rms_norm, batch_norm, batch_norm_eval, "
+                   "group_norm, instance_norm (default: all)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions, no torch.compile (< 2 min on CPU)")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "float64", "bfloat16", "float16"))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--json", metavar="FILE", help="write every row and a summary as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write the speed-ups vs torch as a PNG")
+    p.set_defaults(func=_bench)
     p = sub.add_parser("list", help="list the experiments, and the layers, ops and scalers normlab provides")
     p.set_defaults(func=_list)
     p = sub.add_parser("report", help="rebuild DIR/index.html from DIR/records.json")

@@ -94,6 +94,14 @@ def _k_rows_forward_seg(x, w, b, eps, center, groups, seg, y, mean, var):
                 y[r, base + s] = (x[r, base + s] - m0) * s0 + h0
 
 
+@njit(inline="always")
+def _saved(x, m, rs):
+    """The saved float64 statistics in x's precision: ``x̂ = (x − m₀)·r₀ − c₀`` with the mean's
+    rounding residual folded into ``c₀`` (see the module docstring)."""
+    m0 = x.dtype.type(m)
+    return m, rs, m0, x.dtype.type(rs), x.dtype.type((m - m0) * rs)
+
+
 def _blocks(R: int) -> int:
     return max(1, min(R, 4 * threads()))
 
@@ -105,11 +113,7 @@ def _k_rows_backward_elem(dy, x, mean, rstd, w, center, nblk, dx, dwp, dbp):
     per = (R + nblk - 1) // nblk
     for blk in prange(nblk):
         for r in range(blk * per, min(R, (blk + 1) * per)):
-            m = mean[r]
-            rs = rstd[r]
-            m0 = x.dtype.type(m)
-            rs0 = x.dtype.type(rs)
-            c0 = x.dtype.type((m - m0) * rs)
+            m, rs, m0, rs0, c0 = _saved(x, mean[r], rstd[r])
             sg = 0.0
             sgx = 0.0
             for j in range(D):
@@ -134,11 +138,7 @@ def _k_rows_backward_seg(dy, x, mean, rstd, w, center, groups, seg, nblk, dx, dw
     per = (R + nblk - 1) // nblk
     for blk in prange(nblk):
         for r in range(blk * per, min(R, (blk + 1) * per)):
-            m = mean[r]
-            rs = rstd[r]
-            m0 = x.dtype.type(m)
-            rs0 = x.dtype.type(rs)
-            c0 = x.dtype.type((m - m0) * rs)
+            m, rs, m0, rs0, c0 = _saved(x, mean[r], rstd[r])
             p0 = (r % groups) * K
             sg = 0.0
             sgx = 0.0
@@ -204,11 +204,7 @@ def _k_channels_backward(dy, x, mean, rstd, w, dx, dw, db):
     N, C, S = x.shape
     n = N * S
     for c in prange(C):
-        m = mean[c]
-        rs = rstd[c]
-        m0 = x.dtype.type(m)
-        rs0 = x.dtype.type(rs)
-        c0 = x.dtype.type((m - m0) * rs)
+        m, rs, m0, rs0, c0 = _saved(x, mean[c], rstd[c])
         sd = 0.0
         sdx = 0.0
         for i in range(N):

@@ -1,0 +1,250 @@
+"""``normlab bench``: how close each normalization runs to the memory-bandwidth limit.
+
+Normalization is memory-bound, so the yardstick is the compulsory traffic (DESIGN.md): forward
+reads ``x`` and writes ``y`` (2 passes over x-sized data; BatchNorm in training 3, its statistics
+need a read before the output can be written); backward reads ``x`` and ``dy`` and writes ``dx``
+(3). Forward+backward is the sum. Each case is timed, in the same run and interleaved round by
+round so the noise of a shared machine hits all alike, for:
+
+* ``normlab`` — the default backend (a fused kernel where one applies);
+* ``reference`` — normlab's reference path (plain torch ops and the written-out backward);
+* ``torch`` — torch's native op;
+* ``compiled`` — ``torch.compile`` of the reference path (skipped with ``--quick``);
+* ``copy`` — ``x.clone()``, the bandwidth yardstick of this machine at this size.
+
+Reported per case: the median time, GB/s by the bytes model, % of the copy's GB/s, and the
+speed-up of normlab over torch, over the reference and over the compiled reference (time of
+the other / time of normlab: above 1 means normlab is faster). Peak memory is reported on CUDA
+(``torch.cuda.max_memory_allocated`` above the inputs); the CPU has no allocator counter.
+
+>>> rows = run(quick=True, methods=["rms_norm"], shapes={"rms_norm": [(64, 128)]}, reps=3)
+>>> sorted(rows[0]) == sorted(COLUMNS)
+True
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as TF
+
+from . import functional as F
+from .kernels import use_backend
+
+__all__ = ["run", "METHODS", "SHAPES", "COLUMNS", "main"]
+
+ROWS_QUICK = [(256, 1024), (4096, 1024), (1000, 1000), (256, 4096)]
+ROWS_FULL = ROWS_QUICK + [(64, 768), (8192, 1024), (2048, 4096), (4096, 4096), (333, 2049)]
+NCHW_QUICK = [(8, 64, 32, 32), (32, 64, 32, 32), (8, 256, 16, 16), (32, 64, 32, 32, "cl")]
+NCHW_FULL = NCHW_QUICK + [(4, 32, 64, 64), (16, 128, 28, 28), (32, 256, 14, 14), (2, 48, 23, 31),
+                          (8, 256, 16, 16, "cl"), (512, 256)]
+
+# method -> (op(module, x, params) for module normlab.functional or torch.nn.functional,
+#            extra forward passes in the bytes model, shape family)
+METHODS: dict[str, tuple] = {
+    "layer_norm": (lambda m, x, p: m.layer_norm(x, x.shape[-1:], p[0], p[1]), 0, "rows"),
+    "rms_norm": (lambda m, x, p: m.rms_norm(x, x.shape[-1:], p[0]), 0, "rows"),
+    "batch_norm": (lambda m, x, p: m.batch_norm(x, None, None, p[0], p[1], True), 1, "nchw"),
+    "batch_norm_eval": (lambda m, x, p: m.batch_norm(x, p[2], p[3], p[0], p[1], False), 0, "nchw"),
+    "group_norm": (lambda m, x, p: m.group_norm(x, 32 if x.shape[1] % 32 == 0 else 1, p[0], p[1]), 0, "nchw"),
+    "instance_norm": (lambda m, x, p: m.instance_norm(x, weight=p[0], bias=p[1]), 0, "nchw"),
+}
+SHAPES = {"rows": (ROWS_QUICK, ROWS_FULL), "nchw": (NCHW_QUICK, NCHW_FULL)}
+COLUMNS = ["method", "shape", "dtype", "pass", "ms", "GB/s", "% copy", "vs torch", "vs reference", "vs compiled",
+           "peak MB", "copy GB/s"]
+
+
+def _median_times(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    """Median seconds per candidate, interleaved round by round after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            if fn is None:
+                continue
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _inputs(method: str, shape: tuple, dtype, device):
+    cl = shape[-1] == "cl"
+    dims = shape[:-1] if cl else shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(dims, generator=g) * 2 + 1).to(device=device, dtype=dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = dims[-1] if METHODS[method][2] == "rows" else dims[1]
+    params = [torch.randn(c, generator=g).to(device, dtype), torch.randn(c, generator=g).to(device, dtype),
+              torch.randn(c, generator=g).to(device, dtype), torch.rand(c, generator=g).to(device, dtype) + 0.5]
+    return x, params, ("×".join(map(str, dims)) + (" cl" if cl else ""))
+
+
+def _case(method, x, params, backward: bool):
+    """Callables running ``method`` once (forward, or forward+backward) per candidate."""
+    op = METHODS[method][0]
+    dy = torch.randn_like(x) if backward else None
+    leaves = [t.detach().clone().requires_grad_(backward) for t in params[:2]] + list(params[2:])
+    xg = x.detach().clone().requires_grad_(backward)
+
+    def make(mod, backend, compiled=False):
+        fn = (lambda: op(mod, xg, leaves))
+        if compiled:
+            with use_backend(backend):
+                fn = torch.compile(fn, dynamic=False)
+
+        def call():
+            with use_backend(backend):
+                y = fn()
+                if backward:
+                    xg.grad = None
+                    for t in leaves[:2]:
+                        t.grad = None
+                    y.backward(dy)
+        return call
+
+    return {
+        "normlab": make(F, "auto"),
+        "reference": make(F, "reference"),
+        "torch": make(TF, "auto"),
+        "compiled": make(F, "reference", compiled=True),
+    }
+
+
+def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.float32,), device: str = "cpu",
+        reps: int | None = None, compiled: bool | None = None, shapes: dict | None = None,
+        progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Benchmark rows (one dict per method × shape × dtype × pass, keys :data:`COLUMNS`)."""
+    methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    reps = reps or (7 if quick else 21)
+    compiled = (not quick) if compiled is None else compiled
+    out = []
+    for method in methods:
+        family = METHODS[method][2]
+        for shape in (shapes or {}).get(method) or SHAPES[family][0 if quick else 1]:
+            if (family == "rows" and isinstance(shape[-1], str)) or (method == "instance_norm" and len(shape) < 3):
+                continue
+            for dtype in dtypes:
+                x, params, label = _inputs(method, shape, dtype, device)
+                size = x.numel() * x.element_size()
+                copy = _median_times({"copy": lambda: x.clone()}, reps)["copy"]
+                for backward in (False, True):
+                    if progress:
+                        progress(f"{method} {label} {'fwd+bwd' if backward else 'fwd'}")
+                    fns = _case(method, x, params, backward)
+                    if not compiled:
+                        fns.pop("compiled")
+                    t = _median_times(fns, reps)
+                    passes = 2 + METHODS[method][1] + (3 if backward else 0)
+                    gbs = passes * size / t["normlab"] / 1e9
+                    copy_gbs = 2 * size / copy / 1e9
+                    out.append({
+                        "method": method, "shape": label, "dtype": str(dtype).replace("torch.", ""),
+                        "pass": "fwd+bwd" if backward else "fwd", "ms": t["normlab"] * 1e3, "GB/s": gbs,
+                        "% copy": 100 * gbs / copy_gbs, "vs torch": t["torch"] / t["normlab"],
+                        "vs reference": t["reference"] / t["normlab"],
+                        "vs compiled": t["compiled"] / t["normlab"] if "compiled" in t else None,
+                        "peak MB": _peak_mb(fns["normlab"], x) if device == "cuda" else None,
+                        "copy GB/s": copy_gbs,
+                    })
+    return out
+
+
+def _peak_mb(fn, x) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def summary(rows: list[dict]) -> dict:
+    """Medians and minima of the speed-ups, per pass, for the closing lines and the README."""
+    out = {}
+    for p in ("fwd", "fwd+bwd"):
+        r = [row for row in rows if row["pass"] == p]
+        if r:
+            vs = [row["vs torch"] for row in r]
+            out[p] = {"median vs torch": statistics.median(vs), "min vs torch": min(vs),
+                      "median % copy": statistics.median(row["% copy"] for row in r)}
+    return out
+
+
+def _table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="normlab bench (speed-ups: other's time / normlab's; > 1 is faster)")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("method", "shape", "dtype", "pass") else "right")
+    for row in rows:
+        table.add_row(*[_fmt(row[c]) for c in COLUMNS])
+    return table
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Speed-up over torch per case (bars), one panel per pass; written as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    passes = [p for p in ("fwd", "fwd+bwd") if any(r["pass"] == p for r in rows)]
+    fig = Figure(figsize=(max(6, 0.35 * len(rows)), 4 * len(passes)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, p in zip(fig.subplots(len(passes), 1, squeeze=False)[:, 0], passes):
+        r = [row for row in rows if row["pass"] == p]
+        ax.bar(range(len(r)), [row["vs torch"] for row in r], color=["C2" if row["vs torch"] >= 1 else "C3" for row in r])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(r)), [f"{row['method']} {row['shape']}" for row in r], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("speed-up vs torch")
+        ax.set_title(f"{p}: normlab vs torch native (> 1: normlab faster)")
+    fig.savefig(path, dpi=90)
+
+
+def main(args) -> int:
+    """Entry point of ``normlab bench`` (arguments parsed by :mod:`normlab.cli`)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    dtypes = [getattr(torch, d) for d in args.dtype]
+    try:
+        with console.status("benchmarking") as status:
+            rows = run(quick=args.quick, methods=args.methods or None, dtypes=dtypes, device=args.device,
+                       compiled=False if args.no_compile else None,
+                       progress=lambda s: status.update(f"benchmarking {s}"))
+    except ValueError as e:
+        console.print(f"normlab bench: {e}")
+        return 2
+    Console().print(_table(rows))
+    s = summary(rows)
+    for p, v in s.items():
+        print(f"{p}: median speed-up vs torch {v['median vs torch']:.2f}×, minimum {v['min vs torch']:.2f}×, "
+              f"median {v['median % copy']:.0f}% of copy bandwidth")
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+            "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "summary": s, "rows": rows}, fh, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0

@@ -1,0 +1,41 @@
+"""`normlab bench`: the rows it reports and the files it writes (no timing is asserted)."""
+
+import json
+
+import pytest
+
+from normlab import bench
+from normlab.cli import main
+
+TINY = {"layer_norm": [(8, 16)], "rms_norm": [(8, 16)], "batch_norm": [(2, 4, 3, 3), (2, 4, 3, 3, "cl")],
+        "batch_norm_eval": [(2, 4, 3, 3)], "group_norm": [(2, 32, 2, 2)], "instance_norm": [(2, 4, 3, 3), (6, 4)]}
+
+
+def test_every_method_gives_a_row_per_shape_and_pass():
+    rows = bench.run(quick=True, shapes=TINY, reps=2)
+    got = {(r["method"], r["shape"], r["pass"]) for r in rows}
+    assert ("batch_norm", "2×4×3×3 cl", "fwd+bwd") in got and ("layer_norm", "8×16", "fwd") in got
+    assert not any(r["method"] == "instance_norm" and r["shape"] == "6×4" for r in rows)  # IN needs spatial dims
+    assert len(rows) == 2 * (len(sum(TINY.values(), [])) - 1)
+    for r in rows:
+        assert set(r) == set(bench.COLUMNS) and r["ms"] > 0 and r["GB/s"] > 0 and r["vs compiled"] is None
+    s = bench.summary(rows)
+    assert set(s) == {"fwd", "fwd+bwd"} and s["fwd"]["min vs torch"] > 0
+
+
+def test_compiled_column_when_asked():
+    rows = bench.run(quick=True, methods=["rms_norm"], shapes={"rms_norm": [(4, 8)]}, reps=1, compiled=True)
+    assert all(r["vs compiled"] > 0 for r in rows)
+
+
+def test_cli_writes_json_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "SHAPES", {"rows": ([(8, 16)], [(8, 16)]), "nchw": ([(2, 4, 3, 3)], [(2, 4, 3, 3)])})
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["bench", "layer_norm", "batch_norm", "--quick", "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert {r["method"] for r in data["rows"]} == {"layer_norm", "batch_norm"} and "fwd+bwd" in data["summary"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "median speed-up vs torch" in capsys.readouterr().out
+    assert main(["bench", "conv_norm", "--quick"]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--dtype", "int8"])
