@@ -119,8 +119,8 @@ class NormalizeAffine(torch.autograd.Function):
         x, weight, bias, dims, eps, center, _, fixed_var = inputs
         _, mean, var = output
         ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, fixed_var is None
-        # the forward's choice, made again from the same inputs (a kernel returns float64 stats)
-        ctx.planned = kernels.plan(x, dims, weight, bias, ctx.batch_stats, center) if var.dtype == torch.float64 else None
+        # the forward's choice, made again from the same inputs right after it
+        ctx.planned = kernels.plan(x, dims, weight, bias, ctx.batch_stats, center)
         # the bias itself is not needed by backward: keep only its shape and dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
@@ -182,7 +182,7 @@ def _flat(t: Tensor | None) -> Tensor | None:
 
 
 def _kernel_forward(planned, x, weight, bias, dims, eps, center):
-    """The forward by a fast kernel (:mod:`normlab.kernels`); statistics come back in float64."""
+    """The forward by a fast kernel (:mod:`normlab.kernels`); statistics in float64 (CPU) or float32."""
     backend, p = planned
     xv = p.view(x)
     if p.form == "rows":

@@ -14,7 +14,11 @@ Backends, each a module with the same four functions (``rows_forward``, ``rows_b
 ``channels_forward``, ``channels_backward``; see :mod:`normlab.kernels.reference`):
 
 * ``reference`` — :mod:`normlab.kernels.reference`: the oracle, plain torch ops through the core;
-* ``cpu`` — :mod:`normlab.kernels.cpu`: fused numba loops (float32/float64 on the CPU).
+* ``cpu`` — :mod:`normlab.kernels.cpu`: fused numba loops (float32/float64 on the CPU);
+* ``triton`` — :mod:`normlab.kernels.triton`: Triton kernels (float32/float16/bfloat16 on CUDA).
+
+:mod:`normlab.kernels.ops` registers them as ``torch.library`` custom ops (``torch.compile``
+traces through them without graph breaks).
 
 Which one runs is :func:`get_backend`: ``"auto"`` (the default: a kernel when one supports the
 device, dtype and layout, the reference otherwise), ``"reference"`` (always the reference) or
@@ -33,6 +37,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -112,23 +117,24 @@ class Plan:
         return t.view(permuted).permute(inverse)
 
 
-def _ops():
-    """The custom ops (:mod:`normlab.kernels.ops`), or ``None`` when numba is missing."""
-    global _OPS
-    if _OPS is False:
+def _available(device_type: str) -> bool:
+    """Whether the kernel engine of this device imports (numba on CPU, Triton on CUDA)."""
+    if device_type not in _ENGINES:
         try:
-            from . import ops
-        except ImportError:  # numba missing: the reference serves
-            ops = None
-        _OPS = ops
-    return _OPS
+            importlib.import_module(f"{__name__}.{'cpu' if device_type == 'cpu' else 'triton'}")
+            _ENGINES[device_type] = True
+        except ImportError:  # the reference serves
+            _ENGINES[device_type] = False
+    return _ENGINES[device_type]
 
 
-_OPS = False
+_ENGINES: dict[str, bool] = {}
+_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _supported(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    kind = x.device.type
+    return x.dtype in _DTYPES.get(kind, ()) and _available(kind)
 
 
 def _is_plain(t: Tensor | None) -> bool:
@@ -143,9 +149,9 @@ def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor |
     """``(ops, Plan)`` when a kernel computes this call exactly, else ``None`` (the reference)."""
     if _backend != "auto" or not batch_stats or x.numel() == 0 or not _supported(x):
         return None
-    backend = _ops()
-    if backend is None or not (_is_plain(x) and _is_plain(weight) and _is_plain(bias)):
+    if not (_is_plain(x) and _is_plain(weight) and _is_plain(bias)):
         return None
+    from . import ops as backend
     for t in (weight, bias):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             return None

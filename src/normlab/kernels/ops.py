@@ -1,27 +1,38 @@
 """The kernels as ``torch.library`` custom ops, so ``torch.compile`` sees one opaque node each.
 
 ``torch.ops.normlab.rows_forward`` and friends take and return tensors only; the
-implementation picks the kernel for the device (numba on the CPU), and a "fake" implementation
-gives the output shapes for tracing. Autograd stays with :class:`normlab.autograd.NormalizeAffine`,
-which calls the forward op and, when no graph is being built, the backward op.
+implementation picks the kernel for the device (numba on the CPU, Triton on CUDA), and a
+"fake" implementation gives the output shapes for tracing. Autograd stays with
+:class:`normlab.autograd.NormalizeAffine`, which calls the forward op and, when no graph is
+being built, the backward op. Statistics come back in float64 from the CPU kernels and in
+float32 from the GPU ones.
 """
 
 import torch
 
-from . import cpu
-
 _LIB = "normlab"
 
 
+def _impl(x):
+    if x.device.type == "cuda":
+        from . import triton
+
+        return triton
+    from . import cpu
+
+    return cpu
+
+
 def _stats(x, n):
-    return x.new_empty(n, dtype=torch.float64), x.new_empty(n, dtype=torch.float64)
+    dtype = torch.float64 if x.device.type == "cpu" else torch.float32
+    return x.new_empty(n, dtype=dtype), x.new_empty(n, dtype=dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::rows_forward", mutates_args=(),
                          schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center, int groups, int seg)"
                                 " -> (Tensor, Tensor, Tensor)")
 def rows_forward(x, weight, bias, eps, center, groups, seg):
-    return cpu.rows_forward(x, weight, bias, eps, center, groups, seg)
+    return _impl(x).rows_forward(x, weight, bias, eps, center, groups, seg)
 
 
 @rows_forward.register_fake
@@ -33,7 +44,7 @@ def _(x, weight, bias, eps, center, groups, seg):
                          schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps, bool center,"
                                 " int groups, int seg) -> (Tensor, Tensor, Tensor)")
 def rows_backward(dy, x, mean, rstd, weight, eps, center, groups, seg):
-    return cpu.rows_backward(dy, x, mean, rstd, weight, eps, center, groups, seg)
+    return _impl(x).rows_backward(dy, x, mean, rstd, weight, eps, center, groups, seg)
 
 
 @rows_backward.register_fake
@@ -45,7 +56,7 @@ def _(dy, x, mean, rstd, weight, eps, center, groups, seg):
 @torch.library.custom_op(f"{_LIB}::channels_forward", mutates_args=(),
                          schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
 def channels_forward(x, weight, bias, eps):
-    return cpu.channels_forward(x, weight, bias, eps)
+    return _impl(x).channels_forward(x, weight, bias, eps)
 
 
 @channels_forward.register_fake
@@ -57,7 +68,7 @@ def _(x, weight, bias, eps):
                          schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps)"
                                 " -> (Tensor, Tensor, Tensor)")
 def channels_backward(dy, x, mean, rstd, weight, eps):
-    return cpu.channels_backward(dy, x, mean, rstd, weight, eps)
+    return _impl(x).channels_backward(dy, x, mean, rstd, weight, eps)
 
 
 @channels_backward.register_fake

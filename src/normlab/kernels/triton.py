@@ -1,0 +1,245 @@
+"""GPU kernels (Triton), with the signatures of :mod:`normlab.kernels.reference`.
+
+* rows form (LN, RMS, GN, IN): one program per row; the row is read once into registers when
+  it fits (``D ≤ 8192``), otherwise in chunks; statistics in float32 by the corrected two-pass
+  formula; the backward runs a fixed number of programs, each over a strided set of rows, and
+  writes per-program partial parameter gradients that one ``sum`` reduces (the Triton
+  layer-norm tutorial's scheme);
+* channels form (BN training): one program per block of channels, reducing over ``(N, S)`` in
+  tiles (float32), then a second pass that writes ``y``; the backward likewise.
+
+Inputs in float32, float16 or bfloat16 (statistics always float32). The same kernels run on the
+CPU under ``TRITON_INTERPRET=1``, which is how the test-suite checks them without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_BLOCK = 8192
+
+
+def _block(n: int) -> int:
+    return min(_MAX_BLOCK, triton.next_power_of_2(max(n, 1)))
+
+
+@triton.jit
+def _row_moments(X, row, D, CENTER: tl.constexpr, BLOCK: tl.constexpr):
+    """Mean, corrected centred variance of row ``row`` (float32, two chunked passes)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        acc += tl.load(X + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / D if CENTER else 0.0
+    ss = tl.zeros([BLOCK], dtype=tl.float32)
+    cs = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(X + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        d = tl.where(cols < D, x - mean, 0.0)
+        ss += d * d
+        cs += d
+    comp = tl.sum(cs, axis=0)
+    if CENTER:
+        var = (tl.sum(ss, axis=0) - comp * comp / D) / D
+        mean = mean + comp / D
+    else:
+        var = tl.sum(ss, axis=0) / D
+    return mean, tl.maximum(var, 0.0)
+
+
+@triton.jit
+def _rows_fwd(X, Y, W, B, Mean, Var, D, K, groups, seg, eps, CENTER: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    mean, var = _row_moments(X, row, D, CENTER, BLOCK)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(Mean + row, mean)
+    tl.store(Var + row, var)
+    p0 = (row % groups) * K
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < D
+        x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        p = p0 + cols // seg
+        w = tl.load(W + p, mask=mask, other=1.0).to(tl.float32)
+        b = tl.load(B + p, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * D + cols, ((x - mean) * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
+              CENTER: tl.constexpr, BLOCK: tl.constexpr):
+    """dx per row; per program, partial dγ, dβ over its rows (``DWP[pid, p]``)."""
+    pid = tl.program_id(0)
+    for row in range(pid, R, nprog):
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
+        p0 = (row % groups) * K
+        sg = tl.zeros([BLOCK], dtype=tl.float32)
+        sgx = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < D
+            x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            p = p0 + cols // seg
+            w = tl.load(W + p, mask=mask, other=0.0).to(tl.float32)
+            xh = (x - mean) * rstd
+            sg += dy * w
+            sgx += dy * w * xh
+            # parameter partials: scatter-add into this program's slice (atomics stay local)
+            tl.atomic_add(DWP + pid * groups * K + p, dy * xh, mask=mask)
+            tl.atomic_add(DBP + pid * groups * K + p, dy, mask=mask)
+        mg = tl.sum(sg, axis=0) / D if CENTER else 0.0
+        mgx = tl.sum(sgx, axis=0) / D
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < D
+            x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + p0 + cols // seg, mask=mask, other=0.0).to(tl.float32)
+            xh = (x - mean) * rstd
+            tl.store(DX + row * D + cols, (rstd * (dy * w - mg - xh * mgx)).to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chan_stats(X, Mean, Var, N, C, S, BLOCK: tl.constexpr):
+    """Per channel: mean and corrected variance over (N, S) of ``x (N, C, S)``."""
+    c = tl.program_id(0)
+    n_total = N * S
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_total, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < n_total
+        off = (idx // S) * C * S + c * S + idx % S
+        acc += tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / n_total
+    ss = tl.zeros([BLOCK], dtype=tl.float32)
+    cs = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_total, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < n_total
+        off = (idx // S) * C * S + c * S + idx % S
+        d = tl.where(mask, tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+        ss += d * d
+        cs += d
+    comp = tl.sum(cs, axis=0)
+    tl.store(Mean + c, mean + comp / n_total)
+    tl.store(Var + c, tl.maximum((tl.sum(ss, axis=0) - comp * comp / n_total) / n_total, 0.0))
+
+
+@triton.jit
+def _chan_apply(X, Y, Scale, Shift, Mean, N, C, S, BLOCK: tl.constexpr):
+    """``y = (x − mean)·scale + shift`` per channel, one program per block of elements."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N * C * S
+    c = (idx // S) % C
+    x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(Mean + c, mask=mask, other=0.0)
+    a = tl.load(Scale + c, mask=mask, other=0.0)
+    h = tl.load(Shift + c, mask=mask, other=0.0)
+    tl.store(Y + idx, ((x - m) * a + h).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chan_bwd_sums(DY, X, Mean, Rstd, SD, SDX, N, C, S, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    n_total = N * S
+    mean = tl.load(Mean + c)
+    rstd = tl.load(Rstd + c)
+    sd = tl.zeros([BLOCK], dtype=tl.float32)
+    sdx = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_total, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < n_total
+        off = (idx // S) * C * S + c * S + idx % S
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+        sd += dy
+        sdx += tl.where(mask, dy * (x - mean) * rstd, 0.0)
+    tl.store(SD + c, tl.sum(sd, axis=0))
+    tl.store(SDX + c, tl.sum(sdx, axis=0))
+
+
+@triton.jit
+def _chan_bwd_apply(DY, X, Mean, Rstd, W, SD, SDX, DX, N, C, S, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N * C * S
+    c = (idx // S) % C
+    n_total = N * S
+    x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + idx, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(Mean + c, mask=mask, other=0.0)
+    rstd = tl.load(Rstd + c, mask=mask, other=0.0)
+    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    mg = tl.load(SD + c, mask=mask, other=0.0) / n_total
+    mgx = tl.load(SDX + c, mask=mask, other=0.0) / n_total
+    xh = (x - mean) * rstd
+    tl.store(DX + idx, (w * rstd * (dy - mg - xh * mgx)).to(DX.dtype.element_ty), mask=mask)
+
+
+def _param(t, n, fill, like):
+    return t.reshape(-1) if t is not None else torch.full((n,), fill, dtype=like.dtype, device=like.device)
+
+
+def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int):
+    """``x (R, D)`` → ``(y, mean, var)``; statistics per row in float32."""
+    R, D = x.shape
+    K = D // seg
+    y = torch.empty_like(x)
+    mean = torch.empty(R, dtype=torch.float32, device=x.device)
+    var = torch.empty(R, dtype=torch.float32, device=x.device)
+    w, b = _param(weight, groups * K, 1.0, x), _param(bias, groups * K, 0.0, x)
+    _rows_fwd[(R,)](x, y, w, b, mean, var, D, K, groups, seg, eps, CENTER=center, BLOCK=_block(D))
+    return y, mean, var
+
+
+def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int):
+    R, D = x.shape
+    K = D // seg
+    P = groups * K
+    nprog = min(R, 4 * _sm_count(x.device))
+    dx = torch.empty_like(x)
+    dwp = torch.zeros((nprog, P), dtype=torch.float32, device=x.device)
+    dbp = torch.zeros((nprog, P), dtype=torch.float32, device=x.device)
+    w = _param(weight, P, 1.0, x)
+    _rows_bwd[(nprog,)](dy.contiguous(), x, mean.float().contiguous(), rstd.float().contiguous(), w, dx, dwp, dbp,
+                        R, D, K, groups, seg, nprog, CENTER=center, BLOCK=_block(D))
+    return dx, dwp.sum(0).to(x.dtype), dbp.sum(0).to(x.dtype)
+
+
+def channels_forward(x, weight, bias, eps: float):
+    """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel in float32."""
+    N, C, S = x.shape
+    mean = torch.empty(C, dtype=torch.float32, device=x.device)
+    var = torch.empty(C, dtype=torch.float32, device=x.device)
+    _chan_stats[(C,)](x, mean, var, N, C, S, BLOCK=_block(N * S))
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd * _param(weight, C, 1.0, x).float()
+    shift = _param(bias, C, 0.0, x).float()
+    y = torch.empty_like(x)
+    block = 1024
+    _chan_apply[(triton.cdiv(x.numel(), block),)](x, y, scale, shift, mean, N, C, S, BLOCK=block)
+    return y, mean, var
+
+
+def channels_backward(dy, x, mean, rstd, weight, eps: float):
+    N, C, S = x.shape
+    dy = dy.contiguous()
+    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    sd = torch.empty(C, dtype=torch.float32, device=x.device)
+    sdx = torch.empty(C, dtype=torch.float32, device=x.device)
+    _chan_bwd_sums[(C,)](dy, x, mean, rstd, sd, sdx, N, C, S, BLOCK=_block(N * S))
+    dx = torch.empty_like(x)
+    block = 1024
+    _chan_bwd_apply[(triton.cdiv(x.numel(), block),)](dy, x, mean, rstd, _param(weight, C, 1.0, x), sd, sdx, dx,
+                                                       N, C, S, BLOCK=block)
+    return dx, sdx.to(x.dtype), sd.to(x.dtype)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
