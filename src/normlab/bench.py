@@ -235,7 +235,10 @@ def main(args) -> int:
     except ValueError as e:
         console.print(f"normlab bench: {e}")
         return 2
-    Console().print(_table(rows))
+    out = Console()
+    if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
+        out = Console(width=200)
+    out.print(_table(rows))
     s = summary(rows)
     for p, v in s.items():
         print(f"{p}: median speed-up vs torch {v['median vs torch']:.2f}×, minimum {v['min vs torch']:.2f}×, "

@@ -70,9 +70,16 @@ def _rows_fwd(X, Y, W, B, Mean, Var, D, K, groups, seg, eps, CENTER: tl.constexp
 
 @triton.jit
 def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
-              CENTER: tl.constexpr, BLOCK: tl.constexpr):
-    """dx per row; per program, partial dγ, dβ over its rows (``DWP[pid, p]``)."""
+              CENTER: tl.constexpr, BLOCK: tl.constexpr, REGISTERS: tl.constexpr):
+    """dx per row; per program, partial dγ, dβ over its rows (``DWP[pid, p]``).
+
+    ``REGISTERS`` (LayerNorm/RMSNorm rows that fit one block): the partials stay in registers
+    across the program's rows and are stored once; otherwise they are added to the program's
+    own slice of ``DWP``/``DBP`` (atomics that never contend across programs).
+    """
     pid = tl.program_id(0)
+    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for row in range(pid, R, nprog):
         mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
@@ -86,12 +93,15 @@ def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
             dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             p = p0 + cols // seg
             w = tl.load(W + p, mask=mask, other=0.0).to(tl.float32)
-            xh = (x - mean) * rstd
+            xh = tl.where(mask, (x - mean) * rstd, 0.0)
             sg += dy * w
             sgx += dy * w * xh
-            # parameter partials: scatter-add into this program's slice (atomics stay local)
-            tl.atomic_add(DWP + pid * groups * K + p, dy * xh, mask=mask)
-            tl.atomic_add(DBP + pid * groups * K + p, dy, mask=mask)
+            if REGISTERS:
+                dw_acc += dy * xh
+                db_acc += dy
+            else:
+                tl.atomic_add(DWP + pid * groups * K + p, dy * xh, mask=mask)
+                tl.atomic_add(DBP + pid * groups * K + p, dy, mask=mask)
         mg = tl.sum(sg, axis=0) / D if CENTER else 0.0
         mgx = tl.sum(sgx, axis=0) / D
         for start in range(0, D, BLOCK):
@@ -102,6 +112,10 @@ def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
             w = tl.load(W + p0 + cols // seg, mask=mask, other=0.0).to(tl.float32)
             xh = (x - mean) * rstd
             tl.store(DX + row * D + cols, (rstd * (dy * w - mg - xh * mgx)).to(DX.dtype.element_ty), mask=mask)
+    if REGISTERS:
+        cols = tl.arange(0, BLOCK)
+        tl.store(DWP + pid * D + cols, dw_acc, mask=cols < D)
+        tl.store(DBP + pid * D + cols, db_acc, mask=cols < D)
 
 
 @triton.jit
@@ -206,7 +220,8 @@ def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: i
     dbp = torch.zeros((nprog, P), dtype=torch.float32, device=x.device)
     w = _param(weight, P, 1.0, x)
     _rows_bwd[(nprog,)](dy.contiguous(), x, mean.float().contiguous(), rstd.float().contiguous(), w, dx, dwp, dbp,
-                        R, D, K, groups, seg, nprog, CENTER=center, BLOCK=_block(D))
+                        R, D, K, groups, seg, nprog, CENTER=center, BLOCK=_block(D),
+                        REGISTERS=groups == 1 and seg == 1 and D <= _MAX_BLOCK)
     return dx, dwp.sum(0).to(x.dtype), dbp.sum(0).to(x.dtype)
 
 
