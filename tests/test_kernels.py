@@ -129,6 +129,16 @@ def test_every_op_takes_a_kernel_and_agrees_with_the_reference(name, channels_la
     assert fast[0].is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("name", list(OPS))
+def test_outputs_of_kernels_can_be_modified_in_place(name):
+    fn, pshape, shape = OPS[name]
+    x = torch.randn(shape, requires_grad=True)
+    w, b = torch.randn(pshape(shape), requires_grad=True), torch.randn(pshape(shape), requires_grad=True)
+    y = torch.relu_(fn(x, w, b))  # nn.ReLU(inplace=True) after a norm
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("call, form", [
     (lambda: (torch.randn(4, 8), (1,), torch.ones(8), None), ("rows", (4, 8), 1, 1)),
     (lambda: (torch.randn(2, 3, 4, 5), (2, 3), torch.ones(3, 1, 1), None), ("rows", (6, 20), 3, 20)),

@@ -183,30 +183,28 @@ def _flat(t: Tensor | None) -> Tensor | None:
 
 def _kernel_forward(planned, x, weight, bias, dims, eps, center):
     """The forward by a fast kernel (:mod:`normlab.kernels`); statistics in float64 (CPU) or float32."""
-    backend, p = planned
-    xv = p.view(x)
+    ops, p = planned
     if p.form == "rows":
-        y, mean, var = backend.rows_forward(xv, _flat(weight), _flat(bias), eps, center, p.groups, p.seg)
+        y, mean, var = ops.rows_forward(x, _flat(weight), _flat(bias), eps, center, p.groups, p.seg, list(p.shape))
     else:
-        y, mean, var = backend.channels_forward(xv, _flat(weight), _flat(bias), eps)
-    stat_shape = [1 if d in {i % x.dim() for i in dims} else n for d, n in enumerate(x.shape)]
+        y, mean, var = ops.channels_forward(x, _flat(weight), _flat(bias), eps, list(p.shape), list(p.permute or ()))
+    reduced = [i % x.dim() for i in dims]
+    stat_shape = [1 if d in reduced else n for d, n in enumerate(x.shape)]
     mean = mean.view(stat_shape) if center else var.new_zeros(())
-    return p.unview(y, x), mean, var.view(stat_shape)
+    return y, mean, var.view(stat_shape)
 
 
 def _kernel_backward(ctx, dy, x, weight, mean, rstd):
-    backend, p = ctx.planned
-    xv, dyv = p.view(x), p.view(dy)
+    ops, p = ctx.planned
     m, r = mean.expand_as(rstd).reshape(-1), rstd.reshape(-1)
     if p.form == "rows":
-        dx, dw, db = backend.rows_backward(dyv, xv, m, r, _flat(weight), ctx.eps, ctx.center, p.groups, p.seg)
+        dx, dw, db = ops.rows_backward(dy, x, m, r, _flat(weight), ctx.eps, ctx.center, p.groups, p.seg, list(p.shape))
     else:
-        dx, dw, db = backend.channels_backward(dyv, xv, m, r, _flat(weight), ctx.eps)
+        dx, dw, db = ops.channels_backward(dy, x, m, r, _flat(weight), ctx.eps, list(p.shape), list(p.permute or ()))
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx = p.unview(dx, x) if need_x else None
     dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
     db = db.view(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
-    return dx, dw, db, None, None, None, None, None
+    return dx if need_x else None, dw, db, None, None, None, None, None
 
 
 def normalize_affine(

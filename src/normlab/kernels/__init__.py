@@ -37,7 +37,7 @@ True
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -117,24 +117,16 @@ class Plan:
         return t.view(permuted).permute(inverse)
 
 
-def _available(device_type: str) -> bool:
-    """Whether the kernel engine of this device imports (numba on CPU, Triton on CUDA)."""
-    if device_type not in _ENGINES:
-        try:
-            importlib.import_module(f"{__name__}.{'cpu' if device_type == 'cpu' else 'triton'}")
-            _ENGINES[device_type] = True
-        except ImportError:  # the reference serves
-            _ENGINES[device_type] = False
-    return _ENGINES[device_type]
-
-
-_ENGINES: dict[str, bool] = {}
+# Which kernel engine each device has, found without importing it (importing numba or Triton
+# costs seconds, and torch.compile cannot trace an import).
+_ENGINES = {"cpu": importlib.util.find_spec("numba") is not None,
+            "cuda": importlib.util.find_spec("triton") is not None}
 _DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _supported(x: Tensor) -> bool:
     kind = x.device.type
-    return x.dtype in _DTYPES.get(kind, ()) and _available(kind)
+    return x.dtype in _DTYPES.get(kind, ()) and _ENGINES.get(kind, False)
 
 
 def _is_plain(t: Tensor | None) -> bool:

@@ -349,6 +349,7 @@ def _k_scale_shift(x, scale, shift, y):
 
 # ---------------------------------------------------------------------- torch-level entry points
 # Same signatures as normlab.kernels.reference; tensors in, tensors out (numpy views, no copies).
+# ``out`` (y or dx), when given, is a view in the canonical layout of a tensor the caller owns.
 
 import torch  # noqa: E402
 
@@ -369,11 +370,11 @@ def _param(t, n, fill, like):
     return _np(t.reshape(-1)) if t is not None else np.full(n, fill, dtype=_np(like).dtype)
 
 
-def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int):
+def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int, out=None):
     """``x (R, D)`` → ``(y, mean, var)``; mean and biased var per row, float64."""
     R, D = x.shape
     P = groups * (D // seg)
-    y, mean, var = _empty_like(x), _empty(R), _empty(R)
+    y, mean, var = _empty_like(x) if out is None else out, _empty(R), _empty(R)
     w, b = _param(weight, P, 1.0, x), _param(bias, P, 0.0, x)
     if groups == 1 and seg == 1:
         _k_rows_forward_elem(_np(x), w, b, eps, center, _np(y), _np(mean), _np(var))
@@ -382,12 +383,12 @@ def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: in
     return y, mean, var
 
 
-def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int):
+def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int, out=None):
     """``(dx, dweight, dbias)``; the parameter gradients flat, in x's dtype (``None`` without weight)."""
     R, D = x.shape
     P = groups * (D // seg)
     nblk = _blocks(R)
-    dx = _empty_like(x)
+    dx = _empty_like(x) if out is None else out
     dwp = np.zeros((nblk, P))
     dbp = np.zeros((nblk, P))
     w = _param(weight, P, 1.0, x)
@@ -399,10 +400,10 @@ def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: i
     return dx, torch.from_numpy(dwp.sum(0)).to(x.dtype), torch.from_numpy(dbp.sum(0)).to(x.dtype)
 
 
-def channels_forward(x, weight, bias, eps: float):
+def channels_forward(x, weight, bias, eps: float, out=None):
     """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel, float64."""
     N, C, S = x.shape
-    y, mean, var = _empty_like(x), _empty(C), _empty(C)
+    y, mean, var = _empty_like(x) if out is None else out, _empty(C), _empty(C)
     w, b = _param(weight, C, 1.0, x), _param(bias, C, 0.0, x)
     if S > 1:
         _k_channels_forward(_np(x), w, b, eps, _np(y), _np(mean), _np(var))
@@ -419,10 +420,10 @@ def channels_forward(x, weight, bias, eps: float):
     return y, mean, var
 
 
-def channels_backward(dy, x, mean, rstd, weight, eps: float):
+def channels_backward(dy, x, mean, rstd, weight, eps: float, out=None):
     """BN training backward on ``(N, C, S)`` → ``(dx, dweight, dbias)`` per channel, in x's dtype."""
     N, C, S = x.shape
-    dx = _empty_like(x)
+    dx = _empty_like(x) if out is None else out
     w = _param(weight, C, 1.0, x)
     dy = dy.contiguous()
     if S > 1:

@@ -1,8 +1,11 @@
 """The kernels as ``torch.library`` custom ops, so ``torch.compile`` sees one opaque node each.
 
-``torch.ops.normlab.rows_forward`` and friends take and return tensors only; the
-implementation picks the kernel for the device (numba on the CPU, Triton on CUDA), and a
-"fake" implementation gives the output shapes for tracing. Autograd stays with
+``torch.ops.normlab.rows_forward`` and friends take ``x`` in its own shape and layout plus the
+canonical view to compute in (see :class:`normlab.kernels.Plan`), and return ``y``/``dx`` as
+fresh tensors in ``x``'s shape and memory format: the kernel writes into a canonical view of
+them, so no copy is made and the result is not a view (in-place ops on a norm's output work).
+The implementation picks the kernel for the device (numba on the CPU, Triton on CUDA); a "fake"
+implementation gives the output shapes for tracing. Autograd stays with
 :class:`normlab.autograd.NormalizeAffine`, which calls the forward op and, when no graph is
 being built, the backward op. Statistics come back in float64 from the CPU kernels and in
 float32 from the GPU ones.
@@ -23,55 +26,74 @@ def _impl(x):
     return cpu
 
 
+def _plan(form, shape, permute):
+    from . import Plan
+
+    return Plan(form, tuple(shape), permute=tuple(permute) or None)
+
+
 def _stats(x, n):
     dtype = torch.float64 if x.device.type == "cpu" else torch.float32
     return x.new_empty(n, dtype=dtype), x.new_empty(n, dtype=dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::rows_forward", mutates_args=(),
-                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center, int groups, int seg)"
-                                " -> (Tensor, Tensor, Tensor)")
-def rows_forward(x, weight, bias, eps, center, groups, seg):
-    return _impl(x).rows_forward(x, weight, bias, eps, center, groups, seg)
+                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center, int groups, int seg,"
+                                " int[] shape) -> (Tensor, Tensor, Tensor)")
+def rows_forward(x, weight, bias, eps, center, groups, seg, shape):
+    y = torch.empty_like(x)
+    view = _plan("rows", shape, ()).view
+    _, mean, var = _impl(x).rows_forward(view(x), weight, bias, eps, center, groups, seg, out=view(y))
+    return y, mean, var
 
 
 @rows_forward.register_fake
-def _(x, weight, bias, eps, center, groups, seg):
-    return (torch.empty_like(x), *_stats(x, x.shape[0]))
+def _(x, weight, bias, eps, center, groups, seg, shape):
+    return (torch.empty_like(x), *_stats(x, shape[0]))
 
 
 @torch.library.custom_op(f"{_LIB}::rows_backward", mutates_args=(),
                          schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps, bool center,"
-                                " int groups, int seg) -> (Tensor, Tensor, Tensor)")
-def rows_backward(dy, x, mean, rstd, weight, eps, center, groups, seg):
-    return _impl(x).rows_backward(dy, x, mean, rstd, weight, eps, center, groups, seg)
+                                " int groups, int seg, int[] shape) -> (Tensor, Tensor, Tensor)")
+def rows_backward(dy, x, mean, rstd, weight, eps, center, groups, seg, shape):
+    dx = torch.empty_like(x)
+    view = _plan("rows", shape, ()).view
+    _, dw, db = _impl(x).rows_backward(view(dy), view(x), mean, rstd, weight, eps, center, groups, seg, out=view(dx))
+    return dx, dw, db
 
 
 @rows_backward.register_fake
-def _(dy, x, mean, rstd, weight, eps, center, groups, seg):
-    p = groups * (x.shape[1] // seg)
+def _(dy, x, mean, rstd, weight, eps, center, groups, seg, shape):
+    p = groups * (shape[1] // seg)
     return torch.empty_like(x), x.new_empty(p), x.new_empty(p)
 
 
 @torch.library.custom_op(f"{_LIB}::channels_forward", mutates_args=(),
-                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
-def channels_forward(x, weight, bias, eps):
-    return _impl(x).channels_forward(x, weight, bias, eps)
+                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, int[] shape, int[] permute)"
+                                " -> (Tensor, Tensor, Tensor)")
+def channels_forward(x, weight, bias, eps, shape, permute):
+    y = torch.empty_like(x)
+    view = _plan("channels", shape, permute).view
+    _, mean, var = _impl(x).channels_forward(view(x), weight, bias, eps, out=view(y))
+    return y, mean, var
 
 
 @channels_forward.register_fake
-def _(x, weight, bias, eps):
-    return (torch.empty_like(x), *_stats(x, x.shape[1]))
+def _(x, weight, bias, eps, shape, permute):
+    return (torch.empty_like(x), *_stats(x, shape[1]))
 
 
 @torch.library.custom_op(f"{_LIB}::channels_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps)"
-                                " -> (Tensor, Tensor, Tensor)")
-def channels_backward(dy, x, mean, rstd, weight, eps):
-    return _impl(x).channels_backward(dy, x, mean, rstd, weight, eps)
+                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps, int[] shape,"
+                                " int[] permute) -> (Tensor, Tensor, Tensor)")
+def channels_backward(dy, x, mean, rstd, weight, eps, shape, permute):
+    dx = torch.empty_like(x)
+    view = _plan("channels", shape, permute).view
+    _, dw, db = _impl(x).channels_backward(view(dy), view(x), mean, rstd, weight, eps, out=view(dx))
+    return dx, dw, db
 
 
 @channels_backward.register_fake
-def _(dy, x, mean, rstd, weight, eps):
-    c = x.shape[1]
+def _(dy, x, mean, rstd, weight, eps, shape, permute):
+    c = shape[1]
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)

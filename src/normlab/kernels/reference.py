@@ -29,35 +29,42 @@ def _flat(t, shape):
     return None if t is None else t.reshape(shape)
 
 
-def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int):
+def _into(out, t):
+    """``t``, or ``t`` written into the caller's ``out`` (the kernels' output convention)."""
+    return t if out is None else out.copy_(t)
+
+
+def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int, out=None):
     """``x (R, D)`` → ``(y, mean, var)``: mean and biased variance per row in float64."""
     x4, dims, pshape = _rows(x, groups, seg)
     y, mean, var = normalize_affine(x4.double(), dims, _flat(weight, pshape), _flat(bias, pshape), eps, center=center)
     mean = mean if center else torch.zeros_like(var)
-    return y.to(x.dtype).reshape(x.shape), mean.reshape(-1), var.reshape(-1)
+    return _into(out, y.to(x.dtype).reshape(x.shape)), mean.reshape(-1), var.reshape(-1)
 
 
-def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int):
+def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int, out=None):
     """``(dx, dweight, dbias)`` of :func:`rows_forward`, the parameter gradients flattened.
 
     ``mean``/``rstd`` are what the forward saved (kernels use them; the reference recomputes).
     """
     x4, dims, pshape = _rows(x, groups, seg)
-    return _grads(lambda xx, w, b: normalize_affine(xx, dims, w, b, eps, center=center)[0], x4, dy.reshape(x4.shape),
-                  weight, pshape, x.shape)
+    dx, dw, db = _grads(lambda xx, w, b: normalize_affine(xx, dims, w, b, eps, center=center)[0], x4,
+                        dy.reshape(x4.shape), weight, pshape, x.shape)
+    return _into(out, dx), dw, db
 
 
-def channels_forward(x, weight, bias, eps: float):
+def channels_forward(x, weight, bias, eps: float, out=None):
     """BatchNorm training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel in float64."""
     C = x.shape[1]
     y, mean, var = normalize_affine(x.double(), (0, 2), _flat(weight, (C, 1)), _flat(bias, (C, 1)), eps)
-    return y.to(x.dtype), mean.reshape(-1), var.reshape(-1)
+    return _into(out, y.to(x.dtype)), mean.reshape(-1), var.reshape(-1)
 
 
-def channels_backward(dy, x, mean, rstd, weight, eps: float):
+def channels_backward(dy, x, mean, rstd, weight, eps: float, out=None):
     """``(dx, dweight, dbias)`` of :func:`channels_forward`."""
     C = x.shape[1]
-    return _grads(lambda xx, w, b: normalize_affine(xx, (0, 2), w, b, eps)[0], x, dy, weight, (C, 1), x.shape)
+    dx, dw, db = _grads(lambda xx, w, b: normalize_affine(xx, (0, 2), w, b, eps)[0], x, dy, weight, (C, 1), x.shape)
+    return _into(out, dx), dw, db
 
 
 def _grads(f, x, dy, weight, pshape, out_shape):

@@ -198,11 +198,11 @@ def _param(t, n, fill, like):
     return t.reshape(-1) if t is not None else torch.full((n,), fill, dtype=like.dtype, device=like.device)
 
 
-def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int):
+def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int, out=None):
     """``x (R, D)`` → ``(y, mean, var)``; statistics per row in float32."""
     R, D = x.shape
     K = D // seg
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if out is None else out
     mean = torch.empty(R, dtype=torch.float32, device=x.device)
     var = torch.empty(R, dtype=torch.float32, device=x.device)
     w, b = _param(weight, groups * K, 1.0, x), _param(bias, groups * K, 0.0, x)
@@ -210,12 +210,12 @@ def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: in
     return y, mean, var
 
 
-def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int):
+def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int, out=None):
     R, D = x.shape
     K = D // seg
     P = groups * K
     nprog = min(R, 4 * _sm_count(x.device))
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if out is None else out
     dwp = torch.zeros((nprog, P), dtype=torch.float32, device=x.device)
     dbp = torch.zeros((nprog, P), dtype=torch.float32, device=x.device)
     w = _param(weight, P, 1.0, x)
@@ -225,7 +225,7 @@ def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: i
     return dx, dwp.sum(0).to(x.dtype), dbp.sum(0).to(x.dtype)
 
 
-def channels_forward(x, weight, bias, eps: float):
+def channels_forward(x, weight, bias, eps: float, out=None):
     """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel in float32."""
     N, C, S = x.shape
     mean = torch.empty(C, dtype=torch.float32, device=x.device)
@@ -234,20 +234,20 @@ def channels_forward(x, weight, bias, eps: float):
     rstd = torch.rsqrt(var + eps)
     scale = rstd * _param(weight, C, 1.0, x).float()
     shift = _param(bias, C, 0.0, x).float()
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if out is None else out
     block = 1024
     _chan_apply[(triton.cdiv(x.numel(), block),)](x, y, scale, shift, mean, N, C, S, BLOCK=block)
     return y, mean, var
 
 
-def channels_backward(dy, x, mean, rstd, weight, eps: float):
+def channels_backward(dy, x, mean, rstd, weight, eps: float, out=None):
     N, C, S = x.shape
     dy = dy.contiguous()
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     sd = torch.empty(C, dtype=torch.float32, device=x.device)
     sdx = torch.empty(C, dtype=torch.float32, device=x.device)
     _chan_bwd_sums[(C,)](dy, x, mean, rstd, sd, sdx, N, C, S, BLOCK=_block(N * S))
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if out is None else out
     block = 1024
     _chan_bwd_apply[(triton.cdiv(x.numel(), block),)](dy, x, mean, rstd, _param(weight, C, 1.0, x), sd, sdx, dx,
                                                        N, C, S, BLOCK=block)
