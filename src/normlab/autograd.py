@@ -47,7 +47,7 @@ from torch import Tensor
 from . import kernels
 from .stats import accumulation_dtype, centered, corrected_variance, mean_square, moments, reduce_mean
 
-__all__ = ["NormalizeAffine", "normalize_affine"]
+__all__ = ["NormalizeAffine", "FusedNormalizeAffine", "normalize_affine"]
 
 
 def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
@@ -94,9 +94,6 @@ class NormalizeAffine(torch.autograd.Function):
     def forward(x, weight, bias, dims, eps, center, fixed_mean, fixed_var):
         acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
         batch_stats = fixed_var is None
-        planned = kernels.plan(x, dims, weight, bias, batch_stats, center)
-        if planned is not None:
-            return _kernel_forward(planned, x, weight, bias, dims, eps, center)
         if batch_stats:  # y starts as the centred copy the variance pass needs anyway
             if center:
                 mean, y, shift = centered(x, dims, acc)  # y − shift is exactly centred
@@ -119,8 +116,6 @@ class NormalizeAffine(torch.autograd.Function):
         x, weight, bias, dims, eps, center, _, fixed_var = inputs
         _, mean, var = output
         ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, fixed_var is None
-        # the forward's choice, made again from the same inputs right after it
-        ctx.planned = kernels.plan(x, dims, weight, bias, ctx.batch_stats, center)
         # the bias itself is not needed by backward: keep only its shape and dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
@@ -131,8 +126,6 @@ class NormalizeAffine(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         dims, center, acc = ctx.dims, ctx.center, rstd.dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.planned is not None and not torch.is_grad_enabled():
-            return _kernel_backward(ctx, dy, x, weight, mean, rstd)
         # Without a graph to build, two x-sized buffers are reused in place (the reference
         # path is memory-bound and fresh allocations cost page faults). Double backward
         # builds a graph through the same formula, out of place, with the statistics
@@ -181,30 +174,54 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.reshape(-1)
 
 
-def _kernel_forward(planned, x, weight, bias, dims, eps, center):
-    """The forward by a fast kernel (:mod:`normlab.kernels`); statistics in float64 (CPU) or float32."""
-    ops, p = planned
-    if p.form == "rows":
-        y, mean, var = ops.rows_forward(x, _flat(weight), _flat(bias), eps, center, p.groups, p.seg, list(p.shape))
-    else:
-        y, mean, var = ops.channels_forward(x, _flat(weight), _flat(bias), eps, list(p.shape), list(p.permute or ()))
-    reduced = [i % x.dim() for i in dims]
-    stat_shape = [1 if d in reduced else n for d, n in enumerate(x.shape)]
-    mean = mean.view(stat_shape) if center else var.new_zeros(())
-    return y, mean, var.view(stat_shape)
+class FusedNormalizeAffine(torch.autograd.Function):
+    """:class:`NormalizeAffine` computed by a fast kernel (:mod:`normlab.kernels`).
 
+    Same outputs, with the statistics in float64 (CPU kernels) or float32 (GPU kernels). The
+    backward is the kernel's when no graph is being built; double backward goes through
+    :meth:`NormalizeAffine.backward`'s written-out, differentiable formula (the ``ctx`` holds
+    what it reads). Old-style ``forward(ctx, ...)``: it skips the per-call signature binding of
+    ``setup_context`` Functions, and torch.func transforms never reach it (they take the
+    reference path, see :func:`normlab.kernels.plan`).
+    """
 
-def _kernel_backward(ctx, dy, x, weight, mean, rstd):
-    ops, p = ctx.planned
-    m, r = mean.expand_as(rstd).reshape(-1), rstd.reshape(-1)
-    if p.form == "rows":
-        dx, dw, db = ops.rows_backward(dy, x, m, r, _flat(weight), ctx.eps, ctx.center, p.groups, p.seg, list(p.shape))
-    else:
-        dx, dw, db = ops.channels_backward(dy, x, m, r, _flat(weight), ctx.eps, list(p.shape), list(p.permute or ()))
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
-    db = db.view(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
-    return dx if need_x else None, dw, db, None, None, None, None, None
+    @staticmethod
+    def forward(ctx, x, weight, bias, planned, dims, eps, center):
+        ops, p = planned
+        if p.form == "rows":
+            y, mean, var = ops.call("rows_forward")(x, _flat(weight), _flat(bias), eps, center, p.groups, p.seg,
+                                                    list(p.shape))
+        else:
+            y, mean, var = ops.call("channels_forward")(x, _flat(weight), _flat(bias), eps, list(p.shape),
+                                                        list(p.permute or ()))
+        nd = x.dim()
+        reduced = [d % nd for d in dims]
+        stat_shape = [1 if d in reduced else n for d, n in enumerate(x.shape)]
+        mean = mean.view(stat_shape) if center else var.new_zeros(())
+        var = var.view(stat_shape)
+        ctx.dims, ctx.center, ctx.eps, ctx.batch_stats, ctx.planned = tuple(dims), center, eps, True, planned
+        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        if torch.is_grad_enabled():  # double backward: the differentiable formula
+            return (*NormalizeAffine.backward(ctx, dy, None, None)[:3], None, None, None, None)
+        x, weight, mean, rstd = ctx.saved_tensors
+        ops, p = ctx.planned
+        m, r = mean.expand_as(rstd).reshape(-1), rstd.reshape(-1)
+        if p.form == "rows":
+            dx, dw, db = ops.call("rows_backward")(dy, x, m, r, _flat(weight), ctx.eps, ctx.center, p.groups, p.seg,
+                                                   list(p.shape))
+        else:
+            dx, dw, db = ops.call("channels_backward")(dy, x, m, r, _flat(weight), ctx.eps, list(p.shape),
+                                                       list(p.permute or ()))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
+        db = db.view(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
+        return dx if need_x else None, dw, db, None, None, None, None
 
 
 def normalize_affine(
@@ -218,6 +235,11 @@ def normalize_affine(
     fixed_mean: Tensor | None = None,
     fixed_var: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Functional entry point of :class:`NormalizeAffine` (keyword arguments allowed)."""
-    return NormalizeAffine.apply(x, weight, bias, tuple(dims), eps, center, fixed_mean, fixed_var)
+    """Functional entry point: :class:`FusedNormalizeAffine` when a kernel covers the call
+    (:func:`normlab.kernels.plan`), :class:`NormalizeAffine` otherwise."""
+    dims = tuple(dims)
+    planned = kernels.plan(x, dims, weight, bias, fixed_var is None, center)
+    if planned is not None:
+        return FusedNormalizeAffine.apply(x, weight, bias, planned, dims, eps, center)
+    return NormalizeAffine.apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)
 
