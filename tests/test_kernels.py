@@ -77,6 +77,15 @@ def test_channels_kernels_equal_the_reference(poisoned, shape, offset, dtype):
         assert_rel(g_, w_, dtype, what=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", CHANNELS)
+def test_eval_affine_kernel_equals_the_reference(poisoned, shape, dtype):
+    x = _data(shape, dtype, 1e3)
+    C = shape[1]
+    mean, scale, shift = (_data((C,), dtype, o, seed=s) for s, o in ((1, 1e3), (2, 1.0), (3, 0.0)))
+    assert_rel(cpu.channels_affine(x, mean, scale, shift), reference.channels_affine(x, mean, scale, shift), dtype)
+
+
 def test_kernels_without_parameters_and_with_non_finite_input():
     x = torch.randn(4, 9)
     y, mean, var = cpu.rows_forward(x, None, None, 1e-5, True, 1, 1)
@@ -99,6 +108,10 @@ OPS = {
     "batch_norm 2-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (17, 5)),
     "batch_norm 4-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (3, 4, 5, 6)),
     "batch_norm 5-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (2, 3, 2, 3, 4)),
+    "batch_norm eval": (lambda x, w, b: F.batch_norm(x, torch.linspace(1, 3, x.shape[1]), torch.linspace(0.5, 2, x.shape[1]),
+                                                     w, b, False), lambda s: s[1:2], (3, 4, 5, 6)),
+    "batch_norm eval 2-D": (lambda x, w, b: F.batch_norm(x, torch.linspace(1, 3, x.shape[1]), torch.linspace(0.5, 2, x.shape[1]),
+                                                         w, b, False), lambda s: s[1:2], (9, 4)),
 }
 
 
@@ -152,14 +165,14 @@ def test_plan_recognises_the_canonical_forms(call, form):
     assert (p.form, p.shape, p.groups, p.seg) == form
 
 
-@pytest.mark.parametrize("case", ["fp16", "bf16", "strided", "fixed stats", "mixed dtypes", "odd weight", "empty"])
+@pytest.mark.parametrize("case", ["fp16", "bf16", "strided", "fixed row stats", "mixed dtypes", "odd weight", "empty"])
 def test_plan_leaves_what_the_kernels_do_not_cover_to_the_reference(case):
     x, dims, w, batch = torch.randn(4, 8), (1,), None, True
     if case in ("fp16", "bf16"):
         x = x.to(torch.float16 if case == "fp16" else torch.bfloat16)
     elif case == "strided":
         x = torch.randn(8, 4).t()
-    elif case == "fixed stats":
+    elif case == "fixed row stats":  # only BatchNorm's per-channel form has an eval kernel
         batch = False
     elif case == "mixed dtypes":
         w = torch.ones(8, dtype=torch.float64)

@@ -70,3 +70,10 @@ def test_half_precision_on_gpu(dtype):
     w = torch.randn(1000, device="cuda", dtype=dtype)
     y = tk.rows_forward(x, w, None, 1e-5, True, 1, 1)[0]
     assert_rel(y.float(), torch.nn.functional.layer_norm(x.float(), (1000,), w.float()), tol=3e-2)
+
+
+def test_eval_affine(poisoned):
+    x = _data((4, 3, 33), 50.0, 0)
+    mean, scale, shift = _data((3,), 50.0, 1), _data((3,), 1.0, 2), _data((3,), 0.0, 3)
+    assert_rel(tk.channels_affine(x, mean, scale, shift).cpu(),
+               reference.channels_affine(x.cpu(), mean.cpu(), scale.cpu(), shift.cpu()), tol=2e-5)

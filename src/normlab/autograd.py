@@ -47,7 +47,7 @@ from torch import Tensor
 from . import kernels
 from .stats import accumulation_dtype, centered, corrected_variance, mean_square, moments, reduce_mean
 
-__all__ = ["NormalizeAffine", "FusedNormalizeAffine", "normalize_affine"]
+__all__ = ["NormalizeAffine", "FusedNormalizeAffine", "FusedChannelAffine", "normalize_affine"]
 
 
 def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
@@ -224,6 +224,42 @@ class FusedNormalizeAffine(torch.autograd.Function):
         return dx if need_x else None, dw, db, None, None, None, None
 
 
+class FusedChannelAffine(torch.autograd.Function):
+    """BatchNorm in eval by a kernel: ``y = (x − μ)·a + β`` per channel, ``a = γ/√(σ²+ε)``
+    (seed 000 §2.2). ``μ`` is a constant (a running mean); ``a`` and ``β`` carry the gradients
+    to γ and β through the torch ops that made them. Backward: ``∂l/∂x = a·∂l/∂y``,
+    ``∂l/∂a = Σ ∂l/∂y·(x − μ)``, ``∂l/∂β = Σ ∂l/∂y`` (differentiable torch ops)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, scale, shift, planned):
+        ops, p = planned
+        ctx.save_for_backward(x, mean, scale)
+        ctx.reduce = [0, *range(2, x.dim())]
+        return ops.call("channels_affine")(x, mean, scale, shift, list(p.shape), list(p.permute or ()))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, scale = ctx.saved_tensors
+        view = [1, -1] + [1] * (x.dim() - 2)
+        dx = dy * scale.view(view) if ctx.needs_input_grad[0] else None
+        da = (dy * (x - mean.view(view))).sum(ctx.reduce) if ctx.needs_input_grad[2] else None
+        db = dy.sum(ctx.reduce) if ctx.needs_input_grad[3] else None
+        return dx, None, da, db, None
+
+
+def _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var):
+    """BatchNorm in eval through :class:`FusedChannelAffine`; returns what NormalizeAffine does."""
+    acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
+    mean, var = fixed_mean.to(acc, copy=True), fixed_var.to(acc, copy=True)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = bias if bias is not None else torch.zeros_like(scale)
+    y = FusedChannelAffine.apply(x, mean.reshape(-1).to(x.dtype), scale.reshape(-1).to(x.dtype),
+                                 shift.reshape(-1).to(x.dtype), planned)
+    return y, mean, var
+
+
 def normalize_affine(
     x: Tensor,
     dims: Sequence[int],
@@ -239,6 +275,8 @@ def normalize_affine(
     (:func:`normlab.kernels.plan`), :class:`NormalizeAffine` otherwise."""
     dims = tuple(dims)
     planned = kernels.plan(x, dims, weight, bias, fixed_var is None, center)
+    if planned is not None and fixed_var is not None:
+        return _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var)
     if planned is not None:
         return FusedNormalizeAffine.apply(x, weight, bias, planned, dims, eps, center)
     return NormalizeAffine.apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)

@@ -10,8 +10,12 @@ which the fast kernels implement:
 * **channels** — BatchNorm in training, ``x`` viewed as ``(N, C, S)``, one statistic per
   channel (``S == 1``: the ``(M, C)`` layout of 2-D and ``channels_last`` input).
 
-Backends, each a module with the same four functions (``rows_forward``, ``rows_backward``,
-``channels_forward``, ``channels_backward``; see :mod:`normlab.kernels.reference`):
+A third, small form is BatchNorm in eval: ``channels_affine``, ``(x − μ)·γ/√(σ²+ε) + β`` per
+channel with the running statistics (seed 000 §2.2's affine view).
+
+Backends, each a module with the same five functions (``rows_forward``, ``rows_backward``,
+``channels_forward``, ``channels_backward``, ``channels_affine``; see
+:mod:`normlab.kernels.reference`):
 
 * ``reference`` — :mod:`normlab.kernels.reference`: the oracle, plain torch ops through the core;
 * ``cpu`` — :mod:`normlab.kernels.cpu`: fused numba loops (float32/float64 on the CPU);
@@ -139,7 +143,7 @@ def _is_plain(t: Tensor | None) -> bool:
 def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
          batch_stats: bool, center: bool = True):
     """``(ops, Plan)`` when a kernel computes this call exactly, else ``None`` (the reference)."""
-    if _backend != "auto" or not batch_stats or x.numel() == 0 or not _supported(x):
+    if _backend != "auto" or x.numel() == 0 or not _supported(x):
         return None
     if not (_is_plain(x) and _is_plain(weight) and _is_plain(bias)):
         return None
@@ -148,7 +152,10 @@ def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor |
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             return None
     dims = tuple([d % x.dim() for d in dims])
-    p = _rows_plan(x, dims, weight, bias) or (_channels_plan(x, dims, weight, bias) if center else None)
+    if not batch_stats:  # fixed statistics (BatchNorm in eval): one affine map per channel
+        p = _channels_plan(x, dims, weight, bias) if center else None
+    else:
+        p = _rows_plan(x, dims, weight, bias) or (_channels_plan(x, dims, weight, bias) if center else None)
     return None if p is None else (backend, p)
 
 

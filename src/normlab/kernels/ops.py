@@ -105,6 +105,21 @@ def _(dy, x, mean, rstd, weight, eps, shape, permute):
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
 
 
+@torch.library.custom_op(f"{_LIB}::channels_affine", mutates_args=(),
+                         schema="(Tensor x, Tensor mean, Tensor scale, Tensor shift, int[] shape, int[] permute) -> Tensor")
+def channels_affine(x, mean, scale, shift, shape, permute):
+    y = torch.empty_like(x)
+    view = _plan("channels", shape, permute).view
+    _impl(x).channels_affine(view(x), mean, scale, shift, out=view(y))
+    return y
+
+
+@channels_affine.register_fake
+def _(x, mean, scale, shift, shape, permute):
+    return torch.empty_like(x)
+
+
 _OPS = {"rows_forward": rows_forward, "rows_backward": rows_backward,
-        "channels_forward": channels_forward, "channels_backward": channels_backward}
+        "channels_forward": channels_forward, "channels_backward": channels_backward,
+        "channels_affine": channels_affine}
 _EAGER = {name: op._init_fn for name, op in _OPS.items()}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..autograd import normalize_affine
 
-__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward"]
+__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_affine"]
 
 
 def _rows(x: Tensor, groups: int, seg: int) -> tuple[Tensor, tuple[int, ...], tuple[int, int, int]]:
@@ -75,3 +75,10 @@ def _grads(f, x, dy, weight, pshape, out_shape):
         b = torch.zeros(pshape, dtype=torch.float64, requires_grad=True)
         dx, dw, db = torch.autograd.grad(f(xx, w, b), (xx, w, b), dy.double())
     return dx.to(x.dtype).reshape(out_shape), dw.reshape(-1).to(x.dtype), db.reshape(-1).to(x.dtype)
+
+
+def channels_affine(x, mean, scale, shift, out=None):
+    """BatchNorm in eval on ``x (N, C, S)``: ``(x − mean)·scale + shift`` per channel."""
+    view = (1, -1, 1)
+    y = (x.double() - mean.double().view(view)) * scale.double().view(view) + shift.double().view(view)
+    return _into(out, y.to(x.dtype))

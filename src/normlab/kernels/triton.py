@@ -258,3 +258,13 @@ def _sm_count(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def channels_affine(x, mean, scale, shift, out=None):
+    """BatchNorm in eval on ``x (N, C, S)``: ``(x − mean)·scale + shift`` per channel."""
+    N, C, S = x.shape
+    y = torch.empty_like(x) if out is None else out
+    block = 1024
+    _chan_apply[(triton.cdiv(x.numel(), block),)](x, y, scale.float().contiguous(), shift.float().contiguous(),
+                                                   mean.float().contiguous(), N, C, S, BLOCK=block)
+    return y
