@@ -303,7 +303,9 @@ def group_norm(
     if _native():
         return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     n, cg = input.shape[0], c // num_groups
-    x = input.reshape(n, num_groups, cg, math.prod(input.shape[2:]))
+    # a channels_last input reshapes to a strided view that no kernel covers: one contiguous
+    # copy here (and one back in _keep_format) is cheaper than the strided reference
+    x = input.contiguous().reshape(n, num_groups, cg, math.prod(input.shape[2:]))
     w = None if weight is None else weight.view(num_groups, cg, 1)
     b = None if bias is None else bias.view(num_groups, cg, 1)
     y = _normalize(op, x, (2, 3), w, b, eps)[0]

@@ -147,7 +147,26 @@ def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor |
         return None
     if not (_is_plain(x) and _is_plain(weight) and _is_plain(bias)):
         return None
+    if torch.compiler.is_compiling():
+        return _plan(x, dims, weight, bias, batch_stats, center)
+    key = (_meta(x), tuple(dims), _meta(weight), _meta(bias), batch_stats, center)
+    if key not in _PLANS:
+        if len(_PLANS) > 4096:  # shapes that never repeat: do not grow without bound
+            _PLANS.clear()
+        _PLANS[key] = _plan(x, dims, weight, bias, batch_stats, center)
+    return _PLANS[key]
+
+
+_PLANS: dict = {}
+
+
+def _meta(t: Tensor | None):
+    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def _plan(x, dims, weight, bias, batch_stats, center):
     from . import ops as backend
+
     for t in (weight, bias):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             return None
