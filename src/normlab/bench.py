@@ -129,7 +129,7 @@ def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    reps = reps or (7 if quick else 21)
+    reps = reps or (31 if quick else 51)
     compiled = (not quick) if compiled is None else compiled
     out = []
     for method in methods:
