@@ -84,6 +84,10 @@ def test_eval_affine_kernel_equals_the_reference(poisoned, shape, dtype):
     C = shape[1]
     mean, scale, shift = (_data((C,), dtype, o, seed=s) for s, o in ((1, 1e3), (2, 1.0), (3, 0.0)))
     assert_rel(cpu.channels_affine(x, mean, scale, shift), reference.channels_affine(x, mean, scale, shift), dtype)
+    dy = _data(shape, dtype, 0.0, seed=4)
+    for got, want, what in zip(cpu.channels_affine_backward(dy, x, mean, scale),
+                               reference.channels_affine_backward(dy, x, mean, scale), ("dx", "da", "db")):
+        assert_rel(got, want, dtype, what=what)
 
 
 def test_kernels_without_parameters_and_with_non_finite_input():

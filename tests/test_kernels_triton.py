@@ -77,3 +77,7 @@ def test_eval_affine(poisoned):
     mean, scale, shift = _data((3,), 50.0, 1), _data((3,), 1.0, 2), _data((3,), 0.0, 3)
     assert_rel(tk.channels_affine(x, mean, scale, shift).cpu(),
                reference.channels_affine(x.cpu(), mean.cpu(), scale.cpu(), shift.cpu()), tol=2e-5)
+    dy = _data((4, 3, 33), 0.0, 4)
+    for got, want in zip(tk.channels_affine_backward(dy, x, mean, scale),
+                         reference.channels_affine_backward(dy.cpu(), x.cpu(), mean.cpu(), scale.cpu())):
+        assert_rel(got.cpu(), want, tol=2e-5)

@@ -228,22 +228,28 @@ class FusedChannelAffine(torch.autograd.Function):
     """BatchNorm in eval by a kernel: ``y = (x − μ)·a + β`` per channel, ``a = γ/√(σ²+ε)``
     (seed 000 §2.2). ``μ`` is a constant (a running mean); ``a`` and ``β`` carry the gradients
     to γ and β through the torch ops that made them. Backward: ``∂l/∂x = a·∂l/∂y``,
-    ``∂l/∂a = Σ ∂l/∂y·(x − μ)``, ``∂l/∂β = Σ ∂l/∂y`` (differentiable torch ops)."""
+    ``∂l/∂a = Σ ∂l/∂y·(x − μ)``, ``∂l/∂β = Σ ∂l/∂y`` — one fused kernel pass, or differentiable
+    torch ops when a graph is being built."""
 
     @staticmethod
     def forward(ctx, x, mean, scale, shift, planned):
         ops, p = planned
         ctx.save_for_backward(x, mean, scale)
-        ctx.reduce = [0, *range(2, x.dim())]
+        ctx.reduce, ctx.planned = [0, *range(2, x.dim())], planned
         return ops.call("channels_affine")(x, mean, scale, shift, list(p.shape), list(p.permute or ()))
 
     @staticmethod
     def backward(ctx, dy):
         x, mean, scale = ctx.saved_tensors
-        view = [1, -1] + [1] * (x.dim() - 2)
-        dx = dy * scale.view(view) if ctx.needs_input_grad[0] else None
-        da = (dy * (x - mean.view(view))).sum(ctx.reduce) if ctx.needs_input_grad[2] else None
-        db = dy.sum(ctx.reduce) if ctx.needs_input_grad[3] else None
+        need_x, _, need_a, need_b, _ = ctx.needs_input_grad
+        if not torch.is_grad_enabled():  # one fused pass: dx and both sums
+            ops, p = ctx.planned
+            dx, da, db = ops.call("channels_affine_backward")(dy, x, mean, scale, list(p.shape), list(p.permute or ()))
+            return dx if need_x else None, None, da if need_a else None, db if need_b else None, None
+        view = [1, -1] + [1] * (x.dim() - 2)  # double backward: differentiable torch ops
+        dx = dy * scale.view(view) if need_x else None
+        da = (dy * (x - mean.view(view))).sum(ctx.reduce) if need_a else None
+        db = dy.sum(ctx.reduce) if need_b else None
         return dx, None, da, db, None
 
 

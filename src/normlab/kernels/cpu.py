@@ -361,6 +361,37 @@ def _k_affine_mc(x, mean, scale, shift, nblk, y):
                 y[i, c] = (x[i, c] - mean[c]) * scale[c] + shift[c]
 
 
+@njit(**_OPTS)
+def _k_affine_bwd_ncs(dy, x, mean, scale, dx, da, db):
+    """BN eval backward on ``(N, C, S)``: ``dx = a·dy``; ``Σ dy·(x − μ)`` and ``Σ dy`` per channel."""
+    N, C, S = x.shape
+    for c in prange(C):
+        m0, a0 = mean[c], scale[c]
+        sa = 0.0
+        sb = 0.0
+        for i in range(N):
+            for k in range(S):
+                g = dy[i, c, k]
+                sa += g * (x[i, c, k] - m0)
+                sb += g
+                dx[i, c, k] = g * a0
+        da[c] = sa
+        db[c] = sb
+
+
+@njit(**_OPTS)
+def _k_affine_bwd_mc(dy, x, mean, scale, nblk, dx, pa, pb):
+    M, C = x.shape
+    per = (M + nblk - 1) // nblk
+    for blk in prange(nblk):
+        for i in range(blk * per, min(M, (blk + 1) * per)):
+            for c in range(C):
+                g = dy[i, c]
+                pa[blk, c] += g * (x[i, c] - mean[c])
+                pb[blk, c] += g
+                dx[i, c] = g * scale[c]
+
+
 # ---------------------------------------------------------------------- torch-level entry points
 # Same signatures as normlab.kernels.reference; tensors in, tensors out (numpy views, no copies).
 # ``out`` (y or dx), when given, is a view in the canonical layout of a tensor the caller owns.
@@ -465,3 +496,20 @@ def channels_affine(x, mean, scale, shift, out=None):
     else:
         _k_affine_mc(_np(x)[:, :, 0], m, a, h, _blocks(N), _np(y)[:, :, 0])
     return y
+
+
+def channels_affine_backward(dy, x, mean, scale, out=None):
+    """Backward of :func:`channels_affine`: ``(dx, Σ dy·(x − mean), Σ dy)``, sums per channel."""
+    N, C, S = x.shape
+    dx = _empty_like(x) if out is None else out
+    m, a = _np(mean.contiguous()), _np(scale.contiguous())
+    dy = dy.contiguous()
+    if S > 1:
+        da, db = np.empty(C), np.empty(C)
+        _k_affine_bwd_ncs(_np(dy), _np(x), m, a, _np(dx), da, db)
+    else:
+        nblk = _blocks(N)
+        pa, pb = np.zeros((nblk, C)), np.zeros((nblk, C))
+        _k_affine_bwd_mc(_np(dy)[:, :, 0], _np(x)[:, :, 0], m, a, nblk, _np(dx)[:, :, 0], pa, pb)
+        da, db = pa.sum(0), pb.sum(0)
+    return dx, torch.from_numpy(da).to(x.dtype), torch.from_numpy(db).to(x.dtype)

@@ -119,7 +119,23 @@ def _(x, mean, scale, shift, shape, permute):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op(f"{_LIB}::channels_affine_backward", mutates_args=(),
+                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor scale, int[] shape, int[] permute)"
+                                " -> (Tensor, Tensor, Tensor)")
+def channels_affine_backward(dy, x, mean, scale, shape, permute):
+    dx = torch.empty_like(x)
+    view = _plan("channels", shape, permute).view
+    _, da, db = _impl(x).channels_affine_backward(view(dy), view(x), mean, scale, out=view(dx))
+    return dx, da, db
+
+
+@channels_affine_backward.register_fake
+def _(dy, x, mean, scale, shape, permute):
+    c = shape[1]
+    return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+
+
 _OPS = {"rows_forward": rows_forward, "rows_backward": rows_backward,
         "channels_forward": channels_forward, "channels_backward": channels_backward,
-        "channels_affine": channels_affine}
+        "channels_affine": channels_affine, "channels_affine_backward": channels_affine_backward}
 _EAGER = {name: op._init_fn for name, op in _OPS.items()}

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..autograd import normalize_affine
 
-__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_affine"]
+__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_affine",
+           "channels_affine_backward"]
 
 
 def _rows(x: Tensor, groups: int, seg: int) -> tuple[Tensor, tuple[int, ...], tuple[int, int, int]]:
@@ -82,3 +83,12 @@ def channels_affine(x, mean, scale, shift, out=None):
     view = (1, -1, 1)
     y = (x.double() - mean.double().view(view)) * scale.double().view(view) + shift.double().view(view)
     return _into(out, y.to(x.dtype))
+
+
+def channels_affine_backward(dy, x, mean, scale, out=None):
+    """Backward of :func:`channels_affine`: ``(dx, Σ dy·(x − mean), Σ dy)`` per channel."""
+    view = (1, -1, 1)
+    dyd = dy.double()
+    dx = (dyd * scale.double().view(view)).to(x.dtype)
+    da = (dyd * (x.double() - mean.double().view(view))).sum((0, 2)).to(x.dtype)
+    return _into(out, dx), da, dyd.sum((0, 2)).to(x.dtype)

@@ -268,3 +268,12 @@ def channels_affine(x, mean, scale, shift, out=None):
     _chan_apply[(triton.cdiv(x.numel(), block),)](x, y, scale.float().contiguous(), shift.float().contiguous(),
                                                    mean.float().contiguous(), N, C, S, BLOCK=block)
     return y
+
+
+def channels_affine_backward(dy, x, mean, scale, out=None):
+    """Backward of :func:`channels_affine` (elementwise and two sums: torch's own kernels)."""
+    view = (1, -1, 1)
+    dyf = dy.float()
+    dx = torch.mul(dy, scale.view(view).to(dy.dtype), out=out) if out is not None else dy * scale.view(view).to(dy.dtype)
+    da = (dyf * (x.float() - mean.float().view(view))).sum((0, 2)).to(x.dtype)
+    return dx, da, dyf.sum((0, 2)).to(x.dtype)
