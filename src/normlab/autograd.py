@@ -201,7 +201,9 @@ class FusedNormalizeAffine(torch.autograd.Function):
         var = var.view(stat_shape)
         ctx.dims, ctx.center, ctx.eps, ctx.batch_stats, ctx.planned = tuple(dims), center, eps, True, planned
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        # var, not rstd: the forward stays free of extra ops (inference); backward derives rstd.
+        # NormalizeAffine.backward (double backward) recomputes both from x and reads only the dtype.
+        ctx.save_for_backward(x, weight, mean, var)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -209,7 +211,8 @@ class FusedNormalizeAffine(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar):
         if torch.is_grad_enabled():  # double backward: the differentiable formula
             return (*NormalizeAffine.backward(ctx, dy, None, None)[:3], None, None, None, None)
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
+        rstd = torch.rsqrt(var + ctx.eps)
         ops, p = ctx.planned
         m, r = mean.expand_as(rstd).reshape(-1), rstd.reshape(-1)
         if p.form == "rows":
