@@ -90,6 +90,20 @@ def test_eval_affine_kernel_equals_the_reference(poisoned, shape, dtype):
         assert_rel(got, want, dtype, what=what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, S, C, groups", [(3, 50, 12, 4), (2, 7, 6, 6), (4, 33, 8, 1), (1, 1, 12, 3)])
+def test_channels_last_group_kernels_equal_the_reference(poisoned, N, S, C, groups, dtype):
+    x = _data((N, S, C), dtype, 1e4)
+    w, b, dy = _data((C,), dtype, 1.0, seed=1), _data((C,), dtype, 0.0, seed=2), _data((N, S, C), dtype, 0.0, seed=3)
+    want = reference.groups_forward(x, w, b, 1e-5, groups)
+    for got, ref, what in zip(cpu.groups_forward(x, w, b, 1e-5, groups), want, ("y", "mean", "var")):
+        assert_rel(got, ref, dtype, what=what)
+    rstd = (want[2] + 1e-5).rsqrt()
+    for got, ref, what in zip(cpu.groups_backward(dy, x, want[1], rstd, w, 1e-5, groups),
+                              reference.groups_backward(dy, x, want[1], rstd, w, 1e-5, groups), ("dx", "dw", "db")):
+        assert_rel(got, ref, dtype, what=what)
+
+
 def test_kernels_without_parameters_and_with_non_finite_input():
     x = torch.randn(4, 9)
     y, mean, var = cpu.rows_forward(x, None, None, 1e-5, True, 1, 1)
@@ -109,6 +123,8 @@ OPS = {
     "rms_norm": (lambda x, w, b: F.rms_norm(x, x.shape[-1:], w), lambda s: s[-1:], (6, 33)),
     "group_norm": (lambda x, w, b: F.group_norm(x, 3, w, b), lambda s: s[1:2], (4, 6, 5, 3)),
     "instance_norm": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b), lambda s: s[1:2], (3, 4, 11)),
+    "instance_norm 4-D": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b), lambda s: s[1:2], (3, 4, 5, 6)),
+    "group_norm 5-D": (lambda x, w, b: F.group_norm(x, 2, w, b), lambda s: s[1:2], (2, 6, 3, 4, 5)),
     "batch_norm 2-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (17, 5)),
     "batch_norm 4-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (3, 4, 5, 6)),
     "batch_norm 5-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (2, 3, 2, 3, 4)),

@@ -191,6 +191,8 @@ class FusedNormalizeAffine(torch.autograd.Function):
         if p.form == "rows":
             y, mean, var = ops.call("rows_forward")(x, _flat(weight), _flat(bias), eps, center, p.groups, p.seg,
                                                     list(p.shape))
+        elif p.form == "groups":
+            y, mean, var = ops.call("groups_forward")(x, _flat(weight), _flat(bias), eps, p.groups, list(p.shape))
         else:
             y, mean, var = ops.call("channels_forward")(x, _flat(weight), _flat(bias), eps, list(p.shape),
                                                         list(p.permute or ()))
@@ -218,6 +220,8 @@ class FusedNormalizeAffine(torch.autograd.Function):
         if p.form == "rows":
             dx, dw, db = ops.call("rows_backward")(dy, x, m, r, _flat(weight), ctx.eps, ctx.center, p.groups, p.seg,
                                                    list(p.shape))
+        elif p.form == "groups":
+            dx, dw, db = ops.call("groups_backward")(dy, x, m, r, _flat(weight), ctx.eps, p.groups, list(p.shape))
         else:
             dx, dw, db = ops.call("channels_backward")(dy, x, m, r, _flat(weight), ctx.eps, list(p.shape),
                                                        list(p.permute or ()))

@@ -218,7 +218,12 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
             f"shape {tuple(input.shape)}); use a batch of at least 2 (e.g. drop_last=True in the "
             f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
         )
-    y, mean, var = _normalize(op, input, dims, w, b, eps)
+    if op == "instance_norm" and _is_channels_last(input):  # GroupNorm's view with one channel per group
+        x, undo = _channels_last_groups(input, c)
+        y, mean, var = _normalize(op, x, (1, 3), _flat_view(weight, c), _flat_view(bias, c), eps)
+        y = undo(y)
+    else:
+        y, mean, var = _normalize(op, input, dims, w, b, eps)
     if mean is None:  # an empty batch of instances: nothing to update the running stats with
         return y
     # InstanceNorm has one statistic per (sample, channel): the running ones get their average
@@ -303,13 +308,39 @@ def group_norm(
     if _native():
         return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     n, cg = input.shape[0], c // num_groups
-    # a channels_last input reshapes to a strided view that no kernel covers: one contiguous
-    # copy here (and one back in _keep_format) is cheaper than the strided reference
+    if _is_channels_last(input):  # (N, *S, C) in memory: groups of adjacent channels, no copy
+        x, undo = _channels_last_groups(input, num_groups)
+        w = None if weight is None else weight.view(num_groups, cg)
+        b = None if bias is None else bias.view(num_groups, cg)
+        return undo(_normalize(op, x, (1, 3), w, b, eps)[0])
     x = input.contiguous().reshape(n, num_groups, cg, math.prod(input.shape[2:]))
     w = None if weight is None else weight.view(num_groups, cg, 1)
     b = None if bias is None else bias.view(num_groups, cg, 1)
     y = _normalize(op, x, (2, 3), w, b, eps)[0]
     return _keep_format(y.reshape(input.shape), input)
+
+
+def _flat_view(t: Tensor | None, c: int) -> Tensor | None:
+    return None if t is None else t.view(c, 1)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def _channels_last_groups(x: Tensor, groups: int):
+    """``x (N, C, *S)`` stored channels_last as the contiguous view ``(N, ∏S, G, C/G)``, and the
+    function that turns a result of that shape back into ``x``'s shape and layout (no copies)."""
+    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    perm = (0, *range(2, x.dim()), 1)
+    view = x.permute(perm).reshape(n, math.prod(spatial), groups, c // groups)
+    inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
+
+    def undo(y: Tensor) -> Tensor:
+        return y.reshape(n, *spatial, c).permute(inverse)
+
+    return view, undo
 
 
 # --------------------------------------------------------------------------- weight-side

@@ -8,7 +8,9 @@ which the fast kernels implement:
   column), GroupNorm and InstanceNorm on contiguous input (γ, β per segment of ``seg`` columns:
   parameter ``(r % groups)·(D/seg) + j // seg``);
 * **channels** — BatchNorm in training, ``x`` viewed as ``(N, C, S)``, one statistic per
-  channel (``S == 1``: the ``(M, C)`` layout of 2-D and ``channels_last`` input).
+  channel (``S == 1``: the ``(M, C)`` layout of 2-D and ``channels_last`` input);
+* **groups** — GroupNorm and InstanceNorm on ``channels_last`` input, ``x`` viewed as
+  ``(N, S, C)``, one statistic per sample and group of ``C/groups`` adjacent channels (CPU).
 
 A third, small form is BatchNorm in eval: ``channels_affine``, ``(x − μ)·γ/√(σ²+ε) + β`` per
 channel with the running statistics (seed 000 §2.2's affine view).
@@ -174,7 +176,8 @@ def _plan(x, dims, weight, bias, batch_stats, center):
     if not batch_stats:  # fixed statistics (BatchNorm in eval): one affine map per channel
         p = _channels_plan(x, dims, weight, bias) if center else None
     else:
-        p = _rows_plan(x, dims, weight, bias) or (_channels_plan(x, dims, weight, bias) if center else None)
+        p = (_rows_plan(x, dims, weight, bias) or (_channels_plan(x, dims, weight, bias) if center else None)
+             or (_groups_plan(x, dims, weight, bias) if center else None))
     return None if p is None else (backend, p)
 
 
@@ -215,6 +218,17 @@ def _rows_plan(x, dims, weight, bias) -> Plan | None:
     if R % groups or D % K:
         return None
     return Plan("rows", (R, D), groups, D // K)
+
+
+def _groups_plan(x, dims, weight, bias) -> Plan | None:
+    """GroupNorm/InstanceNorm on channels_last input, as ``(N, S, G, C/G)`` reduced over (1, 3)."""
+    if x.device.type != "cpu" or x.dim() != 4 or dims != (1, 3) or not x.is_contiguous():
+        return None
+    n, s, g, cg = x.shape
+    for t in (weight, bias):
+        if t is not None and _aligned(t, 4) != (1, 1, g, cg):
+            return None
+    return Plan("groups", (n, s, g * cg), groups=g)
 
 
 def _channels_plan(x, dims, weight, bias) -> Plan | None:

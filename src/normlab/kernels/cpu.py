@@ -392,6 +392,102 @@ def _k_affine_bwd_mc(dy, x, mean, scale, nblk, dx, pa, pb):
                 dx[i, c] = g * scale[c]
 
 
+@njit(inline="always")
+def _group_stats(x, n, cg, eps, gm0, grs, mean, var, G):
+    """Per-channel shifted sums over S, merged per group of ``cg`` channels (Chan et al.)."""
+    S, C = x.shape[1], x.shape[2]
+    s = np.zeros(C)
+    ss = np.zeros(C)
+    for k in range(S):
+        for c in range(C):
+            d = np.float64(x[n, k, c]) - np.float64(x[n, 0, c])
+            s[c] += d
+            ss[c] += d * d
+    for g in range(G):
+        m = 0.0
+        for c in range(g * cg, (g + 1) * cg):
+            m += np.float64(x[n, 0, c]) + s[c] / S
+        m /= cg
+        m2 = 0.0
+        for c in range(g * cg, (g + 1) * cg):
+            mc = np.float64(x[n, 0, c]) + s[c] / S
+            m2 += (ss[c] - s[c] * s[c] / S) + S * (mc - m) * (mc - m)
+        v = m2 / (S * cg)
+        if v < 0.0:
+            v = 0.0
+        rs = 1.0 / math.sqrt(v + eps)
+        mean[n * G + g] = m
+        var[n * G + g] = v
+        gm0[g] = m
+        grs[g] = rs
+
+
+@njit(**_OPTS)
+def _k_groups_forward(x, w, b, eps, G, y, mean, var):
+    """GroupNorm/InstanceNorm on channels_last ``x (N, S, C)``: statistics per (sample, group of
+    C/G adjacent channels), parallel over samples; the channel loop is innermost (contiguous)."""
+    N, S, C = x.shape
+    cg = C // G
+    for n in prange(N):
+        gm = np.empty(G)
+        grs = np.empty(G)
+        _group_stats(x, n, cg, eps, gm, grs, mean, var, G)
+        m0 = np.empty(C, x.dtype)
+        a0 = np.empty(C, x.dtype)
+        h0 = np.empty(C, x.dtype)
+        for c in range(C):
+            g = c // cg
+            m0[c] = gm[g]
+            scale = grs[g] * w[c]
+            a0[c] = scale
+            h0[c] = b[c] - (gm[g] - np.float64(m0[c])) * scale
+        for k in range(S):
+            for c in range(C):
+                y[n, k, c] = (x[n, k, c] - m0[c]) * a0[c] + h0[c]
+
+
+@njit(**_OPTS)
+def _k_groups_backward(dy, x, mean, rstd, w, G, dx, dwp, dbp):
+    N, S, C = x.shape
+    cg = C // G
+    for n in prange(N):
+        m0 = np.empty(C, x.dtype)
+        rs0 = np.empty(C, x.dtype)
+        c0 = np.empty(C, x.dtype)
+        for c in range(C):
+            g = c // cg
+            m, rs = mean[n * G + g], rstd[n * G + g]
+            m0[c] = m
+            rs0[c] = rs
+            c0[c] = (m - np.float64(m0[c])) * rs
+        sd = np.zeros(C)
+        sdx = np.zeros(C)
+        for k in range(S):
+            for c in range(C):
+                xh = (x[n, k, c] - m0[c]) * rs0[c] - c0[c]
+                sd[c] += dy[n, k, c]
+                sdx[c] += dy[n, k, c] * xh
+        mg = np.zeros(G)
+        mgx = np.zeros(G)
+        for c in range(C):
+            dwp[n, c] = sdx[c]
+            dbp[n, c] = sd[c]
+            mg[c // cg] += w[c] * sd[c]
+            mgx[c // cg] += w[c] * sdx[c]
+        a = np.empty(C, x.dtype)
+        b0 = np.empty(C, x.dtype)
+        b1 = np.empty(C, x.dtype)
+        for c in range(C):
+            g = c // cg
+            a[c] = w[c]
+            b0[c] = mg[g] / (S * cg)
+            b1[c] = mgx[g] / (S * cg)
+        for k in range(S):
+            for c in range(C):
+                xh = (x[n, k, c] - m0[c]) * rs0[c] - c0[c]
+                dx[n, k, c] = rs0[c] * (dy[n, k, c] * a[c] - b0[c] - xh * b1[c])
+
+
 # ---------------------------------------------------------------------- torch-level entry points
 # Same signatures as normlab.kernels.reference; tensors in, tensors out (numpy views, no copies).
 # ``out`` (y or dx), when given, is a view in the canonical layout of a tensor the caller owns.
@@ -513,3 +609,21 @@ def channels_affine_backward(dy, x, mean, scale, out=None):
         _k_affine_bwd_mc(_np(dy)[:, :, 0], _np(x)[:, :, 0], m, a, nblk, _np(dx)[:, :, 0], pa, pb)
         da, db = pa.sum(0), pb.sum(0)
     return dx, torch.from_numpy(da).to(x.dtype), torch.from_numpy(db).to(x.dtype)
+
+
+def groups_forward(x, weight, bias, eps: float, groups: int, out=None):
+    """GroupNorm/InstanceNorm on channels_last ``x (N, S, C)`` → ``(y, mean, var)`` per (sample, group)."""
+    N, S, C = x.shape
+    y, mean, var = _empty_like(x) if out is None else out, _empty(N * groups), _empty(N * groups)
+    w, b = _param(weight, C, 1.0, x), _param(bias, C, 0.0, x)
+    _k_groups_forward(_np(x), w, b, eps, groups, _np(y), _np(mean), _np(var))
+    return y, mean, var
+
+
+def groups_backward(dy, x, mean, rstd, weight, eps: float, groups: int, out=None):
+    N, S, C = x.shape
+    dx = _empty_like(x) if out is None else out
+    dwp, dbp = np.empty((N, C)), np.empty((N, C))
+    _k_groups_backward(_np(dy.contiguous()), _np(x), _np(mean.contiguous()), _np(rstd.contiguous()),
+                       _param(weight, C, 1.0, x), groups, _np(dx), dwp, dbp)
+    return dx, torch.from_numpy(dwp.sum(0)).to(x.dtype), torch.from_numpy(dbp.sum(0)).to(x.dtype)

@@ -135,7 +135,39 @@ def _(dy, x, mean, scale, shape, permute):
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
 
 
+@torch.library.custom_op(f"{_LIB}::groups_forward", mutates_args=(),
+                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, int groups, int[] shape)"
+                                " -> (Tensor, Tensor, Tensor)")
+def groups_forward(x, weight, bias, eps, groups, shape):
+    y = torch.empty_like(x)
+    view = _plan("groups", shape, ()).view
+    _, mean, var = _impl(x).groups_forward(view(x), weight, bias, eps, groups, out=view(y))
+    return y, mean, var
+
+
+@groups_forward.register_fake
+def _(x, weight, bias, eps, groups, shape):
+    return (torch.empty_like(x), *_stats(x, shape[0] * groups))
+
+
+@torch.library.custom_op(f"{_LIB}::groups_backward", mutates_args=(),
+                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps, int groups,"
+                                " int[] shape) -> (Tensor, Tensor, Tensor)")
+def groups_backward(dy, x, mean, rstd, weight, eps, groups, shape):
+    dx = torch.empty_like(x)
+    view = _plan("groups", shape, ()).view
+    _, dw, db = _impl(x).groups_backward(view(dy), view(x), mean, rstd, weight, eps, groups, out=view(dx))
+    return dx, dw, db
+
+
+@groups_backward.register_fake
+def _(dy, x, mean, rstd, weight, eps, groups, shape):
+    c = shape[2]
+    return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+
+
 _OPS = {"rows_forward": rows_forward, "rows_backward": rows_backward,
         "channels_forward": channels_forward, "channels_backward": channels_backward,
-        "channels_affine": channels_affine, "channels_affine_backward": channels_affine_backward}
+        "channels_affine": channels_affine, "channels_affine_backward": channels_affine_backward,
+        "groups_forward": groups_forward, "groups_backward": groups_backward}
 _EAGER = {name: op._init_fn for name, op in _OPS.items()}

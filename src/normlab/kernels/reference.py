@@ -18,7 +18,7 @@ from torch import Tensor
 from ..autograd import normalize_affine
 
 __all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_affine",
-           "channels_affine_backward"]
+           "channels_affine_backward", "groups_forward", "groups_backward"]
 
 
 def _rows(x: Tensor, groups: int, seg: int) -> tuple[Tensor, tuple[int, ...], tuple[int, int, int]]:
@@ -92,3 +92,20 @@ def channels_affine_backward(dy, x, mean, scale, out=None):
     dx = (dyd * scale.double().view(view)).to(x.dtype)
     da = (dyd * (x.double() - mean.double().view(view))).sum((0, 2)).to(x.dtype)
     return _into(out, dx), da, dyd.sum((0, 2)).to(x.dtype)
+
+
+def groups_forward(x, weight, bias, eps: float, groups: int, out=None):
+    """GroupNorm/InstanceNorm on channels_last ``x (N, S, C)``: statistics per sample over (S, a
+    group of C/groups adjacent channels) → ``(y, mean, var)``, statistics ``(N·groups,)``."""
+    N, S, C = x.shape
+    x4, pshape = x.reshape(N, S, groups, C // groups), (groups, C // groups)
+    y, mean, var = normalize_affine(x4.double(), (1, 3), _flat(weight, pshape), _flat(bias, pshape), eps)
+    return _into(out, y.to(x.dtype).reshape(x.shape)), mean.reshape(-1), var.reshape(-1)
+
+
+def groups_backward(dy, x, mean, rstd, weight, eps: float, groups: int, out=None):
+    N, S, C = x.shape
+    x4, pshape = x.reshape(N, S, groups, C // groups), (groups, C // groups)
+    dx, dw, db = _grads(lambda xx, w, b: normalize_affine(xx, (1, 3), w, b, eps)[0], x4, dy.reshape(x4.shape),
+                        weight, pshape, x.shape)
+    return _into(out, dx), dw, db
