@@ -174,6 +174,23 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.reshape(-1)
 
 
+def _fused_forward(planned, x, weight, bias, dims, eps, center):
+    """The kernel's ``(y, mean, var)``, statistics shaped as :class:`NormalizeAffine` returns them."""
+    ops, p = planned
+    if p.form == "rows":
+        y, mean, var = ops.call("rows_forward")(x, _flat(weight), _flat(bias), eps, center, p.groups, p.seg,
+                                                list(p.shape))
+    elif p.form == "groups":
+        y, mean, var = ops.call("groups_forward")(x, _flat(weight), _flat(bias), eps, p.groups, list(p.shape))
+    else:
+        y, mean, var = ops.call("channels_forward")(x, _flat(weight), _flat(bias), eps, list(p.shape),
+                                                    list(p.permute or ()))
+    nd = x.dim()
+    reduced = [d % nd for d in dims]
+    stat_shape = [1 if d in reduced else n for d, n in enumerate(x.shape)]
+    return y, (mean.view(stat_shape) if center else var.new_zeros(())), var.view(stat_shape)
+
+
 class FusedNormalizeAffine(torch.autograd.Function):
     """:class:`NormalizeAffine` computed by a fast kernel (:mod:`normlab.kernels`).
 
@@ -187,24 +204,11 @@ class FusedNormalizeAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, planned, dims, eps, center):
-        ops, p = planned
-        if p.form == "rows":
-            y, mean, var = ops.call("rows_forward")(x, _flat(weight), _flat(bias), eps, center, p.groups, p.seg,
-                                                    list(p.shape))
-        elif p.form == "groups":
-            y, mean, var = ops.call("groups_forward")(x, _flat(weight), _flat(bias), eps, p.groups, list(p.shape))
-        else:
-            y, mean, var = ops.call("channels_forward")(x, _flat(weight), _flat(bias), eps, list(p.shape),
-                                                        list(p.permute or ()))
-        nd = x.dim()
-        reduced = [d % nd for d in dims]
-        stat_shape = [1 if d in reduced else n for d, n in enumerate(x.shape)]
-        mean = mean.view(stat_shape) if center else var.new_zeros(())
-        var = var.view(stat_shape)
+        y, mean, var = _fused_forward(planned, x, weight, bias, dims, eps, center)
         ctx.dims, ctx.center, ctx.eps, ctx.batch_stats, ctx.planned = tuple(dims), center, eps, True, planned
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        # var, not rstd: the forward stays free of extra ops (inference); backward derives rstd.
-        # NormalizeAffine.backward (double backward) recomputes both from x and reads only the dtype.
+        # var, not rstd: backward derives rstd (NormalizeAffine.backward, for double backward,
+        # recomputes both from x and reads only the dtype)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -268,9 +272,11 @@ def _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var):
     if weight is not None:
         scale = scale * weight
     shift = bias if bias is not None else torch.zeros_like(scale)
-    y = FusedChannelAffine.apply(x, mean.reshape(-1).to(x.dtype), scale.reshape(-1).to(x.dtype),
-                                 shift.reshape(-1).to(x.dtype), planned)
-    return y, mean, var
+    args = (x, mean.reshape(-1).to(x.dtype), scale.reshape(-1).to(x.dtype), shift.reshape(-1).to(x.dtype))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return FusedChannelAffine.apply(*args, planned), mean, var
+    ops, p = planned  # inference: no graph to record
+    return ops.call("channels_affine")(*args, list(p.shape), list(p.permute or ())), mean, var
 
 
 def normalize_affine(
@@ -291,6 +297,8 @@ def normalize_affine(
     if planned is not None and fixed_var is not None:
         return _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var)
     if planned is not None:
-        return FusedNormalizeAffine.apply(x, weight, bias, planned, dims, eps, center)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return FusedNormalizeAffine.apply(x, weight, bias, planned, dims, eps, center)
+        return _fused_forward(planned, x, weight, bias, dims, eps, center)  # inference: no graph to record
     return NormalizeAffine.apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)
 
