@@ -18,7 +18,7 @@ from conftest import TOL, assert_rel
 NAN = float("nan")
 
 # (R, D, groups, seg): LayerNorm/RMS rows, GroupNorm (groups of seg-long channels), InstanceNorm
-ROWS = [(37, 131, 1, 1), (1, 7, 1, 1), (24, 150, 4, 50), (48, 49, 6, 49), (15, 3 * 17, 5, 17), (6, 1, 6, 1)]
+ROWS = [(37, 131, 1, 1), (700, 37, 1, 1), (1, 7, 1, 1), (24, 150, 4, 50), (48, 49, 6, 49), (15, 3 * 17, 5, 17), (6, 1, 6, 1)]
 # (N, C, S): BatchNorm over (N, S) per channel; S == 1 is the (M, C) layout (2-D, channels_last)
 CHANNELS = [(8, 5, 33), (2, 3, 7), (301, 7, 1), (3, 130, 1), (1, 4, 9)]
 

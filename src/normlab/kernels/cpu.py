@@ -114,31 +114,43 @@ def _saved(x, m, rs):
 
 
 def _blocks(R: int) -> int:
-    return max(1, min(R, 4 * threads()))
+    """Blocks of rows for the parallel loops: a few per thread, and at most 256 rows each (the
+    backward's per-block partial sums run in x's precision)."""
+    return max(1, min(R, max(4 * threads(), -(-R // 256))))
 
 
 @njit(**_OPTS)
 def _k_rows_backward_elem(dy, x, mean, rstd, w, center, nblk, dx, dwp, dbp):
-    """LN/RMS backward: ``dx = r·(g − mean(g) − x̂·mean(g·x̂))``, g = γ·dy; dγ, dβ partials per block."""
+    """LN/RMS backward: ``dx = r·(g − mean(g) − x̂·mean(g·x̂))``, g = γ·dy; dγ, dβ partials per block.
+
+    The row sums and the block's parameter partials accumulate in x's precision (rows of at
+    most a few thousand values, blocks of at most 256 rows: float32 rounding stays below 1e-6),
+    the blocks are summed in float64.
+    """
     R, D = x.shape
     per = (R + nblk - 1) // nblk
     for blk in prange(nblk):
+        dwl = np.zeros(D, x.dtype)
+        dbl = np.zeros(D, x.dtype)
         for r in range(blk * per, min(R, (blk + 1) * per)):
             m, rs, m0, rs0, c0 = _saved(x, mean[r], rstd[r])
-            sg = 0.0
-            sgx = 0.0
+            sg = x.dtype.type(0.0)
+            sgx = x.dtype.type(0.0)
             for j in range(D):
                 xh = (x[r, j] - m0) * rs0 - c0
                 g = dy[r, j] * w[j]
                 sg += g
                 sgx += g * xh
-                dwp[blk, j] += dy[r, j] * xh
-                dbp[blk, j] += dy[r, j]
+                dwl[j] += dy[r, j] * xh
+                dbl[j] += dy[r, j]
             mg = x.dtype.type(sg / D) if center else x.dtype.type(0.0)
             mgx = x.dtype.type(sgx / D)
             for j in range(D):
                 xh = (x[r, j] - m0) * rs0 - c0
                 dx[r, j] = rs0 * (dy[r, j] * w[j] - mg - xh * mgx)
+        for j in range(D):
+            dwp[blk, j] = dwl[j]
+            dbp[blk, j] = dbl[j]
 
 
 @njit(**_OPTS)
