@@ -140,14 +140,15 @@ def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.
             for dtype in dtypes:
                 x, params, label = _inputs(method, shape, dtype, device)
                 size = x.numel() * x.element_size()
-                copy = _median_times({"copy": lambda: x.clone()}, reps)["copy"]
                 for backward in (False, True):
                     if progress:
                         progress(f"{method} {label} {'fwd+bwd' if backward else 'fwd'}")
                     fns = _case(method, x, params, backward)
                     if not compiled:
                         fns.pop("compiled")
+                    fns["copy"] = lambda: x.clone()  # timed in the same rounds as the candidates
                     t = _median_times(fns, reps)
+                    copy = t["copy"]
                     passes = 2 + METHODS[method][1] + (3 if backward else 0)
                     gbs = passes * size / t["normlab"] / 1e9
                     copy_gbs = 2 * size / copy / 1e9
@@ -157,13 +158,13 @@ def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.
                         "% copy": 100 * gbs / copy_gbs, "vs torch": t["torch"] / t["normlab"],
                         "vs reference": t["reference"] / t["normlab"],
                         "vs compiled": t["compiled"] / t["normlab"] if "compiled" in t else None,
-                        "peak MB": _peak_mb(fns["normlab"], x) if device == "cuda" else None,
+                        "peak MB": _peak_mb(fns["normlab"]) if device == "cuda" else None,
                         "copy GB/s": copy_gbs,
                     })
     return out
 
 
-def _peak_mb(fn, x) -> float:
+def _peak_mb(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
