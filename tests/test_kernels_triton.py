@@ -30,37 +30,49 @@ def _data(shape, offset, seed):
     return (torch.randn(shape, generator=g) * 3 + offset).to(DEVICE)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("R, D, groups, seg", [(7, 131, 1, 1), (3, 9000, 1, 1), (8, 150, 4, 50), (12, 49, 6, 49)])
-def test_rows(poisoned, R, D, groups, seg, center):
-    x = _data((R, D), 50.0, 0)
+def test_rows(poisoned, R, D, groups, seg, center, offset):
+    x = _data((R, D), offset, 0)
     P = groups * (D // seg)
     w, b, dy = _data((P,), 1.0, 1), _data((P,), 0.0, 2), _data((R, D), 0.0, 3)
     got = tk.rows_forward(x, w, b, 1e-5, center, groups, seg)
     want = reference.rows_forward(x.cpu(), w.cpu(), b.cpu(), 1e-5, center, groups, seg)
     for g_, w_, name in zip(got, want, ("y", "mean", "var")):
-        assert_rel(g_.cpu(), w_, tol=2e-5, what=name)
+        assert_rel(g_.cpu(), w_, tol=1e-5, what=name)
     rstd = (want[2] + 1e-5).rsqrt()
     args = (want[1], rstd, w.cpu(), 1e-5, center, groups, seg)
     got = tk.rows_backward(dy, x, *(t.to(DEVICE) if torch.is_tensor(t) else t for t in args))
     for g_, w_, name in zip(got, reference.rows_backward(dy.cpu(), x.cpu(), *args), ("dx", "dw", "db")):
-        assert_rel(g_.cpu(), w_, tol=2e-5, what=name)
+        assert_rel(g_.cpu(), w_, tol=1e-5, what=name)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
 @pytest.mark.parametrize("shape", [(4, 3, 33), (50, 5, 1), (2, 7, 1000)])
-def test_channels(poisoned, shape):
-    x = _data(shape, 50.0, 0)
+def test_channels(poisoned, shape, offset):
+    x = _data(shape, offset, 0)
     C = shape[1]
     w, b, dy = _data((C,), 1.0, 1), _data((C,), 0.0, 2), _data(shape, 0.0, 3)
     got = tk.channels_forward(x, w, b, 1e-5)
     want = reference.channels_forward(x.cpu(), w.cpu(), b.cpu(), 1e-5)
     for g_, w_, name in zip(got, want, ("y", "mean", "var")):
-        assert_rel(g_.cpu(), w_, tol=2e-5, what=name)
+        assert_rel(g_.cpu(), w_, tol=1e-5, what=name)
     rstd = (want[2] + 1e-5).rsqrt()
     got = tk.channels_backward(dy, x, want[1].to(DEVICE), rstd.to(DEVICE), w, 1e-5)
     for g_, w_, name in zip(got, reference.channels_backward(dy.cpu(), x.cpu(), want[1], rstd, w.cpu(), 1e-5),
                             ("dx", "dw", "db")):
-        assert_rel(g_.cpu(), w_, tol=2e-5, what=name)
+        assert_rel(g_.cpu(), w_, tol=1e-5, what=name)
+
+
+def test_strided_and_expanded_parameters(poisoned):
+    x, wb = _data((4, 12), 3.0, 0), _data((40,), 1.0, 1)
+    w, b = wb[::3][:12], wb[1::3][:12]
+    assert_rel(tk.rows_forward(x, w, b, 1e-5, True, 1, 1)[0].cpu(),
+               reference.rows_forward(x.cpu(), w.cpu(), b.cpu(), 1e-5, True, 1, 1)[0])
+    e = _data((1,), 2.0, 2).expand(12)
+    assert_rel(tk.rows_forward(x, e, None, 1e-5, True, 1, 1)[0].cpu(),
+               reference.rows_forward(x.cpu(), e.cpu(), None, 1e-5, True, 1, 1)[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision kernels need a GPU")

@@ -130,7 +130,7 @@ class NormalizeAffine(torch.autograd.Function):
         # path is memory-bound and fresh allocations cost page faults). Double backward
         # builds a graph through the same formula, out of place, with the statistics
         # recomputed so that they depend on x.
-        inplace = not torch.is_grad_enabled()
+        inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # dynamo refuses strided out=
         if ctx.batch_stats and not inplace:
             mean, var = moments(x, dims, center=center, dtype=acc)
             rstd = torch.rsqrt(var + ctx.eps)
@@ -194,7 +194,7 @@ def _fused_forward(planned, x, weight, bias, dims, eps, center):
 class FusedNormalizeAffine(torch.autograd.Function):
     """:class:`NormalizeAffine` computed by a fast kernel (:mod:`normlab.kernels`).
 
-    Same outputs, with the statistics in float64 (CPU kernels) or float32 (GPU kernels). The
+    Same outputs, with the statistics in float64. The
     backward is the kernel's when no graph is being built; double backward goes through
     :meth:`NormalizeAffine.backward`'s written-out, differentiable formula (the ``ctx`` holds
     what it reads). Old-style ``forward(ctx, ...)``: it skips the per-call signature binding of
@@ -295,7 +295,10 @@ def normalize_affine(
     dims = tuple(dims)
     planned = kernels.plan(x, dims, weight, bias, fixed_var is None, center)
     if planned is not None and fixed_var is not None:
-        return _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var)
+        per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        if all(list(t.shape) in (per_channel, per_channel[1:]) for t in (fixed_mean, fixed_var)):
+            return _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var)
+        planned = None  # statistics of another layout: the reference broadcasts them
     if planned is not None:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
             return FusedNormalizeAffine.apply(x, weight, bias, planned, dims, eps, center)

@@ -132,7 +132,41 @@ _DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.
 
 def _supported(x: Tensor) -> bool:
     kind = x.device.type
-    return x.dtype in _DTYPES.get(kind, ()) and _ENGINES.get(kind, False)
+    return x.dtype in _DTYPES.get(kind, ()) and _ENGINES.get(kind, False) and _imports(kind)
+
+
+def _imports(kind: str) -> bool:
+    """The engine really imports (an installed numba that rejects this numpy would raise on
+    every call otherwise); tried once per process, outside tracing."""
+    if kind not in _IMPORTED and not torch.compiler.is_compiling():
+        try:
+            importlib.import_module(f"{__name__}.{'cpu' if kind == 'cpu' else 'triton'}")
+            _IMPORTED[kind] = True
+        except ImportError:
+            _IMPORTED[kind] = _ENGINES[kind] = False
+    return _IMPORTED.get(kind, True)
+
+
+_IMPORTED: dict[str, bool] = {}
+
+
+def _no_cpu_kernels_after_fork() -> None:
+    # numba's OpenMP thread pool is not fork-safe: a forked child (DataLoader workers, process
+    # pools) would be killed on its first parallel kernel, so children take the reference path.
+    _ENGINES["cpu"] = False
+    _PLANS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_cpu_kernels_after_fork)
+
+
+def _traced() -> bool:
+    """A tracer the eager kernels would be invisible to: torch.jit.trace, forward-mode AD,
+    or a dispatch mode (FakeTensorMode, FlopCounterMode, ...) outside torch.compile."""
+    if torch.jit.is_tracing() or torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
 
 
 def _is_plain(t: Tensor | None) -> bool:
@@ -145,7 +179,7 @@ def _is_plain(t: Tensor | None) -> bool:
 def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
          batch_stats: bool, center: bool = True):
     """``(ops, Plan)`` when a kernel computes this call exactly, else ``None`` (the reference)."""
-    if _backend != "auto" or x.numel() == 0 or not _supported(x):
+    if _backend != "auto" or x.numel() == 0 or not _supported(x) or _traced():
         return None
     if not (_is_plain(x) and _is_plain(weight) and _is_plain(bias)):
         return None

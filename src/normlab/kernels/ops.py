@@ -7,8 +7,7 @@ them, so no copy is made and the result is not a view (in-place ops on a norm's 
 The implementation picks the kernel for the device (numba on the CPU, Triton on CUDA); a "fake"
 implementation gives the output shapes for tracing. Autograd stays with
 :class:`normlab.autograd.NormalizeAffine`, which calls the forward op and, when no graph is
-being built, the backward op. Statistics come back in float64 from the CPU kernels and in
-float32 from the GPU ones.
+being built, the backward op. Statistics come back in float64.
 """
 
 import torch
@@ -33,8 +32,7 @@ def _plan(form, shape, permute):
 
 
 def _stats(x, n):
-    dtype = torch.float64 if x.device.type == "cpu" else torch.float32
-    return x.new_empty(n, dtype=dtype), x.new_empty(n, dtype=dtype)
+    return x.new_empty(n, dtype=torch.float64), x.new_empty(n, dtype=torch.float64)
 
 
 def call(name: str):

@@ -8,7 +8,8 @@
 * channels form (BN training): one program per block of channels, reducing over ``(N, S)`` in
   tiles (float32), then a second pass that writes ``y``; the backward likewise.
 
-Inputs in float32, float16 or bfloat16 (statistics always float32). The same kernels run on the
+Inputs in float32, float16 or bfloat16; sums in float32, the statistics stored in float64 with
+the first-pass mean and its correction kept apart, so offsets cost no accuracy (as on the CPU). The same kernels run on the
 CPU under ``TRITON_INTERPRET=1``, which is how the test-suite checks them without a GPU.
 """
 
@@ -27,7 +28,9 @@ def _block(n: int) -> int:
 
 @triton.jit
 def _row_moments(X, row, D, CENTER: tl.constexpr, BLOCK: tl.constexpr):
-    """Mean, corrected centred variance of row ``row`` (float32, two chunked passes)."""
+    """``(m1, delta, var)`` of row ``row``: the first-pass float32 mean, its correction
+    ``mean − m1`` from the second pass (kept apart so ``(x − m1) − delta`` loses nothing to a
+    large offset), and the corrected centred variance."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, D, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -44,19 +47,20 @@ def _row_moments(X, row, D, CENTER: tl.constexpr, BLOCK: tl.constexpr):
     comp = tl.sum(cs, axis=0)
     if CENTER:
         var = (tl.sum(ss, axis=0) - comp * comp / D) / D
-        mean = mean + comp / D
+        delta = comp / D
     else:
         var = tl.sum(ss, axis=0) / D
-    return mean, tl.maximum(var, 0.0)
+        delta = 0.0
+    return mean, delta, tl.maximum(var, 0.0)
 
 
 @triton.jit
 def _rows_fwd(X, Y, W, B, Mean, Var, D, K, groups, seg, eps, CENTER: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    mean, var = _row_moments(X, row, D, CENTER, BLOCK)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors of 2**31 elements and more
+    m1, delta, var = _row_moments(X, row, D, CENTER, BLOCK)
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(Mean + row, mean)
-    tl.store(Var + row, var)
+    tl.store(Mean + row, m1.to(tl.float64) + delta.to(tl.float64))
+    tl.store(Var + row, var.to(tl.float64))
     p0 = (row % groups) * K
     for start in range(0, D, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -65,11 +69,11 @@ def _rows_fwd(X, Y, W, B, Mean, Var, D, K, groups, seg, eps, CENTER: tl.constexp
         p = p0 + cols // seg
         w = tl.load(W + p, mask=mask, other=1.0).to(tl.float32)
         b = tl.load(B + p, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row * D + cols, ((x - mean) * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + row * D + cols, (((x - m1) - delta) * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
+def _rows_bwd(DY, X, M0, C0, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
               CENTER: tl.constexpr, BLOCK: tl.constexpr, REGISTERS: tl.constexpr):
     """dx per row; per program, partial dγ, dβ over its rows (``DWP[pid, p]``).
 
@@ -77,11 +81,12 @@ def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
     across the program's rows and are stored once; otherwise they are added to the program's
     own slice of ``DWP``/``DBP`` (atomics that never contend across programs).
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for row in range(pid, R, nprog):
-        mean = tl.load(Mean + row)
+        m0 = tl.load(M0 + row)  # x̂ = (x − m0)·rstd − c0: the saved mean's residual in c0
+        c0 = tl.load(C0 + row)
         rstd = tl.load(Rstd + row)
         p0 = (row % groups) * K
         sg = tl.zeros([BLOCK], dtype=tl.float32)
@@ -93,7 +98,7 @@ def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
             dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             p = p0 + cols // seg
             w = tl.load(W + p, mask=mask, other=0.0).to(tl.float32)
-            xh = tl.where(mask, (x - mean) * rstd, 0.0)
+            xh = tl.where(mask, (x - m0) * rstd - c0, 0.0)
             sg += dy * w
             sgx += dy * w * xh
             if REGISTERS:
@@ -110,7 +115,7 @@ def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
             x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(W + p0 + cols // seg, mask=mask, other=0.0).to(tl.float32)
-            xh = (x - mean) * rstd
+            xh = (x - m0) * rstd - c0
             tl.store(DX + row * D + cols, (rstd * (dy * w - mg - xh * mgx)).to(DX.dtype.element_ty), mask=mask)
     if REGISTERS:
         cols = tl.arange(0, BLOCK)
@@ -121,11 +126,11 @@ def _rows_bwd(DY, X, Mean, Rstd, W, DX, DWP, DBP, R, D, K, groups, seg, nprog,
 @triton.jit
 def _chan_stats(X, Mean, Var, N, C, S, BLOCK: tl.constexpr):
     """Per channel: mean and corrected variance over (N, S) of ``x (N, C, S)``."""
-    c = tl.program_id(0)
+    c = tl.program_id(0).to(tl.int64)
     n_total = N * S
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_total, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = idx < n_total
         off = (idx // S) * C * S + c * S + idx % S
         acc += tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
@@ -133,21 +138,21 @@ def _chan_stats(X, Mean, Var, N, C, S, BLOCK: tl.constexpr):
     ss = tl.zeros([BLOCK], dtype=tl.float32)
     cs = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_total, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = idx < n_total
         off = (idx // S) * C * S + c * S + idx % S
         d = tl.where(mask, tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
         ss += d * d
         cs += d
     comp = tl.sum(cs, axis=0)
-    tl.store(Mean + c, mean + comp / n_total)
-    tl.store(Var + c, tl.maximum((tl.sum(ss, axis=0) - comp * comp / n_total) / n_total, 0.0))
+    tl.store(Mean + c, mean.to(tl.float64) + (comp / n_total).to(tl.float64))
+    tl.store(Var + c, tl.maximum((tl.sum(ss, axis=0) - comp * comp / n_total) / n_total, 0.0).to(tl.float64))
 
 
 @triton.jit
 def _chan_apply(X, Y, Scale, Shift, Mean, N, C, S, BLOCK: tl.constexpr):
     """``y = (x − mean)·scale + shift`` per channel, one program per block of elements."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N * C * S
     c = (idx // S) % C
     x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
@@ -158,53 +163,61 @@ def _chan_apply(X, Y, Scale, Shift, Mean, N, C, S, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _chan_bwd_sums(DY, X, Mean, Rstd, SD, SDX, N, C, S, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
+def _chan_bwd_sums(DY, X, M0, C0, Rstd, SD, SDX, N, C, S, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
     n_total = N * S
-    mean = tl.load(Mean + c)
+    m0 = tl.load(M0 + c)
+    c0 = tl.load(C0 + c)
     rstd = tl.load(Rstd + c)
     sd = tl.zeros([BLOCK], dtype=tl.float32)
     sdx = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_total, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = idx < n_total
         off = (idx // S) * C * S + c * S + idx % S
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
         sd += dy
-        sdx += tl.where(mask, dy * (x - mean) * rstd, 0.0)
+        sdx += tl.where(mask, dy * ((x - m0) * rstd - c0), 0.0)
     tl.store(SD + c, tl.sum(sd, axis=0))
     tl.store(SDX + c, tl.sum(sdx, axis=0))
 
 
 @triton.jit
-def _chan_bwd_apply(DY, X, Mean, Rstd, W, SD, SDX, DX, N, C, S, BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _chan_bwd_apply(DY, X, M0, C0, Rstd, W, SD, SDX, DX, N, C, S, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N * C * S
     c = (idx // S) % C
     n_total = N * S
     x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + idx, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(Mean + c, mask=mask, other=0.0)
+    m0 = tl.load(M0 + c, mask=mask, other=0.0)
+    c0 = tl.load(C0 + c, mask=mask, other=0.0)
     rstd = tl.load(Rstd + c, mask=mask, other=0.0)
     w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
     mg = tl.load(SD + c, mask=mask, other=0.0) / n_total
     mgx = tl.load(SDX + c, mask=mask, other=0.0) / n_total
-    xh = (x - mean) * rstd
+    xh = (x - m0) * rstd - c0
     tl.store(DX + idx, (w * rstd * (dy - mg - xh * mgx)).to(DX.dtype.element_ty), mask=mask)
 
 
 def _param(t, n, fill, like):
-    return t.reshape(-1) if t is not None else torch.full((n,), fill, dtype=like.dtype, device=like.device)
+    return t.reshape(-1).contiguous() if t is not None else torch.full((n,), fill, dtype=like.dtype, device=like.device)
+
+
+def _split(mean, rstd):
+    """The float64 mean as ``(m0, c0)`` in float32: ``x̂ = (x − m0)·rstd − c0`` (see cpu.py)."""
+    m0 = mean.float()
+    return m0.contiguous(), ((mean.double() - m0.double()) * rstd.double()).float().contiguous()
 
 
 def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int, out=None):
-    """``x (R, D)`` → ``(y, mean, var)``; statistics per row in float32."""
+    """``x (R, D)`` → ``(y, mean, var)``; statistics per row, stored in float64."""
     R, D = x.shape
     K = D // seg
     y = torch.empty_like(x) if out is None else out
-    mean = torch.empty(R, dtype=torch.float32, device=x.device)
-    var = torch.empty(R, dtype=torch.float32, device=x.device)
+    mean = torch.empty(R, dtype=torch.float64, device=x.device)
+    var = torch.empty(R, dtype=torch.float64, device=x.device)
     w, b = _param(weight, groups * K, 1.0, x), _param(bias, groups * K, 0.0, x)
     _rows_fwd[(R,)](x, y, w, b, mean, var, D, K, groups, seg, eps, CENTER=center, BLOCK=_block(D))
     return y, mean, var
@@ -219,37 +232,40 @@ def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: i
     dwp = torch.zeros((nprog, P), dtype=torch.float32, device=x.device)
     dbp = torch.zeros((nprog, P), dtype=torch.float32, device=x.device)
     w = _param(weight, P, 1.0, x)
-    _rows_bwd[(nprog,)](dy.contiguous(), x, mean.float().contiguous(), rstd.float().contiguous(), w, dx, dwp, dbp,
+    m0, c0 = _split(mean, rstd)
+    _rows_bwd[(nprog,)](dy.contiguous(), x, m0, c0, rstd.float().contiguous(), w, dx, dwp, dbp,
                         R, D, K, groups, seg, nprog, CENTER=center, BLOCK=_block(D),
                         REGISTERS=groups == 1 and seg == 1 and D <= _MAX_BLOCK)
     return dx, dwp.sum(0).to(x.dtype), dbp.sum(0).to(x.dtype)
 
 
 def channels_forward(x, weight, bias, eps: float, out=None):
-    """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel in float32."""
+    """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel, stored in float64."""
     N, C, S = x.shape
-    mean = torch.empty(C, dtype=torch.float32, device=x.device)
-    var = torch.empty(C, dtype=torch.float32, device=x.device)
+    mean = torch.empty(C, dtype=torch.float64, device=x.device)
+    var = torch.empty(C, dtype=torch.float64, device=x.device)
     _chan_stats[(C,)](x, mean, var, N, C, S, BLOCK=_block(N * S))
     rstd = torch.rsqrt(var + eps)
-    scale = rstd * _param(weight, C, 1.0, x).float()
-    shift = _param(bias, C, 0.0, x).float()
+    m0 = mean.float().contiguous()
+    scale = rstd * _param(weight, C, 1.0, x).double()
+    shift = (_param(bias, C, 0.0, x).double() - (mean - m0.double()) * scale).float().contiguous()
     y = torch.empty_like(x) if out is None else out
     block = 1024
-    _chan_apply[(triton.cdiv(x.numel(), block),)](x, y, scale, shift, mean, N, C, S, BLOCK=block)
+    _chan_apply[(triton.cdiv(x.numel(), block),)](x, y, scale.float().contiguous(), shift, m0, N, C, S, BLOCK=block)
     return y, mean, var
 
 
 def channels_backward(dy, x, mean, rstd, weight, eps: float, out=None):
     N, C, S = x.shape
     dy = dy.contiguous()
-    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    m0, c0 = _split(mean, rstd)
+    rstd = rstd.float().contiguous()
     sd = torch.empty(C, dtype=torch.float32, device=x.device)
     sdx = torch.empty(C, dtype=torch.float32, device=x.device)
-    _chan_bwd_sums[(C,)](dy, x, mean, rstd, sd, sdx, N, C, S, BLOCK=_block(N * S))
+    _chan_bwd_sums[(C,)](dy, x, m0, c0, rstd, sd, sdx, N, C, S, BLOCK=_block(N * S))
     dx = torch.empty_like(x) if out is None else out
     block = 1024
-    _chan_bwd_apply[(triton.cdiv(x.numel(), block),)](dy, x, mean, rstd, _param(weight, C, 1.0, x), sd, sdx, dx,
+    _chan_bwd_apply[(triton.cdiv(x.numel(), block),)](dy, x, m0, c0, rstd, _param(weight, C, 1.0, x), sd, sdx, dx,
                                                        N, C, S, BLOCK=block)
     return dx, sdx.to(x.dtype), sd.to(x.dtype)
 
