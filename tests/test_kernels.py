@@ -274,3 +274,48 @@ def test_modules_compile_without_graph_breaks():
     assert_rel(y, eager, tol=TOL[torch.float32])
     y.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_forked_children_take_the_reference_path():
+    F.layer_norm(torch.randn(4, 32), (32,))  # the parent has run a parallel kernel
+    code = (
+        "import os, torch, normlab.functional as F\n"
+        "F.layer_norm(torch.randn(4, 32), (32,))\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    y = F.layer_norm(torch.randn(16, 32), (32,))\n"
+        "    os._exit(0 if y.shape == (16, 32) else 3)\n"
+        "print(os.waitpid(pid, 0)[1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "0", out.stderr
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_tracers_that_cannot_see_the_kernels_get_the_reference():
+    model = nln.LayerNorm(16)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(4, 16), check_trace=False)
+    x = torch.randn(4, 16) * 5 + 3
+    assert_rel(traced(x), model(x))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):  # as the reference: no silent drop
+        F.layer_norm(fwAD.make_dual(torch.randn(3, 8), torch.randn(3, 8)), (8,))
+
+
+def test_fixed_statistics_of_another_layout_are_broadcast_by_the_reference():
+    from normlab.autograd import normalize_affine
+    x = torch.randn(2, 3, 4, 5)
+    for mean, var in ((torch.randn(1, 1, 1, 1), torch.rand(1, 1, 1, 1) + 1), (torch.randn(3, 1, 1), torch.rand(3, 1, 1) + 1)):
+        got = normalize_affine(x, (0, 2, 3), fixed_mean=mean, fixed_var=var)[0]
+        assert_rel(got, (x - mean) / torch.sqrt(var + 1e-5))
+
+
+def test_compile_layer_norm_over_a_permuted_view():
+    torch._dynamo.reset()
+    ln = nln.LayerNorm(6)
+    compiled = torch.compile(lambda x: ln(x.permute(0, 2, 3, 1)), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 6, 4, 4, requires_grad=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    assert_rel(y, ln(x.permute(0, 2, 3, 1)))
