@@ -319,3 +319,24 @@ def test_compile_layer_norm_over_a_permuted_view():
     y = compiled(x)
     y.square().sum().backward()
     assert_rel(y, ln(x.permute(0, 2, 3, 1)))
+
+
+def test_use_backend_is_per_thread():
+    import threading
+
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with normlab.use_backend("torch"):
+            inside.set()
+            release.wait(10)
+            seen["other"] = normlab.get_backend()
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(10)
+    seen["main"] = normlab.get_backend()
+    release.set()
+    t.join()
+    assert seen == {"main": "auto", "other": "torch"} and normlab.get_backend() == "auto"

@@ -24,6 +24,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as TF
 
 from . import functional as F
-from .kernels import use_backend
+from .kernels import set_backend, use_backend
 
 __all__ = ["run", "METHODS", "SHAPES", "COLUMNS", "main"]
 
@@ -100,11 +101,13 @@ def _case(method, x, params, backward: bool):
     def make(mod, backend, compiled=False):
         fn = (lambda: op(mod, xg, leaves))
         if compiled:
-            with use_backend(backend):
-                fn = torch.compile(fn, dynamic=False)
+            fn = torch.compile(fn, dynamic=False)
+        # compiled code reads the process-wide backend (use_backend is per thread and invisible
+        # to dynamo), so the backend is set for the whole process around each call
+        scope = _process_backend if compiled else use_backend
 
         def call():
-            with use_backend(backend):
+            with scope(backend):
                 y = fn()
                 if backward:
                     xg.grad = None
@@ -119,6 +122,15 @@ def _case(method, x, params, backward: bool):
         "torch": make(TF, "auto"),
         "compiled": make(F, "reference", compiled=True),
     }
+
+
+@contextlib.contextmanager
+def _process_backend(name: str):
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.float32,), device: str = "cpu",

@@ -43,6 +43,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import math
 import os
@@ -64,11 +65,19 @@ def _check(name: str) -> str:
 
 
 _backend = _check(os.environ.get("NORMLAB_BACKEND", "auto").strip().lower() or "auto")
+# use_backend() overrides per thread / asyncio task, on top of the process-wide _backend
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("normlab_backend", default=None)
 
 
 def get_backend() -> str:
-    """The backend in force: ``"auto"``, ``"reference"`` or ``"torch"``."""
-    return _backend
+    """The backend in force: ``"auto"``, ``"reference"`` or ``"torch"``.
+
+    Code being compiled by ``torch.compile`` sees the process-wide choice (:func:`set_backend`,
+    ``NORMLAB_BACKEND``): dynamo cannot trace a per-thread override.
+    """
+    if torch.compiler.is_compiling():
+        return _backend
+    return _override.get() or _backend
 
 
 def set_backend(name: str) -> str:
@@ -80,12 +89,13 @@ def set_backend(name: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
-    """``with use_backend("reference"): ...`` — the backend for one block, restored after."""
-    previous = set_backend(name)
+    """``with use_backend("reference"): ...`` — the backend for one block in this thread (or
+    asyncio task), restored after; other threads keep theirs."""
+    token = _override.set(_check(name))
     try:
         yield name
     finally:
-        set_backend(previous)
+        _override.reset(token)
 
 
 # ------------------------------------------------------------------------------- planning
@@ -179,7 +189,7 @@ def _is_plain(t: Tensor | None) -> bool:
 def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
          batch_stats: bool, center: bool = True):
     """``(ops, Plan)`` when a kernel computes this call exactly, else ``None`` (the reference)."""
-    if _backend != "auto" or x.numel() == 0 or not _supported(x) or _traced():
+    if get_backend() != "auto" or x.numel() == 0 or not _supported(x) or _traced():
         return None
     if not (_is_plain(x) and _is_plain(weight) and _is_plain(bias)):
         return None
