@@ -19,6 +19,12 @@ def test_readme_monitor_example_runs(capsys):
     assert "forward_ratio" in capsys.readouterr().out
 
 
+def test_readme_deploy_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    exec(compile(blocks[2], "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "True"
+
+
 def test_readme_main_command_runs_the_tour():
     cmds = re.findall(r"```bash\n(.*?)\n```", README.read_text(), flags=re.S)
     assert cmds[0].strip() == "pip install -e '.[lab]' && normlab run"

@@ -1,0 +1,310 @@
+r"""Around the layers: BatchNorm folded away for inference, precise running statistics, freezing.
+
+Seed 000 §2.2: in eval mode BatchNorm is one affine map per channel,
+
+.. math::  \mathrm{BN}(x) = x\cdot\frac{\gamma}{\sqrt{\sigma^2+\epsilon}}
+           + \Big(\beta - \frac{\gamma\mu}{\sqrt{\sigma^2+\epsilon}}\Big),
+
+so it can be merged into the Linear or convolution next to it (:func:`fold_batchnorm`), and a
+fitted Z-Score or Min-Max scaler, also an affine map per feature, into the first Linear layer
+(:func:`fold_scaler`). :func:`recalibrate_bn` replaces the exponential moving averages with the
+statistics of the data themselves ("precise BN"), and :func:`freeze_norm` freezes statistics and
+affine parameters in a way ``model.train()`` does not undo.
+
+Works with ``torch.nn`` and ``normlab.nn`` BatchNorm alike.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+>>> _ = model(torch.randn(16, 4))
+>>> folded = fold_batchnorm(model)
+>>> [type(m).__name__ for m in folded]
+['Linear', 'Identity', 'ReLU', 'Linear']
+>>> x = torch.randn(5, 4)
+>>> torch.allclose(folded(x), model(x), atol=1e-6)
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .stats import Moments
+
+__all__ = ["batchnorm_as_affine", "fold_batchnorm", "fold_scaler", "recalibrate_bn", "freeze_norm",
+           "unfreeze_norm", "is_batchnorm"]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """A BatchNorm of torch.nn or normlab.nn (anything with BatchNorm's buffers and arithmetic)."""
+    from . import nn as nln
+
+    return isinstance(m, (nn.modules.batchnorm._BatchNorm, nln._BatchNorm))
+
+
+def _norm_modules() -> tuple[type, ...]:
+    from . import nn as nln
+
+    return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nln._NormBase, nln.LayerNorm,
+            nln.GroupNorm, nln.RMSNorm)
+
+
+@torch.no_grad()
+def batchnorm_as_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` per channel of ``bn`` in eval mode: ``bn(x) = x·scale + shift``.
+
+    ``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale`` from the running statistics (γ = 1, β = 0
+    without affine parameters), in float64 for exact folding.
+    """
+    if not is_batchnorm(bn):
+        raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{type(bn).__name__} has no running statistics (track_running_stats=False): in eval it still "
+            "normalizes with batch statistics, which is not an affine map; recalibrate_bn or train with stats"
+        )
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+def _why_not(bn: nn.Module) -> str | None:
+    if bn.training:
+        return "in training mode (it normalizes with batch statistics); call model.eval() first"
+    if bn.running_mean is None:
+        return "no running statistics (track_running_stats=False)"
+    return None
+
+
+@torch.no_grad()
+def _fold_after(layer: nn.Module, bn: nn.Module) -> None:
+    """``bn(layer(x))`` into ``layer``: output channel o scaled by a[o], shifted by s[o]."""
+    a, s = batchnorm_as_affine(bn)
+    w = layer.weight.double()
+    view = (-1,) + (1,) * (w.dim() - 1)
+    b = layer.bias.double() if layer.bias is not None else torch.zeros_like(a)
+    layer.weight.copy_((w * a.view(view)).to(layer.weight.dtype))
+    new_bias = (b * a + s).to(layer.weight.dtype)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias)
+    else:
+        layer.bias.copy_(new_bias)
+
+
+@torch.no_grad()
+def _fold_before(bn: nn.Module, linear: nn.Linear) -> None:
+    """``linear(bn(x))`` into ``linear``: input feature i scaled by a[i], shift folded into the bias."""
+    a, s = batchnorm_as_affine(bn)
+    w = linear.weight.double()
+    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    new_bias = (b + w @ s).to(linear.weight.dtype)
+    linear.weight.copy_((w * a.view(1, -1)).to(linear.weight.dtype))
+    if linear.bias is None:
+        linear.bias = nn.Parameter(new_bias)
+    else:
+        linear.bias.copy_(new_bias)
+
+
+def _channels_out(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every eval-mode BatchNorm into the Linear/Conv next to it; returns the folded model.
+
+    Inside each ``nn.Sequential``, ``layer → BN`` (Linear, Conv1d/2d/3d; BN over the layer's
+    output channels) is folded into the layer, and ``BN → Linear`` (BatchNorm1d over the Linear's
+    input features) into the Linear; the BN becomes ``nn.Identity``. A BatchNorm that cannot be
+    folded — training mode, no running statistics, no adjacent layer of the right width, or not
+    inside a Sequential — stays, and a warning names it with the reason. The model's attribute
+    ``normlab_fold_report`` lists every BatchNorm as ``{"name", "folded_into" | "reason"}``.
+    In eval mode the result equals the original up to float rounding.
+    """
+    model = model if inplace else copy.deepcopy(model)
+    report: list[dict] = []
+    done: set[int] = set()
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for i, (child_name, bn) in enumerate(children):
+            if not is_batchnorm(bn) or id(bn) in done:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            reason = _why_not(bn)
+            prev = children[i - 1][1] if i > 0 else None
+            nxt = children[i + 1][1] if i + 1 < len(children) else None
+            if reason is None and isinstance(prev, _LAYERS) and _channels_out(prev) == bn.num_features:
+                _fold_after(prev, bn)
+                target = f"{name}.{children[i - 1][0]}" if name else children[i - 1][0]
+            elif (reason is None and isinstance(nxt, nn.Linear) and isinstance(bn, (nn.BatchNorm1d, _bn1d()))
+                  and nxt.in_features == bn.num_features):
+                _fold_before(bn, nxt)
+                target = f"{name}.{children[i + 1][0]}" if name else children[i + 1][0]
+            else:
+                report.append({"name": full, "reason": reason or "no adjacent Linear/Conv over the same channels"})
+                done.add(id(bn))
+                continue
+            setattr(seq, child_name, nn.Identity())
+            report.append({"name": full, "folded_into": target})
+            done.add(id(bn))
+    for name, m in model.named_modules():
+        if is_batchnorm(m) and id(m) not in done:
+            report.append({"name": name, "reason": "not inside an nn.Sequential next to a Linear/Conv"})
+    left = [r for r in report if "reason" in r]
+    if left:
+        warnings.warn("fold_batchnorm left in place: " + "; ".join(f"{r['name']} ({r['reason']})" for r in left),
+                      stacklevel=2)
+    model.normlab_fold_report = report
+    return model
+
+
+def _bn1d():
+    from . import nn as nln
+
+    return nln.BatchNorm1d
+
+
+@torch.no_grad()
+def fold_scaler(scaler, linear: nn.Linear) -> nn.Linear:
+    """A new ``nn.Linear`` equal to ``linear(scaler.transform(x))``, so a deployed model takes raw
+    features. ``scaler`` is a fitted :class:`~normlab.preprocessing.StandardScaler` or
+    :class:`~normlab.preprocessing.MinMaxScaler` (or scikit-learn's): both are ``x·a + c`` per
+    feature. A MinMaxScaler with ``clip=True`` is not affine and is refused.
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(scaler)
+    if getattr(scaler, "clip", False):
+        raise ValueError("a MinMaxScaler with clip=True is not an affine map and cannot be folded; use clip=False")
+    if hasattr(scaler, "data_min_"):  # MinMax: x·scale_ + min_
+        a, c = (torch.as_tensor(v, dtype=torch.float64) for v in (scaler.scale_, scaler.min_))
+    else:  # Z-Score: (x − mean_)/scale_
+        n = scaler.n_features_in_
+        centred = getattr(scaler, "with_mean", True) and scaler.mean_ is not None  # mean_ is kept when not used
+        mean = torch.as_tensor(scaler.mean_ if centred else np.zeros(n), dtype=torch.float64)
+        scale = torch.as_tensor(scaler.scale_ if scaler.scale_ is not None else np.ones(n), dtype=torch.float64)
+        a, c = 1.0 / scale, -mean / scale
+    if a.numel() != linear.in_features:
+        raise ValueError(f"the scaler has {a.numel()} features but the Linear takes {linear.in_features}; "
+                         "fold the scaler into the first layer")
+    w = linear.weight.double()
+    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    out = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
+    out.weight.copy_(w * a.view(1, -1))
+    out.bias.copy_(b + w @ c)
+    return out
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Iterable, num_batches: int | None = None) -> list[dict]:
+    """Precise BN: set every BatchNorm's running statistics to the exact statistics of its input
+    over ``data`` (not an exponential moving average).
+
+    ``data`` yields batches (tensors, or tuples/lists whose first element is the input). One pass
+    runs the model in training mode, as during training, while each BN's input is accumulated
+    per channel with :class:`normlab.stats.Moments` (exact, mergeable); then ``running_mean``
+    becomes the mean and ``running_var`` the unbiased variance over all the values seen, and
+    ``num_batches_tracked`` the number of batches. Modes, momenta and every other buffer and
+    parameter are restored. Returns per layer ``{"name", "mean_shift", "var_ratio"}``: how far the
+    old running statistics were (``‖μ_old − μ‖/√mean(σ²)``, ``mean(σ²_old/σ²)``).
+    """
+    bns = [(n, m) for n, m in model.named_modules() if is_batchnorm(m) and m.running_mean is not None]
+    if not bns:
+        raise ValueError("the model has no BatchNorm with running statistics to recalibrate")
+    acc: dict[str, Moments] = {}
+    saved = {n: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for n, m in bns}
+    modes = [(m, m.training) for m in model.modules()]
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0].detach()
+            m = Moments.from_data(x, dims=(0, *range(2, x.dim())), dtype=torch.float64)
+            acc[name] = m if name not in acc else acc[name].merge(m)
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in bns]
+    batches = 0
+    try:
+        model.train()
+        for i, batch in enumerate(data):
+            if num_batches is not None and i >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x)
+            batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in modes:
+            m.training = was
+    if batches == 0:
+        for n, m in bns:
+            m.running_mean.copy_(saved[n][1])
+            m.running_var.copy_(saved[n][2])
+            m.num_batches_tracked.copy_(saved[n][3])
+        raise ValueError("recalibrate_bn got no batches from data; pass an iterable of input batches")
+    report = []
+    for n, m in bns:
+        momentum, old_mean, old_var, _ = saved[n]
+        stats = acc[n]
+        mean, var = stats.mean.reshape(-1), stats.var(correction=1).reshape(-1)
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+        m.num_batches_tracked.fill_(batches)
+        m.momentum = momentum
+        scale = math.sqrt(float(var.double().mean()) or 1.0)
+        report.append({
+            "name": n,
+            "mean_shift": float((old_mean.double() - mean.double()).norm() / scale / math.sqrt(mean.numel())),
+            "var_ratio": float((old_var.double() / var.double().clamp_min(1e-30)).mean()),
+        })
+    return report
+
+
+def _frozen_pre_hook(module: nn.Module, args) -> None:
+    # a frozen norm normalizes with its running statistics whatever model.train() said
+    module.training = False
+
+
+def freeze_norm(model: nn.Module) -> nn.Module:
+    """Freeze every normalization layer: running statistics stop updating and γ, β stop receiving
+    gradients, whatever ``model.train()`` says afterwards (a forward pre-hook puts the layer back
+    in eval mode before each call, so ``.training`` reads False again from the next forward on).
+    Survives ``deepcopy`` and pickling. Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, _norm_modules()) and not getattr(m, "_normlab_frozen", None):
+            grads = {n: p.requires_grad for n, p in m.named_parameters(recurse=False)}
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+            m._normlab_frozen = (m.register_forward_pre_hook(_frozen_pre_hook), grads)
+            m.training = False
+    return model
+
+
+def unfreeze_norm(model: nn.Module) -> nn.Module:
+    """Undo :func:`freeze_norm`: parameters get their ``requires_grad`` back and the layers follow
+    ``model.train()``/``eval()`` again (call one of them to set the mode). Returns ``model``."""
+    for m in model.modules():
+        frozen = getattr(m, "_normlab_frozen", None)
+        if frozen:
+            handle, grads = frozen
+            handle.remove()
+            for n, p in m.named_parameters(recurse=False):
+                p.requires_grad_(grads.get(n, True))
+            del m._normlab_frozen
+    return model

@@ -1,0 +1,144 @@
+"""normlab.convert: folding, scaler folding, precise BN, freezing."""
+
+import copy
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normlab.nn as nln
+from normlab.convert import (batchnorm_as_affine, fold_batchnorm, fold_scaler, freeze_norm, recalibrate_bn,
+                             unfreeze_norm)
+from normlab.preprocessing import MinMaxScaler, StandardScaler
+
+from conftest import assert_rel
+
+
+def _trained(model, shape, steps=3):
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        model(torch.randn(shape, generator=g) * 3 + 2)
+    with torch.no_grad():  # non-trivial affine parameters
+        for m in model.modules():
+            if hasattr(m, "running_mean") and getattr(m, "weight", None) is not None:
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("bn_module", [nn, nln], ids=["torch.nn", "normlab.nn"])
+@pytest.mark.parametrize("case", ["linear-bn", "bn-linear", "conv1d-bn", "conv2d-bn", "conv3d-bn", "conv-nobias"])
+def test_folding_equals_the_original_in_eval(bn_module, case):
+    torch.manual_seed(0)
+    layers = {
+        "linear-bn": ([nn.Linear(6, 5), bn_module.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)], (8, 6)),
+        "bn-linear": ([bn_module.BatchNorm1d(6), nn.Linear(6, 4)], (8, 6)),
+        "conv1d-bn": ([nn.Conv1d(3, 4, 3, padding=1), bn_module.BatchNorm1d(4)], (2, 3, 9)),
+        "conv2d-bn": ([nn.Conv2d(3, 4, 3, padding=1), bn_module.BatchNorm2d(4), nn.ReLU()], (2, 3, 7, 7)),
+        "conv3d-bn": ([nn.Conv3d(2, 3, 3), bn_module.BatchNorm3d(3)], (2, 2, 5, 5, 5)),
+        "conv-nobias": ([nn.Conv2d(3, 4, 3, bias=False), bn_module.BatchNorm2d(4)], (2, 3, 6, 6)),
+    }[case]
+    model = _trained(nn.Sequential(*layers[0]), layers[1])
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nln._BatchNorm)) for m in folded.modules())
+    assert all("folded_into" in r for r in folded.normlab_fold_report)
+    x = torch.randn(layers[1]) * 3 + 2
+    assert_rel(folded(x), model(x), tol=1e-5)
+    assert any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nln._BatchNorm)) for m in model.modules())  # a copy
+
+
+def test_unfoldable_batchnorms_stay_and_are_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4)))
+    model(torch.randn(8, 4))
+    model.eval()
+    model[0].train()  # the Linear's mode is irrelevant; the BN's matters
+    model[2][1].train()
+    with pytest.warns(UserWarning, match=r"2\.1 \(in training mode"):
+        folded = fold_batchnorm(model)
+    report = {r["name"]: r for r in folded.normlab_fold_report}
+    assert report["1"]["folded_into"] == "0" and "training" in report["2.1"]["reason"]
+    no_stats = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    with pytest.warns(UserWarning, match="no running statistics"):
+        fold_batchnorm(no_stats)
+    with pytest.raises(ValueError, match="track_running_stats"):
+        batchnorm_as_affine(no_stats[1])
+
+
+def test_batchnorm_is_the_affine_map_of_seed_000():
+    bn = _trained(nn.Sequential(nn.BatchNorm2d(3)), (4, 3, 5, 5))[0]
+    scale, shift = batchnorm_as_affine(bn)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    expected = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    assert_rel(bn.double()(x), expected, torch.float64)
+
+
+@pytest.mark.parametrize("scaler", [StandardScaler(), MinMaxScaler(feature_range=(-1, 2)), StandardScaler(with_mean=False)])
+def test_fold_scaler_takes_raw_features(scaler):
+    X = np.random.default_rng(0).normal(size=(50, 4)) * [1, 10, 100, 1000] + [5, -3, 1e3, 0]
+    scaler.fit(X)
+    linear = nn.Linear(4, 3).double()
+    folded = fold_scaler(scaler, linear)
+    x = torch.as_tensor(X[:7])
+    assert_rel(folded(x), linear(torch.as_tensor(scaler.transform(X[:7]))), torch.float64)
+    with pytest.raises(ValueError, match="features"):
+        fold_scaler(scaler, nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="clip"):
+        fold_scaler(MinMaxScaler(clip=True).fit(X), linear)
+
+
+def test_recalibration_equals_statistics_over_all_the_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nln.BatchNorm1d(6, momentum=0.3), nn.ReLU(), nn.Linear(6, 4),
+                          nn.BatchNorm1d(4))
+    data = [torch.randn(n, 5) * 2 + 1 for n in (7, 16, 3, 10)]  # uneven batches
+    model(torch.randn(8, 5) * 9)  # stale statistics from another distribution
+    model.eval()
+    inputs = []
+    hook = model[1].register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    report = recalibrate_bn(model, data)
+    hook.remove()
+    seen = torch.cat(inputs)
+    assert_rel(model[1].running_mean, seen.mean(0), tol=1e-5)
+    assert_rel(model[1].running_var, seen.var(0), tol=1e-5)  # unbiased, over all 36 values
+    assert not model.training and model[1].momentum == 0.3 and int(model[1].num_batches_tracked) == 4
+    assert [r["name"] for r in report] == ["1", "4"] and report[0]["mean_shift"] > 0.1
+    recalibrate_bn(model, [(x, None) for x in data], num_batches=2)
+    assert int(model[4].num_batches_tracked) == 2
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_bn(model, [])
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        recalibrate_bn(nn.Linear(2, 2), data)
+
+
+def test_freeze_survives_train_and_unfreeze_restores():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nln.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 25, 2))
+    model(torch.randn(2, 3, 7, 7))
+    before = model[1].running_mean.clone()
+    model[1].bias.requires_grad_(False)
+    freeze_norm(model)
+    model.train()
+    out = model(torch.randn(4, 3, 7, 7) * 5 + 3)
+    out.sum().backward()
+    assert torch.equal(model[1].running_mean, before) and not model[1].training
+    assert model[1].weight.grad is None and model[2].weight.grad is None and model[0].weight.grad is not None
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    clone.train()
+    clone(torch.randn(4, 3, 7, 7) * 5 + 3)
+    assert not clone[1].training and torch.equal(clone[1].running_mean, before)
+    unfreeze_norm(model)
+    model.train()
+    assert model[1].training and model[1].weight.requires_grad and not model[1].bias.requires_grad
+    model(torch.randn(4, 3, 7, 7))
+    assert not torch.equal(model[1].running_mean, before)
+
+
+def test_folding_warns_nothing_when_everything_folds():
+    model = _trained(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), (6, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fold_batchnorm(model, inplace=True)
+    assert isinstance(model[1], nn.Identity)
