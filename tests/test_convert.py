@@ -142,3 +142,27 @@ def test_folding_warns_nothing_when_everything_folds():
         warnings.simplefilter("error")
         fold_batchnorm(model, inplace=True)
     assert isinstance(model[1], nn.Identity)
+
+
+@pytest.mark.parametrize("bn_module", [nn, nln], ids=["torch.nn", "normlab.nn"])
+def test_finite_guard_skips_and_counts_bad_updates(bn_module):
+    from normlab.convert import guard_finite, unguard_finite
+
+    model = nn.Sequential(nn.Linear(3, 4), bn_module.BatchNorm1d(4))
+    guard_finite(model)
+    model(torch.randn(8, 3))
+    good = (model[1].running_mean.clone(), model[1].running_var.clone(), int(model[1].num_batches_tracked))
+    bad = torch.randn(8, 3)
+    bad[2, 0] = float("inf")
+    assert torch.isnan(model(bad)).any()  # the batch itself is lost ...
+    bn = model[1]
+    assert torch.equal(bn.running_mean, good[0]) and torch.equal(bn.running_var, good[1])  # ... the state is not
+    assert int(bn.num_batches_tracked) == good[2] and bn.nonfinite_skips == 1
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    clone(bad)
+    assert clone[1].nonfinite_skips == 2 and torch.isfinite(clone[1].running_var).all()
+    model(torch.randn(8, 3))
+    assert int(bn.num_batches_tracked) == good[2] + 1
+    unguard_finite(model)
+    model(bad)
+    assert not torch.isfinite(bn.running_mean).all() and bn.nonfinite_skips == 1

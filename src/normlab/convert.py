@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .stats import Moments
 
 __all__ = ["batchnorm_as_affine", "fold_batchnorm", "fold_scaler", "recalibrate_bn", "freeze_norm",
-           "unfreeze_norm", "is_batchnorm"]
+           "unfreeze_norm", "guard_finite", "unguard_finite", "is_batchnorm"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -307,4 +307,47 @@ def unfreeze_norm(model: nn.Module) -> nn.Module:
             for n, p in m.named_parameters(recurse=False):
                 p.requires_grad_(grads.get(n, True))
             del m._normlab_frozen
+    return model
+
+
+def _guard_pre(module: nn.Module, args) -> None:
+    if module.training and module.running_mean is not None:
+        module._normlab_guard_snapshot = tuple(
+            t.clone() for t in (module.running_mean, module.running_var, module.num_batches_tracked))
+
+
+@torch.no_grad()
+def _guard_post(module: nn.Module, args, output) -> None:
+    snapshot = module.__dict__.pop("_normlab_guard_snapshot", None)
+    if snapshot is None:
+        return
+    if not (torch.isfinite(module.running_mean).all() and torch.isfinite(module.running_var).all()):
+        for buf, saved in zip((module.running_mean, module.running_var, module.num_batches_tracked), snapshot):
+            buf.copy_(saved)
+        module.nonfinite_skips += 1
+
+
+def guard_finite(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm skip a running-statistics update whose batch statistics are not
+    finite (a NaN/inf batch, an fp16 overflow), counting the skips in ``bn.nonfinite_skips``.
+
+    Without it one bad batch turns ``running_var`` into NaN silently, and the damage only shows
+    in eval. The output of that batch is still NaN — the guard protects the model's state, not
+    the step. Works for torch.nn and normlab.nn BatchNorm; survives deepcopy and pickling.
+    """
+    for m in model.modules():
+        if is_batchnorm(m) and not getattr(m, "_normlab_guard", None):
+            m._normlab_guard = (m.register_forward_pre_hook(_guard_pre), m.register_forward_hook(_guard_post))
+            m.nonfinite_skips = getattr(m, "nonfinite_skips", 0)
+    return model
+
+
+def unguard_finite(model: nn.Module) -> nn.Module:
+    """Remove :func:`guard_finite`'s hooks (the skip counters stay for inspection)."""
+    for m in model.modules():
+        handles = getattr(m, "_normlab_guard", None)
+        if handles:
+            for h in handles:
+                h.remove()
+            del m._normlab_guard
     return model
