@@ -39,12 +39,15 @@ from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from . import functional as F
-from .stats import mean_square
+from .stats import mean_square, moments
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
@@ -196,6 +199,92 @@ class BatchNorm3d(_BatchNorm):
     """BatchNorm over a ``(N, C, D, H, W)`` input (torch.nn.BatchNorm3d)."""
 
     _ndims, _layout = (5,), "5-D (N, C, D, H, W) input"
+
+
+class _BatchRenorm(_BatchNorm):
+    r"""Batch Renormalization (Ioffe 2017): BatchNorm whose training output is corrected towards
+    the running statistics, so small or non-i.i.d. batches train like large ones.
+
+    .. math::
+
+        \hat x = \frac{x - \mu_B}{\sigma_B}\, r + d,\quad
+        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}\Big(\frac{\sigma_B}{\sigma}\Big),\quad
+        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}\Big(\frac{\mu_B - \mu}{\sigma}\Big),\quad
+        y = \gamma \hat x + \beta
+
+    with ``σ_B = √(σ²_B + ε)``, ``σ = √(running_var + ε)``, and ``r``, ``d`` treated as constants
+    in the backward (the paper's stop-gradient). That makes it the core's BatchNorm with
+    ``γ' = γ·r`` and ``β' = γ·d + β``: the written-out backward of seed 004 eq. 4–9 applies as
+    it is, and autograd routes ``∂l/∂γ = Σ ∂l/∂y·(r x̂_B + d)`` through ``γ'`` and ``β'``. With
+    ``r = 1, d = 0`` it is exactly BatchNorm. Eval mode is BatchNorm's (running statistics).
+
+    ``rmax``/``dmax`` ramp linearly from 1/0 (plain BatchNorm) to their values over the first
+    ``warmup_steps`` training batches (counted by ``num_batches_tracked``; 0: no warm-up). Running
+    statistics follow BatchNorm's rule (momentum, unbiased ``running_var``); they are required.
+    Arguments, buffers and ``state_dict`` are BatchNorm's plus ``rmax``, ``dmax``, ``warmup_steps``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 rmax: float = 3.0, dmax: float = 5.0, warmup_steps: int = 0) -> None:
+        if not track_running_stats:
+            raise ValueError(f"{type(self).__name__} corrects batch statistics towards running ones: "
+                             "track_running_stats must be True")
+        if rmax < 1 or dmax < 0 or warmup_steps < 0:
+            raise ValueError(f"need rmax >= 1, dmax >= 0, warmup_steps >= 0; got {rmax}, {dmax}, {warmup_steps}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.rmax, self.dmax, self.warmup_steps = rmax, dmax, warmup_steps
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
+
+    def limits(self) -> tuple[float, float]:
+        """``(rmax, dmax)`` at the current step of the warm-up."""
+        if self.warmup_steps == 0:
+            return self.rmax, self.dmax
+        t = min(1.0, float(self.num_batches_tracked) / self.warmup_steps)
+        return 1.0 + (self.rmax - 1.0) * t, self.dmax * t
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        self._check_input(input)
+        dims = (0, *range(2, input.dim()))
+        with torch.no_grad():
+            mean_b, var_b = moments(input, dims)
+            mean_b, var_b = mean_b.reshape(-1), var_b.reshape(-1)
+            sigma = torch.sqrt(self.running_var.to(var_b.dtype) + self.eps)
+            rmax, dmax = self.limits()
+            r = (torch.sqrt(var_b + self.eps) / sigma).clamp(1.0 / rmax, rmax)
+            d = ((mean_b - self.running_mean.to(mean_b.dtype)) / sigma).clamp(-dmax, dmax)
+        w = self.weight if self.weight is not None else torch.ones_like(r, dtype=input.dtype)
+        b = self.bias if self.bias is not None else torch.zeros_like(d, dtype=input.dtype)
+        out = F.batch_norm(input, None, None, w * r.to(w.dtype), w * d.to(w.dtype) + b, True, 0.0, self.eps)
+        factor = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        n = input.numel() // input.shape[1]
+        with torch.no_grad():  # BatchNorm's rule, after success
+            self.running_mean.mul_(1 - factor).add_(mean_b.to(self.running_mean.dtype), alpha=factor)
+            self.running_var.mul_(1 - factor).add_((var_b * (n / (n - 1))).to(self.running_var.dtype), alpha=factor)
+        self.num_batches_tracked.add_(1)
+        return out
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renormalization over a ``(N, C)`` or ``(N, C, L)`` input; see :class:`_BatchRenorm`."""
+
+    _ndims, _layout = BatchNorm1d._ndims, BatchNorm1d._layout
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renormalization over a ``(N, C, H, W)`` input; see :class:`_BatchRenorm`."""
+
+    _ndims, _layout = BatchNorm2d._ndims, BatchNorm2d._layout
+
+
+class BatchRenorm3d(_BatchRenorm):
+    """Batch Renormalization over a ``(N, C, D, H, W)`` input; see :class:`_BatchRenorm`."""
+
+    _ndims, _layout = BatchNorm3d._ndims, BatchNorm3d._layout
 
 
 class _InstanceNorm(_NormBase):
