@@ -166,3 +166,73 @@ def test_finite_guard_skips_and_counts_bad_updates(bn_module):
     unguard_finite(model)
     model(bad)
     assert not torch.isfinite(bn.running_mean).all() and bn.nonfinite_skips == 1
+
+
+class _Block(nn.Module):
+    """torchvision's BasicBlock, small: conv-bn-relu-conv-bn plus a projection shortcut."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)) \
+            if stride != 1 or c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         _Block(16, 16), _Block(16, 32, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.BatchNorm1d(32), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("target", ["group", "layer", "instance", "batchrenorm"])
+def test_replace_norm_on_a_small_resnet(target):
+    from normlab.convert import replace_norm
+
+    model = _resnet()
+    model(torch.randn(4, 3, 8, 8))
+    swapped = replace_norm(model, target)
+    norms = [m for m in swapped.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nln._NormBase, nln.GroupNorm))]
+    assert len(norms) == 7
+    if target == "batchrenorm":
+        assert all(isinstance(m, nln._BatchRenorm) for m in norms)
+        assert torch.equal(swapped[1].running_mean, model[1].running_mean)
+    else:
+        assert all(isinstance(m, nln.GroupNorm) for m in norms)
+        expected = {"group": 8, "layer": 1, "instance": 16}[target]
+        assert swapped[1].num_groups == expected and torch.equal(swapped[1].weight, model[1].weight)
+    out = swapped(torch.randn(2, 3, 8, 8)) if target != "instance" else swapped[:7](torch.randn(2, 3, 8, 8))
+    assert torch.isfinite(out).all()
+    assert replace_norm(model, "group", num_groups=4)[1].num_groups == 4
+    with pytest.raises(ValueError, match="divide"):
+        replace_norm(model, "group", num_groups=3)
+    with pytest.raises(ValueError, match="target"):
+        replace_norm(model, "spectral")
+
+
+def test_audit_names_small_batches_frozen_but_updating_and_non_finite_stats():
+    from normlab.convert import audit
+
+    model = _resnet()
+    model(torch.randn(4, 3, 8, 8))
+    model.train()
+    for p in model[3].bn1.parameters():
+        p.requires_grad_(False)  # the classic "frozen" BN that still updates its statistics
+    model[4].bn2.running_var[0] = float("nan")
+    report = audit(model, batch_size=2, input_shape=(3, 8, 8))
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["1"]["values_per_statistic"] == 2 * 64 and rows["7"]["values_per_statistic"] == 2
+    assert rows["3.bn1"]["frozen_but_updating"] and not rows["4.bn2"]["finite_stats"]
+    text = "\n".join(report["recommendations"])
+    assert "7 sees 2 values per channel at batch 2: use GroupNorm or BatchRenorm" in text
+    assert "3.bn1" in text and "freeze_norm" in text and "4.bn2" in text and "recalibrate_bn" in text
+    assert model.training  # modes restored
+    clean = audit(freeze_norm(_resnet()))
+    assert clean["recommendations"] == [] and all(r["frozen"] for r in clean["layers"])

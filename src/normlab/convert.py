@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from .stats import Moments
 
 __all__ = ["batchnorm_as_affine", "fold_batchnorm", "fold_scaler", "recalibrate_bn", "freeze_norm",
-           "unfreeze_norm", "guard_finite", "unguard_finite", "is_batchnorm"]
+           "unfreeze_norm", "guard_finite", "unguard_finite", "replace_norm", "suggest_groups", "audit",
+           "is_batchnorm"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -351,3 +352,126 @@ def unguard_finite(model: nn.Module) -> nn.Module:
                 h.remove()
             del m._normlab_guard
     return model
+
+
+def suggest_groups(channels: int, values_per_channel: int = 64) -> int:
+    """A GroupNorm group count: Wu & He's 32, fewer when a group would hold fewer than 2 channels
+    or fewer than 16 values per sample (``values_per_channel`` is the spatial size; 1 for an MLP)."""
+    for g in range(min(32, channels // 2), 1, -1):
+        if channels % g == 0 and (channels // g) * values_per_channel >= 16:
+            return g
+    return 1
+
+
+_TARGETS = ("group", "layer", "instance", "batchrenorm")
+
+
+def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None = None, *,
+                 inplace: bool = False) -> nn.Module:
+    """Swap every BatchNorm for a norm that does not depend on the batch (seed 004: BN needs
+    batches that are not too small).
+
+    ``target``: ``"group"`` (GroupNorm, ``num_groups`` or :func:`suggest_groups`), ``"layer"``
+    (GroupNorm with one group: LayerNorm over (C, *spatial)), ``"instance"`` (GroupNorm with one
+    channel per group: InstanceNorm with affine parameters; needs spatial dims) or
+    ``"batchrenorm"`` (:class:`normlab.nn.BatchRenorm2d` & co., keeping the running statistics).
+    γ and β are carried over, so a trained model starts from its BatchNorm's affine map.
+    """
+    from . import nn as nln
+
+    if target not in _TARGETS:
+        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+    model = model if inplace else copy.deepcopy(model)
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, bn in list(parent.named_children()):
+            if not is_batchnorm(bn):
+                continue
+            c = bn.num_features
+            factory = {"device": bn.weight.device if bn.weight is not None else None,
+                       "dtype": bn.weight.dtype if bn.weight is not None else None}
+            if target == "batchrenorm":
+                dims = 1 if isinstance(bn, (nn.BatchNorm1d, nln.BatchNorm1d)) else (
+                    2 if isinstance(bn, (nn.BatchNorm2d, nln.BatchNorm2d)) else 3)
+                new = (nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d)[dims - 1](
+                    c, bn.eps, bn.momentum, bn.affine, True, **factory)
+                if bn.running_mean is not None:
+                    new.load_state_dict(bn.state_dict())
+                elif bn.affine:
+                    new.weight.data.copy_(bn.weight.data)
+                    new.bias.data.copy_(bn.bias.data)
+            else:
+                one_d = isinstance(bn, (nn.BatchNorm1d, nln.BatchNorm1d))
+                groups = {"group": num_groups or suggest_groups(c, 1 if one_d else 64), "layer": 1, "instance": c}[target]
+                if c % groups:
+                    raise ValueError(f"num_groups={groups} does not divide the {c} channels of {parent_name}.{child_name}")
+                new = nln.GroupNorm(groups, c, bn.eps, bn.affine, **factory)
+                if bn.affine:
+                    new.weight.data.copy_(bn.weight.data)
+                    new.bias.data.copy_(bn.bias.data)
+            new.train(bn.training)
+            setattr(parent, child_name, new)
+    return model
+
+
+def _spatial_size(shape) -> int:
+    return math.prod(shape[2:]) if len(shape) > 2 else 1
+
+
+@torch.no_grad()
+def audit(model: nn.Module, batch_size: int | None = None, input_shape: tuple[int, ...] | None = None) -> dict:
+    """Inspect every normalization layer; plain-language recommendations for what is wrong.
+
+    Per layer: type, train/eval mode, frozen (:func:`freeze_norm`), parameters that do not train
+    while the statistics still update ("frozen but updating"), non-finite running statistics, and
+    — given ``batch_size`` and ``input_shape`` (one example, without the batch dim), by running
+    one dummy batch in eval mode — the number of values a batch gives each statistic.
+    Returns ``{"layers": [...], "recommendations": [...]}``.
+    """
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, _norm_modules())]
+    shapes: dict[str, tuple] = {}
+    if batch_size is not None and input_shape is not None:
+        handles = [m.register_forward_pre_hook(lambda mod, a, n=n: shapes.__setitem__(n, tuple(a[0].shape)))
+                   for n, m in norms]
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            p = next(model.parameters(), None)
+            model(torch.zeros((batch_size, *input_shape), device=p.device if p is not None else None,
+                              dtype=p.dtype if p is not None else None))
+        finally:
+            for h in handles:
+                h.remove()
+            for m, was in modes:
+                m.training = was
+    layers, advice = [], []
+    for name, m in norms:
+        row = {"name": name, "type": type(m).__name__, "training": m.training,
+               "frozen": bool(getattr(m, "_normlab_frozen", None))}
+        bn = is_batchnorm(m)
+        if bn and m.running_mean is not None:
+            finite = bool(torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all())
+            row["finite_stats"] = finite
+            if not finite:
+                advice.append(f"{name}: running statistics contain NaN/inf; recalibrate_bn(model, data) "
+                              "rebuilds them, guard_finite(model) prevents it")
+            params = [p for p in m.parameters(recurse=False)]
+            if m.training and not row["frozen"] and params and not any(p.requires_grad for p in params):
+                row["frozen_but_updating"] = True
+                advice.append(f"{name}: γ, β do not train but the running statistics still update in train "
+                              "mode; freeze_norm(model) freezes both")
+        if name in shapes:
+            shape = shapes[name]
+            if bn:
+                values = shape[0] * _spatial_size(shape)
+            elif isinstance(m, (nn.GroupNorm,)) or type(m).__name__ == "GroupNorm":
+                values = (shape[1] // m.num_groups) * _spatial_size(shape)
+            elif hasattr(m, "normalized_shape"):
+                values = math.prod(m.normalized_shape)
+            else:  # instance norm
+                values = _spatial_size(shape)
+            row["values_per_statistic"] = values
+            if bn and values < 32:
+                advice.append(f"{name} sees {values} values per channel at batch {batch_size}: use GroupNorm or "
+                              "BatchRenorm (replace_norm(model, 'group' | 'batchrenorm')), or a larger batch")
+        layers.append(row)
+    return {"layers": layers, "recommendations": advice}

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import nn as nln
+from ..convert import suggest_groups
 
 __all__ = ["mlp", "cnn", "init_weights", "NORMS", "ACTIVATIONS"]
 
@@ -63,12 +64,7 @@ def _groups(channels: int, num_groups: int | None, spatial: int = 1) -> int:
         if channels % num_groups:
             raise ValueError(f"num_groups={num_groups} does not divide {channels} channels; pick a divisor")
         return num_groups
-    # Wu & He's 32 groups, fewer when a group would hold under 2 channels or under 16 values
-    # (an MLP has no spatial extent: 32 groups of 2 features would normalize pairs to ±1).
-    for g in range(min(32, channels // 2), 1, -1):
-        if channels % g == 0 and (channels // g) * spatial >= 16:
-            return g
-    return 1
+    return suggest_groups(channels, spatial)  # an MLP has no spatial extent: groups of >= 16 features
 
 
 def _norm(kind: str, channels: int, *, spatial: tuple[int, ...] = (), num_groups: int | None = None) -> nn.Module:
