@@ -14,7 +14,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("stats", "autograd", "kernels", "functional", "nn", "preprocessing", "convert", "diagnostics", "lab", "cli")
+_SUBMODULES = ("stats", "autograd", "kernels", "functional", "nn", "preprocessing", "convert", "distributed", "diagnostics", "lab", "cli")
 _BACKEND = ("set_backend", "get_backend", "use_backend")  # from normlab.kernels
 __all__ = ["__version__", *_SUBMODULES, *_BACKEND]
 

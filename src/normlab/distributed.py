@@ -1,0 +1,184 @@
+r"""Normalization across processes, on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Every statistic travels as the mergeable triple ``(count, mean, M2)`` of
+:class:`normlab.stats.Moments` and is merged with Chan's formula in rank order, so ranks may hold
+different batch sizes — including none — and the result equals one process holding the
+concatenated batch (up to rounding), with no ``E[x²] − E[x]²`` cancellation.
+
+* :class:`SyncBatchNorm` (``torch.nn.SyncBatchNorm``'s signature) and
+  :func:`convert_sync_batchnorm`: BatchNorm whose batch statistics, backward sums and running
+  statistics are those of the global batch.
+* :func:`all_reduce_moments`: the triple of every rank, merged.
+* :func:`all_reduce_scaler`: scalers ``partial_fit`` on each rank's shard end up with the fitted
+  state of one ``fit`` on all the data.
+
+Outside an initialised process group (or with one process) everything reduces to the local
+computation, so the same code runs in a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .stats import Moments
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "all_reduce_moments", "all_reduce_scaler"]
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_moments(m: Moments, group=None) -> Moments:
+    """Merge every rank's ``(count, mean, M2)`` (same shape on every rank) in rank order."""
+    if _world(group) == 1:
+        return m
+    packed = torch.stack([m.count, m.mean, m.m2]).to(torch.float64)
+    parts = [torch.empty_like(packed) for _ in range(_world(group))]
+    dist.all_gather(parts, packed.contiguous(), group=group)
+    total = Moments(parts[0][0], parts[0][1], parts[0][2])
+    for p in parts[1:]:
+        total = total.merge(Moments(p[0], p[1], p[2]))
+    return total
+
+
+def _all_reduce_sum(t: Tensor, group) -> Tensor:
+    if _world(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _global_moments(x: Tensor, group) -> Moments:
+    dims = (0, *range(2, x.dim()))
+    if x.numel():
+        local = Moments.from_data(x.detach(), dims=dims, dtype=torch.float64)
+    else:  # an empty shard still takes part in the collective
+        local = Moments.empty((x.shape[1],), dtype=torch.float64, device=x.device)
+    return all_reduce_moments(local, group)
+
+
+class _SyncBN(torch.autograd.Function):
+    """Normalization with the global statistics; the backward uses the global sums of seed 004
+    eq. (5)–(7): ``∂l/∂x = r·γ·(dy − Σdy/n − x̂·Σ(dy·x̂)/n)``, both sums all-reduced over ranks
+    (the statistics' dependence on every rank's ``x`` lives in those sums)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group, mean, var, count):
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (x.double() - mean.view(view)) * rstd.view(view)
+        y = xhat if weight is None else xhat * weight.double().view(view)
+        if bias is not None:
+            y = y + bias.double().view(view)
+        ctx.save_for_backward(xhat, weight, rstd, count)
+        ctx.group, ctx.dims, ctx.view, ctx.bias_given = group, (0, *range(2, x.dim())), view, bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, weight, rstd, count = ctx.saved_tensors
+        g = dy.double()
+        sums = torch.stack([g.sum(ctx.dims), (g * xhat).sum(ctx.dims)])
+        local_db, local_dw = sums[0].clone(), sums[1].clone()
+        _all_reduce_sum(sums, ctx.group)
+        v, n = ctx.view, count.view(ctx.view)
+        gamma = weight.double().view(v) if weight is not None else 1.0
+        dx = rstd.view(v) * gamma * (g - sums[0].view(v) / n - xhat * sums[1].view(v) / n)
+        dw = local_dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = local_db.to(dy.dtype) if ctx.bias_given and ctx.needs_input_grad[2] else None
+        return dx.to(dy.dtype), dw, db, None, None, None, None, None
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the batch of every rank of ``process_group`` (``torch.nn.SyncBatchNorm``'s
+    arguments, buffers and ``state_dict``). In eval mode it is BatchNorm with running statistics.
+
+    Batch statistics are the merged ``(count, mean, M2)`` of all ranks, so uneven and empty
+    shards are exact; ``running_var`` stores the unbiased global variance. Parameter gradients
+    are local (DistributedDataParallel averages them, as with torch's SyncBatchNorm). Every rank
+    must call it in step (the statistics are a collective).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expects at least 2-D input (N, C, ...), got {input.dim()}-D input")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"SyncBatchNorm({self.num_features}) got {input.shape[1]} channels in dim 1")
+        if not self.training and self.running_mean is not None:
+            from . import functional as F
+
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        stats = _global_moments(input, self.process_group)
+        if float(stats.count.min()) <= 1:
+            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel over all ranks, got "
+                             f"{int(stats.count.min())}; use larger batches or GroupNorm")
+        y = _SyncBN.apply(input, self.weight, self.bias, self.eps, self.process_group, stats.mean,
+                          stats.var(correction=0), stats.count)
+        if self.training and self.track_running_stats:
+            factor = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(stats.mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(stats.var(correction=1).to(self.running_var.dtype),
+                                                       alpha=factor)
+                self.num_batches_tracked.add_(1)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """A copy of ``module`` with every BatchNorm (torch.nn or normlab.nn) replaced by
+    :class:`SyncBatchNorm`, parameters and running statistics carried over."""
+    from .convert import is_batchnorm
+
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if is_batchnorm(child) and not isinstance(child, SyncBatchNorm):
+                like = next(iter(child.parameters()), child.running_mean)
+                factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+                sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats, process_group, **factory)
+                sync.load_state_dict(child.state_dict())
+                sync.train(child.training)
+                setattr(parent, name, sync)
+    return module
+
+
+def all_reduce_scaler(scaler, group=None):
+    """Give every rank the scaler fitted on all ranks' data: each rank ``partial_fit`` its shard
+    (or nothing), then this merges the sufficient statistics in rank order — the same fitted
+    state as one ``fit`` on the concatenated data, for MinMax and Z-Score alike. Returns ``scaler``."""
+    from sklearn.utils.validation import check_is_fitted
+
+    try:
+        check_is_fitted(scaler)
+        mine = {k: v.cpu() for k, v in scaler._stats.items()}
+        meta = (int(scaler.n_features_in_), getattr(scaler, "feature_names_in_", None))
+    except Exception:  # this rank saw no data
+        mine, meta = None, None
+    if _world(group) == 1:
+        return scaler
+    gathered: list = [None] * _world(group)
+    dist.all_gather_object(gathered, (mine, meta), group=group)
+    fitted = [(s, m) for s, m in gathered if s is not None]
+    if not fitted:
+        raise ValueError("all_reduce_scaler: no rank has fitted data; partial_fit a shard on at least one rank")
+    total = fitted[0][0]
+    for s, _ in fitted[1:]:
+        total = scaler._merge(total, s)
+    scaler.n_features_in_ = fitted[0][1][0]
+    if fitted[0][1][1] is not None:
+        scaler.feature_names_in_ = fitted[0][1][1]
+    scaler._commit(total)
+    return scaler

@@ -1,0 +1,92 @@
+"""SyncBatchNorm and scalers across 2 and 3 gloo processes (uneven and empty shards) equal one process."""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from normlab.distributed import SyncBatchNorm, all_reduce_moments, all_reduce_scaler, convert_sync_batchnorm
+from normlab.preprocessing import MinMaxScaler, StandardScaler
+from normlab.stats import Moments
+
+SHARDS = {2: [4, 6], 3: [3, 0, 7]}  # 10 examples in all; the 3-process case has an empty shard
+
+
+def _global():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 5
+    dy = torch.randn(10, 3, 4, 4, generator=g, dtype=torch.float64)
+    features = torch.randn(10, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10, 100, 1000]) + 7
+    return x, dy, features
+
+
+def _worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, dy, features = _global()
+        lo = sum(SHARDS[world][:rank])
+        hi = lo + SHARDS[world][rank]
+        # one process on the whole batch: the oracle
+        ref = torch.nn.BatchNorm2d(3).double()
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 2, generator=torch.Generator().manual_seed(1))
+        sync = convert_sync_batchnorm(torch.nn.Sequential(ref))[0]
+        xr = x.clone().requires_grad_()
+        (ref(xr) * dy).sum().backward()
+        xs = x[lo:hi].clone().requires_grad_()
+        y = sync(xs)
+        (y * dy[lo:hi]).sum().backward()
+        with torch.no_grad():
+            assert torch.allclose(y, _bn_rows(x, ref, lo, hi), atol=1e-10)
+        assert torch.allclose(xs.grad, xr.grad[lo:hi], atol=1e-10)
+        dw = sync.weight.grad.clone()
+        dist.all_reduce(dw)
+        assert torch.allclose(dw, ref.weight.grad, atol=1e-10)  # local grads sum to the global ones
+        assert torch.allclose(sync.running_mean, ref.running_mean, atol=1e-12)
+        assert torch.allclose(sync.running_var, ref.running_var, atol=1e-12)
+        # moments
+        m = all_reduce_moments(Moments.from_data(features[lo:hi], dims=(0,), dtype=torch.float64)
+                               if hi > lo else Moments.empty((4,), dtype=torch.float64))
+        assert torch.allclose(m.mean, features.mean(0)) and torch.allclose(m.var(1), features.var(0))
+        # scalers: partial_fit on the shard, then all-reduce = fit on everything
+        for make in (StandardScaler, MinMaxScaler):
+            scaler = make()
+            if hi > lo:
+                scaler.partial_fit(features[lo:hi].numpy())
+            all_reduce_scaler(scaler)
+            full = make().fit(features.numpy())
+            for attr in ("n_samples_seen_", "mean_", "var_", "scale_", "data_min_", "data_max_", "data_range_"):
+                if hasattr(full, attr):
+                    np.testing.assert_allclose(getattr(scaler, attr), getattr(full, attr), rtol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def _bn_rows(x, ref, lo, hi):
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = x.var((0, 2, 3), correction=0, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + ref.eps) * ref.weight.view(1, -1, 1, 1) + ref.bias.view(1, -1, 1, 1)
+    return y[lo:hi]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sync_batchnorm_and_scalers_across_processes(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init")), nprocs=world, join=True)
+
+
+def test_one_process_is_plain_batchnorm():
+    x = torch.randn(6, 3, 2, 2, requires_grad=True)
+    sync, bn = SyncBatchNorm(3), torch.nn.BatchNorm2d(3)
+    assert torch.allclose(sync(x), bn(x), atol=1e-6)
+    assert set(sync.state_dict()) == set(bn.state_dict())
+    sync.eval(), bn.eval()
+    assert torch.allclose(sync(x), bn(x), atol=1e-6)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        SyncBatchNorm(3)(torch.randn(1, 3))
+    scaler = StandardScaler().fit(np.ones((3, 2)))
+    assert all_reduce_scaler(scaler) is scaler
