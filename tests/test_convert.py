@@ -236,3 +236,40 @@ def test_audit_names_small_batches_frozen_but_updating_and_non_finite_stats():
     assert model.training  # modes restored
     clean = audit(freeze_norm(_resnet()))
     assert clean["recommendations"] == [] and all(r["frozen"] for r in clean["layers"])
+
+
+def test_fold_batchnorm_follows_the_data_flow_of_a_resnet():
+    model = _resnet()
+    model(torch.randn(4, 3, 8, 8) * 2 + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2)
+                m.bias.normal_()
+    model.eval()
+    folded = fold_batchnorm(model)
+    report = {r["name"]: r for r in folded.normlab_fold_report}
+    assert report["3.bn1"]["folded_into"] == "3.conv1" and report["4.down.1"]["folded_into"] == "4.down.0"
+    assert report["7"]["folded_into"] == "8"  # BN1d before the classifier
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = torch.randn(3, 3, 8, 8)
+    assert_rel(folded(x), model(x), tol=1e-5)
+
+
+def test_a_layer_output_used_twice_is_not_folded():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding would change the second use
+
+    model = Twice()
+    model(torch.randn(4, 2, 3, 3))
+    model.eval()
+    with pytest.warns(UserWarning, match="bn"):
+        folded = fold_batchnorm(model)
+    x = torch.randn(2, 2, 3, 3)
+    assert_rel(folded(x), model(x))

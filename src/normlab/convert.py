@@ -126,51 +126,101 @@ def _channels_out(layer: nn.Module) -> int:
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Fold every eval-mode BatchNorm into the Linear/Conv next to it; returns the folded model.
 
-    Inside each ``nn.Sequential``, ``layer → BN`` (Linear, Conv1d/2d/3d; BN over the layer's
-    output channels) is folded into the layer, and ``BN → Linear`` (BatchNorm1d over the Linear's
-    input features) into the Linear; the BN becomes ``nn.Identity``. A BatchNorm that cannot be
-    folded — training mode, no running statistics, no adjacent layer of the right width, or not
-    inside a Sequential — stays, and a warning names it with the reason. The model's attribute
-    ``normlab_fold_report`` lists every BatchNorm as ``{"name", "folded_into" | "reason"}``.
-    In eval mode the result equals the original up to float rounding.
+    Two patterns are folded, and the BN becomes ``nn.Identity``:
+
+    * ``layer → BN``: a Linear or Conv1d/2d/3d over the BN's channels, whose output feeds only
+      the BN; folded into the layer's weight and bias.
+    * ``BN → Linear``: a BatchNorm1d whose output feeds only a Linear over the same features;
+      folded into the Linear.
+
+    The data flow comes from ``torch.fx.symbolic_trace``, so BNs inside custom modules fold too
+    (ResNet blocks). A model that fx cannot trace falls back to neighbours inside each
+    ``nn.Sequential``. A BatchNorm that cannot be folded stays, and a warning names it with the
+    reason: training mode, no running statistics, no adjacent layer, or an output used elsewhere.
+    The model's attribute ``normlab_fold_report`` lists every BatchNorm as
+    ``{"name", "folded_into" | "reason"}``. In eval mode the result equals the original up to
+    float rounding.
     """
     model = model if inplace else copy.deepcopy(model)
+    pairs = _traced_pairs(model)
+    if pairs is None:
+        pairs = _sequential_pairs(model)
     report: list[dict] = []
-    done: set[int] = set()
-    for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq.named_children())
-        for i, (child_name, bn) in enumerate(children):
-            if not is_batchnorm(bn) or id(bn) in done:
-                continue
-            full = f"{name}.{child_name}" if name else child_name
-            reason = _why_not(bn)
-            prev = children[i - 1][1] if i > 0 else None
-            nxt = children[i + 1][1] if i + 1 < len(children) else None
-            if reason is None and isinstance(prev, _LAYERS) and _channels_out(prev) == bn.num_features:
-                _fold_after(prev, bn)
-                target = f"{name}.{children[i - 1][0]}" if name else children[i - 1][0]
-            elif (reason is None and isinstance(nxt, nn.Linear) and isinstance(bn, (nn.BatchNorm1d, _bn1d()))
-                  and nxt.in_features == bn.num_features):
-                _fold_before(bn, nxt)
-                target = f"{name}.{children[i + 1][0]}" if name else children[i + 1][0]
+    folded: set[str] = set()
+    for bn_name, (kind, other) in pairs.items():
+        bn = model.get_submodule(bn_name)
+        reason = _why_not(bn)
+        if reason is None:
+            target = model.get_submodule(other)
+            if kind == "after" and _channels_out(target) == bn.num_features:
+                _fold_after(target, bn)
+            elif kind == "before" and target.in_features == bn.num_features:
+                _fold_before(bn, target)
             else:
-                report.append({"name": full, "reason": reason or "no adjacent Linear/Conv over the same channels"})
-                done.add(id(bn))
-                continue
-            setattr(seq, child_name, nn.Identity())
-            report.append({"name": full, "folded_into": target})
-            done.add(id(bn))
+                reason = "the adjacent layer has another number of channels"
+        if reason is None:
+            _set_submodule(model, bn_name, nn.Identity())
+            report.append({"name": bn_name, "folded_into": other})
+            folded.add(bn_name)
+        else:
+            report.append({"name": bn_name, "reason": reason})
     for name, m in model.named_modules():
-        if is_batchnorm(m) and id(m) not in done:
-            report.append({"name": name, "reason": "not inside an nn.Sequential next to a Linear/Conv"})
+        if is_batchnorm(m) and name not in pairs and name not in folded:
+            report.append({"name": name, "reason": _why_not(m) or "no Linear/Conv feeding only it, nor a Linear fed only by it"})
     left = [r for r in report if "reason" in r]
     if left:
         warnings.warn("fold_batchnorm left in place: " + "; ".join(f"{r['name']} ({r['reason']})" for r in left),
                       stacklevel=2)
     model.normlab_fold_report = report
     return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _traced_pairs(model: nn.Module) -> dict[str, tuple[str, str]] | None:
+    """``{bn: ("after", layer) | ("before", linear)}`` from the fx graph, or None if untraceable."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # dynamic control flow etc.: the Sequential walk serves
+        return None
+    mods = dict(model.named_modules())
+    pairs: dict[str, tuple[str, str]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not is_batchnorm(mods.get(node.target)):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), _LAYERS)
+                and len(src.users) == 1):
+            pairs[node.target] = ("after", src.target)
+            continue
+        users = list(node.users)
+        if (len(users) == 1 and users[0].op == "call_module" and isinstance(mods.get(users[0].target), nn.Linear)
+                and isinstance(mods[node.target], (nn.BatchNorm1d, _bn1d()))):
+            pairs[node.target] = ("before", users[0].target)
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> dict[str, tuple[str, str]]:
+    pairs: dict[str, tuple[str, str]] = {}
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        full = [f"{name}.{c}" if name else c for c, _ in children]
+        for i, (_, bn) in enumerate(children):
+            if not is_batchnorm(bn):
+                continue
+            if i > 0 and isinstance(children[i - 1][1], _LAYERS):
+                pairs[full[i]] = ("after", full[i - 1])
+            elif (i + 1 < len(children) and isinstance(children[i + 1][1], nn.Linear)
+                  and isinstance(bn, (nn.BatchNorm1d, _bn1d()))):
+                pairs[full[i]] = ("before", full[i + 1])
+    return pairs
 
 
 def _bn1d():
