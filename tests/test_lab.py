@@ -396,3 +396,26 @@ def test_full_mode_reports_how_many_seeds_hold_each_check_alone(monkeypatch):
     assert "2/3 seeds" in rec["checks"][0]["detail"] and "2/3 supported" in rec["verdict"]["summary"]
     assert rec["tables"][-1]["rows"] == [[0, "supported", ""], [1, "not supported", "quiet (1)"], [2, "supported", ""]]
     assert "seeds" not in experiments.run("seedy", experiments.Config(seeds=(0, 1, 2)))["verdict"]  # quick: mean only
+
+
+def _double_bn_mlp(seed):
+    return models.mlp(64, 10, depth=2, width=16, activation="relu", norm="batch", seed=seed).double()
+
+
+def test_data_parallel_training_with_syncbn_equals_one_process():
+    import dataclasses
+    import functools
+
+    from normlab.lab.parallel import fit_parallel
+
+    split = data.load_dataset("digits", seed=0).scaled("zscore")
+    split = dataclasses.replace(split, X_train=split.X_train.double(), X_test=split.X_test.double())
+    kwargs = dict(epochs=2, lr=0.05, batch_size=32, seed=0, drop_last=True)
+    h2, state = fit_parallel(functools.partial(_double_bn_mlp, 0), split, 2, **kwargs)
+    one = _double_bn_mlp(0)
+    h1 = train.fit(one, split, **kwargs)
+    np.testing.assert_allclose(h2.test_loss, h1.test_loss, rtol=1e-12)
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="divisible"):
+        fit_parallel(functools.partial(_double_bn_mlp, 0), split, 3, **kwargs)

@@ -1,6 +1,6 @@
 """The ``normlab`` command line (also ``python -m normlab``).
 
-* ``normlab run [NAME ...] [--out DIR] [--full] [--seeds K] [--epochs N] [--device cpu|cuda]`` —
+* ``normlab run [NAME ...] [--out DIR] [--full] [--seeds K] [--epochs N] [--device cpu|cuda] [--nproc K]`` —
   run experiments of the lab (all of them, quick, when no name is given: the tour) and write the
   report to ``DIR/index.html`` (default ``normlab-report``).
 * ``normlab bench [METHOD ...] [--quick] [--json FILE] [--plot FILE]`` — time every norm against
@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"normlab run: --out {out} is a file, not a directory; pass another --out", file=sys.stderr)
         return 2
     cfg = E.Config(full=args.full, seeds=tuple(range(args.seeds)) if args.seeds else None, epochs=args.epochs,
-                   device=args.device, progress=None if not args.quiet else False)
+                   device=args.device, progress=None if not args.quiet else False, nproc=args.nproc)
     records, failed, start = [], [], time.perf_counter()
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: {E.EXPERIMENTS[name].title} ...", flush=True)
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run seeds 0..K-1 (default: each experiment's own, 1-2 quick, 5 full)")
     p.add_argument("--epochs", type=_positive, metavar="N", help="override every experiment's number of epochs")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
+    p.add_argument("--nproc", type=_positive, default=1, metavar="K",
+                   help="also train data-parallel on K processes (gloo): batch-size gains a SyncBatchNorm row")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first, so the experiments it registers can be run (repeatable)")

@@ -24,6 +24,7 @@ it like the built-in ones, or call ``run("my-ln")`` from Python::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -36,7 +37,7 @@ from torch import nn
 from .. import convert
 from .. import nn as nln
 from ..diagnostics import GlorotMonitor
-from . import data, models, records, train
+from . import data, models, parallel, records, train
 
 __all__ = ["Config", "Experiment", "EXPERIMENTS", "experiment", "run", "TOUR"]
 
@@ -55,6 +56,7 @@ class Config:
     device: str = "cpu"
     progress: bool | None = False
     each_seed: bool | None = None
+    nproc: int = 1
 
     def pick(self, quick, full):
         return full if self.full else quick
@@ -185,6 +187,11 @@ def _curves_panel(title: str, ylabel: str, runs: dict[str, list[list[float]]], l
 def _grad_std_spread(layers: dict[str, torch.Tensor]) -> float:
     """log10(max/min) over layers of the weight-gradient standard deviation: 0 = perfectly steady."""
     return _log10_spread([float(g.double().std()) for g in layers.values()])
+
+
+def _bn_mlp(num_features: int, seed: int) -> nn.Module:
+    """The batch-size experiment's BN model, module-level so that worker processes can build it."""
+    return models.mlp(num_features, 10, depth=3, width=64, activation="relu", norm="batch", seed=seed)
 
 
 def _log10_spread(values) -> float:
@@ -630,6 +637,16 @@ def _batch_size(cfg: Config) -> dict:
                 h = train.fit(model, split, epochs=epochs, lr=base_lr * size / 32, momentum=0.9, batch_size=size, seed=seed,
                               device=cfg.device, drop_last=True, progress=cfg.progress, description=f"batch-size {norm} {size}")
                 errors.setdefault(norm, {}).setdefault(size, []).append(1.0 - h.test_metric[-1])
+    if cfg.nproc > 1:  # SyncBN's answer: the global batch split over processes, statistics synced
+        label = f"SyncBN ×{cfg.nproc}"
+        for size in sizes:
+            if size % cfg.nproc or size // cfg.nproc < 1:
+                continue
+            for seed in seeds:
+                h, _ = parallel.fit_parallel(functools.partial(_bn_mlp, split.num_features, seed), split, cfg.nproc,
+                                             epochs=epochs, lr=base_lr * size / 32, momentum=0.9, batch_size=size,
+                                             seed=seed, drop_last=True)
+                errors.setdefault(label, {}).setdefault(size, []).append(1.0 - h.test_metric[-1])
     err = {n: {s: _mean(v) for s, v in by.items()} for n, by in errors.items()}
     big, small = max(sizes), min(sizes)
     checks = [
@@ -640,13 +657,23 @@ def _batch_size(cfg: Config) -> dict:
         *[records.check(f"{n.upper()} error range over batch sizes (max − min)", max(err[n].values()) - min(err[n].values()), "<", 0.05,
                         "insensitive: within 5 points across all batch sizes") for n in ("group", "layer")],
     ]
-    series = [records.series(n, sizes, [by[s] for s in sizes],
-                             [by[s] - _std(errors[n][s]) for s in sizes], [by[s] + _std(errors[n][s]) for s in sizes])
+    notes = []
+    if cfg.nproc > 1 and big in err.get(f"SyncBN ×{cfg.nproc}", {}):
+        sync = err[f"SyncBN ×{cfg.nproc}"]
+        checks.append(records.check(f"|SyncBN ×{cfg.nproc} − BN| test error at global batch {big}",
+                                    abs(sync[big] - err["batch"][big]), "<=", 0.01,
+                                    "SyncBN over processes trains like one process on the global batch"))
+        notes.append(f"SyncBN ×{cfg.nproc} against BN on the same global batch: "
+                     + ", ".join(f"batch {b}: {sync[b]:.3f} vs {err['batch'][b]:.3f}" for b in sync)
+                     + ". The two are the same computation (tests/test_lab.py checks it to 1e-12 in float64); at small "
+                       "batches training is chaotic and float32 rounding in a different reduction order sends runs apart.")
+    series = [records.series(n, list(by), [by[s] for s in by],
+                             [by[s] - _std(errors[n][s]) for s in by], [by[s] + _std(errors[n][s]) for s in by])
               for n, by in err.items()]
     return {
         "params": {"batch_sizes": list(sizes), "epochs": epochs, "seeds": list(seeds), "lr": f"{base_lr}·batch/32, SGD momentum 0.9",
                    "data": "digits (Z-Score)", "model": "ReLU MLP 64-64-64-64-10, norm before each ReLU (GN: 4 groups of 16)"},
-        "notes": ["An MLP, not a CNN: a convolution's BN sees batch × height × width values per channel (128 at batch 2 "
+        "notes": notes + ["An MLP, not a CNN: a convolution's BN sees batch × height × width values per channel (128 at batch 2 "
                   "on 8×8 digits), so its statistics stay good; a fully-connected BN sees only the batch, which makes "
                   "the small-batch effect of Wu & He visible on data this small.",
                   f"BatchRenorm (Ioffe 2017, rmax 3, dmax 5) at batch {small}: error {err['batchrenorm'][small]:.3f} vs "
@@ -657,7 +684,7 @@ def _batch_size(cfg: Config) -> dict:
         "figures": [records.figure("Test error vs batch size (cf. Wu & He 2018, Fig. 1)",
                                    records.panel("lines", "test error", "batch size", "error", series=series, logx=True))],
         "tables": [records.table("Test error (mean over seeds)", ["norm", *[f"batch {s}" for s in sizes]],
-                                 [[n, *[by[s] for s in sizes]] for n, by in err.items()])],
+                                 [[n, *[by.get(s, math.nan) for s in sizes]] for n, by in err.items()])],
     }
 
 

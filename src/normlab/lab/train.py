@@ -127,6 +127,7 @@ def fit(
     on_epoch: Callable[[int, nn.Module, History], None] | None = None,
     progress: bool | None = None,
     description: str = "training",
+    shard: tuple[int, int] | None = None,
 ) -> History:
     """Train ``model`` on ``data.X_train`` for ``epochs`` and measure it on both halves after each.
 
@@ -140,6 +141,11 @@ def fit(
         on_step: called after every optimizer step as ``on_step(step, model, loss)`` (1-based).
         on_epoch: called after every epoch's measurements as ``on_epoch(epoch, model, history)``.
         progress: show a progress bar; ``None`` shows it only on a terminal.
+        shard: ``(rank, world)`` for data-parallel training inside an initialised
+            ``torch.distributed`` group (see :mod:`normlab.lab.parallel`): every rank draws the
+            same global batches, trains on rows ``rank::world`` of each, and averages gradients
+            over ranks before the step (BatchNorm sees only its rank's rows unless it is a
+            :class:`~normlab.distributed.SyncBatchNorm`).
     """
     criterion, metric_name, metric_fn = _loss_and_metric(data.task, loss)
     if epochs < 0:
@@ -170,9 +176,13 @@ def fit(
         for epoch in range(1, epochs + 1):
             start, total, count = time.perf_counter(), 0.0, 0
             for xb, yb in batches(split.X_train, split.y_train, batch_size, shuffle=True, generator=generator, drop_last=drop_last):
+                if shard is not None:
+                    xb, yb = xb[shard[0]::shard[1]], yb[shard[0]::shard[1]]
                 opt.zero_grad(set_to_none=True)
                 out = criterion(model(xb), yb)
                 out.backward()
+                if shard is not None:
+                    _average_gradients(model, shard[1])
                 opt.step()
                 history.steps += 1
                 total, count = total + out.item() * len(xb), count + len(xb)
@@ -201,6 +211,15 @@ def _closing(bar):
     finally:
         if bar is not None:
             bar.stop()
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def _optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float):
