@@ -76,7 +76,14 @@ def _bn_rows(x, ref, lo, hi):
 @pytest.mark.parametrize("world", [2, 3])
 def test_sync_batchnorm_and_scalers_across_processes(world):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init")), nprocs=world, join=True)
+        ctx = mp.spawn(_worker, args=(world, os.path.join(tmp, "init")), nprocs=world, join=False)
+        deadline = 120.0  # bounded: a hung collective fails the test instead of stalling CI
+        while not ctx.join(timeout=5):
+            deadline -= 5
+            if deadline <= 0:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"{world} gloo processes did not finish within 120 s")
 
 
 def test_one_process_is_plain_batchnorm():

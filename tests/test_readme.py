@@ -25,6 +25,13 @@ def test_readme_deploy_example_runs(capsys):
     assert capsys.readouterr().out.strip() == "True"
 
 
+def test_readme_scaling_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    exec(compile(blocks[3], "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "SyncBatchNorm GroupNorm" in out and "values per channel" in out
+
+
 def test_readme_main_command_runs_the_tour():
     cmds = re.findall(r"```bash\n(.*?)\n```", README.read_text(), flags=re.S)
     assert cmds[0].strip() == "pip install -e '.[lab]' && normlab run"
