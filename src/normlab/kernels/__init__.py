@@ -105,9 +105,10 @@ def use_backend(name: str) -> Iterator[str]:
 class Plan:
     """How one ``NormalizeAffine`` call maps onto a canonical form.
 
-    ``form`` is ``"rows"`` or ``"channels"``; ``shape`` the canonical view of ``x`` (``(R, D)``
-    or ``(N, C, S)``); ``groups``/``seg`` the rows form's parameter layout; ``permute`` the
-    dims that make a ``channels_last`` input contiguous (``None`` when it already is).
+    ``form`` is ``"rows"``, ``"channels"`` or ``"groups"``; ``shape`` the canonical view of
+    ``x`` (``(R, D)``, ``(N, C, S)`` or ``(N, S, C)``); ``groups``/``seg`` the parameter layout
+    (rows, groups); ``permute`` the dims that make a ``channels_last`` input contiguous for the
+    channels form (``None`` when it already is).
     """
 
     form: str
@@ -121,16 +122,6 @@ class Plan:
         if self.permute is not None:
             t = t.permute(self.permute)
         return t.reshape(self.shape)
-
-    def unview(self, t: Tensor, like: Tensor) -> Tensor:
-        """The inverse of :meth:`view`: a canonical tensor back in ``like``'s shape and layout."""
-        if self.permute is None:
-            return t.view(like.shape)
-        permuted = tuple(like.shape[d] for d in self.permute)
-        inverse = [0] * len(self.permute)
-        for i, d in enumerate(self.permute):
-            inverse[d] = i
-        return t.view(permuted).permute(inverse)
 
 
 # Which kernel engine each device has, found without importing it (importing numba or Triton
