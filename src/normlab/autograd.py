@@ -34,6 +34,10 @@ running statistics) :math:`\mu, r` are constants and :math:`\partial l/\partial 
 
 The backward is built from differentiable torch ops, recomputing the statistics from the saved
 input when a graph is being built, so double backward (gradient penalties) is exact.
+
+:func:`normalize_affine` is the entry point: it runs :class:`FusedNormalizeAffine` (or, for
+BatchNorm in eval, :class:`FusedChannelAffine`) when a fast kernel of :mod:`normlab.kernels`
+covers the call, and :class:`NormalizeAffine`, the reference, otherwise.
 """
 
 from __future__ import annotations
@@ -194,8 +198,8 @@ def _fused_forward(planned, x, weight, bias, dims, eps, center):
 class FusedNormalizeAffine(torch.autograd.Function):
     """:class:`NormalizeAffine` computed by a fast kernel (:mod:`normlab.kernels`).
 
-    Same outputs, with the statistics in float64. The
-    backward is the kernel's when no graph is being built; double backward goes through
+    Same outputs, with the statistics in float64. The backward is the kernel's when no graph
+    is being built; double backward goes through
     :meth:`NormalizeAffine.backward`'s written-out, differentiable formula (the ``ctx`` holds
     what it reads). Old-style ``forward(ctx, ...)``: it skips the per-call signature binding of
     ``setup_context`` Functions, and torch.func transforms never reach it (they take the
