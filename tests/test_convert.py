@@ -198,9 +198,13 @@ def test_replace_norm_on_a_small_resnet(target):
 
     model = _resnet()
     model(torch.randn(4, 3, 8, 8))
+    if target == "instance":  # a BatchNorm1d on (N, C) has no spatial dims to normalize over
+        with pytest.raises(ValueError, match="spatial"):
+            replace_norm(model, target)
+        model[7] = nn.Identity()
     swapped = replace_norm(model, target)
     norms = [m for m in swapped.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nln._NormBase, nln.GroupNorm))]
-    assert len(norms) == 7
+    assert len(norms) == (6 if target == "instance" else 7)
     if target == "batchrenorm":
         assert all(isinstance(m, nln._BatchRenorm) for m in norms)
         assert torch.equal(swapped[1].running_mean, model[1].running_mean)
@@ -208,7 +212,7 @@ def test_replace_norm_on_a_small_resnet(target):
         assert all(isinstance(m, nln.GroupNorm) for m in norms)
         expected = {"group": 8, "layer": 1, "instance": 16}[target]
         assert swapped[1].num_groups == expected and torch.equal(swapped[1].weight, model[1].weight)
-    out = swapped(torch.randn(2, 3, 8, 8)) if target != "instance" else swapped[:7](torch.randn(2, 3, 8, 8))
+    out = swapped(torch.randn(2, 3, 8, 8))
     assert torch.isfinite(out).all()
     assert replace_norm(model, "group", num_groups=4)[1].num_groups == 4
     with pytest.raises(ValueError, match="divide"):
@@ -273,3 +277,62 @@ def test_a_layer_output_used_twice_is_not_folded():
         folded = fold_batchnorm(model)
     x = torch.randn(2, 2, 3, 3)
     assert_rel(folded(x), model(x))
+
+
+def test_folding_refuses_shared_modules_and_traces_normlab_layers():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(4, 4), nln.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.lin(x)) + self.lin(x)  # the Linear is used twice
+
+    class Block(nn.Module):  # not a Sequential: only the fx graph shows conv -> bn
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 3, 3, padding=1), nln.BatchNorm2d(3)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    act = nn.ReLU()  # one activation object reused: the Sequential walk must not skip over it
+    reused = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act, nln.BatchNorm1d(4))
+    for model, shape in ((Shared(), (8, 4)), (Block(), (4, 2, 5, 5)), (reused, (8, 4))):
+        model(torch.randn(shape) * 2 + 1)
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folded = fold_batchnorm(model)
+        x = torch.randn(shape)
+        assert_rel(folded(x), model(x), tol=1e-5)
+    assert isinstance(fold_batchnorm(Block().eval()).bn, nn.Identity)
+
+
+def test_batchnorm1d_on_sequences_is_not_folded_when_the_example_shows_it():
+    model = nn.Sequential(nn.Linear(6, 6), nln.BatchNorm1d(6))
+    model(torch.randn(4, 6, 6))
+    model.eval()
+    with pytest.warns(UserWarning):
+        folded = fold_batchnorm(model, example_input=torch.randn(2, 6, 6))
+    x = torch.randn(3, 6, 6)
+    assert_rel(folded(x), model(x))
+
+
+def test_recalibrate_leaves_unreached_layers_and_other_buffers_alone():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.used, self.unused = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+            self.inorm = nn.InstanceNorm1d(4, track_running_stats=True)
+
+        def forward(self, x):
+            return self.inorm(self.used(self.body(x)).unsqueeze(-1).expand(-1, -1, 3))
+
+    model = Heads()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    report = recalibrate_bn(model, [torch.randn(8, 3)])
+    assert {r["name"]: r["reached"] for r in report} == {"used": True, "unused": False}
+    for n, b in model.named_buffers():
+        if not n.startswith("used."):
+            assert torch.equal(b, before[n]), n

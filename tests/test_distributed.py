@@ -97,3 +97,31 @@ def test_one_process_is_plain_batchnorm():
         SyncBatchNorm(3)(torch.randn(1, 3))
     scaler = StandardScaler().fit(np.ones((3, 2)))
     assert all_reduce_scaler(scaler) is scaler
+
+
+def test_conversion_keeps_what_it_can_and_refuses_what_it_cannot():
+    import normlab.nn as nln
+    from normlab.convert import freeze_norm
+
+    bn = torch.nn.BatchNorm1d(3)
+    bn.weight.requires_grad_(False)
+    root = convert_sync_batchnorm(bn)
+    assert isinstance(root, SyncBatchNorm) and not root.weight.requires_grad and root.bias.requires_grad
+    with pytest.raises(ValueError, match="BatchRenorm"):
+        convert_sync_batchnorm(torch.nn.Sequential(nln.BatchRenorm1d(3)))
+    with pytest.raises(ValueError, match="frozen"):
+        convert_sync_batchnorm(freeze_norm(torch.nn.Sequential(torch.nn.BatchNorm1d(3))))
+    sklearn_scaler = pytest.importorskip("sklearn.preprocessing").StandardScaler().fit(np.ones((3, 2)))
+    with pytest.raises(TypeError, match="normlab.preprocessing"):
+        all_reduce_scaler(sklearn_scaler)
+
+
+def test_eval_without_running_statistics_needs_no_collective_and_fp16_buffers_do_not_overflow():
+    sync = SyncBatchNorm(3, track_running_stats=False).eval()
+    x = torch.randn(5, 3)
+    assert torch.allclose(sync(x), torch.nn.functional.batch_norm(x, None, None, sync.weight, sync.bias, True), atol=1e-6)
+    big = (torch.randn(8, 3) * 300).half()
+    for m in (SyncBatchNorm(3).half(), __import__("normlab.nn", fromlist=["x"]).BatchRenorm1d(3).half(),
+              __import__("normlab.nn", fromlist=["x"]).BatchNorm1d(3).half()):
+        m(big)
+        assert torch.isfinite(m.running_var).all(), type(m).__name__

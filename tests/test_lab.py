@@ -419,3 +419,9 @@ def test_data_parallel_training_with_syncbn_equals_one_process():
         torch.testing.assert_close(state[k], v, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="divisible"):
         fit_parallel(functools.partial(_double_bn_mlp, 0), split, 3, **kwargs)
+
+
+def test_sharded_training_needs_batches_that_split_evenly():
+    split = data.make_regression(num_examples=12, seed=0)  # 9 training examples
+    with pytest.raises(ValueError, match="split evenly"):
+        train.fit(models.mlp(2, 1), split, epochs=1, batch_size=4, shard=(0, 2))

@@ -110,7 +110,8 @@ def _fold_before(bn: nn.Module, linear: nn.Linear) -> None:
     """``linear(bn(x))`` into ``linear``: input feature i scaled by a[i], shift folded into the bias."""
     a, s = batchnorm_as_affine(bn)
     w = linear.weight.double()
-    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                           device=w.device)
     new_bias = (b + w @ s).to(linear.weight.dtype)
     linear.weight.copy_((w * a.view(1, -1)).to(linear.weight.dtype))
     if linear.bias is None:
@@ -123,7 +124,7 @@ def _channels_out(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Tensor | None = None) -> nn.Module:
     """Fold every eval-mode BatchNorm into the Linear/Conv next to it; returns the folded model.
 
     Two patterns are folded, and the BN becomes ``nn.Identity``:
@@ -140,9 +141,13 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     The model's attribute ``normlab_fold_report`` lists every BatchNorm as
     ``{"name", "folded_into" | "reason"}``. In eval mode the result equals the original up to
     float rounding.
+
+    Modules called more than once (shared weights) are never folded. A BatchNorm1d next to a
+    Linear is folded on the assumption that its input is 2-D ``(N, C)`` (a BN1d on ``(N, C, L)``
+    normalizes another axis than the Linear's); pass ``example_input`` to check shapes instead.
     """
     model = model if inplace else copy.deepcopy(model)
-    pairs = _traced_pairs(model)
+    pairs = _traced_pairs(model, example_input)
     if pairs is None:
         pairs = _sequential_pairs(model)
     report: list[dict] = []
@@ -180,40 +185,65 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _traced_pairs(model: nn.Module) -> dict[str, tuple[str, str]] | None:
+def _traced_pairs(model: nn.Module, example_input: Tensor | None) -> dict[str, tuple[str, str]] | None:
     """``{bn: ("after", layer) | ("before", linear)}`` from the fx graph, or None if untraceable."""
     import torch.fx
 
+    class _Tracer(torch.fx.Tracer):  # norm layers are leaves: their input checks do not trace
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, _norm_modules()) or super().is_leaf_module(m, qualname)
+
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
+        gm = torch.fx.GraphModule(model, graph)
+        if example_input is not None:
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            ShapeProp(gm).propagate(example_input)
     except Exception:  # dynamic control flow etc.: the Sequential walk serves
         return None
     mods = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def two_d(node) -> bool:
+        meta = node.meta.get("tensor_meta")
+        return meta is None or len(meta.shape) == 2
+
     pairs: dict[str, tuple[str, str]] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not is_batchnorm(mods.get(node.target)):
+        if node.op != "call_module" or not is_batchnorm(mods.get(node.target)) or calls[node.target] > 1:
             continue
+        one_d = isinstance(mods[node.target], (nn.BatchNorm1d, _bn1d()))
         src = node.args[0] if node.args else None
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), _LAYERS)
-                and len(src.users) == 1):
+                and len(src.users) == 1 and calls[src.target] == 1
+                and (not one_d or not isinstance(mods[src.target], nn.Linear) or two_d(node))):
             pairs[node.target] = ("after", src.target)
             continue
         users = list(node.users)
         if (len(users) == 1 and users[0].op == "call_module" and isinstance(mods.get(users[0].target), nn.Linear)
-                and isinstance(mods[node.target], (nn.BatchNorm1d, _bn1d()))):
+                and calls[users[0].target] == 1 and one_d and two_d(node)):
             pairs[node.target] = ("before", users[0].target)
     return pairs
 
 
 def _sequential_pairs(model: nn.Module) -> dict[str, tuple[str, str]]:
     pairs: dict[str, tuple[str, str]] = {}
+    seen: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        seen[id(m)] = seen.get(id(m), 0) + 1
     for name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        children = list(seq.named_children())
+        children = list(seq._modules.items())  # with repeats: a reused module keeps its places
+        if any(seen[id(c)] > 1 for _, c in children if c is not None):
+            children = [(n, c if seen[id(c)] == 1 else None) for n, c in children]  # shared: not foldable
         full = [f"{name}.{c}" if name else c for c, _ in children]
         for i, (_, bn) in enumerate(children):
-            if not is_batchnorm(bn):
+            if bn is None or not is_batchnorm(bn):
                 continue
             if i > 0 and isinstance(children[i - 1][1], _LAYERS):
                 pairs[full[i]] = ("after", full[i - 1])
@@ -239,6 +269,8 @@ def fold_scaler(scaler, linear: nn.Linear) -> nn.Linear:
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(scaler)
+    if not (hasattr(scaler, "data_min_") or hasattr(scaler, "mean_")):
+        raise TypeError(f"fold_scaler folds a fitted StandardScaler or MinMaxScaler, got {type(scaler).__name__}")
     if getattr(scaler, "clip", False):
         raise ValueError("a MinMaxScaler with clip=True is not an affine map and cannot be folded; use clip=False")
     if hasattr(scaler, "data_min_"):  # MinMax: x·scale_ + min_
@@ -253,7 +285,9 @@ def fold_scaler(scaler, linear: nn.Linear) -> nn.Linear:
         raise ValueError(f"the scaler has {a.numel()} features but the Linear takes {linear.in_features}; "
                          "fold the scaler into the first layer")
     w = linear.weight.double()
-    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    a, c = a.to(w.device), c.to(w.device)
+    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                           device=w.device)
     out = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
     out.weight.copy_(w * a.view(1, -1))
     out.bias.copy_(b + w @ c)
@@ -279,6 +313,7 @@ def recalibrate_bn(model: nn.Module, data: Iterable, num_batches: int | None = N
     acc: dict[str, Moments] = {}
     saved = {n: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for n, m in bns}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # every buffer the pass may touch
     modes = [(m, m.training) for m in model.modules()]
 
     def hook(name):
@@ -303,15 +338,16 @@ def recalibrate_bn(model: nn.Module, data: Iterable, num_batches: int | None = N
             h.remove()
         for m, was in modes:
             m.training = was
+        for n, b in model.named_buffers():  # the pass's EMA updates, spectral norm's u, ...: undone
+            b.copy_(buffers[n])
     if batches == 0:
-        for n, m in bns:
-            m.running_mean.copy_(saved[n][1])
-            m.running_var.copy_(saved[n][2])
-            m.num_batches_tracked.copy_(saved[n][3])
         raise ValueError("recalibrate_bn got no batches from data; pass an iterable of input batches")
     report = []
     for n, m in bns:
         momentum, old_mean, old_var, _ = saved[n]
+        if n not in acc:  # a branch the forward never took: left as it was
+            report.append({"name": n, "mean_shift": math.nan, "var_ratio": math.nan, "reached": False})
+            continue
         stats = acc[n]
         mean, var = stats.mean.reshape(-1), stats.var(correction=1).reshape(-1)
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
@@ -323,6 +359,7 @@ def recalibrate_bn(model: nn.Module, data: Iterable, num_batches: int | None = N
             "name": n,
             "mean_shift": float((old_mean.double() - mean.double()).norm() / scale / math.sqrt(mean.numel())),
             "var_ratio": float((old_var.double() / var.double().clamp_min(1e-30)).mean()),
+            "reached": True,
         })
     return report
 
@@ -370,8 +407,8 @@ def _guard_pre(module: nn.Module, args) -> None:
 @torch.no_grad()
 def _guard_post(module: nn.Module, args, output) -> None:
     snapshot = module.__dict__.pop("_normlab_guard_snapshot", None)
-    if snapshot is None:
-        return
+    if snapshot is None or not (torch.isfinite(snapshot[0]).all() and torch.isfinite(snapshot[1]).all()):
+        return  # already non-finite before this batch: nothing left to protect (recalibrate_bn)
     if not (torch.isfinite(module.running_mean).all() and torch.isfinite(module.running_var).all()):
         for buf, saved in zip((module.running_mean, module.running_var, module.num_batches_tracked), snapshot):
             buf.copy_(saved)
@@ -437,20 +474,28 @@ def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None
             if not is_batchnorm(bn):
                 continue
             c = bn.num_features
-            factory = {"device": bn.weight.device if bn.weight is not None else None,
-                       "dtype": bn.weight.dtype if bn.weight is not None else None}
+            like = bn.weight if bn.weight is not None else bn.running_mean
+            factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+            dims = _bn_dims(bn)
             if target == "batchrenorm":
-                dims = 1 if isinstance(bn, (nn.BatchNorm1d, nln.BatchNorm1d)) else (
-                    2 if isinstance(bn, (nn.BatchNorm2d, nln.BatchNorm2d)) else 3)
+                if dims is None:
+                    raise ValueError(f"{parent_name}.{child_name}: {type(bn).__name__} does not say its input rank; "
+                                     "replace it by hand or convert it to BatchNorm1d/2d/3d first")
                 new = (nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d)[dims - 1](
                     c, bn.eps, bn.momentum, bn.affine, True, **factory)
+                for attr in ("rmax", "dmax", "warmup_steps"):
+                    if hasattr(bn, attr):
+                        setattr(new, attr, getattr(bn, attr))
                 if bn.running_mean is not None:
                     new.load_state_dict(bn.state_dict())
                 elif bn.affine:
                     new.weight.data.copy_(bn.weight.data)
                     new.bias.data.copy_(bn.bias.data)
             else:
-                one_d = isinstance(bn, (nn.BatchNorm1d, nln.BatchNorm1d))
+                one_d = dims == 1
+                if target == "instance" and one_d:
+                    raise ValueError(f"{parent_name}.{child_name}: InstanceNorm needs spatial dims, a BatchNorm1d "
+                                     "has none on (N, C) input; use 'group' or 'layer'")
                 groups = {"group": num_groups or suggest_groups(c, 1 if one_d else 64), "layer": 1, "instance": c}[target]
                 if c % groups:
                     raise ValueError(f"num_groups={groups} does not divide the {c} channels of {parent_name}.{child_name}")
@@ -461,6 +506,18 @@ def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None
             new.train(bn.training)
             setattr(parent, child_name, new)
     return model
+
+
+def _bn_dims(bn: nn.Module) -> int | None:
+    """1, 2 or 3 for BatchNorm1d/2d/3d of torch.nn or normlab.nn (and their subclasses)."""
+    from . import nn as nln
+
+    for dims, classes in ((1, (nn.BatchNorm1d, nln.BatchNorm1d, nln.BatchRenorm1d)),
+                          (2, (nn.BatchNorm2d, nln.BatchNorm2d, nln.BatchRenorm2d)),
+                          (3, (nn.BatchNorm3d, nln.BatchNorm3d, nln.BatchRenorm3d))):
+        if isinstance(bn, classes):
+            return dims
+    return None
 
 
 def _spatial_size(shape) -> int:

@@ -79,6 +79,7 @@ class _SyncBN(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward would need the collectives again
     def backward(ctx, dy):
         xhat, weight, rstd, count = ctx.saved_tensors
         g = dy.double()
@@ -116,10 +117,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(f"SyncBatchNorm({self.num_features}) got {input.shape[1]} channels in dim 1")
-        if not self.training and self.running_mean is not None:
+        if not self.training:  # eval: running statistics, or this rank's own batch; no collective
             from . import functional as F
 
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            stats = self.running_mean is not None
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, not stats, 0.0,
+                                self.eps)
         stats = _global_moments(input, self.process_group)
         if float(stats.count.min()) <= 1:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel over all ranks, got "
@@ -128,30 +131,43 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                           stats.var(correction=0), stats.count)
         if self.training and self.track_running_stats:
             factor = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-            with torch.no_grad():
-                self.running_mean.mul_(1 - factor).add_(stats.mean.to(self.running_mean.dtype), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(stats.var(correction=1).to(self.running_var.dtype),
-                                                       alpha=factor)
+            with torch.no_grad():  # in float64, then stored: an fp16 buffer would overflow on var·(1 − m)
+                self.running_mean.copy_(self.running_mean.double() * (1 - factor) + stats.mean * factor)
+                self.running_var.copy_(self.running_var.double() * (1 - factor) + stats.var(correction=1) * factor)
                 self.num_batches_tracked.add_(1)
         return y
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """A copy of ``module`` with every BatchNorm (torch.nn or normlab.nn) replaced by
-    :class:`SyncBatchNorm`, parameters and running statistics carried over."""
+    :class:`SyncBatchNorm`: parameters (with their ``requires_grad``), running statistics and
+    mode carried over. BatchRenorm and frozen layers (:func:`normlab.convert.freeze_norm`) are
+    refused rather than silently turned into plain, updating SyncBatchNorm."""
+    from . import nn as nln
     from .convert import is_batchnorm
 
+    def sync_of(child: nn.Module, where: str) -> nn.Module:
+        if isinstance(child, nln._BatchRenorm) or getattr(child, "_normlab_frozen", None):
+            kind = "BatchRenorm" if isinstance(child, nln._BatchRenorm) else "a frozen norm layer"
+            raise ValueError(f"convert_sync_batchnorm: {where or 'the model'} is {kind}, which SyncBatchNorm "
+                             "would not preserve; unfreeze_norm it first, or keep it unsynced")
+        like = next(iter(child.parameters()), child.running_mean)
+        factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+        sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                             child.track_running_stats, process_group, **factory)
+        sync.load_state_dict(child.state_dict())
+        for name, p in child.named_parameters(recurse=False):
+            getattr(sync, name).requires_grad_(p.requires_grad)
+        sync.train(child.training)
+        return sync
+
     module = copy.deepcopy(module)
-    for parent in list(module.modules()):
+    if is_batchnorm(module) and not isinstance(module, SyncBatchNorm):
+        return sync_of(module, "")
+    for parent_name, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):
             if is_batchnorm(child) and not isinstance(child, SyncBatchNorm):
-                like = next(iter(child.parameters()), child.running_mean)
-                factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
-                sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats, process_group, **factory)
-                sync.load_state_dict(child.state_dict())
-                sync.train(child.training)
-                setattr(parent, name, sync)
+                setattr(parent, name, sync_of(child, f"{parent_name}.{name}".lstrip(".")))
     return module
 
 
@@ -159,13 +175,18 @@ def all_reduce_scaler(scaler, group=None):
     """Give every rank the scaler fitted on all ranks' data: each rank ``partial_fit`` its shard
     (or nothing), then this merges the sufficient statistics in rank order — the same fitted
     state as one ``fit`` on the concatenated data, for MinMax and Z-Score alike. Returns ``scaler``."""
+    from sklearn.exceptions import NotFittedError
     from sklearn.utils.validation import check_is_fitted
 
+    if not (hasattr(scaler, "_merge") and hasattr(scaler, "_commit")):
+        raise TypeError(f"all_reduce_scaler needs a normlab.preprocessing scaler (mergeable statistics), got "
+                        f"{type(scaler).__name__}")
     try:
         check_is_fitted(scaler)
         mine = {k: v.cpu() for k, v in scaler._stats.items()}
-        meta = (int(scaler.n_features_in_), getattr(scaler, "feature_names_in_", None))
-    except Exception:  # this rank saw no data
+        names = getattr(scaler, "feature_names_in_", None)
+        meta = (int(scaler.n_features_in_), None if names is None else [str(n) for n in names])
+    except NotFittedError:  # this rank saw no data
         mine, meta = None, None
     if _world(group) == 1:
         return scaler
@@ -174,11 +195,16 @@ def all_reduce_scaler(scaler, group=None):
     fitted = [(s, m) for s, m in gathered if s is not None]
     if not fitted:
         raise ValueError("all_reduce_scaler: no rank has fitted data; partial_fit a shard on at least one rank")
+    if any(m != fitted[0][1] for _, m in fitted):
+        raise ValueError(f"all_reduce_scaler: ranks disagree on the features (count, names): "
+                         f"{sorted({repr(m) for _, m in fitted})}; fit the same columns everywhere")
     total = fitted[0][0]
     for s, _ in fitted[1:]:
         total = scaler._merge(total, s)
     scaler.n_features_in_ = fitted[0][1][0]
     if fitted[0][1][1] is not None:
-        scaler.feature_names_in_ = fitted[0][1][1]
+        import numpy as np
+
+        scaler.feature_names_in_ = np.asarray(fitted[0][1][1], dtype=object)
     scaler._commit(total)
     return scaler

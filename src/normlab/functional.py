@@ -122,9 +122,11 @@ def _keep_format(y: Tensor, like: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _update_running(running: Tensor | None, batch: Tensor, momentum: float) -> None:
-    # torch's convention: new = (1 − momentum)·running + momentum·batch
+    # torch's convention: new = (1 − momentum)·running + momentum·batch, computed in the batch
+    # statistics' (float32+) precision, then stored: an fp16 buffer must not see var before the mix
     if running is not None:
-        running.mul_(1 - momentum).add_(batch.to(running.dtype), alpha=momentum)
+        acc = torch.promote_types(batch.dtype, torch.float32)
+        running.copy_(running.to(acc) * (1 - momentum) + batch.to(acc) * momentum)
 
 
 def _native() -> bool:

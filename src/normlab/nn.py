@@ -262,9 +262,9 @@ class _BatchRenorm(_BatchNorm):
         out = F.batch_norm(input, None, None, w * r.to(w.dtype), w * d.to(w.dtype) + b, True, 0.0, self.eps)
         factor = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         n = input.numel() // input.shape[1]
-        with torch.no_grad():  # BatchNorm's rule, after success
-            self.running_mean.mul_(1 - factor).add_(mean_b.to(self.running_mean.dtype), alpha=factor)
-            self.running_var.mul_(1 - factor).add_((var_b * (n / (n - 1))).to(self.running_var.dtype), alpha=factor)
+        with torch.no_grad():  # BatchNorm's rule, after success, mixed in the statistics' precision
+            self.running_mean.copy_(self.running_mean.to(mean_b.dtype) * (1 - factor) + mean_b * factor)
+            self.running_var.copy_(self.running_var.to(var_b.dtype) * (1 - factor) + var_b * (n / (n - 1)) * factor)
         self.num_batches_tracked.add_(1)
         return out
 

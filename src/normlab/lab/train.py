@@ -162,6 +162,14 @@ def fit(
                 f"{len(data.X_train)} training examples in batches of {batch_size} leave a last batch of 1 example, "
                 "which BatchNorm cannot normalize in training; pass drop_last=True or change batch_size"
             )
+    if shard is not None:  # every rank must take an equal share of every batch (equal-weight averaging)
+        rest = len(data.X_train) % batch_size
+        if batch_size % shard[1] or (rest and not drop_last and rest % shard[1]):
+            raise ValueError(
+                f"data-parallel training on {shard[1]} processes needs batches that split evenly: batch_size="
+                f"{batch_size} with {len(data.X_train)} examples leaves a last batch of {rest}; pass drop_last=True "
+                "or a batch_size dividing both"
+            )
     device = torch.device(device)
     model.to(device)
     split = data.to(device)
