@@ -20,7 +20,9 @@ def test_every_method_gives_a_row_per_shape_and_pass():
     for r in rows:
         assert set(r) == set(bench.COLUMNS) and r["ms"] > 0 and r["GB/s"] > 0 and r["vs compiled"] is None
     s = bench.summary(rows)
-    assert set(s) == {"fwd", "fwd+bwd"} and s["fwd"]["min vs torch"] > 0
+    assert set(s) == {"fwd", "fwd+bwd", "per method"} and s["fwd"]["min vs torch"] > 0
+    assert s["per method"]["layer_norm fwd"]["min"] == next(r["vs torch"] for r in rows
+                                                            if r["method"] == "layer_norm" and r["pass"] == "fwd")
 
 
 def test_compiled_column_when_asked():
