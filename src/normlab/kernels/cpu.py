@@ -308,9 +308,10 @@ def _k_columns_apply(x, mean, rstd, w, b, nblk, y):
                 y[i, c] = (x[i, c] - m0[c]) * s0[c] + h0[c]
 
 
-@njit(**_OPTS)
-def _k_columns_backward_partials(dy, x, mean, rstd, nblk, part_d, part_dx):
-    M, C = x.shape
+@njit(inline="always")
+def _saved_columns(x, mean, rstd):
+    """:func:`_saved` for every column at once: arrays ``m₀, r₀, c₀`` in x's precision."""
+    C = x.shape[1]
     m0 = np.empty(C, x.dtype)
     rs0 = np.empty(C, x.dtype)
     c0 = np.empty(C, x.dtype)
@@ -318,6 +319,13 @@ def _k_columns_backward_partials(dy, x, mean, rstd, nblk, part_d, part_dx):
         m0[c] = mean[c]
         rs0[c] = rstd[c]
         c0[c] = (mean[c] - m0[c]) * rstd[c]
+    return m0, rs0, c0
+
+
+@njit(**_OPTS)
+def _k_columns_backward_partials(dy, x, mean, rstd, nblk, part_d, part_dx):
+    M, C = x.shape
+    m0, rs0, c0 = _saved_columns(x, mean, rstd)
     per = (M + nblk - 1) // nblk
     for blk in prange(nblk):
         for i in range(blk * per, min(M, (blk + 1) * per)):
@@ -330,16 +338,11 @@ def _k_columns_backward_partials(dy, x, mean, rstd, nblk, part_d, part_dx):
 @njit(**_OPTS)
 def _k_columns_backward_apply(dy, x, mean, rstd, w, sd, sdx, nblk, dx):
     M, C = x.shape
-    m0 = np.empty(C, x.dtype)
-    rs0 = np.empty(C, x.dtype)
-    c0 = np.empty(C, x.dtype)
+    m0, rs0, c0 = _saved_columns(x, mean, rstd)
     a = np.empty(C, x.dtype)
     mg = np.empty(C, x.dtype)
     mgx = np.empty(C, x.dtype)
     for c in range(C):
-        m0[c] = mean[c]
-        rs0[c] = rstd[c]
-        c0[c] = (mean[c] - m0[c]) * rstd[c]
         a[c] = w[c] * rstd[c]
         mg[c] = sd[c] / M
         mgx[c] = sdx[c] / M
