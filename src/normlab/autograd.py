@@ -43,7 +43,7 @@ covers the call, and :class:`NormalizeAffine`, the reference, otherwise.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -174,69 +174,68 @@ class NormalizeAffine(torch.autograd.Function):
         return dx.to(x.dtype), dw, db, None, None, None, None, None
 
 
-def _flat(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.reshape(-1)
-
-
-def _fused_forward(planned, x, weight, bias, dims, eps, center):
-    """The kernel's ``(y, mean, var)``, statistics shaped as :class:`NormalizeAffine` returns them."""
+def _fused_forward(planned, x, weight, bias, eps, center):
+    """The kernel's ``(y, mean, var)``, statistics flat in float64."""
     ops, p = planned
-    if p.form == "rows":
-        y, mean, var = ops.call("rows_forward")(x, _flat(weight), _flat(bias), eps, center, p.groups, p.seg,
-                                                list(p.shape))
-    elif p.form == "groups":
-        y, mean, var = ops.call("groups_forward")(x, _flat(weight), _flat(bias), eps, p.groups, list(p.shape))
-    else:
-        y, mean, var = ops.call("channels_forward")(x, _flat(weight), _flat(bias), eps, list(p.shape),
-                                                    list(p.permute or ()))
-    nd = x.dim()
-    reduced = [d % nd for d in dims]
-    stat_shape = [1 if d in reduced else n for d, n in enumerate(x.shape)]
-    return y, (mean.view(stat_shape) if center else var.new_zeros(())), var.view(stat_shape)
+    return ops.forward(p, x, weight, bias, eps, center)
+
+
+def _shaped(p, mean, var, center):
+    """Flat kernel statistics shaped as :class:`NormalizeAffine` returns them."""
+    var = var.view(p.stats)
+    return (mean.view(p.stats) if center else var.new_zeros(())), var
 
 
 class FusedNormalizeAffine(torch.autograd.Function):
     """:class:`NormalizeAffine` computed by a fast kernel (:mod:`normlab.kernels`).
 
-    Same outputs, with the statistics in float64. The backward is the kernel's when no graph
-    is being built; double backward goes through
-    :meth:`NormalizeAffine.backward`'s written-out, differentiable formula (the ``ctx`` holds
-    what it reads). Old-style ``forward(ctx, ...)``: it skips the per-call signature binding of
-    ``setup_context`` Functions, and torch.func transforms never reach it (they take the
-    reference path, see :func:`normlab.kernels.plan`).
+    ``apply(x, weight, bias, planned, dims, eps, center, sink)`` returns ``y``; the statistics
+    (float64, flat) are saved for backward and, when ``sink`` is a list, appended to it (one
+    differentiable output keeps the per-call cost of the autograd graph down). The backward is
+    the kernel's when no graph is being built; double backward goes through
+    :meth:`NormalizeAffine.backward`'s written-out, differentiable formula. Old-style
+    ``forward(ctx, ...)``: it skips the per-call signature binding of ``setup_context``
+    Functions, and torch.func transforms never reach it (they take the reference path, see
+    :func:`normlab.kernels.plan`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, planned, dims, eps, center):
-        y, mean, var = _fused_forward(planned, x, weight, bias, dims, eps, center)
-        ctx.dims, ctx.center, ctx.eps, ctx.batch_stats, ctx.planned = tuple(dims), center, eps, True, planned
+    def forward(ctx, x, weight, bias, planned, dims, eps, center, sink):
+        y, mean, var = _fused_forward(planned, x, weight, bias, eps, center)
+        if sink is not None:
+            sink += (mean, var)
+        ctx.dims, ctx.center, ctx.eps, ctx.planned = dims, center, eps, planned
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        # var, not rstd: backward derives rstd (NormalizeAffine.backward, for double backward,
-        # recomputes both from x and reads only the dtype)
+        # var, not rstd: the kernels recompute rstd from it exactly as the forward did
         ctx.save_for_backward(x, weight, mean, var)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        if torch.is_grad_enabled():  # double backward: the differentiable formula
-            return (*NormalizeAffine.backward(ctx, dy, None, None)[:3], None, None, None, None)
+    def backward(ctx, dy):
         x, weight, mean, var = ctx.saved_tensors
-        rstd = torch.rsqrt(var + ctx.eps)
         ops, p = ctx.planned
-        m, r = mean.expand_as(rstd).reshape(-1), rstd.reshape(-1)
-        if p.form == "rows":
-            dx, dw, db = ops.call("rows_backward")(dy, x, m, r, _flat(weight), ctx.eps, ctx.center, p.groups, p.seg,
-                                                   list(p.shape))
-        elif p.form == "groups":
-            dx, dw, db = ops.call("groups_backward")(dy, x, m, r, _flat(weight), ctx.eps, p.groups, list(p.shape))
-        else:
-            dx, dw, db = ops.call("channels_backward")(dy, x, m, r, _flat(weight), ctx.eps, list(p.shape),
-                                                       list(p.permute or ()))
+        if torch.is_grad_enabled():  # double backward: the differentiable formula (it recomputes
+            # the statistics from x and reads only the saved rstd's dtype)
+            shim = _DoubleBackward(ctx.dims, ctx.center, ctx.eps, True, ctx.bias_meta, ctx.needs_input_grad,
+                                   (x, weight, *_shaped(p, mean, var, ctx.center)))
+            return (*NormalizeAffine.backward(shim, dy, None, None)[:3], None, None, None, None, None)
+        dx, dw, db = ops.backward(p, dy, x, mean, var, weight, ctx.eps, ctx.center)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
-        db = db.view(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
-        return dx if need_x else None, dw, db, None, None, None, None
+        dw = dw.view(weight.shape) if need_w else None
+        db = db.view(ctx.bias_meta[0]) if need_b else None
+        return dx if need_x else None, dw, db, None, None, None, None, None
+
+
+class _DoubleBackward(NamedTuple):
+    """What :meth:`NormalizeAffine.backward` reads from its ``ctx``."""
+
+    dims: tuple
+    center: bool
+    eps: float
+    batch_stats: bool
+    bias_meta: tuple | None
+    needs_input_grad: tuple
+    saved_tensors: tuple
 
 
 class FusedChannelAffine(torch.autograd.Function):
@@ -251,7 +250,7 @@ class FusedChannelAffine(torch.autograd.Function):
         ops, p = planned
         ctx.save_for_backward(x, mean, scale)
         ctx.reduce, ctx.planned = [0, *range(2, x.dim())], planned
-        return ops.call("channels_affine")(x, mean, scale, shift, list(p.shape), list(p.permute or ()))
+        return ops.affine(p, x, mean, scale, shift)
 
     @staticmethod
     def backward(ctx, dy):
@@ -259,7 +258,7 @@ class FusedChannelAffine(torch.autograd.Function):
         need_x, _, need_a, need_b, _ = ctx.needs_input_grad
         if not torch.is_grad_enabled():  # one fused pass: dx and both sums
             ops, p = ctx.planned
-            dx, da, db = ops.call("channels_affine_backward")(dy, x, mean, scale, list(p.shape), list(p.permute or ()))
+            dx, da, db = ops.affine_backward(p, dy, x, mean, scale)
             return dx if need_x else None, None, da if need_a else None, db if need_b else None, None
         view = [1, -1] + [1] * (x.dim() - 2)  # double backward: differentiable torch ops
         dx = dy * scale.view(view) if need_x else None
@@ -280,7 +279,7 @@ def _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var):
     if torch.is_grad_enabled() and any(t.requires_grad for t in args):
         return FusedChannelAffine.apply(*args, planned), mean, var
     ops, p = planned  # inference: no graph to record
-    return ops.call("channels_affine")(*args, list(p.shape), list(p.permute or ())), mean, var
+    return ops.affine(p, *args), mean, var
 
 
 def normalize_affine(
@@ -296,16 +295,30 @@ def normalize_affine(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Functional entry point: :class:`FusedNormalizeAffine` when a kernel covers the call
     (:func:`normlab.kernels.plan`), :class:`NormalizeAffine` otherwise."""
-    dims = tuple(dims)
+    return _normalize_affine(x, tuple(dims), weight, bias, eps, center, fixed_mean, fixed_var, True)
+
+
+def _normalize_affine(x, dims, weight, bias, eps, center, fixed_mean, fixed_var, stats):
+    """:func:`normalize_affine`; with ``stats=False`` the statistics may come back as ``None``
+    (the callers that only want ``y`` save their reshaping)."""
     planned = kernels.plan(x, dims, weight, bias, fixed_var is None, center)
     if planned is not None and fixed_var is not None:
         per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
         if all(list(t.shape) in (per_channel, per_channel[1:]) for t in (fixed_mean, fixed_var)):
             return _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var)
         planned = None  # statistics of another layout: the reference broadcasts them
-    if planned is not None:
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-            return FusedNormalizeAffine.apply(x, weight, bias, planned, dims, eps, center)
-        return _fused_forward(planned, x, weight, bias, dims, eps, center)  # inference: no graph to record
-    return NormalizeAffine.apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)
+    if planned is None:
+        return NormalizeAffine.apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        sink = [] if stats else None
+        y = FusedNormalizeAffine.apply(x, weight, bias, planned, dims, eps, center, sink)
+        if not stats:
+            return y, None, None
+        mean, var = sink
+    else:  # inference: no graph to record
+        y, mean, var = _fused_forward(planned, x, weight, bias, eps, center)
+        if not stats:
+            return y, None, None
+    return (y, *_shaped(planned[1], mean, var, center))
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .autograd import normalize_affine
+from .autograd import _normalize_affine
 from .stats import accumulation_dtype, extrema, moments
 
 __all__ = [
@@ -79,14 +79,16 @@ def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
         )
 
 
-def _normalize(op: str, x: Tensor, dims: Sequence[int], weight=None, bias=None, eps=1e-5, **kw):
+def _normalize(op: str, x: Tensor, dims: Sequence[int], weight=None, bias=None, eps=1e-5, *, center=True,
+               fixed_mean=None, fixed_var=None, stats=False):
     """:func:`normalize_affine` with torch's rule for empty input: an empty batch gives an
-    empty output, but statistics over an empty set are an error."""
-    if kw.get("fixed_var") is None:
+    empty output, but statistics over an empty set are an error. ``(y, mean, var)``; the
+    statistics are ``None`` unless ``stats`` asks for them (or the path had them anyway)."""
+    if fixed_var is None:
         _require_values(x, dims, op)
     if x.numel() == 0:
         return x.clone(), None, None
-    return normalize_affine(x, dims, weight, bias, eps, **kw)
+    return _normalize_affine(x, tuple(dims), weight, bias, eps, center, fixed_mean, fixed_var, stats)
 
 
 def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str) -> None:
@@ -220,13 +222,14 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
             f"shape {tuple(input.shape)}); use a batch of at least 2 (e.g. drop_last=True in the "
             f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
         )
+    stats = running_mean is not None or running_var is not None
     if op == "instance_norm" and _is_channels_last(input):  # GroupNorm's view with one channel per group
         x, undo = _channels_last_groups(input, c)
-        y, mean, var = _normalize(op, x, (1, 3), _flat_view(weight, c), _flat_view(bias, c), eps)
+        y, mean, var = _normalize(op, x, (1, 3), _flat_view(weight, c), _flat_view(bias, c), eps, stats=stats)
         y = undo(y)
     else:
-        y, mean, var = _normalize(op, input, dims, w, b, eps)
-    if mean is None:  # an empty batch of instances: nothing to update the running stats with
+        y, mean, var = _normalize(op, input, dims, w, b, eps, stats=stats)
+    if mean is None:  # no running statistics, or an empty batch of instances: nothing to update
         return y
     # InstanceNorm has one statistic per (sample, channel): the running ones get their average
     _update_running(running_mean, mean.reshape(-1, c).mean(0), momentum)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import importlib.util
 import math
 import os
@@ -108,7 +109,8 @@ class Plan:
     ``form`` is ``"rows"``, ``"channels"`` or ``"groups"``; ``shape`` the canonical view of
     ``x`` (``(R, D)``, ``(N, C, S)`` or ``(N, S, C)``); ``groups``/``seg`` the parameter layout
     (rows, groups); ``permute`` the dims that make a ``channels_last`` input contiguous for the
-    channels form (``None`` when it already is).
+    channels form (``None`` when it already is); ``stats`` the shape of the statistics as
+    :class:`~normlab.autograd.NormalizeAffine` returns them (x's shape, reduced dims kept as 1).
     """
 
     form: str
@@ -116,6 +118,7 @@ class Plan:
     groups: int = 1
     seg: int = 1
     permute: tuple[int, ...] | None = None
+    stats: tuple[int, ...] | None = None
 
     def view(self, t: Tensor) -> Tensor:
         """``t`` (shaped like ``x``) in the canonical layout, without a copy."""
@@ -213,7 +216,9 @@ def _plan(x, dims, weight, bias, batch_stats, center):
     else:
         p = (_rows_plan(x, dims, weight, bias) or (_channels_plan(x, dims, weight, bias) if center else None)
              or (_groups_plan(x, dims, weight, bias) if center else None))
-    return None if p is None else (backend, p)
+    if p is None:
+        return None
+    return backend, dataclasses.replace(p, stats=tuple([1 if d in dims else n for d, n in enumerate(x.shape)]))
 
 
 def _aligned(t: Tensor | None, nd: int) -> tuple[int, ...] | None:

@@ -106,11 +106,27 @@ def _k_rows_forward_seg(x, w, b, eps, center, groups, seg, y, mean, var):
 
 
 @njit(inline="always")
-def _saved(x, m, rs):
+def _saved(x, m, v, eps):
     """The saved float64 statistics in x's precision: ``x̂ = (x − m₀)·r₀ − c₀`` with the mean's
-    rounding residual folded into ``c₀`` (see the module docstring)."""
+    rounding residual folded into ``c₀`` (see the module docstring); ``rs`` exactly as the
+    forward computed it from the saved biased variance ``v``."""
+    rs = 1.0 / math.sqrt(v + eps)
     m0 = x.dtype.type(m)
     return m, rs, m0, x.dtype.type(rs), x.dtype.type((m - m0) * rs)
+
+
+@njit(inline="always")
+def _sum_blocks(dwp, dbp, dw, db):
+    """Parameter gradients: the per-block partials summed in float64, stored in x's precision."""
+    nblk, P = dwp.shape
+    for j in prange(P):
+        a = 0.0
+        c = 0.0
+        for blk in range(nblk):
+            a += dwp[blk, j]
+            c += dbp[blk, j]
+        dw[j] = a
+        db[j] = c
 
 
 def _blocks(R: int) -> int:
@@ -120,7 +136,7 @@ def _blocks(R: int) -> int:
 
 
 @njit(**_OPTS)
-def _k_rows_backward_elem(dy, x, mean, rstd, w, center, nblk, dx, dwp, dbp):
+def _k_rows_backward_elem(dy, x, mean, var, w, eps, center, nblk, dx, dw, db):
     """LN/RMS backward: ``dx = r·(g − mean(g) − x̂·mean(g·x̂))``, g = γ·dy; dγ, dβ partials per block.
 
     The row sums and the block's parameter partials accumulate in x's precision (rows of at
@@ -129,11 +145,13 @@ def _k_rows_backward_elem(dy, x, mean, rstd, w, center, nblk, dx, dwp, dbp):
     """
     R, D = x.shape
     per = (R + nblk - 1) // nblk
+    dwp = np.empty((nblk, D))
+    dbp = np.empty((nblk, D))
     for blk in prange(nblk):
         dwl = np.zeros(D, x.dtype)
         dbl = np.zeros(D, x.dtype)
         for r in range(blk * per, min(R, (blk + 1) * per)):
-            m, rs, m0, rs0, c0 = _saved(x, mean[r], rstd[r])
+            m, rs, m0, rs0, c0 = _saved(x, mean[r], var[r], eps)
             sg = x.dtype.type(0.0)
             sgx = x.dtype.type(0.0)
             for j in range(D):
@@ -151,17 +169,20 @@ def _k_rows_backward_elem(dy, x, mean, rstd, w, center, nblk, dx, dwp, dbp):
         for j in range(D):
             dwp[blk, j] = dwl[j]
             dbp[blk, j] = dbl[j]
+    _sum_blocks(dwp, dbp, dw, db)
 
 
 @njit(**_OPTS)
-def _k_rows_backward_seg(dy, x, mean, rstd, w, center, groups, seg, nblk, dx, dwp, dbp):
+def _k_rows_backward_seg(dy, x, mean, var, w, eps, center, groups, seg, nblk, dx, dw, db):
     """GN/IN backward; dγ, dβ partials per block over the ``groups·K`` parameters."""
     R, D = x.shape
     K = D // seg
     per = (R + nblk - 1) // nblk
+    dwp = np.zeros((nblk, groups * K))
+    dbp = np.zeros((nblk, groups * K))
     for blk in prange(nblk):
         for r in range(blk * per, min(R, (blk + 1) * per)):
-            m, rs, m0, rs0, c0 = _saved(x, mean[r], rstd[r])
+            m, rs, m0, rs0, c0 = _saved(x, mean[r], var[r], eps)
             p0 = (r % groups) * K
             sg = 0.0
             sgx = 0.0
@@ -186,6 +207,7 @@ def _k_rows_backward_seg(dy, x, mean, rstd, w, center, groups, seg, nblk, dx, dw
                 for s in range(seg):
                     xh = (x[r, base + s] - m0) * rs0 - c0
                     dx[r, base + s] = rs0 * (dy[r, base + s] * wk - mg - xh * mgx)
+    _sum_blocks(dwp, dbp, dw, db)
 
 
 @njit(**_OPTS)
@@ -215,12 +237,12 @@ def _k_channels_forward(x, w, b, eps, y, mean, var):
 
 
 @njit(**_OPTS)
-def _k_channels_backward(dy, x, mean, rstd, w, dx, dw, db):
+def _k_channels_backward(dy, x, mean, var, w, eps, dx, dw, db):
     """BN training backward on ``(N, C, S)``, parallel over C."""
     N, C, S = x.shape
     n = N * S
     for c in prange(C):
-        m, rs, m0, rs0, c0 = _saved(x, mean[c], rstd[c])
+        m, rs, m0, rs0, c0 = _saved(x, mean[c], var[c], eps)
         sd = 0.0
         sdx = 0.0
         for i in range(N):
@@ -240,11 +262,15 @@ def _k_channels_backward(dy, x, mean, rstd, w, dx, dw, db):
 
 
 @njit(**_OPTS)
-def _k_columns_partials(x, nblk, part_n, part_mean, part_m2):
-    """BN training on ``x (M, C)`` (2-D input, channels_last): per block of rows, two-pass
-    mean and M2 per column (the block is in cache), to be merged with Chan's formula."""
+def _k_columns_forward(x, w, b, eps, nblk, y, mean, var):
+    """BN training on ``x (M, C)`` (2-D input, channels_last), parallel over blocks of rows:
+    per block a two-pass mean and M2 per column (the block is in cache), merged with Chan's
+    formula, then the affine map."""
     M, C = x.shape
     per = (M + nblk - 1) // nblk
+    part_n = np.zeros(nblk)
+    part_mean = np.zeros((nblk, C))
+    part_m2 = np.zeros((nblk, C))
     for blk in prange(nblk):
         lo, hi = blk * per, min(M, (blk + 1) * per)
         cnt = hi - lo
@@ -268,12 +294,10 @@ def _k_columns_partials(x, nblk, part_n, part_mean, part_m2):
         for c in range(C):
             v = m2[c] - cs[c] * cs[c] / cnt
             part_m2[blk, c] = v if v > 0.0 else 0.0
-
-
-@njit(**_OPTS)
-def _k_columns_merge(part_n, part_mean, part_m2, mean, var):
-    nblk, C = part_mean.shape
-    for c in prange(C):
+    m0 = np.empty(C, x.dtype)
+    s0 = np.empty(C, x.dtype)
+    h0 = np.empty(C, x.dtype)
+    for c in range(C):
         n = 0.0
         m = 0.0
         m2 = 0.0
@@ -288,65 +312,49 @@ def _k_columns_merge(part_n, part_mean, part_m2, mean, var):
             n = tot
         mean[c] = m
         var[c] = m2 / n
-
-
-@njit(**_OPTS)
-def _k_columns_apply(x, mean, rstd, w, b, nblk, y):
-    M, C = x.shape
-    m0 = np.empty(C, x.dtype)
-    s0 = np.empty(C, x.dtype)
-    h0 = np.empty(C, x.dtype)
-    for c in range(C):
-        m0[c] = mean[c]
-        scale = rstd[c] * w[c]
+        m0[c] = m
+        scale = w[c] / math.sqrt(var[c] + eps)
         s0[c] = scale
-        h0[c] = b[c] - (mean[c] - m0[c]) * scale
-    per = (M + nblk - 1) // nblk
+        h0[c] = b[c] - (m - np.float64(m0[c])) * scale
     for blk in prange(nblk):
         for i in range(blk * per, min(M, (blk + 1) * per)):
             for c in range(C):
                 y[i, c] = (x[i, c] - m0[c]) * s0[c] + h0[c]
 
 
-@njit(inline="always")
-def _saved_columns(x, mean, rstd):
-    """:func:`_saved` for every column at once: arrays ``m₀, r₀, c₀`` in x's precision."""
-    C = x.shape[1]
+@njit(**_OPTS)
+def _k_columns_backward(dy, x, mean, var, w, eps, nblk, dx, dw, db):
+    """BN training backward on ``(M, C)``: per-block float64 sums of ``dy`` and ``dy·x̂``, then
+    ``dx`` in a second parallel pass."""
+    M, C = x.shape
     m0 = np.empty(C, x.dtype)
     rs0 = np.empty(C, x.dtype)
     c0 = np.empty(C, x.dtype)
+    a = np.empty(C, x.dtype)
     for c in range(C):
-        m0[c] = mean[c]
-        rs0[c] = rstd[c]
-        c0[c] = (mean[c] - m0[c]) * rstd[c]
-    return m0, rs0, c0
-
-
-@njit(**_OPTS)
-def _k_columns_backward_partials(dy, x, mean, rstd, nblk, part_d, part_dx):
-    M, C = x.shape
-    m0, rs0, c0 = _saved_columns(x, mean, rstd)
+        _, rs, m0[c], rs0[c], c0[c] = _saved(x, mean[c], var[c], eps)
+        a[c] = w[c] * rs
     per = (M + nblk - 1) // nblk
+    part_d = np.zeros((nblk, C))
+    part_dx = np.zeros((nblk, C))
     for blk in prange(nblk):
         for i in range(blk * per, min(M, (blk + 1) * per)):
             for c in range(C):
                 xh = (x[i, c] - m0[c]) * rs0[c] - c0[c]
                 part_d[blk, c] += dy[i, c]
                 part_dx[blk, c] += dy[i, c] * xh
-
-
-@njit(**_OPTS)
-def _k_columns_backward_apply(dy, x, mean, rstd, w, sd, sdx, nblk, dx):
-    M, C = x.shape
-    m0, rs0, c0 = _saved_columns(x, mean, rstd)
-    a = np.empty(C, x.dtype)
     mg = np.empty(C, x.dtype)
     mgx = np.empty(C, x.dtype)
     for c in range(C):
-        a[c] = w[c] * rstd[c]
-        mg[c] = sd[c] / M
-        mgx[c] = sdx[c] / M
-    per = (M + nblk - 1) // nblk
+        sd = 0.0
+        sdx = 0.0
+        for blk in range(nblk):
+            sd += part_d[blk, c]
+            sdx += part_dx[blk, c]
+        db[c] = sd
+        dw[c] = sdx
+        mg[c] = sd / M
+        mgx[c] = sdx / M
     for blk in prange(nblk):
         for i in range(blk * per, min(M, (blk + 1) * per)):
             for c in range(C):
@@ -395,9 +403,11 @@ def _k_affine_bwd_ncs(dy, x, mean, scale, dx, da, db):
 
 
 @njit(**_OPTS)
-def _k_affine_bwd_mc(dy, x, mean, scale, nblk, dx, pa, pb):
+def _k_affine_bwd_mc(dy, x, mean, scale, nblk, dx, da, db):
     M, C = x.shape
     per = (M + nblk - 1) // nblk
+    pa = np.zeros((nblk, C))
+    pb = np.zeros((nblk, C))
     for blk in prange(nblk):
         for i in range(blk * per, min(M, (blk + 1) * per)):
             for c in range(C):
@@ -405,6 +415,7 @@ def _k_affine_bwd_mc(dy, x, mean, scale, nblk, dx, pa, pb):
                 pa[blk, c] += g * (x[i, c] - mean[c])
                 pb[blk, c] += g
                 dx[i, c] = g * scale[c]
+    _sum_blocks(pa, pb, da, db)
 
 
 @njit(inline="always")
@@ -462,19 +473,18 @@ def _k_groups_forward(x, w, b, eps, G, y, mean, var):
 
 
 @njit(**_OPTS)
-def _k_groups_backward(dy, x, mean, rstd, w, G, dx, dwp, dbp):
+def _k_groups_backward(dy, x, mean, var, w, eps, G, dx, dw, db):
     N, S, C = x.shape
     cg = C // G
+    dwp = np.empty((N, C))
+    dbp = np.empty((N, C))
     for n in prange(N):
         m0 = np.empty(C, x.dtype)
         rs0 = np.empty(C, x.dtype)
         c0 = np.empty(C, x.dtype)
         for c in range(C):
             g = c // cg
-            m, rs = mean[n * G + g], rstd[n * G + g]
-            m0[c] = m
-            rs0[c] = rs
-            c0[c] = (m - np.float64(m0[c])) * rs
+            _, _, m0[c], rs0[c], c0[c] = _saved(x, mean[n * G + g], var[n * G + g], eps)
         sd = np.zeros(C)
         sdx = np.zeros(C)
         for k in range(S):
@@ -501,11 +511,16 @@ def _k_groups_backward(dy, x, mean, rstd, w, G, dx, dwp, dbp):
             for c in range(C):
                 xh = (x[n, k, c] - m0[c]) * rs0[c] - c0[c]
                 dx[n, k, c] = rs0[c] * (dy[n, k, c] * a[c] - b0[c] - xh * b1[c])
+    _sum_blocks(dwp, dbp, dw, db)
 
 
 # ---------------------------------------------------------------------- torch-level entry points
 # Same signatures as normlab.kernels.reference; tensors in, tensors out (numpy views, no copies).
 # ``out`` (y or dx), when given, is a view in the canonical layout of a tensor the caller owns.
+# Every per-call cost here is paid on each layer of a network: buffers come from numpy (cheaper
+# than torch's allocator for the small ones), the kernels reduce the parameter gradients
+# themselves, and backward kernels take the saved variance (rstd is recomputed in the kernel,
+# bit for bit as the forward computed it).
 
 import torch  # noqa: E402
 
@@ -518,83 +533,91 @@ def _empty_like(x):  # the tests poison outputs here to catch elements a kernel 
     return torch.empty_like(x)
 
 
-def _empty(n):
-    return torch.empty(n, dtype=torch.float64)
+def _stats(n):
+    """Two float64 statistics buffers of ``n``: numpy views and the tensors sharing them."""
+    mean, var = np.empty(n), np.empty(n)
+    return mean, var, torch.from_numpy(mean), torch.from_numpy(var)
+
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _grads(n, like):
+    """Parameter-gradient buffers in ``like``'s dtype (numpy views and tensors)."""
+    dt = _NUMPY[like.dtype]
+    dw, db = np.empty(n, dt), np.empty(n, dt)
+    return dw, db, torch.from_numpy(dw), torch.from_numpy(db)
+
+
+_FILL: dict = {}
 
 
 def _param(t, n, fill, like):
-    return _np(t.reshape(-1)) if t is not None else np.full(n, fill, dtype=_np(like).dtype)
+    """γ or β as a flat numpy view; ``None`` is a constant vector of ``fill`` (cached, read-only)."""
+    if t is not None:
+        return _np(t).reshape(-1)
+    key = (n, fill, like.dtype)
+    arr = _FILL.get(key)
+    if arr is None:
+        arr = _FILL[key] = np.full(n, fill, dtype=_NUMPY[like.dtype])
+        arr.flags.writeable = False
+    return arr
 
 
 def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: int, out=None):
     """``x (R, D)`` → ``(y, mean, var)``; mean and biased var per row, float64."""
     R, D = x.shape
     P = groups * (D // seg)
-    y, mean, var = _empty_like(x) if out is None else out, _empty(R), _empty(R)
+    y = _empty_like(x) if out is None else out
+    mean, var, tm, tv = _stats(R)
     w, b = _param(weight, P, 1.0, x), _param(bias, P, 0.0, x)
     if groups == 1 and seg == 1:
-        _k_rows_forward_elem(_np(x), w, b, eps, center, _np(y), _np(mean), _np(var))
+        _k_rows_forward_elem(_np(x), w, b, eps, center, _np(y), mean, var)
     else:
-        _k_rows_forward_seg(_np(x), w, b, eps, center, groups, seg, _np(y), _np(mean), _np(var))
-    return y, mean, var
+        _k_rows_forward_seg(_np(x), w, b, eps, center, groups, seg, _np(y), mean, var)
+    return y, tm, tv
 
 
-def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int, out=None):
-    """``(dx, dweight, dbias)``; the parameter gradients flat, in x's dtype (``None`` without weight)."""
+def rows_backward(dy, x, mean, var, weight, eps: float, center: bool, groups: int, seg: int, out=None):
+    """``(dx, dweight, dbias)``; the parameter gradients flat, in x's dtype."""
     R, D = x.shape
     P = groups * (D // seg)
-    nblk = _blocks(R)
     dx = _empty_like(x) if out is None else out
-    dwp = np.zeros((nblk, P))
-    dbp = np.zeros((nblk, P))
+    dw, db, tdw, tdb = _grads(P, x)
     w = _param(weight, P, 1.0, x)
-    dy = dy.contiguous()
+    args = (_np(dy.contiguous()), _np(x), _np(mean), _np(var), w, eps, center)
     if groups == 1 and seg == 1:
-        _k_rows_backward_elem(_np(dy), _np(x), _np(mean), _np(rstd), w, center, nblk, _np(dx), dwp, dbp)
+        _k_rows_backward_elem(*args, _blocks(R), _np(dx), dw, db)
     else:
-        _k_rows_backward_seg(_np(dy), _np(x), _np(mean), _np(rstd), w, center, groups, seg, nblk, _np(dx), dwp, dbp)
-    return dx, torch.from_numpy(dwp.sum(0)).to(x.dtype), torch.from_numpy(dbp.sum(0)).to(x.dtype)
+        _k_rows_backward_seg(*args, groups, seg, _blocks(R), _np(dx), dw, db)
+    return dx, tdw, tdb
 
 
 def channels_forward(x, weight, bias, eps: float, out=None):
     """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel, float64."""
     N, C, S = x.shape
-    y, mean, var = _empty_like(x) if out is None else out, _empty(C), _empty(C)
+    y = _empty_like(x) if out is None else out
+    mean, var, tm, tv = _stats(C)
     w, b = _param(weight, C, 1.0, x), _param(bias, C, 0.0, x)
     if S > 1:
-        _k_channels_forward(_np(x), w, b, eps, _np(y), _np(mean), _np(var))
-        return y, mean, var
-    x2, y2 = _np(x)[:, :, 0], _np(y)[:, :, 0]
-    nblk = _blocks(N)
-    part_n = np.zeros(nblk, dtype=np.int64)
-    part_mean = np.zeros((nblk, C))
-    part_m2 = np.zeros((nblk, C))
-    _k_columns_partials(x2, nblk, part_n, part_mean, part_m2)
-    _k_columns_merge(part_n, part_mean, part_m2, _np(mean), _np(var))
-    rstd = 1.0 / np.sqrt(_np(var) + eps)
-    _k_columns_apply(x2, _np(mean), rstd, w, b, nblk, y2)
-    return y, mean, var
+        _k_channels_forward(_np(x), w, b, eps, _np(y), mean, var)
+    else:
+        _k_columns_forward(_np(x)[:, :, 0], w, b, eps, _blocks(N), _np(y)[:, :, 0], mean, var)
+    return y, tm, tv
 
 
-def channels_backward(dy, x, mean, rstd, weight, eps: float, out=None):
+def channels_backward(dy, x, mean, var, weight, eps: float, out=None):
     """BN training backward on ``(N, C, S)`` → ``(dx, dweight, dbias)`` per channel, in x's dtype."""
     N, C, S = x.shape
     dx = _empty_like(x) if out is None else out
+    dw, db, tdw, tdb = _grads(C, x)
     w = _param(weight, C, 1.0, x)
-    dy = dy.contiguous()
+    dyn, xn, dxn = _np(dy.contiguous()), _np(x), _np(dx)
     if S > 1:
-        dw = np.zeros(C)
-        db = np.zeros(C)
-        _k_channels_backward(_np(dy), _np(x), _np(mean), _np(rstd), w, _np(dx), dw, db)
+        _k_channels_backward(dyn, xn, _np(mean), _np(var), w, eps, dxn, dw, db)
     else:
-        x2, dy2, dx2 = _np(x)[:, :, 0], _np(dy)[:, :, 0], _np(dx)[:, :, 0]
-        nblk = _blocks(N)
-        part_d = np.zeros((nblk, C))
-        part_dx = np.zeros((nblk, C))
-        _k_columns_backward_partials(dy2, x2, _np(mean), _np(rstd), nblk, part_d, part_dx)
-        db, dw = part_d.sum(0), part_dx.sum(0)
-        _k_columns_backward_apply(dy2, x2, _np(mean), _np(rstd), w, db, dw, nblk, dx2)
-    return dx, torch.from_numpy(dw).to(x.dtype), torch.from_numpy(db).to(x.dtype)
+        _k_columns_backward(dyn[:, :, 0], xn[:, :, 0], _np(mean), _np(var), w, eps, _blocks(N), dxn[:, :, 0], dw, db)
+    return dx, tdw, tdb
 
 
 def channels_affine(x, mean, scale, shift, out=None):
@@ -613,32 +636,30 @@ def channels_affine_backward(dy, x, mean, scale, out=None):
     """Backward of :func:`channels_affine`: ``(dx, Σ dy·(x − mean), Σ dy)``, sums per channel."""
     N, C, S = x.shape
     dx = _empty_like(x) if out is None else out
+    da, db, tda, tdb = _grads(C, x)
     m, a = _np(mean.contiguous()), _np(scale.contiguous())
-    dy = dy.contiguous()
+    dyn, xn, dxn = _np(dy.contiguous()), _np(x), _np(dx)
     if S > 1:
-        da, db = np.empty(C), np.empty(C)
-        _k_affine_bwd_ncs(_np(dy), _np(x), m, a, _np(dx), da, db)
+        _k_affine_bwd_ncs(dyn, xn, m, a, dxn, da, db)
     else:
-        nblk = _blocks(N)
-        pa, pb = np.zeros((nblk, C)), np.zeros((nblk, C))
-        _k_affine_bwd_mc(_np(dy)[:, :, 0], _np(x)[:, :, 0], m, a, nblk, _np(dx)[:, :, 0], pa, pb)
-        da, db = pa.sum(0), pb.sum(0)
-    return dx, torch.from_numpy(da).to(x.dtype), torch.from_numpy(db).to(x.dtype)
+        _k_affine_bwd_mc(dyn[:, :, 0], xn[:, :, 0], m, a, _blocks(N), dxn[:, :, 0], da, db)
+    return dx, tda, tdb
 
 
 def groups_forward(x, weight, bias, eps: float, groups: int, out=None):
     """GroupNorm/InstanceNorm on channels_last ``x (N, S, C)`` → ``(y, mean, var)`` per (sample, group)."""
     N, S, C = x.shape
-    y, mean, var = _empty_like(x) if out is None else out, _empty(N * groups), _empty(N * groups)
+    y = _empty_like(x) if out is None else out
+    mean, var, tm, tv = _stats(N * groups)
     w, b = _param(weight, C, 1.0, x), _param(bias, C, 0.0, x)
-    _k_groups_forward(_np(x), w, b, eps, groups, _np(y), _np(mean), _np(var))
-    return y, mean, var
+    _k_groups_forward(_np(x), w, b, eps, groups, _np(y), mean, var)
+    return y, tm, tv
 
 
-def groups_backward(dy, x, mean, rstd, weight, eps: float, groups: int, out=None):
+def groups_backward(dy, x, mean, var, weight, eps: float, groups: int, out=None):
     N, S, C = x.shape
     dx = _empty_like(x) if out is None else out
-    dwp, dbp = np.empty((N, C)), np.empty((N, C))
-    _k_groups_backward(_np(dy.contiguous()), _np(x), _np(mean.contiguous()), _np(rstd.contiguous()),
-                       _param(weight, C, 1.0, x), groups, _np(dx), dwp, dbp)
-    return dx, torch.from_numpy(dwp.sum(0)).to(x.dtype), torch.from_numpy(dbp.sum(0)).to(x.dtype)
+    dw, db, tdw, tdb = _grads(C, x)
+    _k_groups_backward(_np(dy.contiguous()), _np(x), _np(mean.contiguous()), _np(var.contiguous()),
+                       _param(weight, C, 1.0, x), eps, groups, _np(dx), dw, db)
+    return dx, tdw, tdb

@@ -12,43 +12,114 @@ being built, the backward op. Statistics come back in float64.
 
 import torch
 
+from . import Plan
+
 _LIB = "normlab"
+_ENGINES: dict = {}
 
 
 def _impl(x):
-    if x.device.type == "cuda":
-        from . import triton
+    """The kernel module for x's device: numba on the CPU, Triton on CUDA (imported once)."""
+    kind = "triton" if x.is_cuda else "cpu"
+    mod = _ENGINES.get(kind)
+    if mod is None:
+        import importlib
 
-        return triton
-    from . import cpu
-
-    return cpu
-
-
-def _plan(form, shape, permute):
-    from . import Plan
-
-    return Plan(form, tuple(shape), permute=tuple(permute) or None)
+        mod = _ENGINES[kind] = importlib.import_module(f"{__package__}.{kind}")
+    return mod
 
 
 def _stats(x, n):
     return x.new_empty(n, dtype=torch.float64), x.new_empty(n, dtype=torch.float64)
 
 
-def call(name: str):
-    """The op ``name``: the registered custom op while ``torch.compile`` traces, the plain Python
-    function otherwise (the custom-op dispatcher costs tens of microseconds a call)."""
-    return _OPS[name] if torch.compiler.is_compiling() else _EAGER[name]
+# --------------------------------------------------------------------- eager implementations
+# x in its own shape and layout, the Plan for the canonical view; y/dx fresh in x's layout.
+
+def _forward(p, x, weight, bias, eps, center):
+    y = torch.empty_like(x)
+    impl, xv, yv = _impl(x), p.view(x), p.view(y)
+    if p.form == "rows":
+        _, mean, var = impl.rows_forward(xv, weight, bias, eps, center, p.groups, p.seg, out=yv)
+    elif p.form == "groups":
+        _, mean, var = impl.groups_forward(xv, weight, bias, eps, p.groups, out=yv)
+    else:
+        _, mean, var = impl.channels_forward(xv, weight, bias, eps, out=yv)
+    return y, mean, var
+
+
+def _backward(p, dy, x, mean, var, weight, eps, center):
+    dx = torch.empty_like(x)
+    impl, dyv, xv, dxv = _impl(x), p.view(dy), p.view(x), p.view(dx)
+    if p.form == "rows":
+        _, dw, db = impl.rows_backward(dyv, xv, mean, var, weight, eps, center, p.groups, p.seg, out=dxv)
+    elif p.form == "groups":
+        _, dw, db = impl.groups_backward(dyv, xv, mean, var, weight, eps, p.groups, out=dxv)
+    else:
+        _, dw, db = impl.channels_backward(dyv, xv, mean, var, weight, eps, out=dxv)
+    return dx, dw, db
+
+
+def _affine(p, x, mean, scale, shift):
+    y = torch.empty_like(x)
+    _impl(x).channels_affine(p.view(x), mean, scale, shift, out=p.view(y))
+    return y
+
+
+def _affine_backward(p, dy, x, mean, scale):
+    dx = torch.empty_like(x)
+    _, da, db = _impl(x).channels_affine_backward(p.view(dy), p.view(x), mean, scale, out=p.view(dx))
+    return dx, da, db
+
+
+# ------------------------------------------------------------------ what the autograd layer calls
+# Eager: the functions above, directly (the custom-op dispatcher costs tens of microseconds a
+# call). While torch.compile traces: the registered custom ops, which dynamo sees as one node.
+
+def forward(p, x, weight, bias, eps, center):
+    """``(y, mean, var)`` of the plan's form; statistics flat, float64."""
+    if not torch.compiler.is_compiling():
+        return _forward(p, x, weight, bias, eps, center)
+    if p.form == "rows":
+        return rows_forward(x, weight, bias, eps, center, p.groups, p.seg, list(p.shape))
+    if p.form == "groups":
+        return groups_forward(x, weight, bias, eps, p.groups, list(p.shape))
+    return channels_forward(x, weight, bias, eps, list(p.shape), list(p.permute or ()))
+
+
+def backward(p, dy, x, mean, var, weight, eps, center):
+    """``(dx, dweight, dbias)``, the parameter gradients flat in x's dtype."""
+    if not torch.compiler.is_compiling():
+        return _backward(p, dy, x, mean, var, weight, eps, center)
+    if p.form == "rows":
+        return rows_backward(dy, x, mean, var, weight, eps, center, p.groups, p.seg, list(p.shape))
+    if p.form == "groups":
+        return groups_backward(dy, x, mean, var, weight, eps, p.groups, list(p.shape))
+    return channels_backward(dy, x, mean, var, weight, eps, list(p.shape), list(p.permute or ()))
+
+
+def affine(p, x, mean, scale, shift):
+    """BatchNorm in eval: ``(x − mean)·scale + shift`` per channel."""
+    if not torch.compiler.is_compiling():
+        return _affine(p, x, mean, scale, shift)
+    return channels_affine(x, mean, scale, shift, list(p.shape), list(p.permute or ()))
+
+
+def affine_backward(p, dy, x, mean, scale):
+    if not torch.compiler.is_compiling():
+        return _affine_backward(p, dy, x, mean, scale)
+    return channels_affine_backward(dy, x, mean, scale, list(p.shape), list(p.permute or ()))
+
+
+def _plan(form, shape, permute=(), groups=1, seg=1):
+    return Plan(form, tuple(shape), groups, seg, tuple(permute) or None)
 
 
 @torch.library.custom_op(f"{_LIB}::rows_forward", mutates_args=(),
                          schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center, int groups, int seg,"
                                 " int[] shape) -> (Tensor, Tensor, Tensor)")
 def rows_forward(x, weight, bias, eps, center, groups, seg, shape):
-    y = torch.empty_like(x)
-    view = _plan("rows", shape, ()).view
-    _, mean, var = _impl(x).rows_forward(view(x), weight, bias, eps, center, groups, seg, out=view(y))
-    return y, mean, var
+    return _forward(_plan("rows", shape, groups=groups, seg=seg), x, weight, bias, eps, center)
 
 
 @rows_forward.register_fake
@@ -57,17 +128,14 @@ def _(x, weight, bias, eps, center, groups, seg, shape):
 
 
 @torch.library.custom_op(f"{_LIB}::rows_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps, bool center,"
+                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, bool center,"
                                 " int groups, int seg, int[] shape) -> (Tensor, Tensor, Tensor)")
-def rows_backward(dy, x, mean, rstd, weight, eps, center, groups, seg, shape):
-    dx = torch.empty_like(x)
-    view = _plan("rows", shape, ()).view
-    _, dw, db = _impl(x).rows_backward(view(dy), view(x), mean, rstd, weight, eps, center, groups, seg, out=view(dx))
-    return dx, dw, db
+def rows_backward(dy, x, mean, var, weight, eps, center, groups, seg, shape):
+    return _backward(_plan("rows", shape, groups=groups, seg=seg), dy, x, mean, var, weight, eps, center)
 
 
 @rows_backward.register_fake
-def _(dy, x, mean, rstd, weight, eps, center, groups, seg, shape):
+def _(dy, x, mean, var, weight, eps, center, groups, seg, shape):
     p = groups * (shape[1] // seg)
     return torch.empty_like(x), x.new_empty(p), x.new_empty(p)
 
@@ -76,10 +144,7 @@ def _(dy, x, mean, rstd, weight, eps, center, groups, seg, shape):
                          schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, int[] shape, int[] permute)"
                                 " -> (Tensor, Tensor, Tensor)")
 def channels_forward(x, weight, bias, eps, shape, permute):
-    y = torch.empty_like(x)
-    view = _plan("channels", shape, permute).view
-    _, mean, var = _impl(x).channels_forward(view(x), weight, bias, eps, out=view(y))
-    return y, mean, var
+    return _forward(_plan("channels", shape, permute), x, weight, bias, eps, True)
 
 
 @channels_forward.register_fake
@@ -88,17 +153,14 @@ def _(x, weight, bias, eps, shape, permute):
 
 
 @torch.library.custom_op(f"{_LIB}::channels_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps, int[] shape,"
+                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int[] shape,"
                                 " int[] permute) -> (Tensor, Tensor, Tensor)")
-def channels_backward(dy, x, mean, rstd, weight, eps, shape, permute):
-    dx = torch.empty_like(x)
-    view = _plan("channels", shape, permute).view
-    _, dw, db = _impl(x).channels_backward(view(dy), view(x), mean, rstd, weight, eps, out=view(dx))
-    return dx, dw, db
+def channels_backward(dy, x, mean, var, weight, eps, shape, permute):
+    return _backward(_plan("channels", shape, permute), dy, x, mean, var, weight, eps, True)
 
 
 @channels_backward.register_fake
-def _(dy, x, mean, rstd, weight, eps, shape, permute):
+def _(dy, x, mean, var, weight, eps, shape, permute):
     c = shape[1]
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
 
@@ -106,10 +168,7 @@ def _(dy, x, mean, rstd, weight, eps, shape, permute):
 @torch.library.custom_op(f"{_LIB}::channels_affine", mutates_args=(),
                          schema="(Tensor x, Tensor mean, Tensor scale, Tensor shift, int[] shape, int[] permute) -> Tensor")
 def channels_affine(x, mean, scale, shift, shape, permute):
-    y = torch.empty_like(x)
-    view = _plan("channels", shape, permute).view
-    _impl(x).channels_affine(view(x), mean, scale, shift, out=view(y))
-    return y
+    return _affine(_plan("channels", shape, permute), x, mean, scale, shift)
 
 
 @channels_affine.register_fake
@@ -121,10 +180,7 @@ def _(x, mean, scale, shift, shape, permute):
                          schema="(Tensor dy, Tensor x, Tensor mean, Tensor scale, int[] shape, int[] permute)"
                                 " -> (Tensor, Tensor, Tensor)")
 def channels_affine_backward(dy, x, mean, scale, shape, permute):
-    dx = torch.empty_like(x)
-    view = _plan("channels", shape, permute).view
-    _, da, db = _impl(x).channels_affine_backward(view(dy), view(x), mean, scale, out=view(dx))
-    return dx, da, db
+    return _affine_backward(_plan("channels", shape, permute), dy, x, mean, scale)
 
 
 @channels_affine_backward.register_fake
@@ -137,10 +193,7 @@ def _(dy, x, mean, scale, shape, permute):
                          schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, int groups, int[] shape)"
                                 " -> (Tensor, Tensor, Tensor)")
 def groups_forward(x, weight, bias, eps, groups, shape):
-    y = torch.empty_like(x)
-    view = _plan("groups", shape, ()).view
-    _, mean, var = _impl(x).groups_forward(view(x), weight, bias, eps, groups, out=view(y))
-    return y, mean, var
+    return _forward(_plan("groups", shape, groups=groups), x, weight, bias, eps, True)
 
 
 @groups_forward.register_fake
@@ -149,23 +202,13 @@ def _(x, weight, bias, eps, groups, shape):
 
 
 @torch.library.custom_op(f"{_LIB}::groups_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, float eps, int groups,"
+                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int groups,"
                                 " int[] shape) -> (Tensor, Tensor, Tensor)")
-def groups_backward(dy, x, mean, rstd, weight, eps, groups, shape):
-    dx = torch.empty_like(x)
-    view = _plan("groups", shape, ()).view
-    _, dw, db = _impl(x).groups_backward(view(dy), view(x), mean, rstd, weight, eps, groups, out=view(dx))
-    return dx, dw, db
+def groups_backward(dy, x, mean, var, weight, eps, groups, shape):
+    return _backward(_plan("groups", shape, groups=groups), dy, x, mean, var, weight, eps, True)
 
 
 @groups_backward.register_fake
-def _(dy, x, mean, rstd, weight, eps, groups, shape):
+def _(dy, x, mean, var, weight, eps, groups, shape):
     c = shape[2]
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
-
-
-_OPS = {"rows_forward": rows_forward, "rows_backward": rows_backward,
-        "channels_forward": channels_forward, "channels_backward": channels_backward,
-        "channels_affine": channels_affine, "channels_affine_backward": channels_affine_backward,
-        "groups_forward": groups_forward, "groups_backward": groups_backward}
-_EAGER = {name: op._init_fn for name, op in _OPS.items()}

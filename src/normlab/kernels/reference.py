@@ -50,10 +50,10 @@ def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: in
     return _into(out, y.to(x.dtype).reshape(x.shape)), mean.reshape(-1), var.reshape(-1)
 
 
-def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int, out=None):
+def rows_backward(dy, x, mean, var, weight, eps: float, center: bool, groups: int, seg: int, out=None):
     """``(dx, dweight, dbias)`` of :func:`rows_forward`, the parameter gradients flattened.
 
-    ``mean``/``rstd`` are what the forward saved (kernels use them; the reference recomputes).
+    ``mean``/``var`` are what the forward returned (kernels use them; the reference recomputes).
     """
     x4, dims, pshape = _rows(x, groups, seg)
     dx, dw, db = _grads(lambda xx, w, b: normalize_affine(xx, dims, w, b, eps, center=center)[0], x4,
@@ -68,7 +68,7 @@ def channels_forward(x, weight, bias, eps: float, out=None):
     return _into(out, y.to(x.dtype)), mean.reshape(-1), var.reshape(-1)
 
 
-def channels_backward(dy, x, mean, rstd, weight, eps: float, out=None):
+def channels_backward(dy, x, mean, var, weight, eps: float, out=None):
     """``(dx, dweight, dbias)`` of :func:`channels_forward`."""
     C = x.shape[1]
     dx, dw, db = _grads(lambda xx, w, b: normalize_affine(xx, (0, 2), w, b, eps)[0], x, dy, weight, (C, 1), x.shape)
@@ -110,7 +110,7 @@ def groups_forward(x, weight, bias, eps: float, groups: int, out=None):
     return _into(out, y.to(x.dtype).reshape(x.shape)), mean.reshape(-1), var.reshape(-1)
 
 
-def groups_backward(dy, x, mean, rstd, weight, eps: float, groups: int, out=None):
+def groups_backward(dy, x, mean, var, weight, eps: float, groups: int, out=None):
     N, S, C = x.shape
     x4, pshape = x.reshape(N, S, groups, C // groups), (groups, C // groups)
     dx, dw, db = _grads(lambda xx, w, b: normalize_affine(xx, (1, 3), w, b, eps)[0], x4, dy.reshape(x4.shape),

@@ -223,8 +223,9 @@ def rows_forward(x, weight, bias, eps: float, center: bool, groups: int, seg: in
     return y, mean, var
 
 
-def rows_backward(dy, x, mean, rstd, weight, eps: float, center: bool, groups: int, seg: int, out=None):
+def rows_backward(dy, x, mean, var, weight, eps: float, center: bool, groups: int, seg: int, out=None):
     R, D = x.shape
+    rstd = torch.rsqrt(var + eps)
     K = D // seg
     P = groups * K
     nprog = min(R, 4 * _sm_count(x.device))
@@ -255,8 +256,9 @@ def channels_forward(x, weight, bias, eps: float, out=None):
     return y, mean, var
 
 
-def channels_backward(dy, x, mean, rstd, weight, eps: float, out=None):
+def channels_backward(dy, x, mean, var, weight, eps: float, out=None):
     N, C, S = x.shape
+    rstd = torch.rsqrt(var + eps)
     dy = dy.contiguous()
     m0, c0 = _split(mean, rstd)
     rstd = rstd.float().contiguous()
