@@ -101,6 +101,18 @@ def test_eval_affine_kernel_equals_the_reference(poisoned, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", CHANNELS)
+def test_eval_kernel_from_running_statistics_equals_the_reference(poisoned, shape, affine, dtype):
+    x = _data(shape, dtype, 1e4)
+    C = shape[1]
+    mean = _data((C,), dtype, 1e4, seed=1)
+    var = _data((C,), dtype, 0.0, seed=2).abs() + 0.1
+    w, b = (_data((C,), dtype, 1.0, seed=3), _data((C,), dtype, 0.0, seed=4)) if affine else (None, None)
+    assert_rel(cpu.channels_eval(x, mean, var, w, b, 1e-5), reference.channels_eval(x, mean, var, w, b, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("N, S, C, groups", [(3, 50, 12, 4), (2, 7, 6, 6), (4, 33, 8, 1), (1, 1, 12, 3)])
 def test_channels_last_group_kernels_equal_the_reference(poisoned, N, S, C, groups, dtype):
     x = _data((N, S, C), dtype, 1e4)

@@ -267,19 +267,24 @@ class FusedChannelAffine(torch.autograd.Function):
         return dx, None, da, db, None
 
 
-def _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var):
+def _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var, stats):
     """BatchNorm in eval through :class:`FusedChannelAffine`; returns what NormalizeAffine does."""
-    acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
+    ops, p = planned
+    params = [t for t in (weight, bias) if t is not None]
+    graph = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+    if not (graph or stats or torch.compiler.is_compiling()) and fixed_mean.dtype == fixed_var.dtype == x.dtype:
+        # inference, the common case: one kernel call from the running statistics
+        return ops.evaluate(p, x, fixed_mean, fixed_var, weight, bias, eps), None, None
+    acc = accumulation_dtype(x.dtype, *(t.dtype for t in params))
     mean, var = fixed_mean.to(acc, copy=True), fixed_var.to(acc, copy=True)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
     shift = bias if bias is not None else torch.zeros_like(scale)
     args = (x, mean.reshape(-1).to(x.dtype), scale.reshape(-1).to(x.dtype), shift.reshape(-1).to(x.dtype))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+    if graph:
         return FusedChannelAffine.apply(*args, planned), mean, var
-    ops, p = planned  # inference: no graph to record
-    return ops.affine(p, *args), mean, var
+    return ops.affine(p, *args), mean, var  # no graph to record
 
 
 def normalize_affine(
@@ -305,7 +310,7 @@ def _normalize_affine(x, dims, weight, bias, eps, center, fixed_mean, fixed_var,
     if planned is not None and fixed_var is not None:
         per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
         if all(list(t.shape) in (per_channel, per_channel[1:]) for t in (fixed_mean, fixed_var)):
-            return _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var)
+            return _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var, stats)
         planned = None  # statistics of another layout: the reference broadcasts them
     if planned is None:
         return NormalizeAffine.apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)

@@ -38,8 +38,7 @@ _FM = {"reassoc", "nsz", "arcp"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
 
 
-def threads() -> int:
-    return numba.get_num_threads()
+_THREADS = numba.get_num_threads()  # read once: asking numba costs ~1 µs a call
 
 
 @njit(inline="always")
@@ -116,23 +115,32 @@ def _saved(x, m, v, eps):
 
 
 @njit(inline="always")
+def _sum_column(dwp, dbp, dw, db, j):
+    a = 0.0
+    c = 0.0
+    for blk in range(dwp.shape[0]):
+        a += dwp[blk, j]
+        c += dbp[blk, j]
+    dw[j] = a
+    db[j] = c
+
+
+@njit(inline="always")
 def _sum_blocks(dwp, dbp, dw, db):
     """Parameter gradients: the per-block partials summed in float64, stored in x's precision."""
     nblk, P = dwp.shape
-    for j in prange(P):
-        a = 0.0
-        c = 0.0
-        for blk in range(nblk):
-            a += dwp[blk, j]
-            c += dbp[blk, j]
-        dw[j] = a
-        db[j] = c
+    if nblk * P < 65536:  # small: a parallel region would cost more than it saves
+        for j in range(P):
+            _sum_column(dwp, dbp, dw, db, j)
+    else:
+        for j in prange(P):
+            _sum_column(dwp, dbp, dw, db, j)
 
 
 def _blocks(R: int) -> int:
     """Blocks of rows for the parallel loops: a few per thread, and at most 256 rows each (the
     backward's per-block partial sums run in x's precision)."""
-    return max(1, min(R, max(4 * threads(), -(-R // 256))))
+    return max(1, min(R, max(4 * _THREADS, -(-R // 256))))
 
 
 @njit(**_OPTS)
@@ -371,6 +379,18 @@ def _k_affine_ncs(x, mean, scale, shift, y):
         m0, a0, h0 = mean[c], scale[c], shift[c]
         for k in range(S):
             y[i, c, k] = (x[i, c, k] - m0) * a0 + h0
+
+
+@njit(cache=True, nogil=True)
+def _k_eval_coefficients(rm, rv, w, b, eps, m0, a0, h0):
+    """BN eval's per-channel map from the running statistics, in float64:
+    ``y = (x − m₀)·a + h`` with ``a = γ/√(σ²+ε)`` and the mean's rounding residual in ``h``."""
+    for c in range(rm.shape[0]):
+        m = np.float64(rm[c])
+        a = w[c] / math.sqrt(np.float64(rv[c]) + eps)
+        m0[c] = m
+        a0[c] = a
+        h0[c] = b[c] - (m - np.float64(m0[c])) * a
 
 
 @njit(**_OPTS)
@@ -622,14 +642,27 @@ def channels_backward(dy, x, mean, var, weight, eps: float, out=None):
 
 def channels_affine(x, mean, scale, shift, out=None):
     """BN eval on ``x (N, C, S)``: ``y = (x − mean)·scale + shift`` per channel (all ``(C,)``, x's dtype)."""
+    return _affine(x, *(_np(t.contiguous()) for t in (mean, scale, shift)), out)
+
+
+def _affine(x, m, a, h, out):
     N, C, S = x.shape
     y = _empty_like(x) if out is None else out
-    m, a, h = (_np(t.contiguous()) for t in (mean, scale, shift))
     if S > 1:
         _k_affine_ncs(_np(x), m, a, h, _np(y))
     else:
         _k_affine_mc(_np(x)[:, :, 0], m, a, h, _blocks(N), _np(y)[:, :, 0])
     return y
+
+
+def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
+    """BatchNorm in eval on ``x (N, C, S)`` straight from the running statistics ``mean``,
+    ``var`` (``(C,)``, x's dtype): ``(x − mean)·γ/√(var + ε) + β``, the map built in float64."""
+    C = x.shape[1]
+    m0, a0, h0 = (np.empty(C, _NUMPY[x.dtype]) for _ in range(3))
+    _k_eval_coefficients(_np(mean).reshape(-1), _np(var).reshape(-1), _param(weight, C, 1.0, x),
+                         _param(bias, C, 0.0, x), eps, m0, a0, h0)
+    return _affine(x, m0, a0, h0, out)
 
 
 def channels_affine_backward(dy, x, mean, scale, out=None):

@@ -66,6 +66,14 @@ def _affine(p, x, mean, scale, shift):
     return y
 
 
+def evaluate(p, x, mean, var, weight, bias, eps):
+    """BatchNorm in eval straight from the running statistics, eager only (no graph, not
+    while compiling: :func:`affine` is the op then)."""
+    y = torch.empty_like(x)
+    _impl(x).channels_eval(p.view(x), mean, var, weight, bias, eps, out=p.view(y))
+    return y
+
+
 def _affine_backward(p, dy, x, mean, scale):
     dx = torch.empty_like(x)
     _, da, db = _impl(x).channels_affine_backward(p.view(dy), p.view(x), mean, scale, out=p.view(dx))

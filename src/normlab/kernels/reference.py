@@ -25,7 +25,7 @@ def normalize_affine(*args, **kwargs):
         return autograd.normalize_affine(*args, **kwargs)
 
 __all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_affine",
-           "channels_affine_backward", "groups_forward", "groups_backward"]
+           "channels_eval", "channels_affine_backward", "groups_forward", "groups_backward"]
 
 
 def _rows(x: Tensor, groups: int, seg: int) -> tuple[Tensor, tuple[int, ...], tuple[int, int, int]]:
@@ -89,6 +89,14 @@ def channels_affine(x, mean, scale, shift, out=None):
     """BatchNorm in eval on ``x (N, C, S)``: ``(x − mean)·scale + shift`` per channel."""
     view = (1, -1, 1)
     y = (x.double() - mean.double().view(view)) * scale.double().view(view) + shift.double().view(view)
+    return _into(out, y.to(x.dtype))
+
+
+def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
+    """BatchNorm in eval on ``x (N, C, S)`` from the running statistics (``(C,)`` each)."""
+    C = x.shape[1]
+    y, _, _ = normalize_affine(x.double(), (0, 2), _flat(weight, (C, 1)), _flat(bias, (C, 1)), eps,
+                               fixed_mean=mean.double().view(C, 1), fixed_var=var.double().view(C, 1))
     return _into(out, y.to(x.dtype))
 
 

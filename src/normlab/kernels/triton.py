@@ -288,6 +288,16 @@ def channels_affine(x, mean, scale, shift, out=None):
     return y
 
 
+def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
+    """BatchNorm in eval from the running statistics: the per-channel map in float64, then
+    :func:`channels_affine`'s elementwise kernel."""
+    C = x.shape[1]
+    m0 = mean.reshape(-1).float()
+    scale = torch.rsqrt(var.reshape(-1).double() + eps) * _param(weight, C, 1.0, x).double()
+    shift = _param(bias, C, 0.0, x).double() - (mean.reshape(-1).double() - m0.double()) * scale
+    return channels_affine(x, m0, scale, shift, out)
+
+
 def channels_affine_backward(dy, x, mean, scale, out=None):
     """Backward of :func:`channels_affine` (elementwise and two sums: torch's own kernels)."""
     view = (1, -1, 1)
