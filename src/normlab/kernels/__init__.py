@@ -124,6 +124,8 @@ class Plan:
         """``t`` (shaped like ``x``) in the canonical layout, without a copy."""
         if self.permute is not None:
             t = t.permute(self.permute)
+        elif t.shape == self.shape:
+            return t
         return t.reshape(self.shape)
 
 
@@ -173,35 +175,38 @@ def _traced() -> bool:
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
 
 
-def _is_plain(t: Tensor | None) -> bool:
-    """Not a functorch-wrapped (vmap/grad) tensor: the kernels need real storage."""
-    if t is None or torch.compiler.is_compiling():
-        return True
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
 def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
          batch_stats: bool, center: bool = True):
-    """``(ops, Plan)`` when a kernel computes this call exactly, else ``None`` (the reference)."""
-    if get_backend() != "auto" or x.numel() == 0 or not _supported(x) or _traced():
-        return None
-    if not (_is_plain(x) and _is_plain(weight) and _is_plain(bias)):
-        return None
+    """``(ops, Plan)`` when a kernel computes this call exactly, else ``None`` (the reference).
+
+    Called on every norm, so the eager path is one cache look-up by tensor metadata after the
+    checks that can change between calls with the same metadata (backend, tracers, functorch
+    wrappers)."""
     if torch.compiler.is_compiling():
+        if _backend != "auto" or x.numel() == 0 or not _supported(x) or _traced():
+            return None
         return _plan(x, dims, weight, bias, batch_stats, center)
-    key = (_meta(x), tuple(dims), _meta(weight), _meta(bias), batch_stats, center)
-    if key not in _PLANS:
+    if (_override.get() or _backend) != "auto" or _traced():
+        return None
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # vmap/grad: no real storage
+    if wrapped(x) or (weight is not None and wrapped(weight)) or (bias is not None and wrapped(bias)):
+        return None
+    key = (x.shape, x.stride(), x.dtype, x.device, dims, _meta(weight), _meta(bias), batch_stats, center)
+    found = _PLANS.get(key, _MISSING)
+    if found is _MISSING:
         if len(_PLANS) > 4096:  # shapes that never repeat: do not grow without bound
             _PLANS.clear()
-        _PLANS[key] = _plan(x, dims, weight, bias, batch_stats, center)
-    return _PLANS[key]
+        found = _PLANS[key] = (None if x.numel() == 0 or not _supported(x)
+                               else _plan(x, dims, weight, bias, batch_stats, center))
+    return found
 
 
 _PLANS: dict = {}
+_MISSING = object()
 
 
 def _meta(t: Tensor | None):
-    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 def _plan(x, dims, weight, bias, batch_stats, center):

@@ -546,7 +546,7 @@ import torch  # noqa: E402
 
 
 def _np(t):
-    return t.detach().numpy()
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def _empty_like(x):  # the tests poison outputs here to catch elements a kernel leaves unwritten
@@ -575,7 +575,8 @@ _FILL: dict = {}
 def _param(t, n, fill, like):
     """γ or β as a flat numpy view; ``None`` is a constant vector of ``fill`` (cached, read-only)."""
     if t is not None:
-        return _np(t).reshape(-1)
+        a = _np(t)
+        return a if a.ndim == 1 else a.reshape(-1)
     key = (n, fill, like.dtype)
     arr = _FILL.get(key)
     if arr is None:
