@@ -12,12 +12,16 @@ which the fast kernels implement:
 * **groups** — GroupNorm and InstanceNorm on ``channels_last`` input, ``x`` viewed as
   ``(N, S, C)``, one statistic per sample and group of ``C/groups`` adjacent channels (CPU).
 
-A third, small form is BatchNorm in eval: ``channels_affine``, ``(x − μ)·γ/√(σ²+ε) + β`` per
-channel with the running statistics (seed 000 §2.2's affine view).
+A last, small form is BatchNorm in eval, ``(x − μ)·γ/√(σ²+ε) + β`` per channel with the
+running statistics (seed 000 §2.2's affine view): ``channels_eval`` builds the per-channel map
+from the running statistics in one call (inference), ``channels_affine`` applies a given one
+(when γ/β need gradients, which flow through the torch ops that made the map).
 
-Backends, each a module with the same five functions (``rows_forward``, ``rows_backward``,
-``channels_forward``, ``channels_backward``, ``channels_affine``; see
-:mod:`normlab.kernels.reference`):
+Backends, each a module with the same functions (``rows_*``, ``groups_*`` and
+``channels_forward``/``channels_backward`` for the three forms, ``channels_eval``,
+``channels_affine`` and its backward; see :mod:`normlab.kernels.reference`). The backward
+functions take the statistics the forward returned (mean and biased variance, float64) and
+recompute ``rstd`` exactly as the forward did:
 
 * ``reference`` — :mod:`normlab.kernels.reference`: the oracle, plain torch ops through the core;
 * ``cpu`` — :mod:`normlab.kernels.cpu`: fused numba loops (float32/float64 on the CPU);
