@@ -6,8 +6,10 @@ fresh tensors in ``x``'s shape and memory format: the kernel writes into a canon
 them, so no copy is made and the result is not a view (in-place ops on a norm's output work).
 The implementation picks the kernel for the device (numba on the CPU, Triton on CUDA); a "fake"
 implementation gives the output shapes for tracing. Autograd stays with
-:class:`normlab.autograd.NormalizeAffine`, which calls the forward op and, when no graph is
-being built, the backward op. Statistics come back in float64.
+:class:`normlab.autograd.FusedNormalizeAffine` and :class:`~normlab.autograd.FusedChannelAffine`,
+which call :func:`forward`/:func:`affine` and, when no graph is being built,
+:func:`backward`/:func:`affine_backward`: plain functions in eager mode, these ops while
+``torch.compile`` traces. Statistics come back in float64.
 """
 
 import torch
