@@ -11,6 +11,7 @@ import normlab
 import normlab.functional as F
 import normlab.nn as nln
 from normlab import kernels
+from normlab.autograd import normalize_affine
 from normlab.kernels import cpu, reference
 
 from conftest import TOL, assert_rel
@@ -238,6 +239,48 @@ def test_double_backward_falls_back_to_the_written_out_formula():
     assert torch.autograd.gradgradcheck(lambda a, b: F.layer_norm(a, (5,), b), (x, w))
 
 
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grads", ["x", "x w b", "w b"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 2), (11, 6)])
+def test_eval_with_gradients_takes_the_kernel_and_agrees_with_the_reference(poisoned, shape, affine, grads, stats_dtype):
+    # x far from 0 and running statistics in float64 (the map is rebuilt with the mean's
+    # rounding carried, forward and in dγ)
+    if not affine and grads == "w b":
+        pytest.skip("nothing requires a gradient")
+    g = torch.Generator().manual_seed(5)
+    C = shape[1]
+    x = torch.randn(shape, generator=g) * 3 + 1e4
+    mean = (torch.randn(C, generator=g, dtype=torch.float64) + 1e4).to(stats_dtype)
+    var = (torch.rand(C, generator=g, dtype=torch.float64) * 9 + 0.5).to(stats_dtype)
+    w, b = (torch.randn(C, generator=g), torch.randn(C, generator=g)) if affine else (None, None)
+    dy = torch.randn(shape, generator=g)
+    view = [-1] + [1] * (len(shape) - 2)
+    results = []
+    for backend in ("auto", "reference"):
+        leaves = [t.clone().requires_grad_(name in grads.split()) if t is not None else None
+                  for t, name in ((x, "x"), (w, "w"), (b, "b"))]
+        xs, ws, bs = leaves
+        with kernels.use_backend(backend):
+            y = normalize_affine(xs, (0, *range(2, len(shape))), None if ws is None else ws.view(view),
+                                 None if bs is None else bs.view(view), 1e-5,
+                                 fixed_mean=mean.view(view), fixed_var=var.view(view))[0]
+            y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves if t is not None and t.requires_grad])
+    assert kernels.plan(x, (0, *range(2, len(shape))), None, None, False) is not None
+    for got, want in zip(*results):
+        assert_rel(got, want, what=f"eval {grads}")
+
+
+def test_double_backward_of_eval_with_the_kernel_is_exact():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64, generator=g), torch.rand(3, dtype=torch.float64, generator=g) + 0.5
+    assert torch.autograd.gradcheck(lambda a, b: F.batch_norm(a, rm, rv, b, b, False), (x, w))
+    assert torch.autograd.gradgradcheck(lambda a, b: F.batch_norm(a, rm, rv, b, b, False), (x, w))
+
+
 # ----------------------------------------------------------------------------- backends
 
 
@@ -296,6 +339,13 @@ def test_modules_compile_without_graph_breaks():
     assert_rel(y, eager, tol=TOL[torch.float32])
     y.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+    model.eval()  # BatchNorm from its running statistics, with gradients to x and γ, β
+    xg = x.clone().requires_grad_()
+    want = model(xg)
+    dx_want, = torch.autograd.grad(want.square().mean(), xg)
+    got = compiled(xg)
+    assert_rel(got, want, tol=TOL[torch.float32])
+    assert_rel(torch.autograd.grad(got.square().mean(), xg)[0], dx_want, tol=TOL[torch.float32])
 
 
 def test_forked_children_take_the_reference_path():
@@ -326,7 +376,6 @@ def test_tracers_that_cannot_see_the_kernels_get_the_reference():
 
 
 def test_fixed_statistics_of_another_layout_are_broadcast_by_the_reference():
-    from normlab.autograd import normalize_affine
     x = torch.randn(2, 3, 4, 5)
     for mean, var in ((torch.randn(1, 1, 1, 1), torch.rand(1, 1, 1, 1) + 1), (torch.randn(3, 1, 1), torch.rand(3, 1, 1) + 1)):
         got = normalize_affine(x, (0, 2, 3), fixed_mean=mean, fixed_var=var)[0]

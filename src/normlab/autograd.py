@@ -110,7 +110,9 @@ class NormalizeAffine(torch.autograd.Function):
             # tensors saved for backward (a graph built in eval, then a train step)
             mean = fixed_mean.to(acc, copy=True) if center else None
             var = fixed_var.to(acc, copy=True)
-            y, shift = x.to(acc), mean
+            # x − μ first (promoted to acc): folding μ into the shift would cancel
+            # catastrophically when x sits far from 0
+            y, shift = (x - mean, None) if center else (x.to(acc), None)
         rstd = torch.rsqrt(var + eps)
         y = _affine(y, x, rstd, weight, bias, shift)
         return y.to(x.dtype), (mean if center else var.new_zeros(())), var
@@ -239,52 +241,83 @@ class _DoubleBackward(NamedTuple):
 
 
 class FusedChannelAffine(torch.autograd.Function):
-    """BatchNorm in eval by a kernel: ``y = (x − μ)·a + β`` per channel, ``a = γ/√(σ²+ε)``
-    (seed 000 §2.2). ``μ`` is a constant (a running mean); ``a`` and ``β`` carry the gradients
-    to γ and β through the torch ops that made them. Backward: ``∂l/∂x = a·∂l/∂y``,
-    ``∂l/∂a = Σ ∂l/∂y·(x − μ)``, ``∂l/∂β = Σ ∂l/∂y`` — one fused kernel pass, or differentiable
-    torch ops when a graph is being built."""
+    """BatchNorm in eval by a kernel, straight from the running statistics ``μ, σ²``:
+    ``y = (x − μ)·a + β`` per channel, ``a = γ·r``, ``r = 1/√(σ²+ε)`` (seed 000 §2.2).
+
+    ``apply(x, weight, bias, mean, var, planned, dims, eps)`` returns ``y``; ``weight``, ``bias``
+    broadcast as :class:`NormalizeAffine` takes them, ``mean`` and ``var`` are constants (no
+    gradient reaches them, as in :class:`NormalizeAffine` and torch). Backward:
+    ``∂l/∂x = a·∂l/∂y``, ``∂l/∂γ = r·Σ ∂l/∂y·(x − μ)``, ``∂l/∂β = Σ ∂l/∂y`` — one fused kernel pass
+    plus a few per-channel ops; double backward goes through :meth:`NormalizeAffine.backward`.
+    """
 
     @staticmethod
-    def forward(ctx, x, mean, scale, shift, planned):
-        ops, p = planned
-        ctx.save_for_backward(x, mean, scale)
-        ctx.reduce, ctx.planned = [0, *range(2, x.dim())], planned
-        return ops.affine(p, x, mean, scale, shift)
+    def forward(ctx, x, weight, bias, mean, var, planned, dims, eps):
+        ctx.dims, ctx.eps, ctx.planned = dims, eps, planned
+        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+        # copies: a later in-place update of the running buffers (a train step) must not
+        # reach what backward reads
+        ctx.save_for_backward(x, weight, mean.clone(), var.clone())
+        return _evaluate(planned, x, weight, bias, mean, var, eps)
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean, scale = ctx.saved_tensors
-        need_x, _, need_a, need_b, _ = ctx.needs_input_grad
-        if not torch.is_grad_enabled():  # one fused pass: dx and both sums
-            ops, p = ctx.planned
-            dx, da, db = ops.affine_backward(p, dy, x, mean, scale)
-            return dx if need_x else None, None, da if need_a else None, db if need_b else None, None
-        view = [1, -1] + [1] * (x.dim() - 2)  # double backward: differentiable torch ops
-        dx = dy * scale.view(view) if need_x else None
-        da = (dy * (x - mean.view(view))).sum(ctx.reduce) if need_a else None
-        db = dy.sum(ctx.reduce) if need_b else None
-        return dx, None, da, db, None
+        x, weight, mean, var = ctx.saved_tensors
+        acc = accumulation_dtype(x.dtype)
+        shape = var.shape
+        mean, r = mean.reshape(-1).to(acc), torch.rsqrt(var.reshape(-1).to(acc) + ctx.eps)
+        if torch.is_grad_enabled():  # double backward: the differentiable formula
+            shim = _DoubleBackward(ctx.dims, True, ctx.eps, False, ctx.bias_meta, ctx.needs_input_grad,
+                                   (x, weight, mean.view(shape), r.view(shape)))
+            return (*NormalizeAffine.backward(shim, dy, None, None)[:3], None, None, None, None, None)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ops, p = ctx.planned
+        a = r if weight is None else r * weight.reshape(-1)
+        m = mean.to(x.dtype)
+        dx, da, db = ops.affine_backward(p, dy, x, m, a.to(x.dtype))
+        dw = None
+        if need_w:  # Σ dy·(x − μ) from the kernel's Σ dy·(x − m), m = μ rounded to x's dtype
+            dw = da.to(acc) if m.dtype == acc else da.to(acc) - (mean - m.to(acc)) * db.to(acc)
+            dw = (dw * r).to(weight.dtype).view(weight.shape)
+        db = db.view(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
+        return dx if need_x else None, dw, db, None, None, None, None, None
 
 
-def _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var, stats):
-    """BatchNorm in eval through :class:`FusedChannelAffine`; returns what NormalizeAffine does."""
+def _evaluate(planned, x, weight, bias, mean, var, eps):
+    """BN eval's ``y``: one kernel call from the running statistics (the map built in float64),
+    or, for statistics in another dtype or while compiling, the map built here and the
+    registered affine op."""
     ops, p = planned
-    params = [t for t in (weight, bias) if t is not None]
-    graph = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
-    if not (graph or stats or torch.compiler.is_compiling()) and fixed_mean.dtype == fixed_var.dtype == x.dtype:
-        # inference, the common case: one kernel call from the running statistics
-        return ops.evaluate(p, x, fixed_mean, fixed_var, weight, bias, eps), None, None
-    acc = accumulation_dtype(x.dtype, *(t.dtype for t in params))
-    mean, var = fixed_mean.to(acc, copy=True), fixed_var.to(acc, copy=True)
-    scale = torch.rsqrt(var + eps)
+    if mean.dtype == var.dtype == x.dtype and not torch.compiler.is_compiling():
+        return ops.evaluate(p, x, mean, var, weight, bias, eps)
+    return ops.affine(p, x, *_eval_map(x, weight, bias, mean, var, eps))
+
+
+def _eval_map(x, weight, bias, mean, var, eps):
+    """BN eval's per-channel map ``y = (x − m)·a + h`` in ``x``'s dtype, built in the
+    accumulation dtype; ``h`` carries the rounding of ``m``."""
+    acc = accumulation_dtype(x.dtype)
+    mean = mean.reshape(-1).to(acc)
+    a = torch.rsqrt(var.reshape(-1).to(acc) + eps)
     if weight is not None:
-        scale = scale * weight
-    shift = bias if bias is not None else torch.zeros_like(scale)
-    args = (x, mean.reshape(-1).to(x.dtype), scale.reshape(-1).to(x.dtype), shift.reshape(-1).to(x.dtype))
-    if graph:
-        return FusedChannelAffine.apply(*args, planned), mean, var
-    return ops.affine(p, *args), mean, var  # no graph to record
+        a = a * weight.reshape(-1)
+    m = mean.to(x.dtype)
+    h = (m.to(acc) - mean) * a
+    if bias is not None:
+        h = h + bias.reshape(-1)
+    return m, a.to(x.dtype), h.to(x.dtype)
+
+
+def _fixed_affine(planned, x, dims, weight, bias, eps, fixed_mean, fixed_var, stats):
+    """BatchNorm in eval through :class:`FusedChannelAffine`; returns what NormalizeAffine does."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        y = FusedChannelAffine.apply(x, weight, bias, fixed_mean, fixed_var, planned, dims, eps)
+    else:  # inference: no graph to record
+        y = _evaluate(planned, x, weight, bias, fixed_mean, fixed_var, eps)
+    if not stats:
+        return y, None, None
+    acc = accumulation_dtype(x.dtype)
+    return y, fixed_mean.to(acc, copy=True), fixed_var.to(acc, copy=True)
 
 
 def normalize_affine(
@@ -310,7 +343,7 @@ def _normalize_affine(x, dims, weight, bias, eps, center, fixed_mean, fixed_var,
     if planned is not None and fixed_var is not None:
         per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
         if all(list(t.shape) in (per_channel, per_channel[1:]) for t in (fixed_mean, fixed_var)):
-            return _fixed_affine(planned, x, weight, bias, eps, fixed_mean, fixed_var, stats)
+            return _fixed_affine(planned, x, dims, weight, bias, eps, fixed_mean, fixed_var, stats)
         planned = None  # statistics of another layout: the reference broadcasts them
     if planned is None:
         return NormalizeAffine.apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)
