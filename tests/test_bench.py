@@ -1,6 +1,9 @@
 """`normlab bench`: the rows it reports and the files it writes (no timing is asserted)."""
 
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -32,12 +35,29 @@ def test_compiled_column_when_asked():
 
 def test_cli_writes_json_and_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "SHAPES", {"rows": ([(8, 16)], [(8, 16)]), "nchw": ([(2, 4, 3, 3)], [(2, 4, 3, 3)])})
+    calls = []
+    monkeypatch.setattr(bench, "_retain_freed_memory", lambda: calls.append(1) or True)  # process-wide: not here
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     assert main(["bench", "layer_norm", "batch_norm", "--quick", "--json", str(out), "--plot", str(png)]) == 0
     data = json.loads(out.read_text())
+    assert calls == [1] and data["meta"]["malloc"] == "retain freed memory"
     assert {r["method"] for r in data["rows"]} == {"layer_norm", "batch_norm"} and "fwd+bwd" in data["summary"]
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "median speed-up vs torch" in capsys.readouterr().out
     assert main(["bench", "conv_norm", "--quick"]) == 2
     with pytest.raises(SystemExit):
         main(["bench", "--dtype", "int8"])
+
+
+def test_system_malloc_keeps_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "SHAPES", {"rows": ([(8, 16)], [(8, 16)]), "nchw": ([(2, 4, 3, 3)], [(2, 4, 3, 3)])})
+    monkeypatch.setattr(bench, "_retain_freed_memory", lambda: pytest.fail("mallopt called"))
+    out = tmp_path / "b.json"
+    assert main(["bench", "rms_norm", "--quick", "--system-malloc", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["malloc"] == "system"
+
+
+def test_retaining_freed_memory_works_on_glibc():
+    code = "from normlab.bench import _retain_freed_memory; print(_retain_freed_memory())"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert got == str(platform.libc_ver()[0] == "glibc")

@@ -12,6 +12,12 @@ round so the noise of a shared machine hits all alike, for:
 * ``compiled`` — ``torch.compile`` of the reference path (skipped with ``--quick``);
 * ``copy`` — ``x.clone()``, the bandwidth yardstick of this machine at this size.
 
+``normlab bench`` first asks glibc's malloc to keep the memory it frees (no trimming, no
+``mmap`` for large blocks), as jemalloc and tcmalloc do: with glibc's defaults, whether a fresh
+multi-MB output comes back page-faulted (a 16 MB LayerNorm forward then takes 3.6 ms instead of
+0.8 ms) depends on the order of earlier frees, and hits torch and normlab at random from run to
+run. ``--system-malloc`` measures with the defaults; the JSON's ``meta`` records which.
+
 Reported per case: the median time, GB/s by the bytes model, % of the copy's GB/s, and the
 speed-up of normlab over torch, over the reference and over the compiled reference (time of
 the other / time of normlab: above 1 means normlab is faster). Peak memory is reported on CUDA
@@ -25,6 +31,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import statistics
 import time
@@ -239,12 +246,25 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def _retain_freed_memory() -> bool:
+    """glibc's ``mallopt``: no trimming and no ``mmap`` below 1 GiB (32 MiB where glibc caps it).
+    Process-wide; ``False`` where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 32 << 20)) \
+        and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def main(args) -> int:
     """Entry point of ``normlab bench`` (arguments parsed by :mod:`normlab.cli`)."""
     from rich.console import Console
 
     console = Console(stderr=True)
     dtypes = [getattr(torch, d) for d in args.dtype]
+    malloc = "system" if args.system_malloc or not _retain_freed_memory() else "retain freed memory"
     try:
         with console.status("benchmarking") as status:
             rows = run(quick=args.quick, methods=args.methods or None, dtypes=dtypes, device=args.device,
@@ -267,8 +287,9 @@ def main(args) -> int:
         ok = v["min"] >= 1.0 and v["median"] >= 1.3
         print(f"  {k:<24} min {v['min']:.2f}×  median {v['median']:.2f}×  {'meets' if ok else 'misses'} "
               "the CPU target (every shape ≥ 1×, median ≥ 1.3×)")
+    print(f"malloc: {malloc}" + (" (glibc mallopt; --system-malloc for the defaults)" if malloc != "system" else ""))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-            "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "quick": args.quick, "malloc": malloc, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "summary": s, "rows": rows}, fh, indent=1)

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--json", metavar="FILE", help="write every row and a summary as JSON")
     p.add_argument("--plot", metavar="FILE", help="write the speed-ups vs torch as a PNG")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's malloc defaults (by default the bench asks it to retain freed memory, "
+                        "so that outputs do not page-fault back in at random)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("list", help="list the experiments, and the layers, ops and scalers normlab provides")
     p.set_defaults(func=_list)
