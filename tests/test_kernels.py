@@ -232,6 +232,32 @@ def test_vmap_and_grad_transforms_use_the_reference():
     assert_rel(per_sample, torch.nn.functional.layer_norm(x, (8,)))
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "batch_norm 4-D", "batch_norm eval", "group_norm"])
+def test_batched_gradients_equal_one_vector_at_a_time(name):
+    # autograd.grad(is_grads_batched=True) runs the backward under vmap: the kernels cannot
+    # read its batched tensors, so the written-out formula runs instead
+    fn, pshape, shape = OPS[name]
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(shape, generator=g) * 2 + 3).requires_grad_()
+    w, b = (torch.randn(pshape(shape), generator=g).requires_grad_() for _ in range(2))
+    y = fn(x, w, b)
+    vs = torch.randn((3, *y.shape), generator=g)
+    batched = torch.autograd.grad(y, (x, w, b), vs, is_grads_batched=True, retain_graph=True)
+    for i, v in enumerate(vs):
+        for got, want in zip(batched, torch.autograd.grad(y, (x, w, b), v, retain_graph=True)):
+            assert_rel(got[i], want, what=name)
+
+
+def test_compiled_func_grad_takes_the_reference():
+    torch._dynamo.reset()
+    x = torch.randn(6, 8) * 3 + 2
+
+    def loss(t, mod):
+        return mod.layer_norm(t, (8,)).pow(3).sum()
+    got = torch.compile(torch.func.grad(lambda t: loss(t, F)), backend="aot_eager")(x)
+    assert_rel(got, torch.func.grad(lambda t: loss(t, torch.nn.functional))(x))
+
+
 def test_double_backward_falls_back_to_the_written_out_formula():
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, dtype=torch.float64, requires_grad=True)

@@ -136,7 +136,8 @@ class NormalizeAffine(torch.autograd.Function):
         # path is memory-bound and fresh allocations cost page faults). Double backward
         # builds a graph through the same formula, out of place, with the statistics
         # recomputed so that they depend on x.
-        inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # dynamo refuses strided out=
+        # (dynamo refuses strided out=, and vmap — torch.func, is_grads_batched — refuses out=)
+        inplace = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or kernels._transformed(dy))
         if ctx.batch_stats and not inplace:
             mean, var = moments(x, dims, center=center, dtype=acc)
             rstd = torch.rsqrt(var + ctx.eps)
@@ -216,7 +217,8 @@ class FusedNormalizeAffine(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, var = ctx.saved_tensors
         ops, p = ctx.planned
-        if torch.is_grad_enabled():  # double backward: the differentiable formula (it recomputes
+        if torch.is_grad_enabled() or kernels._transformed(dy):  # double backward, or a batched backward
+            # (is_grads_batched, torch.func): the differentiable formula (it recomputes
             # the statistics from x and reads only the saved rstd's dtype)
             shim = _DoubleBackward(ctx.dims, ctx.center, ctx.eps, True, ctx.bias_meta, ctx.needs_input_grad,
                                    (x, weight, *_shaped(p, mean, var, ctx.center)))
@@ -266,7 +268,7 @@ class FusedChannelAffine(torch.autograd.Function):
         acc = accumulation_dtype(x.dtype)
         shape = var.shape
         mean, r = mean.reshape(-1).to(acc), torch.rsqrt(var.reshape(-1).to(acc) + ctx.eps)
-        if torch.is_grad_enabled():  # double backward: the differentiable formula
+        if torch.is_grad_enabled() or kernels._transformed(dy):  # double or batched backward: the formula
             shim = _DoubleBackward(ctx.dims, True, ctx.eps, False, ctx.bias_meta, ctx.needs_input_grad,
                                    (x, weight, mean.view(shape), r.view(shape)))
             return (*NormalizeAffine.backward(shim, dy, None, None)[:3], None, None, None, None, None)

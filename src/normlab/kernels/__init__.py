@@ -179,6 +179,14 @@ def _traced() -> bool:
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
 
 
+def _transformed(t: Tensor | None = None) -> bool:
+    """A torch.func transform (vmap, grad, jacrev) is active, or ``t`` is a batched tensor of
+    ``autograd.grad(..., is_grads_batched=True)``: wrapped tensors have no storage a kernel
+    could read, and vmap refuses ``out=``."""
+    return torch._C._are_functorch_transforms_active() or (  # (dynamo cannot trace the second)
+        t is not None and not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(t))
+
+
 def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
          batch_stats: bool, center: bool = True):
     """``(ops, Plan)`` when a kernel computes this call exactly, else ``None`` (the reference).
@@ -187,13 +195,10 @@ def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor |
     checks that can change between calls with the same metadata (backend, tracers, functorch
     wrappers)."""
     if torch.compiler.is_compiling():
-        if _backend != "auto" or x.numel() == 0 or not _supported(x) or _traced():
+        if _backend != "auto" or x.numel() == 0 or not _supported(x) or _traced() or _transformed():
             return None
         return _plan(x, dims, weight, bias, batch_stats, center)
-    if (_override.get() or _backend) != "auto" or _traced():
-        return None
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # vmap/grad: no real storage
-    if wrapped(x) or (weight is not None and wrapped(weight)) or (bias is not None and wrapped(bias)):
+    if (_override.get() or _backend) != "auto" or _traced() or _transformed():
         return None
     key = (x.shape, x.stride(), x.dtype, x.device, dims, _meta(weight), _meta(bias), batch_stats, center)
     found = _PLANS.get(key, _MISSING)
