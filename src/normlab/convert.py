@@ -464,48 +464,60 @@ def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None
     ``"batchrenorm"`` (:class:`normlab.nn.BatchRenorm2d` & co., keeping the running statistics).
     γ and β are carried over, so a trained model starts from its BatchNorm's affine map.
     """
-    from . import nn as nln
-
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     model = model if inplace else copy.deepcopy(model)
+    # every replacement is built (and checked) before any is put in place, so an error leaves an
+    # ``inplace`` model as it was; a BatchNorm shared by several parents stays shared
+    built: dict[int, nn.Module] = {}
+    sites = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, bn in list(parent.named_children()):
-            if not is_batchnorm(bn):
-                continue
-            c = bn.num_features
-            like = bn.weight if bn.weight is not None else bn.running_mean
-            factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
-            dims = _bn_dims(bn)
-            if target == "batchrenorm":
-                if dims is None:
-                    raise ValueError(f"{parent_name}.{child_name}: {type(bn).__name__} does not say its input rank; "
-                                     "replace it by hand or convert it to BatchNorm1d/2d/3d first")
-                new = (nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d)[dims - 1](
-                    c, bn.eps, bn.momentum, bn.affine, True, **factory)
-                for attr in ("rmax", "dmax", "warmup_steps"):
-                    if hasattr(bn, attr):
-                        setattr(new, attr, getattr(bn, attr))
-                if bn.running_mean is not None:
-                    new.load_state_dict(bn.state_dict())
-                elif bn.affine:
-                    new.weight.data.copy_(bn.weight.data)
-                    new.bias.data.copy_(bn.bias.data)
-            else:
-                one_d = dims == 1
-                if target == "instance" and one_d:
-                    raise ValueError(f"{parent_name}.{child_name}: InstanceNorm needs spatial dims, a BatchNorm1d "
-                                     "has none on (N, C) input; use 'group' or 'layer'")
-                groups = {"group": num_groups or suggest_groups(c, 1 if one_d else 64), "layer": 1, "instance": c}[target]
-                if c % groups:
-                    raise ValueError(f"num_groups={groups} does not divide the {c} channels of {parent_name}.{child_name}")
-                new = nln.GroupNorm(groups, c, bn.eps, bn.affine, **factory)
-                if bn.affine:
-                    new.weight.data.copy_(bn.weight.data)
-                    new.bias.data.copy_(bn.bias.data)
-            new.train(bn.training)
-            setattr(parent, child_name, new)
+            if is_batchnorm(bn):
+                if id(bn) not in built:
+                    built[id(bn)] = _replacement(bn, f"{parent_name}.{child_name}".lstrip("."), target, num_groups)
+                sites.append((parent, child_name, built[id(bn)]))
+    for parent, child_name, new in sites:
+        setattr(parent, child_name, new)
     return model
+
+
+def _replacement(bn: nn.Module, where: str, target: str, num_groups: int | None) -> nn.Module:
+    """The module :func:`replace_norm` puts where ``bn`` was."""
+    from . import nn as nln
+
+    c = bn.num_features
+    like = bn.weight if bn.weight is not None else bn.running_mean
+    factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    dims = _bn_dims(bn)
+    if target == "batchrenorm":
+        if dims is None:
+            raise ValueError(f"{where}: {type(bn).__name__} does not say its input rank; "
+                             "replace it by hand or convert it to BatchNorm1d/2d/3d first")
+        new = (nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d)[dims - 1](
+            c, bn.eps, bn.momentum, bn.affine, True, **factory)
+        for attr in ("rmax", "dmax", "warmup_steps"):
+            if hasattr(bn, attr):
+                setattr(new, attr, getattr(bn, attr))
+        if bn.running_mean is not None:
+            new.load_state_dict(bn.state_dict())
+        elif bn.affine:
+            new.weight.data.copy_(bn.weight.data)
+            new.bias.data.copy_(bn.bias.data)
+    else:
+        one_d = dims == 1
+        if target == "instance" and one_d:
+            raise ValueError(f"{where}: InstanceNorm needs spatial dims, a BatchNorm1d "
+                             "has none on (N, C) input; use 'group' or 'layer'")
+        groups = {"group": num_groups or suggest_groups(c, 1 if one_d else 64), "layer": 1, "instance": c}[target]
+        if c % groups:
+            raise ValueError(f"num_groups={groups} does not divide the {c} channels of {where}")
+        new = nln.GroupNorm(groups, c, bn.eps, bn.affine, **factory)
+        if bn.affine:
+            new.weight.data.copy_(bn.weight.data)
+            new.bias.data.copy_(bn.bias.data)
+    new.train(bn.training)
+    return new
 
 
 def _bn_dims(bn: nn.Module) -> int | None:
