@@ -5,6 +5,7 @@ import pickle
 import warnings
 
 import numpy as np
+import sklearn.preprocessing as skp
 import pytest
 import torch
 from torch import nn
@@ -76,7 +77,11 @@ def test_batchnorm_is_the_affine_map_of_seed_000():
     assert_rel(bn.double()(x), expected, torch.float64)
 
 
-@pytest.mark.parametrize("scaler", [StandardScaler(), MinMaxScaler(feature_range=(-1, 2)), StandardScaler(with_mean=False)])
+@pytest.mark.parametrize("scaler", [
+    StandardScaler(), MinMaxScaler(feature_range=(-1, 2)), StandardScaler(with_mean=False),
+    skp.StandardScaler(with_std=False), skp.MaxAbsScaler(), skp.RobustScaler(), skp.RobustScaler(with_centering=False),
+    skp.RobustScaler(with_scaling=False, quantile_range=(10, 90)),
+])
 def test_fold_scaler_takes_raw_features(scaler):
     X = np.random.default_rng(0).normal(size=(50, 4)) * [1, 10, 100, 1000] + [5, -3, 1e3, 0]
     scaler.fit(X)
@@ -88,6 +93,8 @@ def test_fold_scaler_takes_raw_features(scaler):
         fold_scaler(scaler, nn.Linear(5, 3))
     with pytest.raises(ValueError, match="clip"):
         fold_scaler(MinMaxScaler(clip=True).fit(X), linear)
+    with pytest.raises(TypeError, match="QuantileTransformer"):
+        fold_scaler(skp.QuantileTransformer(n_quantiles=10).fit(X), linear)
 
 
 def test_recalibration_equals_statistics_over_all_the_data():

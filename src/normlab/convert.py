@@ -263,24 +263,14 @@ def _bn1d():
 def fold_scaler(scaler, linear: nn.Linear) -> nn.Linear:
     """A new ``nn.Linear`` equal to ``linear(scaler.transform(x))``, so a deployed model takes raw
     features. ``scaler`` is a fitted :class:`~normlab.preprocessing.StandardScaler` or
-    :class:`~normlab.preprocessing.MinMaxScaler` (or scikit-learn's): both are ``x·a + c`` per
-    feature. A MinMaxScaler with ``clip=True`` is not affine and is refused.
+    :class:`~normlab.preprocessing.MinMaxScaler`, or scikit-learn's StandardScaler, MinMaxScaler,
+    MaxAbsScaler or RobustScaler: each is ``x·a + c`` per feature. A MinMaxScaler with
+    ``clip=True`` is not affine and is refused.
     """
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(scaler)
-    if not (hasattr(scaler, "data_min_") or hasattr(scaler, "mean_")):
-        raise TypeError(f"fold_scaler folds a fitted StandardScaler or MinMaxScaler, got {type(scaler).__name__}")
-    if getattr(scaler, "clip", False):
-        raise ValueError("a MinMaxScaler with clip=True is not an affine map and cannot be folded; use clip=False")
-    if hasattr(scaler, "data_min_"):  # MinMax: x·scale_ + min_
-        a, c = (torch.as_tensor(v, dtype=torch.float64) for v in (scaler.scale_, scaler.min_))
-    else:  # Z-Score: (x − mean_)/scale_
-        n = scaler.n_features_in_
-        centred = getattr(scaler, "with_mean", True) and scaler.mean_ is not None  # mean_ is kept when not used
-        mean = torch.as_tensor(scaler.mean_ if centred else np.zeros(n), dtype=torch.float64)
-        scale = torch.as_tensor(scaler.scale_ if scaler.scale_ is not None else np.ones(n), dtype=torch.float64)
-        a, c = 1.0 / scale, -mean / scale
+    a, c = _scaler_affine(scaler)
     if a.numel() != linear.in_features:
         raise ValueError(f"the scaler has {a.numel()} features but the Linear takes {linear.in_features}; "
                          "fold the scaler into the first layer")
@@ -292,6 +282,30 @@ def fold_scaler(scaler, linear: nn.Linear) -> nn.Linear:
     out.weight.copy_(w * a.view(1, -1))
     out.bias.copy_(b + w @ c)
     return out
+
+
+def _scaler_affine(scaler) -> tuple[Tensor, Tensor]:
+    """``(a, c)`` in float64 with ``scaler.transform(x) = x·a + c``, read from the fitted attributes."""
+    n = scaler.n_features_in_
+
+    def vec(v, fill):
+        return torch.as_tensor(np.full(n, fill) if v is None else v, dtype=torch.float64)
+
+    if hasattr(scaler, "data_min_"):  # MinMax: x·scale_ + min_
+        if getattr(scaler, "clip", False):
+            raise ValueError("a MinMaxScaler with clip=True is not an affine map and cannot be folded; use clip=False")
+        return vec(scaler.scale_, 1.0), vec(scaler.min_, 0.0)
+    if hasattr(scaler, "max_abs_"):  # MaxAbs: x / scale_
+        return 1.0 / vec(scaler.scale_, 1.0), vec(None, 0.0)
+    if hasattr(scaler, "center_"):  # Robust: (x − center_) / scale_, either may be None
+        scale = vec(getattr(scaler, "scale_", None), 1.0)
+        return 1.0 / scale, -vec(scaler.center_, 0.0) / scale
+    if hasattr(scaler, "mean_"):  # Z-Score: (x − mean_) / scale_; mean_ is kept when not used
+        centred = getattr(scaler, "with_mean", True) and scaler.mean_ is not None
+        scale = vec(scaler.scale_, 1.0)
+        return 1.0 / scale, -vec(scaler.mean_ if centred else None, 0.0) / scale
+    raise TypeError("fold_scaler folds a fitted StandardScaler, MinMaxScaler, MaxAbsScaler or RobustScaler, "
+                    f"got {type(scaler).__name__}")
 
 
 @torch.no_grad()
