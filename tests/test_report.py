@@ -184,6 +184,17 @@ def test_rebuild(out):
     assert (out / "index.html").read_text(encoding="utf-8") == before
 
 
+def test_a_later_report_removes_only_the_csvs_it_no_longer_writes(tmp_path):
+    write_report(RECORDS, tmp_path, meta=META)
+    (tmp_path / "mine.csv").write_text("kept\n")  # not the report's: left alone
+    write_report([_grads(), _bare()], tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"index.html", "records.json", "grads-curves.csv", "mine.csv"}
+    assert json.loads((tmp_path / "records.json").read_text())["files"] == ["grads-curves.csv"]
+    rebuild(tmp_path)  # the same records: the same files
+    assert {p.name for p in tmp_path.iterdir()} == names
+
+
 def test_missing_dir_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"records\.json.*normlab run --out"):
         rebuild(tmp_path / "nowhere")

@@ -6,7 +6,8 @@ anywhere::
 
     out_dir/
       index.html         the page: inline CSS, figures embedded as base64 PNGs, no scripts
-      records.json       {"meta": {...}, "records": [...]}, the only input rebuild() needs
+      records.json       {"meta": {...}, "records": [...], "files": [the CSVs]}, the only input
+                         rebuild() needs
       <name>-<k>.csv     table k (from 1) of experiment <name>; header = the table's columns
       <name>-curves.csv  every point of every "lines" panel: figure,panel,series,x,y,lo,hi
 
@@ -75,7 +76,9 @@ def write_report(records: list[dict], out_dir: str | Path, *, meta: dict | None 
     Args:
         records: one dict per experiment, shaped as :mod:`normlab.lab.records` describes; names
             must be unique and made of letters, digits, ``_``, ``-`` and ``.``.
-        out_dir: created with its parents if missing; files already there are overwritten.
+        out_dir: created with its parents if missing; files already there are overwritten, and
+            the CSVs an earlier report there listed but this one does not write are removed
+            (nothing else is touched).
         meta: facts about the run shown at the top of the page (version, command, date, device,
             total seconds, ...); stored in ``records.json`` beside the records.
 
@@ -86,14 +89,20 @@ def write_report(records: list[dict], out_dir: str | Path, *, meta: dict | None 
     meta = meta or {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / RECORDS_FILE, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1, allow_nan=True)
+    tables = {}  # file name -> (header, rows)
     for rec in records:
         for k, tab in enumerate(rec.get("tables") or (), start=1):
-            _write_csv(out / f"{rec['name']}-{k}.csv", tab["columns"], tab["rows"])
+            tables[f"{rec['name']}-{k}.csv"] = (tab["columns"], tab["rows"])
         lines = list(_lines_panels(rec))
         if lines:
-            _write_csv(out / f"{rec['name']}-curves.csv", CURVE_COLUMNS, _curve_rows(lines))
+            tables[f"{rec['name']}-curves.csv"] = (CURVE_COLUMNS, _curve_rows(lines))
+    stale = _written_before(out) - set(tables)
+    with open(out / RECORDS_FILE, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "records": records, "files": sorted(tables)}, f, indent=1, allow_nan=True)
+    for name, (header, rows) in tables.items():
+        _write_csv(out / name, header, rows)
+    for name in stale:  # a CSV an earlier report wrote that this one does not: it would mislead
+        (out / name).unlink(missing_ok=True)
     page = out / INDEX_FILE
     page.write_text(_page(records, meta), encoding="utf-8")
     return page
@@ -151,6 +160,18 @@ def _validate(records: Any, where: str) -> None:
         if not (isinstance(rec["verdict"], dict) and "supported" in rec["verdict"]):
             raise ValueError(f"{where}: record {name!r} needs verdict = {{'supported': bool, 'summary': str}}")
         seen.add(name)
+
+
+def _written_before(out: Path) -> set[str]:
+    """The CSV files the report already in ``out`` lists (plain names only), or none."""
+    try:
+        with open(out / RECORDS_FILE, encoding="utf-8") as f:
+            files = json.load(f).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(files, list):
+        return set()
+    return {f for f in files if isinstance(f, str) and f.endswith(".csv") and _NAME.match(f)}
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
