@@ -99,6 +99,31 @@ def test_one_process_is_plain_batchnorm():
     assert all_reduce_scaler(scaler) is scaler
 
 
+@pytest.mark.parametrize("dtype, offset, tol", [(torch.float32, 1e4, 1e-5), (torch.float16, 30.0, 1e-2),
+                                                (torch.bfloat16, 30.0, 1e-1)])
+def test_one_process_in_low_precision_far_from_zero_matches_float64(dtype, offset, tol):
+    # the element-wise work runs in float32 for these dtypes, no float64 copy of x; the float64
+    # statistics keep the offset's digits, so the result is as exact as the dtype allows
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(7, 4, 3, 5, generator=g, dtype=torch.float64) * 2 + offset
+    x64 = x64.to(dtype).double()  # the values the low-precision input holds
+    dy64 = torch.randn(x64.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    ref = torch.nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2, generator=g)
+    sync = convert_sync_batchnorm(ref).to(dtype)
+    xr, xs = x64.clone().requires_grad_(), x64.to(dtype).requires_grad_()
+    yr, ys = ref(xr), sync(xs)
+    assert ys.dtype == dtype
+    (yr * dy64).sum().backward()
+    (ys * dy64.to(dtype)).sum().backward()
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+    assert rel(ys.detach(), yr.detach()) < tol and rel(xs.grad, xr.grad) < tol
+    assert rel(sync.weight.grad, ref.weight.grad) < tol and rel(sync.running_mean, ref.running_mean) < tol
+
+
 def test_conversion_keeps_what_it_can_and_refuses_what_it_cannot():
     import normlab.nn as nln
     from normlab.convert import freeze_norm

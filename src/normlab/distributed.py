@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .stats import Moments
+from .stats import Moments, accumulation_dtype, centered, corrected_variance
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "all_reduce_moments", "all_reduce_scaler"]
 
@@ -53,42 +53,61 @@ def _all_reduce_sum(t: Tensor, group) -> Tensor:
 
 
 def _global_moments(x: Tensor, group) -> Moments:
+    """The merged float64 triple of every rank's batch. Each rank's passes run in its
+    accumulation dtype (no float64 copy of x); its mean keeps float64 digits (see ``centered``)."""
     dims = (0, *range(2, x.dim()))
     if x.numel():
-        local = Moments.from_data(x.detach(), dims=dims, dtype=torch.float64)
+        mean, d, r = centered(x.detach(), dims, mean_dtype=torch.float64)
+        n = x.numel() // x.shape[1]
+        var = corrected_variance(d, r, dims).double().flatten()
+        local = Moments(torch.full_like(var, float(n)), mean.flatten(), var * n)
     else:  # an empty shard still takes part in the collective
         local = Moments.empty((x.shape[1],), dtype=torch.float64, device=x.device)
     return all_reduce_moments(local, group)
 
 
+def _normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor, tuple]:
+    """``(x̂, r, view)``: ``x̂ = (x − μ)·r`` in x's accumulation dtype from the float64 global
+    statistics, the mean's rounding to that dtype carried in a per-channel term (so a large
+    offset costs no accuracy), and ``r = 1/√(σ² + ε)`` in that dtype."""
+    acc = accumulation_dtype(x.dtype)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    r = torch.rsqrt(var + eps)
+    m0 = mean.to(acc)
+    c0 = ((mean - m0.double()) * r).to(acc)
+    r0 = r.to(acc)
+    return (x.to(acc) - m0.view(view)) * r0.view(view) - c0.view(view), r0, view
+
+
 class _SyncBN(torch.autograd.Function):
     """Normalization with the global statistics; the backward uses the global sums of seed 004
     eq. (5)–(7): ``∂l/∂x = r·γ·(dy − Σdy/n − x̂·Σ(dy·x̂)/n)``, both sums all-reduced over ranks
-    (the statistics' dependence on every rank's ``x`` lives in those sums)."""
+    (the statistics' dependence on every rank's ``x`` lives in those sums). Element-wise work
+    runs in the accumulation dtype and the sums in float64; backward recomputes ``x̂`` from the
+    saved ``x`` rather than keeping a second activation-sized tensor."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, mean, var, count):
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        rstd = torch.rsqrt(var + eps)
-        xhat = (x.double() - mean.view(view)) * rstd.view(view)
-        y = xhat if weight is None else xhat * weight.double().view(view)
+        xhat, _, view = _normalized(x, mean, var, eps)
+        y = xhat if weight is None else xhat * weight.view(view)
         if bias is not None:
-            y = y + bias.double().view(view)
-        ctx.save_for_backward(xhat, weight, rstd, count)
-        ctx.group, ctx.dims, ctx.view, ctx.bias_given = group, (0, *range(2, x.dim())), view, bias is not None
+            y = y + bias.view(view)
+        ctx.save_for_backward(x, weight, mean, var, count)
+        ctx.eps, ctx.group, ctx.dims, ctx.bias_given = eps, group, (0, *range(2, x.dim())), bias is not None
         return y.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward would need the collectives again
     def backward(ctx, dy):
-        xhat, weight, rstd, count = ctx.saved_tensors
-        g = dy.double()
-        sums = torch.stack([g.sum(ctx.dims), (g * xhat).sum(ctx.dims)])
+        x, weight, mean, var, count = ctx.saved_tensors
+        xhat, r, v = _normalized(x, mean, var, ctx.eps)
+        g = dy.to(xhat.dtype)
+        sums = torch.stack([g.sum(ctx.dims, dtype=torch.float64), (g * xhat).sum(ctx.dims, dtype=torch.float64)])
         local_db, local_dw = sums[0].clone(), sums[1].clone()
         _all_reduce_sum(sums, ctx.group)
-        v, n = ctx.view, count.view(ctx.view)
-        gamma = weight.double().view(v) if weight is not None else 1.0
-        dx = rstd.view(v) * gamma * (g - sums[0].view(v) / n - xhat * sums[1].view(v) / n)
+        means = (sums / count).to(xhat.dtype)  # Σdy/n and Σ(dy·x̂)/n over the global batch
+        scale = r if weight is None else r * weight
+        dx = scale.view(v) * (g - means[0].view(v) - xhat * means[1].view(v))
         dw = local_dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = local_db.to(dy.dtype) if ctx.bias_given and ctx.needs_input_grad[2] else None
         return dx.to(dy.dtype), dw, db, None, None, None, None, None

@@ -74,9 +74,11 @@ def reduce_mean(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
     return x.mean(dim=dims, keepdim=keepdim) if dims else x.clone()
 
 
-def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None,
+             mean_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean, d, r)``: the first pass of the corrected two-pass variance, in the
-    accumulation dtype, reduced dims kept.
+    accumulation dtype (``mean`` in ``mean_dtype`` if given: float64 keeps digits of a large
+    offset that a float32 mean rounds away), reduced dims kept.
 
     ``d = x − m₀`` with ``m₀`` the computed mean, and ``r = mean(d)`` the rounding error
     ``m₀`` still carries; ``mean = m₀ + r`` is the refined mean, the exactly centred data is
@@ -89,6 +91,8 @@ def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None) -> tuple[T
     m0 = reduce_mean(xa, dims)
     d = xa - m0
     r = reduce_mean(d, dims)
+    if mean_dtype is not None:
+        return m0.to(mean_dtype) + r.to(mean_dtype), d, r
     return m0 + r, d, r
 
 
