@@ -233,8 +233,9 @@ def test_replace_norm_keeps_a_shared_batchnorm_shared_and_fails_without_a_change
 
     shared = nn.BatchNorm2d(8)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), shared, nn.Sequential(nn.Conv2d(8, 8, 1), shared), nn.BatchNorm2d(6))
+    model.alias = shared  # one parent, two names for one module
     swapped = replace_norm(model, "group", num_groups=2, inplace=False)
-    assert swapped[1] is swapped[2][1] and isinstance(swapped[1], nln.GroupNorm)
+    assert swapped[1] is swapped[2][1] is swapped.alias and isinstance(swapped[1], nln.GroupNorm)
     assert sum(1 for _ in swapped.parameters()) == len(list(model.parameters()))
     # 6 channels do not split in 4 groups: the error comes before any swap, even in place
     with pytest.raises(ValueError, match="divide the 6 channels of 3"):

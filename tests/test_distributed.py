@@ -134,6 +134,11 @@ def test_conversion_keeps_what_it_can_and_refuses_what_it_cannot():
     assert isinstance(root, SyncBatchNorm) and not root.weight.requires_grad and root.bias.requires_grad
     with pytest.raises(ValueError, match="BatchRenorm"):
         convert_sync_batchnorm(torch.nn.Sequential(nln.BatchRenorm1d(3)))
+    shared = torch.nn.BatchNorm1d(3)
+    model = torch.nn.Sequential(shared, torch.nn.Sequential(shared))
+    model.alias = shared  # shared across parents and under two names: still one module after
+    synced = convert_sync_batchnorm(model)
+    assert isinstance(synced[0], SyncBatchNorm) and synced[0] is synced[1][0] is synced.alias
     with pytest.raises(ValueError, match="frozen"):
         convert_sync_batchnorm(freeze_norm(torch.nn.Sequential(torch.nn.BatchNorm1d(3))))
     sklearn_scaler = pytest.importorskip("sklearn.preprocessing").StandardScaler().fit(np.ones((3, 2)))

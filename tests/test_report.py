@@ -186,7 +186,9 @@ def test_rebuild(out):
 
 def test_a_later_report_removes_only_the_csvs_it_no_longer_writes(tmp_path):
     write_report(RECORDS, tmp_path, meta=META)
-    (tmp_path / "mine.csv").write_text("kept\n")  # not the report's: left alone
+    (tmp_path / "mine.csv").write_text("kept\n")  # not the report's: left alone, even if listed
+    data = json.loads((tmp_path / "records.json").read_text())
+    (tmp_path / "records.json").write_text(json.dumps({**data, "files": data["files"] + ["mine.csv"]}))
     write_report([_grads(), _bare()], tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"index.html", "records.json", "grads-curves.csv", "mine.csv"}

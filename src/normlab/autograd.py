@@ -71,6 +71,10 @@ def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
         if shift is None:
             return y * scale if y is x else y.mul_(scale)
         return torch.addcmul(shift, y, scale)
+    if torch.compiler.is_compiling():  # out of place: dynamo may differentiate this forward itself
+        y = y if mean is None else y - mean
+        y = y * rstd * weight
+        return y if bias is None else y + bias
     if y is x:
         y = y.clone()
     if mean is not None:
@@ -96,7 +100,7 @@ class NormalizeAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, dims, eps, center, fixed_mean, fixed_var):
-        acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias) if t is not None))
+        acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias, fixed_mean, fixed_var) if t is not None))
         batch_stats = fixed_var is None
         if batch_stats:  # y starts as the centred copy the variance pass needs anyway
             if center:
@@ -132,6 +136,8 @@ class NormalizeAffine(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         dims, center, acc = ctx.dims, ctx.center, rstd.dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.compiler.is_compiling():  # dynamo's needs_input_grad can be stale under torch.func
+            need_x, need_w, need_b = True, weight is not None, ctx.bias_meta is not None
         # Without a graph to build, two x-sized buffers are reused in place (the reference
         # path is memory-bound and fresh allocations cost page faults). Double backward
         # builds a graph through the same formula, out of place, with the statistics
@@ -265,7 +271,7 @@ class FusedChannelAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, var = ctx.saved_tensors
-        acc = accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype, mean.dtype, var.dtype)
         shape = var.shape
         mean, r = mean.reshape(-1).to(acc), torch.rsqrt(var.reshape(-1).to(acc) + ctx.eps)
         if torch.is_grad_enabled() or kernels._transformed(dy):  # double or batched backward: the formula
@@ -298,7 +304,7 @@ def _evaluate(planned, x, weight, bias, mean, var, eps):
 def _eval_map(x, weight, bias, mean, var, eps):
     """BN eval's per-channel map ``y = (x − m)·a + h`` in ``x``'s dtype, built in the
     accumulation dtype; ``h`` carries the rounding of ``m``."""
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, mean.dtype, var.dtype)
     mean = mean.reshape(-1).to(acc)
     a = torch.rsqrt(var.reshape(-1).to(acc) + eps)
     if weight is not None:

@@ -486,8 +486,8 @@ def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None
     built: dict[int, nn.Module] = {}
     sites = []
     for parent_name, parent in list(model.named_modules()):
-        for child_name, bn in list(parent.named_children()):
-            if is_batchnorm(bn):
+        for child_name, bn in list(parent._modules.items()):  # every name, even two for one module
+            if bn is not None and is_batchnorm(bn):
                 if id(bn) not in built:
                     built[id(bn)] = _replacement(bn, f"{parent_name}.{child_name}".lstrip("."), target, num_groups)
                 sites.append((parent, child_name, built[id(bn)]))

@@ -183,10 +183,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     module = copy.deepcopy(module)
     if is_batchnorm(module) and not isinstance(module, SyncBatchNorm):
         return sync_of(module, "")
+    made: dict[int, nn.Module] = {}  # a BatchNorm shared by several parents stays shared
     for parent_name, parent in list(module.named_modules()):
-        for name, child in list(parent.named_children()):
-            if is_batchnorm(child) and not isinstance(child, SyncBatchNorm):
-                setattr(parent, name, sync_of(child, f"{parent_name}.{name}".lstrip(".")))
+        for name, child in list(parent._modules.items()):  # every name, even two for one module
+            if child is not None and is_batchnorm(child) and not isinstance(child, SyncBatchNorm):
+                if id(child) not in made:
+                    made[id(child)] = sync_of(child, f"{parent_name}.{name}".lstrip("."))
+                setattr(parent, name, made[id(child)])
     return module
 
 

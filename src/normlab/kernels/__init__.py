@@ -14,8 +14,9 @@ which the fast kernels implement:
 
 A last, small form is BatchNorm in eval, ``(x − μ)·γ/√(σ²+ε) + β`` per channel with the
 running statistics (seed 000 §2.2's affine view): ``channels_eval`` builds the per-channel map
-from the running statistics in one call (inference), ``channels_affine`` applies a given one
-(when γ/β need gradients, which flow through the torch ops that made the map).
+from the running statistics in one call, ``channels_affine`` applies a given one (statistics
+in another dtype than x, or while compiling), and ``channels_affine_backward`` gives ``dx`` and
+the per-channel sums (float32 or wider) from which γ and β get their gradients.
 
 Backends, each a module with the same functions (``rows_*``, ``groups_*`` and
 ``channels_forward``/``channels_backward`` for the three forms, ``channels_eval``,

@@ -195,8 +195,8 @@ def channels_affine_backward(dy, x, mean, scale, shape, permute):
 
 @channels_affine_backward.register_fake
 def _(dy, x, mean, scale, shape, permute):
-    c = shape[1]
-    return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    c, acc = shape[1], torch.promote_types(x.dtype, torch.float32)  # the sums: float32 or wider
+    return torch.empty_like(x), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
 
 
 @torch.library.custom_op(f"{_LIB}::groups_forward", mutates_args=(),

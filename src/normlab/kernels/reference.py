@@ -101,12 +101,14 @@ def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
 
 
 def channels_affine_backward(dy, x, mean, scale, out=None):
-    """Backward of :func:`channels_affine`: ``(dx, Σ dy·(x − mean), Σ dy)`` per channel."""
+    """Backward of :func:`channels_affine`: ``(dx, Σ dy·(x − mean), Σ dy)`` per channel, the
+    sums in float32 or wider (``Σ dy·(x − mean)`` of fp16 data can pass fp16's range)."""
     view = (1, -1, 1)
     dyd = dy.double()
     dx = (dyd * scale.double().view(view)).to(x.dtype)
-    da = (dyd * (x.double() - mean.double().view(view))).sum((0, 2)).to(x.dtype)
-    return _into(out, dx), da, dyd.sum((0, 2)).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    da = (dyd * (x.double() - mean.double().view(view))).sum((0, 2)).to(acc)
+    return _into(out, dx), da, dyd.sum((0, 2)).to(acc)
 
 
 def groups_forward(x, weight, bias, eps: float, groups: int, out=None):

@@ -303,5 +303,6 @@ def channels_affine_backward(dy, x, mean, scale, out=None):
     view = (1, -1, 1)
     dyf = dy.float()
     dx = torch.mul(dy, scale.view(view).to(dy.dtype), out=out) if out is not None else dy * scale.view(view).to(dy.dtype)
-    da = (dyf * (x.float() - mean.float().view(view))).sum((0, 2)).to(x.dtype)
-    return dx, da, dyf.sum((0, 2)).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp16 sums of dy·(x − m) overflow
+    da = (dyf * (x.float() - mean.float().view(view))).sum((0, 2)).to(acc)
+    return dx, da, dyf.sum((0, 2)).to(acc)

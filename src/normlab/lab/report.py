@@ -60,6 +60,7 @@ CURVE_COLUMNS = ("figure", "panel", "series", "x", "y", "lo", "hi")
 
 _REQUIRED = ("name", "title", "claim", "checks", "verdict")
 _NAME = re.compile(r"[\w.-]+\Z")  # a record's name becomes a file name and an HTML id
+_CSV = re.compile(r"[\w.-]+-(\d+|curves)\.csv\Z")  # the names of the CSVs write_report writes
 _PANEL_INCHES = (4.2, 3.2)
 _DPI = 90  # small PNGs: a page with a few dozen figures stays a few MB
 _PANELS_PER_ROW = 3
@@ -163,7 +164,7 @@ def _validate(records: Any, where: str) -> None:
 
 
 def _written_before(out: Path) -> set[str]:
-    """The CSV files the report already in ``out`` lists (plain names only), or none."""
+    """The CSVs the report already in ``out`` lists (only names of the kind it writes), or none."""
     try:
         with open(out / RECORDS_FILE, encoding="utf-8") as f:
             files = json.load(f).get("files", [])
@@ -171,7 +172,7 @@ def _written_before(out: Path) -> set[str]:
         return set()
     if not isinstance(files, list):
         return set()
-    return {f for f in files if isinstance(f, str) and f.endswith(".csv") and _NAME.match(f)}
+    return {f for f in files if isinstance(f, str) and _CSV.match(f)}
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
