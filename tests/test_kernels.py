@@ -51,10 +51,11 @@ def _data(shape, dtype, offset, seed=0):
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 @pytest.mark.parametrize("R, D, groups, seg", ROWS)
 def test_rows_kernels_equal_the_reference(poisoned, R, D, groups, seg, offset, center, dtype):
-    if D == 1 and not center and dtype == torch.float32:
-        # RMS over one value: dx = r·g·(1 − x̂²) with x̂² = 1 − ε/x², all cancellation; float32
-        # cannot match the float64 oracle to 1e-5 of a result that small (nor can torch)
-        pytest.skip("ill-conditioned in float32")
+    if D == 1 and not center and (dtype == torch.float32 or offset):
+        # RMS over one value: dx = r·g·(1 − x̂²) with x̂² = 1 − ε/x², all cancellation (condition
+        # number x²/ε: 1e13 at x ≈ 1e4); two correct orders of the same sums disagree there
+        # beyond float32's 1e-5 and float64's 1e-10 (nor does torch do better)
+        pytest.skip("ill-conditioned")
     x = _data((R, D), dtype, offset)
     P = groups * (D // seg)
     w, b = _data((P,), dtype, 1.0, seed=1), _data((P,), dtype, 0.0, seed=2)

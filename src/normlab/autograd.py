@@ -147,40 +147,55 @@ class NormalizeAffine(torch.autograd.Function):
         if ctx.batch_stats and not inplace:
             mean, var = moments(x, dims, center=center, dtype=acc)
             rstd = torch.rsqrt(var + ctx.eps)
-        xa = x.to(acc)
-        xhat = xa - mean if center else xa * rstd  # buffer A
-        if center:
-            xhat = xhat.mul_(rstd) if inplace else xhat * rstd
         dya = dy.to(acc)
         dx = dw = db = None
         if need_b:
             shape, dtype = ctx.bias_meta
             db = dya.sum_to_size(shape).to(dtype)  # eq. (9)
-        buf = dya * xhat if need_w or (need_x and ctx.batch_stats) else None  # buffer B
+        if not ctx.batch_stats and not need_w:  # fixed statistics: ∂l/∂x = r·γ·∂l/∂y, no x̂ needed
+            return (dya * _scale(rstd, weight)).to(x.dtype) if need_x else None, dw, db, None, None, None, None, None
+        xa = x.to(acc)
+        xhat = xa - mean if center else xa * rstd  # buffer A
+        if center:
+            xhat = xhat.mul_(rstd) if inplace else xhat * rstd
+        buf = dya * xhat  # buffer B
         if need_w:
             dw = buf.sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
             if dw is buf:  # nothing was summed: buf is reused below
                 dw = dw.clone()
         if not need_x:
             return dx, dw, db, None, None, None, None, None
-        if not ctx.batch_stats:  # fixed statistics: ∂l/∂x = r·γ·∂l/∂y
-            g = dya if weight is None else dya * weight
-            dx = g * rstd if g is dya or not inplace else g.mul_(rstd)
+        if not ctx.batch_stats:
+            dx = torch.mul(dya, _scale(rstd, weight), out=buf if inplace else None)
             return dx.to(x.dtype), dw, db, None, None, None, None, None
         # eq. (5)-(7) in x̂ form: ∂l/∂x = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·∂l/∂y (eq. 4)
-        if weight is not None:
+        if _constant_over(weight, dims, x.dim()):
+            # γ constant where the means run (BN, IN): mean(g) = γ·mean(dy) and mean(g·x̂) =
+            # γ·mean(dy·x̂), so g is never built and γ joins r in one per-statistic scale
+            r, g = _scale(rstd, weight), dya
+            gx_mean = reduce_mean(buf, dims)
+        else:  # LN, GN: γ varies inside a statistic's group
             buf = buf.mul_(weight) if inplace else buf * weight
-        gx_mean = reduce_mean(buf, dims)
-        if weight is None:
-            g = dya
-        else:  # B is free again: it takes g
-            g = torch.mul(dya, weight, out=buf) if inplace else dya * weight
+            gx_mean = reduce_mean(buf, dims)
+            r, g = rstd, torch.mul(dya, weight, out=buf if inplace else None)  # B is free again: it takes g
         proj = xhat.mul_(gx_mean) if inplace else xhat * gx_mean
         if center:
             g_mean = reduce_mean(g, dims)
             proj = proj.add_(g_mean) if inplace else proj + g_mean
-        dx = torch.sub(g, proj, out=proj).mul_(rstd) if inplace else (g - proj) * rstd
+        dx = torch.sub(g, proj, out=proj).mul_(r) if inplace else (g - proj) * r
         return dx.to(x.dtype), dw, db, None, None, None, None, None
+
+
+def _scale(rstd: Tensor, weight: Tensor | None) -> Tensor:
+    return rstd if weight is None else rstd * weight
+
+
+def _constant_over(weight: Tensor | None, dims: Sequence[int], ndim: int) -> bool:
+    """``weight`` (broadcast against an ``ndim``-D input) does not vary along ``dims``."""
+    if weight is None:
+        return True
+    shape = (1,) * (ndim - weight.dim()) + tuple(weight.shape)
+    return all(shape[d % ndim] == 1 for d in dims)
 
 
 def _fused_forward(planned, x, weight, bias, eps, center):
