@@ -226,6 +226,19 @@ def test_batch_norm_one_value_per_channel_changes_nothing():
         F.batch_norm(torch.randn(2, 3), None, None, training=False)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_running_statistics_that_require_grad_are_refused_as_torch_does(training):
+    x = torch.randn(4, 3)
+    rm, rv = torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError):
+        TF.batch_norm(x, rm, rv, training=training)
+    with pytest.raises(ValueError, match=r"running_mean requires grad.*running_mean\.detach\(\)"):
+        F.batch_norm(x, rm, rv, training=training)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with torch.no_grad():  # no graph: nothing to refuse, as in torch
+        assert_rel(F.batch_norm(x, rm, rv, training=training), TF.batch_norm(x, rm, rv, training=training))
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

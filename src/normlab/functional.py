@@ -203,6 +203,10 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
     _check_input(input, op, min_ndim=2)
     c = _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"),
                   (weight, "weight"), (bias, "bias"))
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():  # torch refuses this too
+            raise ValueError(f"{op}: {name} requires grad, but no gradient flows into running "
+                             f"statistics; pass {name}.detach() (or a buffer)")
     nd = input.dim()
     w, b = _per_channel(weight, nd), _per_channel(bias, nd)
     if not batch_stats:
