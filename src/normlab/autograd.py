@@ -64,7 +64,7 @@ def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
     """
     small = weight is None or math.prod(torch.broadcast_shapes(rstd.shape, weight.shape)) < y.numel()
     if small:
-        scale = rstd if weight is None else rstd * weight
+        scale = _scale(rstd, weight)
         shift = None if mean is None else -mean * scale
         if bias is not None:
             shift = bias if shift is None else shift + bias
@@ -339,7 +339,7 @@ def _fixed_affine(planned, x, dims, weight, bias, eps, fixed_mean, fixed_var, st
         y = _evaluate(planned, x, weight, bias, fixed_mean, fixed_var, eps)
     if not stats:
         return y, None, None
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, fixed_mean.dtype, fixed_var.dtype)  # as NormalizeAffine returns them
     return y, fixed_mean.to(acc, copy=True), fixed_var.to(acc, copy=True)
 
 
