@@ -25,7 +25,8 @@ functions take the statistics the forward returned (mean and biased variance, fl
 recompute ``rstd`` exactly as the forward did:
 
 * ``reference`` — :mod:`normlab.kernels.reference`: the oracle, plain torch ops through the core;
-* ``cpu`` — :mod:`normlab.kernels.cpu`: fused numba loops (float32/float64 on the CPU);
+* ``cpu`` — :mod:`normlab.kernels.cpu`: the compiled C++ kernels (float32/float64, and
+  float16/bfloat16 computed in float32; :mod:`normlab.kernels.build` compiles them at first use);
 * ``triton`` — :mod:`normlab.kernels.triton`: Triton kernels (float32/float16/bfloat16 on CUDA).
 
 :mod:`normlab.kernels.ops` registers them as ``torch.library`` custom ops (``torch.compile``
@@ -134,11 +135,11 @@ class Plan:
         return t.reshape(self.shape)
 
 
-# Which kernel engine each device has, found without importing it (importing numba or Triton
-# costs seconds, and torch.compile cannot trace an import).
-_ENGINES = {"cpu": importlib.util.find_spec("numba") is not None,
-            "cuda": importlib.util.find_spec("triton") is not None}
-_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+# Which devices may have kernels, found without importing anything (building or loading the
+# compiled core, or importing Triton, costs time, and torch.compile cannot trace either).
+_ENGINES = {"cpu": True, "cuda": importlib.util.find_spec("triton") is not None}
+_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+           "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _supported(x: Tensor) -> bool:
@@ -147,10 +148,11 @@ def _supported(x: Tensor) -> bool:
 
 
 def _imports(kind: str) -> bool:
-    """The engine really imports (an installed numba that rejects this numpy would raise on
-    every call otherwise); tried once per process, outside tracing."""
+    """The engine is there: the compiled core builds or loads (:mod:`normlab.kernels.build`),
+    and on CUDA Triton imports; tried once per process, outside tracing."""
     if kind not in _IMPORTED and not torch.compiler.is_compiling():
         try:
+            importlib.import_module(f"{__name__}.ops")  # the operators (the core, built or loaded)
             importlib.import_module(f"{__name__}.{'cpu' if kind == 'cpu' else 'triton'}")
             _IMPORTED[kind] = True
         except ImportError:
@@ -159,17 +161,6 @@ def _imports(kind: str) -> bool:
 
 
 _IMPORTED: dict[str, bool] = {}
-
-
-def _no_cpu_kernels_after_fork() -> None:
-    # numba's OpenMP thread pool is not fork-safe: a forked child (DataLoader workers, process
-    # pools) would be killed on its first parallel kernel, so children take the reference path.
-    _ENGINES["cpu"] = False
-    _PLANS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_no_cpu_kernels_after_fork)
 
 
 def _traced() -> bool:

@@ -1,224 +1,127 @@
-"""The kernels as ``torch.library`` custom ops, so ``torch.compile`` sees one opaque node each.
+"""The kernels as torch operators: ``torch.ops.normlab.rows_forward`` and friends.
 
-``torch.ops.normlab.rows_forward`` and friends take ``x`` in its own shape and layout plus the
-canonical view to compute in (see :class:`normlab.kernels.Plan`), and return ``y``/``dx`` as
-fresh tensors in ``x``'s shape and memory format: the kernel writes into a canonical view of
-them, so no copy is made and the result is not a view (in-place ops on a norm's output work).
-The implementation picks the kernel for the device (numba on the CPU, Triton on CUDA); a "fake"
-implementation gives the output shapes for tracing. Autograd stays with
+The operators are defined in C++ (``csrc/norm_cpu.cpp``, loaded by :mod:`normlab.kernels.build`)
+with their CPU kernels and Meta kernels (shapes only, for ``torch.compile``, fake tensors and
+``torch.export``); the Triton kernels of :mod:`normlab.kernels.triton` are registered here as
+their CUDA implementation. Each takes ``x`` in its own shape and layout plus the canonical view
+to compute in (see :class:`normlab.kernels.Plan`) and returns ``y``/``dx`` as fresh tensors in
+``x``'s shape and memory format, statistics in float64. Autograd stays with
 :class:`normlab.autograd.FusedNormalizeAffine` and :class:`~normlab.autograd.FusedChannelAffine`,
-which call :func:`forward`/:func:`affine` and, when no graph is being built,
-:func:`backward`/:func:`affine_backward`: plain functions in eager mode, these ops while
-``torch.compile`` traces. Statistics come back in float64.
+which call :func:`forward`/:func:`evaluate`/:func:`affine` and, when no graph is being built,
+:func:`backward`/:func:`affine_backward`: the same operator calls in eager mode and while
+``torch.compile`` traces (one opaque node each).
 """
 
 import torch
 
-from . import Plan
+from . import Plan, build
 
-_LIB = "normlab"
-_ENGINES: dict = {}
-
-
-def _impl(x):
-    """The kernel module for x's device: numba on the CPU, Triton on CUDA (imported once)."""
-    kind = "triton" if x.is_cuda else "cpu"
-    mod = _ENGINES.get(kind)
-    if mod is None:
-        import importlib
-
-        mod = _ENGINES[kind] = importlib.import_module(f"{__package__}.{kind}")
-    return mod
+if not build.load():
+    raise ImportError(f"normlab's compiled core is not available: {build.status()['why']}")
+_ops = torch.ops.normlab
 
 
-def _stats(x, n):
-    return x.new_empty(n, dtype=torch.float64), x.new_empty(n, dtype=torch.float64)
+# ------------------------------------------------------------------ the CUDA implementation
+# The Triton kernels take canonical views and write into ``out``: y/dx are allocated here in
+# x's layout and the kernel writes through their canonical view, so no copy is made.
+
+def _view(t, shape, permute):
+    return Plan("", tuple(shape), permute=tuple(permute) or None).view(t)
 
 
-# --------------------------------------------------------------------- eager implementations
-# x in its own shape and layout, the Plan for the canonical view; y/dx fresh in x's layout.
+def _register_triton() -> None:
+    lib = torch.library.Library("normlab", "IMPL")  # kept alive below: dropping it unregisters
+    _REGISTERED.append(lib)
 
-def _forward(p, x, weight, bias, eps, center):
-    y = torch.empty_like(x)
-    impl, xv, yv = _impl(x), p.view(x), p.view(y)
-    if p.form == "rows":
-        _, mean, var = impl.rows_forward(xv, weight, bias, eps, center, p.groups, p.seg, out=yv)
-    elif p.form == "groups":
-        _, mean, var = impl.groups_forward(xv, weight, bias, eps, p.groups, out=yv)
-    else:
-        _, mean, var = impl.channels_forward(xv, weight, bias, eps, out=yv)
-    return y, mean, var
+    def triton():
+        from . import triton as tk  # imported at the first CUDA call (seconds), never for the CPU
+
+        return tk
+
+    def rows_forward(x, weight, bias, eps, center, groups, seg, shape):
+        y = torch.empty_like(x)
+        _, mean, var = triton().rows_forward(x.view(shape), weight, bias, eps, center, groups, seg, out=y.view(shape))
+        return y, mean, var
+
+    def rows_backward(dy, x, mean, var, weight, eps, center, groups, seg, shape):
+        dx = torch.empty_like(x)
+        _, dw, db = triton().rows_backward(dy.contiguous().view(shape), x.view(shape), mean, var, weight, eps, center,
+                                          groups, seg, out=dx.view(shape))
+        return dx, dw, db
+
+    def channels_forward(x, weight, bias, eps, shape, permute):
+        y = torch.empty_like(x)
+        _, mean, var = triton().channels_forward(_view(x, shape, permute), weight, bias, eps,
+                                                 out=_view(y, shape, permute))
+        return y, mean, var
+
+    def channels_backward(dy, x, mean, var, weight, eps, shape, permute):
+        dx = torch.empty_like(x)
+        dyv = _view(dy, shape, permute).contiguous()
+        _, dw, db = triton().channels_backward(dyv, _view(x, shape, permute), mean, var, weight, eps,
+                                               out=_view(dx, shape, permute))
+        return dx, dw, db
+
+    def channels_affine(x, mean, scale, shift, shape, permute):
+        y = torch.empty_like(x)
+        triton().channels_affine(_view(x, shape, permute), mean, scale, shift, out=_view(y, shape, permute))
+        return y
+
+    def channels_eval(x, mean, var, weight, bias, eps, shape, permute):
+        y = torch.empty_like(x)
+        triton().channels_eval(_view(x, shape, permute), mean, var, weight, bias, eps, out=_view(y, shape, permute))
+        return y
+
+    def channels_affine_backward(dy, x, mean, scale, shape, permute):
+        dx = torch.empty_like(x)
+        dyv = _view(dy, shape, permute).contiguous()
+        _, da, db = triton().channels_affine_backward(dyv, _view(x, shape, permute), mean, scale,
+                                                      out=_view(dx, shape, permute))
+        return dx, da, db
+
+    for fn in (rows_forward, rows_backward, channels_forward, channels_backward, channels_affine, channels_eval,
+               channels_affine_backward):
+        lib.impl(fn.__name__, fn, "CUDA")
 
 
-def _backward(p, dy, x, mean, var, weight, eps, center):
-    dx = torch.empty_like(x)
-    impl, dyv, xv, dxv = _impl(x), p.view(dy), p.view(x), p.view(dx)
-    if p.form == "rows":
-        _, dw, db = impl.rows_backward(dyv, xv, mean, var, weight, eps, center, p.groups, p.seg, out=dxv)
-    elif p.form == "groups":
-        _, dw, db = impl.groups_backward(dyv, xv, mean, var, weight, eps, p.groups, out=dxv)
-    else:
-        _, dw, db = impl.channels_backward(dyv, xv, mean, var, weight, eps, out=dxv)
-    return dx, dw, db
-
-
-def _affine(p, x, mean, scale, shift):
-    y = torch.empty_like(x)
-    _impl(x).channels_affine(p.view(x), mean, scale, shift, out=p.view(y))
-    return y
-
-
-def evaluate(p, x, mean, var, weight, bias, eps):
-    """BatchNorm in eval straight from the running statistics, eager only (no graph, not
-    while compiling: :func:`affine` is the op then)."""
-    y = torch.empty_like(x)
-    _impl(x).channels_eval(p.view(x), mean, var, weight, bias, eps, out=p.view(y))
-    return y
-
-
-def _affine_backward(p, dy, x, mean, scale):
-    dx = torch.empty_like(x)
-    _, da, db = _impl(x).channels_affine_backward(p.view(dy), p.view(x), mean, scale, out=p.view(dx))
-    return dx, da, db
+_REGISTERED: list = []
+_register_triton()
 
 
 # ------------------------------------------------------------------ what the autograd layer calls
-# Eager: the functions above, directly (the custom-op dispatcher costs tens of microseconds a
-# call). While torch.compile traces: the registered custom ops, which dynamo sees as one node.
+
+def _permute(p):
+    return list(p.permute or ())
+
 
 def forward(p, x, weight, bias, eps, center):
     """``(y, mean, var)`` of the plan's form; statistics flat, float64."""
-    if not torch.compiler.is_compiling():
-        return _forward(p, x, weight, bias, eps, center)
     if p.form == "rows":
-        return rows_forward(x, weight, bias, eps, center, p.groups, p.seg, list(p.shape))
+        return _ops.rows_forward(x, weight, bias, eps, center, p.groups, p.seg, list(p.shape))
     if p.form == "groups":
-        return groups_forward(x, weight, bias, eps, p.groups, list(p.shape))
-    return channels_forward(x, weight, bias, eps, list(p.shape), list(p.permute or ()))
+        return _ops.groups_forward(x, weight, bias, eps, p.groups, list(p.shape))
+    return _ops.channels_forward(x, weight, bias, eps, list(p.shape), _permute(p))
 
 
 def backward(p, dy, x, mean, var, weight, eps, center):
     """``(dx, dweight, dbias)``, the parameter gradients flat in x's dtype."""
-    if not torch.compiler.is_compiling():
-        return _backward(p, dy, x, mean, var, weight, eps, center)
     if p.form == "rows":
-        return rows_backward(dy, x, mean, var, weight, eps, center, p.groups, p.seg, list(p.shape))
+        return _ops.rows_backward(dy, x, mean, var, weight, eps, center, p.groups, p.seg, list(p.shape))
     if p.form == "groups":
-        return groups_backward(dy, x, mean, var, weight, eps, p.groups, list(p.shape))
-    return channels_backward(dy, x, mean, var, weight, eps, list(p.shape), list(p.permute or ()))
+        return _ops.groups_backward(dy, x, mean, var, weight, eps, p.groups, list(p.shape))
+    return _ops.channels_backward(dy, x, mean, var, weight, eps, list(p.shape), _permute(p))
+
+
+def evaluate(p, x, mean, var, weight, bias, eps):
+    """BatchNorm in eval straight from the running statistics (the map built in float64)."""
+    return _ops.channels_eval(x, mean, var, weight, bias, eps, list(p.shape), _permute(p))
 
 
 def affine(p, x, mean, scale, shift):
     """BatchNorm in eval: ``(x − mean)·scale + shift`` per channel."""
-    if not torch.compiler.is_compiling():
-        return _affine(p, x, mean, scale, shift)
-    return channels_affine(x, mean, scale, shift, list(p.shape), list(p.permute or ()))
+    return _ops.channels_affine(x, mean, scale, shift, list(p.shape), _permute(p))
 
 
 def affine_backward(p, dy, x, mean, scale):
-    if not torch.compiler.is_compiling():
-        return _affine_backward(p, dy, x, mean, scale)
-    return channels_affine_backward(dy, x, mean, scale, list(p.shape), list(p.permute or ()))
-
-
-def _plan(form, shape, permute=(), groups=1, seg=1):
-    return Plan(form, tuple(shape), groups, seg, tuple(permute) or None)
-
-
-@torch.library.custom_op(f"{_LIB}::rows_forward", mutates_args=(),
-                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center, int groups, int seg,"
-                                " int[] shape) -> (Tensor, Tensor, Tensor)")
-def rows_forward(x, weight, bias, eps, center, groups, seg, shape):
-    return _forward(_plan("rows", shape, groups=groups, seg=seg), x, weight, bias, eps, center)
-
-
-@rows_forward.register_fake
-def _(x, weight, bias, eps, center, groups, seg, shape):
-    return (torch.empty_like(x), *_stats(x, shape[0]))
-
-
-@torch.library.custom_op(f"{_LIB}::rows_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, bool center,"
-                                " int groups, int seg, int[] shape) -> (Tensor, Tensor, Tensor)")
-def rows_backward(dy, x, mean, var, weight, eps, center, groups, seg, shape):
-    return _backward(_plan("rows", shape, groups=groups, seg=seg), dy, x, mean, var, weight, eps, center)
-
-
-@rows_backward.register_fake
-def _(dy, x, mean, var, weight, eps, center, groups, seg, shape):
-    p = groups * (shape[1] // seg)
-    return torch.empty_like(x), x.new_empty(p), x.new_empty(p)
-
-
-@torch.library.custom_op(f"{_LIB}::channels_forward", mutates_args=(),
-                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, int[] shape, int[] permute)"
-                                " -> (Tensor, Tensor, Tensor)")
-def channels_forward(x, weight, bias, eps, shape, permute):
-    return _forward(_plan("channels", shape, permute), x, weight, bias, eps, True)
-
-
-@channels_forward.register_fake
-def _(x, weight, bias, eps, shape, permute):
-    return (torch.empty_like(x), *_stats(x, shape[1]))
-
-
-@torch.library.custom_op(f"{_LIB}::channels_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int[] shape,"
-                                " int[] permute) -> (Tensor, Tensor, Tensor)")
-def channels_backward(dy, x, mean, var, weight, eps, shape, permute):
-    return _backward(_plan("channels", shape, permute), dy, x, mean, var, weight, eps, True)
-
-
-@channels_backward.register_fake
-def _(dy, x, mean, var, weight, eps, shape, permute):
-    c = shape[1]
-    return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
-
-
-@torch.library.custom_op(f"{_LIB}::channels_affine", mutates_args=(),
-                         schema="(Tensor x, Tensor mean, Tensor scale, Tensor shift, int[] shape, int[] permute) -> Tensor")
-def channels_affine(x, mean, scale, shift, shape, permute):
-    return _affine(_plan("channels", shape, permute), x, mean, scale, shift)
-
-
-@channels_affine.register_fake
-def _(x, mean, scale, shift, shape, permute):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op(f"{_LIB}::channels_affine_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor scale, int[] shape, int[] permute)"
-                                " -> (Tensor, Tensor, Tensor)")
-def channels_affine_backward(dy, x, mean, scale, shape, permute):
-    return _affine_backward(_plan("channels", shape, permute), dy, x, mean, scale)
-
-
-@channels_affine_backward.register_fake
-def _(dy, x, mean, scale, shape, permute):
-    c, acc = shape[1], torch.promote_types(x.dtype, torch.float32)  # the sums: float32 or wider
-    return torch.empty_like(x), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
-
-
-@torch.library.custom_op(f"{_LIB}::groups_forward", mutates_args=(),
-                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, int groups, int[] shape)"
-                                " -> (Tensor, Tensor, Tensor)")
-def groups_forward(x, weight, bias, eps, groups, shape):
-    return _forward(_plan("groups", shape, groups=groups), x, weight, bias, eps, True)
-
-
-@groups_forward.register_fake
-def _(x, weight, bias, eps, groups, shape):
-    return (torch.empty_like(x), *_stats(x, shape[0] * groups))
-
-
-@torch.library.custom_op(f"{_LIB}::groups_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int groups,"
-                                " int[] shape) -> (Tensor, Tensor, Tensor)")
-def groups_backward(dy, x, mean, var, weight, eps, groups, shape):
-    return _backward(_plan("groups", shape, groups=groups), dy, x, mean, var, weight, eps, True)
-
-
-@groups_backward.register_fake
-def _(dy, x, mean, var, weight, eps, groups, shape):
-    c = shape[2]
-    return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    """``(dx, Σ dy·(x − mean), Σ dy)``, the sums per channel in float32 or wider."""
+    return _ops.channels_affine_backward(dy, x, mean, scale, list(p.shape), _permute(p))

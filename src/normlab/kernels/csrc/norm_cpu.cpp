@@ -1,0 +1,1020 @@
+// normlab's CPU kernels as torch operators (namespace `normlab`), on torch's C++ API.
+//
+// Three canonical forms (see normlab/kernels/__init__.py):
+//   rows      x (R, D), one statistic per row; γ, β index (r % groups)·(D/seg) + j/seg
+//             (LayerNorm, RMSNorm; GroupNorm and InstanceNorm on contiguous input);
+//   channels  x (N, C, S), one statistic per channel over (N, S) (BatchNorm in training;
+//             S == 1 is the (M, C) layout of 2-D and channels_last input);
+//   groups    x (N, S, C), one statistic per (sample, group of C/groups adjacent channels)
+//             (GroupNorm and InstanceNorm on channels_last input);
+// plus BatchNorm in eval: y = (x − m)·a + h per channel.
+//
+// Every op takes x in its own shape and layout, plus the canonical view to compute in
+// (`shape`, and `permute` for channels_last), and returns y/dx as a fresh tensor in x's shape
+// and memory format.
+//
+// Numerics (the reference path in normlab/autograd.py is the oracle, tests/test_kernels.py):
+// statistics in float64 whatever the input, in one pass over d = x − x₀ (x₀ the first value of
+// the row or channel), so a large common offset cancels before anything is squared; the output
+// in x's precision (float for fp16/bf16) with the mean split into m₀ = (x's type)(mean) and the
+// residual folded into the shift, so (x − m₀) is exact near the mean; parameter-gradient
+// partials per block of at most 256 rows, summed in float64. No FMA contraction
+// (-ffp-contract=off): x̂·γ·dy − mean(g) must cancel exactly when it is 0.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace normlab {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+
+// Test hook: every output starts as NaN, so an element a kernel forgets to write shows.
+std::atomic<bool> g_poison{false};
+
+Tensor fresh(Tensor t) {
+  if (g_poison.load(std::memory_order_relaxed)) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+Tensor out_like(const Tensor& x) { return fresh(at::empty_like(x)); }
+
+Tensor vec(const Tensor& x, int64_t n, at::ScalarType dtype) {
+  return fresh(at::empty({n}, x.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous)));
+}
+
+// t (shaped like x) in the canonical layout; a view for what the op allocated, a copy only
+// for an incoming gradient in another layout.
+Tensor canon(const Tensor& t, IntArrayRef shape, IntArrayRef permute) {
+  Tensor v = permute.empty() ? t : t.permute(permute);
+  return v.contiguous().view(shape);
+}
+
+// γ or β flat and contiguous in x's dtype; absent: a constant vector of `fill`.
+Tensor param(const c10::optional<Tensor>& t, int64_t n, double fill, const Tensor& x) {
+  if (t.has_value() && t->defined()) {
+    TORCH_CHECK_VALUE(t->numel() == n, "normlab: expected a parameter of ", n, " elements, got ", t->numel());
+    return t->reshape({n}).to(x.scalar_type()).contiguous();
+  }
+  return at::full({n}, fill, x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+int64_t blocks(int64_t rows) {
+  // a few blocks per thread, at most 256 rows each (their partial sums run in x's precision)
+  int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(4 * threads, (rows + 255) / 256)));
+}
+
+int64_t grain(int64_t work_per_item) {
+  // items per task so that a task touches at least ~32K values (smaller: one thread)
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+struct Stats {
+  double mean, var, rstd;
+};
+
+// mean, biased variance and rstd from the shifted sums s = Σd, ss = Σd², d = x − shift
+inline Stats finish(double n, double shift, double s, double ss, bool center, double eps) {
+  double m = 0.0, v;
+  if (center) {
+    double md = s / n;
+    v = (ss - s * md) / n;
+    m = shift + md;
+  } else {
+    v = ss / n;
+  }
+  if (v < 0.0) v = 0.0;
+  return {m, v, 1.0 / std::sqrt(v + eps)};
+}
+
+// the saved float64 statistics in x's precision: x̂ = (x − m₀)·r₀ − c₀, the mean's rounding
+// residual folded into c₀; rstd recomputed from the saved variance exactly as the forward did
+template <typename opmath_t>
+struct Saved {
+  double rs;
+  opmath_t m0, rs0, c0;
+};
+
+template <typename scalar_t, typename opmath_t>
+inline Saved<opmath_t> saved(double m, double v, double eps) {
+  double rs = 1.0 / std::sqrt(v + eps);
+  opmath_t m0 = static_cast<opmath_t>(static_cast<scalar_t>(m));
+  return {rs, m0, static_cast<opmath_t>(rs), static_cast<opmath_t>((m - static_cast<double>(m0)) * rs)};
+}
+
+// ------------------------------------------------------------------------------------ rows
+
+template <typename scalar_t>
+void rows_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, double eps, bool center,
+                         int64_t R, int64_t D, int64_t groups, int64_t seg, scalar_t* y, double* mean,
+                         double* var) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t K = D / seg;
+  at::parallel_for(0, R, grain(D), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const scalar_t* xr = x + r * D;
+      scalar_t* yr = y + r * D;
+      const double shift = center ? static_cast<double>(xr[0]) : 0.0;
+      double s = 0.0, ss = 0.0;
+#pragma omp simd reduction(+ : s, ss)
+      for (int64_t j = 0; j < D; ++j) {
+        double d = static_cast<double>(xr[j]) - shift;
+        s += d;
+        ss += d * d;
+      }
+      Stats st = finish(static_cast<double>(D), shift, s, ss, center, eps);
+      mean[r] = st.mean;
+      var[r] = st.var;
+      const opmath_t m0 = static_cast<opmath_t>(static_cast<scalar_t>(st.mean));
+      if (groups == 1 && seg == 1) {  // γ, β per column
+        const opmath_t rs0 = static_cast<opmath_t>(st.rstd);
+        const opmath_t c0 = static_cast<opmath_t>((st.mean - static_cast<double>(m0)) * st.rstd);
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) {
+          opmath_t v = ((static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0) * static_cast<opmath_t>(w[j]) +
+                       static_cast<opmath_t>(b[j]);
+          yr[j] = static_cast<scalar_t>(v);
+        }
+      } else {  // γ, β per segment of `seg` columns
+        const int64_t p0 = (r % groups) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const double scale = st.rstd * static_cast<double>(w[p0 + k]);
+          const opmath_t s0 = static_cast<opmath_t>(scale);
+          const opmath_t h0 =
+              static_cast<opmath_t>(static_cast<double>(b[p0 + k]) - (st.mean - static_cast<double>(m0)) * scale);
+          const scalar_t* xs = xr + k * seg;
+          scalar_t* ys = yr + k * seg;
+#pragma omp simd
+          for (int64_t j = 0; j < seg; ++j) ys[j] = static_cast<scalar_t>((static_cast<opmath_t>(xs[j]) - m0) * s0 + h0);
+        }
+      }
+    }
+  });
+}
+
+// parameter gradients: per-block partials (float64) summed, stored in x's dtype
+template <typename scalar_t>
+void sum_blocks(const std::vector<double>& dwp, const std::vector<double>& dbp, int64_t nblk, int64_t P,
+                scalar_t* dw, scalar_t* db) {
+  at::parallel_for(0, P, nblk * P < 65536 ? P : grain(nblk), [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      double a = 0.0, c = 0.0;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        a += dwp[blk * P + j];
+        c += dbp[blk * P + j];
+      }
+      dw[j] = static_cast<scalar_t>(a);
+      db[j] = static_cast<scalar_t>(c);
+    }
+  });
+}
+
+// dx = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·dy (RMS: no mean(g)); dγ = Σ dy·x̂, dβ = Σ dy
+template <typename scalar_t>
+void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
+                          const scalar_t* w, double eps, bool center, int64_t R, int64_t D, int64_t groups,
+                          int64_t seg, scalar_t* dx, scalar_t* dw, scalar_t* db) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t K = D / seg, P = groups * K;
+  const bool elem = groups == 1 && seg == 1;
+  const int64_t nblk = blocks(R), per = (R + nblk - 1) / nblk;
+  std::vector<double> dwp(nblk * P, 0.0), dbp(nblk * P, 0.0);
+  at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<opmath_t> dwl(elem ? D : 0), dbl(elem ? D : 0);
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      std::fill(dwl.begin(), dwl.end(), opmath_t(0));
+      std::fill(dbl.begin(), dbl.end(), opmath_t(0));
+      double* dwb = dwp.data() + blk * P;
+      double* dbb = dbp.data() + blk * P;
+      for (int64_t r = blk * per; r < std::min(R, (blk + 1) * per); ++r) {
+        const scalar_t* xr = x + r * D;
+        const scalar_t* gr = dy + r * D;
+        scalar_t* dxr = dx + r * D;
+        const auto sv = saved<scalar_t, opmath_t>(mean[r], var[r], eps);
+        const opmath_t m0 = sv.m0, rs0 = sv.rs0, c0 = sv.c0;
+        double sg = 0.0, sgx = 0.0;
+        if (elem) {
+          opmath_t* dwlp = dwl.data();
+          opmath_t* dblp = dbl.data();
+#pragma omp simd reduction(+ : sg, sgx)
+          for (int64_t j = 0; j < D; ++j) {
+            opmath_t xh = (static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0;
+            opmath_t g0 = static_cast<opmath_t>(gr[j]);
+            opmath_t g = g0 * static_cast<opmath_t>(w[j]);
+            sg += g;
+            sgx += g * xh;
+            dwlp[j] += g0 * xh;
+            dblp[j] += g0;
+          }
+        } else {
+          const int64_t p0 = (r % groups) * K;
+          for (int64_t k = 0; k < K; ++k) {
+            const scalar_t* xs = xr + k * seg;
+            const scalar_t* gs = gr + k * seg;
+            double sd = 0.0, sdx = 0.0;
+#pragma omp simd reduction(+ : sd, sdx)
+            for (int64_t j = 0; j < seg; ++j) {
+              opmath_t xh = (static_cast<opmath_t>(xs[j]) - m0) * rs0 - c0;
+              sd += static_cast<opmath_t>(gs[j]);
+              sdx += static_cast<opmath_t>(gs[j]) * xh;
+            }
+            dwb[p0 + k] += sdx;
+            dbb[p0 + k] += sd;
+            const double wk = static_cast<double>(w[p0 + k]);
+            sg += wk * sd;
+            sgx += wk * sdx;
+          }
+        }
+        const opmath_t mg = center ? static_cast<opmath_t>(sg / D) : opmath_t(0);
+        const opmath_t mgx = static_cast<opmath_t>(sgx / D);
+        if (elem) {
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) {
+            opmath_t xh = (static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0;
+            dxr[j] = static_cast<scalar_t>(rs0 * (static_cast<opmath_t>(gr[j]) * static_cast<opmath_t>(w[j]) - mg - xh * mgx));
+          }
+        } else {
+          const int64_t p0 = (r % groups) * K;
+          for (int64_t k = 0; k < K; ++k) {
+            const opmath_t wk = static_cast<opmath_t>(w[p0 + k]);
+            const scalar_t* xs = xr + k * seg;
+            const scalar_t* gs = gr + k * seg;
+            scalar_t* dxs = dxr + k * seg;
+#pragma omp simd
+            for (int64_t j = 0; j < seg; ++j) {
+              opmath_t xh = (static_cast<opmath_t>(xs[j]) - m0) * rs0 - c0;
+              dxs[j] = static_cast<scalar_t>(rs0 * (static_cast<opmath_t>(gs[j]) * wk - mg - xh * mgx));
+            }
+          }
+        }
+      }
+      if (elem) {
+        for (int64_t j = 0; j < D; ++j) {
+          dwb[j] = static_cast<double>(dwl[j]);
+          dbb[j] = static_cast<double>(dbl[j]);
+        }
+      }
+    }
+  });
+  sum_blocks(dwp, dbp, nblk, P, dw, db);
+}
+
+// -------------------------------------------------------------------------------- channels
+
+// BN training on (N, C, S), S > 1: statistics per channel over (N, S)
+template <typename scalar_t>
+void channels_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, double eps, int64_t N,
+                             int64_t C, int64_t S, scalar_t* y, double* mean, double* var) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const double shift = static_cast<double>(x[c * S]);
+      double s = 0.0, ss = 0.0;
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t* xs = x + (i * C + c) * S;
+#pragma omp simd reduction(+ : s, ss)
+        for (int64_t k = 0; k < S; ++k) {
+          double d = static_cast<double>(xs[k]) - shift;
+          s += d;
+          ss += d * d;
+        }
+      }
+      Stats st = finish(static_cast<double>(N * S), shift, s, ss, true, eps);
+      mean[c] = st.mean;
+      var[c] = st.var;
+      const opmath_t m0 = static_cast<opmath_t>(static_cast<scalar_t>(st.mean));
+      const double scale = st.rstd * static_cast<double>(w[c]);
+      const opmath_t s0 = static_cast<opmath_t>(scale);
+      const opmath_t h0 = static_cast<opmath_t>(static_cast<double>(b[c]) - (st.mean - static_cast<double>(m0)) * scale);
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t* xs = x + (i * C + c) * S;
+        scalar_t* ys = y + (i * C + c) * S;
+#pragma omp simd
+        for (int64_t k = 0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<opmath_t>(xs[k]) - m0) * s0 + h0);
+      }
+    }
+  });
+}
+
+// y = (x − m[c])·a[c] + h[c] on (M, C), parallel over blocks of rows
+template <typename scalar_t, typename coef_t>
+void columns_affine(const scalar_t* x, const coef_t* m, const coef_t* a, const coef_t* h, int64_t M, int64_t C,
+                    scalar_t* y) {
+  at::parallel_for(0, M, grain(C), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const scalar_t* xi = x + i * C;
+      scalar_t* yi = y + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) yi[c] = static_cast<scalar_t>((static_cast<coef_t>(xi[c]) - m[c]) * a[c] + h[c]);
+    }
+  });
+}
+
+// BN training on (M, C): per block of rows a two-pass mean and M2 per column (the block is in
+// cache), merged across blocks with Chan's formula, then the affine map
+template <typename scalar_t>
+void columns_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, double eps, int64_t M,
+                            int64_t C, scalar_t* y, double* mean, double* var) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t nblk = blocks(M), per = (M + nblk - 1) / nblk;
+  std::vector<double> pn(nblk, 0.0), pmean(nblk * C, 0.0), pm2(nblk * C, 0.0);
+  at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<double> acc(C), m2(C), cs(C);
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t lo = blk * per, hi = std::min(M, (blk + 1) * per), cnt = hi - lo;
+      pn[blk] = static_cast<double>(std::max<int64_t>(cnt, 0));
+      if (cnt <= 0) continue;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(m2.begin(), m2.end(), 0.0);
+      std::fill(cs.begin(), cs.end(), 0.0);
+      double* accp = acc.data();
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t* xi = x + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) accp[c] += static_cast<double>(xi[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) acc[c] /= static_cast<double>(cnt);
+      double* m2p = m2.data();
+      double* csp = cs.data();
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t* xi = x + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          double d = static_cast<double>(xi[c]) - accp[c];
+          m2p[c] += d * d;
+          csp[c] += d;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        pmean[blk * C + c] = acc[c];
+        double v = m2[c] - cs[c] * cs[c] / static_cast<double>(cnt);
+        pm2[blk * C + c] = v > 0.0 ? v : 0.0;
+      }
+    }
+  });
+  std::vector<opmath_t> m0(C), s0(C), h0(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0.0, m = 0.0, q = 0.0;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const double nb = pn[blk];
+      if (nb <= 0) continue;
+      const double d = pmean[blk * C + c] - m, tot = n + nb;
+      m += d * nb / tot;
+      q += pm2[blk * C + c] + d * d * n * nb / tot;
+      n = tot;
+    }
+    mean[c] = m;
+    var[c] = q / n;
+    m0[c] = static_cast<opmath_t>(static_cast<scalar_t>(m));
+    const double scale = static_cast<double>(w[c]) / std::sqrt(var[c] + eps);
+    s0[c] = static_cast<opmath_t>(scale);
+    h0[c] = static_cast<opmath_t>(static_cast<double>(b[c]) - (m - static_cast<double>(m0[c])) * scale);
+  }
+  columns_affine(x, m0.data(), s0.data(), h0.data(), M, C, y);
+}
+
+template <typename scalar_t>
+void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
+                              const scalar_t* w, double eps, int64_t N, int64_t C, int64_t S, scalar_t* dx,
+                              scalar_t* dw, scalar_t* db) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const double n = static_cast<double>(N * S);
+  at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const auto sv = saved<scalar_t, opmath_t>(mean[c], var[c], eps);
+      const opmath_t m0 = sv.m0, rs0 = sv.rs0, c0 = sv.c0;
+      double sd = 0.0, sdx = 0.0;
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t* xs = x + (i * C + c) * S;
+        const scalar_t* gs = dy + (i * C + c) * S;
+#pragma omp simd reduction(+ : sd, sdx)
+        for (int64_t k = 0; k < S; ++k) {
+          opmath_t xh = (static_cast<opmath_t>(xs[k]) - m0) * rs0 - c0;
+          sd += static_cast<opmath_t>(gs[k]);
+          sdx += static_cast<opmath_t>(gs[k]) * xh;
+        }
+      }
+      dw[c] = static_cast<scalar_t>(sdx);
+      db[c] = static_cast<scalar_t>(sd);
+      const opmath_t a = static_cast<opmath_t>(static_cast<double>(w[c]) * sv.rs);
+      const opmath_t mg = static_cast<opmath_t>(sd / n), mgx = static_cast<opmath_t>(sdx / n);
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t* xs = x + (i * C + c) * S;
+        const scalar_t* gs = dy + (i * C + c) * S;
+        scalar_t* dxs = dx + (i * C + c) * S;
+#pragma omp simd
+        for (int64_t k = 0; k < S; ++k) {
+          opmath_t xh = (static_cast<opmath_t>(xs[k]) - m0) * rs0 - c0;
+          dxs[k] = static_cast<scalar_t>(a * (static_cast<opmath_t>(gs[k]) - mg - xh * mgx));
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
+                             const scalar_t* w, double eps, int64_t M, int64_t C, scalar_t* dx, scalar_t* dw,
+                             scalar_t* db) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  std::vector<opmath_t> m0(C), rs0(C), c0(C), a(C), mg(C), mgx(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto sv = saved<scalar_t, opmath_t>(mean[c], var[c], eps);
+    m0[c] = sv.m0;
+    rs0[c] = sv.rs0;
+    c0[c] = sv.c0;
+    a[c] = static_cast<opmath_t>(static_cast<double>(w[c]) * sv.rs);
+  }
+  const int64_t nblk = blocks(M), per = (M + nblk - 1) / nblk;
+  std::vector<double> pd(nblk * C, 0.0), pdx(nblk * C, 0.0);
+  at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      double* pdb = pd.data() + blk * C;
+      double* pdxb = pdx.data() + blk * C;
+      for (int64_t i = blk * per; i < std::min(M, (blk + 1) * per); ++i) {
+        const scalar_t* xi = x + i * C;
+        const scalar_t* gi = dy + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          opmath_t xh = (static_cast<opmath_t>(xi[c]) - m0[c]) * rs0[c] - c0[c];
+          pdb[c] += static_cast<opmath_t>(gi[c]);
+          pdxb[c] += static_cast<opmath_t>(gi[c]) * xh;
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double sd = 0.0, sdx = 0.0;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      sd += pd[blk * C + c];
+      sdx += pdx[blk * C + c];
+    }
+    db[c] = static_cast<scalar_t>(sd);
+    dw[c] = static_cast<scalar_t>(sdx);
+    mg[c] = static_cast<opmath_t>(sd / M);
+    mgx[c] = static_cast<opmath_t>(sdx / M);
+  }
+  at::parallel_for(0, M, grain(C), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const scalar_t* xi = x + i * C;
+      const scalar_t* gi = dy + i * C;
+      scalar_t* dxi = dx + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        opmath_t xh = (static_cast<opmath_t>(xi[c]) - m0[c]) * rs0[c] - c0[c];
+        dxi[c] = static_cast<scalar_t>(a[c] * (static_cast<opmath_t>(gi[c]) - mg[c] - xh * mgx[c]));
+      }
+    }
+  });
+}
+
+// BN eval: y = (x − m[c])·a[c] + h[c] on (N, C, S) (S == 1: the (M, C) layout)
+template <typename scalar_t, typename coef_t>
+void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a, const coef_t* h, int64_t N,
+                            int64_t C, int64_t S, scalar_t* y) {
+  if (S == 1) return columns_affine(x, m, a, h, N, C, y);
+  at::parallel_for(0, N * C, grain(S), [&](int64_t lo, int64_t hi) {
+    for (int64_t ic = lo; ic < hi; ++ic) {
+      const int64_t c = ic % C;
+      const coef_t m0 = m[c], a0 = a[c], h0 = h[c];
+      const scalar_t* xs = x + ic * S;
+      scalar_t* ys = y + ic * S;
+#pragma omp simd
+      for (int64_t k = 0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<coef_t>(xs[k]) - m0) * a0 + h0);
+    }
+  });
+}
+
+// backward of the eval map: dx = a·dy; Σ dy·(x − m) and Σ dy per channel (float64 sums)
+template <typename scalar_t, typename acc_t>
+void channels_affine_backward_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* m, const scalar_t* a,
+                                     int64_t N, int64_t C, int64_t S, scalar_t* dx, acc_t* da, acc_t* db) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (S > 1) {
+    at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const opmath_t m0 = static_cast<opmath_t>(m[c]), a0 = static_cast<opmath_t>(a[c]);
+        double sa = 0.0, sb = 0.0;
+        for (int64_t i = 0; i < N; ++i) {
+          const scalar_t* xs = x + (i * C + c) * S;
+          const scalar_t* gs = dy + (i * C + c) * S;
+          scalar_t* dxs = dx + (i * C + c) * S;
+#pragma omp simd reduction(+ : sa, sb)
+          for (int64_t k = 0; k < S; ++k) {
+            opmath_t g = static_cast<opmath_t>(gs[k]);
+            sa += static_cast<double>(g) * (static_cast<double>(xs[k]) - static_cast<double>(m0));
+            sb += g;
+            dxs[k] = static_cast<scalar_t>(g * a0);
+          }
+        }
+        da[c] = static_cast<acc_t>(sa);
+        db[c] = static_cast<acc_t>(sb);
+      }
+    });
+    return;
+  }
+  const int64_t M = N, nblk = blocks(M), per = (M + nblk - 1) / nblk;
+  std::vector<double> pa(nblk * C, 0.0), pb(nblk * C, 0.0);
+  at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      double* pab = pa.data() + blk * C;
+      double* pbb = pb.data() + blk * C;
+      for (int64_t i = blk * per; i < std::min(M, (blk + 1) * per); ++i) {
+        const scalar_t* xi = x + i * C;
+        const scalar_t* gi = dy + i * C;
+        scalar_t* dxi = dx + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          opmath_t g = static_cast<opmath_t>(gi[c]);
+          pab[c] += static_cast<double>(g) * (static_cast<double>(xi[c]) - static_cast<double>(m[c]));
+          pbb[c] += g;
+          dxi[c] = static_cast<scalar_t>(g * static_cast<opmath_t>(a[c]));
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double sa = 0.0, sb = 0.0;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      sa += pa[blk * C + c];
+      sb += pb[blk * C + c];
+    }
+    da[c] = static_cast<acc_t>(sa);
+    db[c] = static_cast<acc_t>(sb);
+  }
+}
+
+// ---------------------------------------------------------------------------------- groups
+
+// GN/IN on channels_last (N, S, C): per-channel shifted sums over S, merged per group of cg
+// channels (Chan et al.); parallel over samples, channels innermost (contiguous)
+template <typename scalar_t>
+void groups_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, double eps, int64_t N,
+                           int64_t S, int64_t C, int64_t G, scalar_t* y, double* mean, double* var) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t cg = C / G;
+  at::parallel_for(0, N, grain(S * C), [&](int64_t lo, int64_t hi) {
+    std::vector<double> s(C), ss(C), x0(C);
+    std::vector<opmath_t> m0(C), a0(C), h0(C);
+    for (int64_t n = lo; n < hi; ++n) {
+      const scalar_t* xn = x + n * S * C;
+      scalar_t* yn = y + n * S * C;
+      std::fill(s.begin(), s.end(), 0.0);
+      std::fill(ss.begin(), ss.end(), 0.0);
+      double *sp = s.data(), *ssp = ss.data(), *x0p = x0.data();
+      for (int64_t c = 0; c < C; ++c) x0p[c] = static_cast<double>(xn[c]);
+      for (int64_t k = 0; k < S; ++k) {
+        const scalar_t* xk = xn + k * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          double d = static_cast<double>(xk[c]) - x0p[c];
+          sp[c] += d;
+          ssp[c] += d * d;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        double m = 0.0;
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) m += x0p[c] + sp[c] / S;
+        m /= cg;
+        double q = 0.0;
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          double mc = x0p[c] + sp[c] / S;
+          q += (ssp[c] - sp[c] * sp[c] / S) + S * (mc - m) * (mc - m);
+        }
+        double v = q / static_cast<double>(S * cg);
+        if (v < 0.0) v = 0.0;
+        const double rs = 1.0 / std::sqrt(v + eps);
+        mean[n * G + g] = m;
+        var[n * G + g] = v;
+        const opmath_t mm = static_cast<opmath_t>(static_cast<scalar_t>(m));
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          const double scale = rs * static_cast<double>(w[c]);
+          m0[c] = mm;
+          a0[c] = static_cast<opmath_t>(scale);
+          h0[c] = static_cast<opmath_t>(static_cast<double>(b[c]) - (m - static_cast<double>(mm)) * scale);
+        }
+      }
+      for (int64_t k = 0; k < S; ++k) {
+        const scalar_t* xk = xn + k * C;
+        scalar_t* yk = yn + k * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) yk[c] = static_cast<scalar_t>((static_cast<opmath_t>(xk[c]) - m0[c]) * a0[c] + h0[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
+                            const scalar_t* w, double eps, int64_t N, int64_t S, int64_t C, int64_t G,
+                            scalar_t* dx, scalar_t* dw, scalar_t* db) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t cg = C / G;
+  std::vector<double> dwp(N * C, 0.0), dbp(N * C, 0.0);
+  at::parallel_for(0, N, grain(S * C), [&](int64_t lo, int64_t hi) {
+    std::vector<opmath_t> m0(C), rs0(C), c0(C), b0(C), b1(C);
+    std::vector<double> mg(G), mgx(G);
+    for (int64_t n = lo; n < hi; ++n) {
+      const scalar_t* xn = x + n * S * C;
+      const scalar_t* gn = dy + n * S * C;
+      scalar_t* dxn = dx + n * S * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t g = c / cg;
+        const auto sv = saved<scalar_t, opmath_t>(mean[n * G + g], var[n * G + g], eps);
+        m0[c] = sv.m0;
+        rs0[c] = sv.rs0;
+        c0[c] = sv.c0;
+      }
+      double* sd = dbp.data() + n * C;
+      double* sdx = dwp.data() + n * C;
+      for (int64_t k = 0; k < S; ++k) {
+        const scalar_t* xk = xn + k * C;
+        const scalar_t* gk = gn + k * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          opmath_t xh = (static_cast<opmath_t>(xk[c]) - m0[c]) * rs0[c] - c0[c];
+          sd[c] += static_cast<opmath_t>(gk[c]);
+          sdx[c] += static_cast<opmath_t>(gk[c]) * xh;
+        }
+      }
+      std::fill(mg.begin(), mg.end(), 0.0);
+      std::fill(mgx.begin(), mgx.end(), 0.0);
+      for (int64_t c = 0; c < C; ++c) {
+        mg[c / cg] += static_cast<double>(w[c]) * sd[c];
+        mgx[c / cg] += static_cast<double>(w[c]) * sdx[c];
+      }
+      const double m = static_cast<double>(S * cg);
+      for (int64_t c = 0; c < C; ++c) {
+        b0[c] = static_cast<opmath_t>(mg[c / cg] / m);
+        b1[c] = static_cast<opmath_t>(mgx[c / cg] / m);
+      }
+      for (int64_t k = 0; k < S; ++k) {
+        const scalar_t* xk = xn + k * C;
+        const scalar_t* gk = gn + k * C;
+        scalar_t* dxk = dxn + k * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          opmath_t xh = (static_cast<opmath_t>(xk[c]) - m0[c]) * rs0[c] - c0[c];
+          dxk[c] = static_cast<scalar_t>(
+              rs0[c] * (static_cast<opmath_t>(gk[c]) * static_cast<opmath_t>(w[c]) - b0[c] - xh * b1[c]));
+        }
+      }
+    }
+  });
+  sum_blocks(dwp, dbp, N, C, dw, db);
+}
+
+// ------------------------------------------------------------------------------- the ops
+
+#define NORMLAB_DISPATCH(x, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
+
+void check_float(const Tensor& x, const char* op) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "normlab.", op, ": expected a floating-point tensor, got ",
+                   x.scalar_type(), "; convert it first, e.g. x.float()");
+}
+
+void check_view(const Tensor& x, IntArrayRef shape, const char* op) {
+  int64_t n = 1;
+  for (auto s : shape) n *= s;
+  TORCH_CHECK_VALUE(n == x.numel(), "normlab.", op, ": canonical shape ", shape, " does not match the ",
+                    x.numel(), " elements of the input");
+}
+
+std::tuple<Tensor, Tensor, Tensor> rows_forward(const Tensor& x, const c10::optional<Tensor>& weight,
+                                                const c10::optional<Tensor>& bias, double eps, bool center,
+                                                int64_t groups, int64_t seg, IntArrayRef shape) {
+  check_float(x, "rows_forward");
+  TORCH_CHECK_VALUE(shape.size() == 2, "normlab.rows_forward: shape must be (R, D)");
+  check_view(x, shape, "rows_forward");
+  const int64_t R = shape[0], D = shape[1];
+  TORCH_CHECK_VALUE(groups > 0 && seg > 0 && R % groups == 0 && D % seg == 0,
+                    "normlab.rows_forward: groups must divide R and seg must divide D");
+  const int64_t P = groups * (D / seg);
+  Tensor y = out_like(x);
+  Tensor mean = vec(x, R, at::kDouble), var = vec(x, R, at::kDouble);
+  if (x.numel() == 0) return {y, mean, var};
+  Tensor xv = canon(x, shape, {}), yv = y.view(shape);
+  Tensor w = param(weight, P, 1.0, x), b = param(bias, P, 0.0, x);
+  NORMLAB_DISPATCH(x, "rows_forward", [&] {
+    rows_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                  b.const_data_ptr<scalar_t>(), eps, center, R, D, groups, seg,
+                                  yv.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
+                                  var.mutable_data_ptr<double>());
+  });
+  return {y, mean, var};
+}
+
+Tensor f64(const Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                 const Tensor& var, const c10::optional<Tensor>& weight, double eps,
+                                                 bool center, int64_t groups, int64_t seg, IntArrayRef shape) {
+  check_float(x, "rows_backward");
+  check_view(x, shape, "rows_backward");
+  const int64_t R = shape[0], D = shape[1], P = groups * (D / seg);
+  Tensor dx = out_like(x);
+  Tensor dw = vec(x, P, x.scalar_type()), db = vec(x, P, x.scalar_type());
+  if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
+  Tensor xv = canon(x, shape, {}), dyv = canon(dy.to(x.scalar_type()), shape, {}), dxv = dx.view(shape);
+  Tensor w = param(weight, P, 1.0, x), m = f64(mean), v = f64(var);
+  NORMLAB_DISPATCH(x, "rows_backward", [&] {
+    rows_backward_kernel<scalar_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
+                                   m.const_data_ptr<double>(), v.const_data_ptr<double>(),
+                                   w.const_data_ptr<scalar_t>(), eps, center, R, D, groups, seg,
+                                   dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
+                                   db.mutable_data_ptr<scalar_t>());
+  });
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> channels_forward(const Tensor& x, const c10::optional<Tensor>& weight,
+                                                    const c10::optional<Tensor>& bias, double eps, IntArrayRef shape,
+                                                    IntArrayRef permute) {
+  check_float(x, "channels_forward");
+  TORCH_CHECK_VALUE(shape.size() == 3, "normlab.channels_forward: shape must be (N, C, S)");
+  check_view(x, shape, "channels_forward");
+  const int64_t N = shape[0], C = shape[1], S = shape[2];
+  Tensor y = out_like(x);
+  Tensor mean = vec(x, C, at::kDouble), var = vec(x, C, at::kDouble);
+  if (x.numel() == 0) return {y, mean, var};
+  Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
+  Tensor w = param(weight, C, 1.0, x), b = param(bias, C, 0.0, x);
+  NORMLAB_DISPATCH(x, "channels_forward", [&] {
+    auto* px = xv.const_data_ptr<scalar_t>();
+    auto* pw = w.const_data_ptr<scalar_t>();
+    auto* pb = b.const_data_ptr<scalar_t>();
+    auto* py = yv.mutable_data_ptr<scalar_t>();
+    if (S > 1)
+      channels_forward_kernel<scalar_t>(px, pw, pb, eps, N, C, S, py, mean.mutable_data_ptr<double>(),
+                                        var.mutable_data_ptr<double>());
+    else
+      columns_forward_kernel<scalar_t>(px, pw, pb, eps, N, C, py, mean.mutable_data_ptr<double>(),
+                                       var.mutable_data_ptr<double>());
+  });
+  return {y, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                     const Tensor& var, const c10::optional<Tensor>& weight,
+                                                     double eps, IntArrayRef shape, IntArrayRef permute) {
+  check_float(x, "channels_backward");
+  check_view(x, shape, "channels_backward");
+  const int64_t N = shape[0], C = shape[1], S = shape[2];
+  Tensor dx = out_like(x);
+  Tensor dw = vec(x, C, x.scalar_type()), db = vec(x, C, x.scalar_type());
+  if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
+  Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
+  Tensor dxv = canon(dx, shape, permute);
+  Tensor w = param(weight, C, 1.0, x), m = f64(mean), v = f64(var);
+  NORMLAB_DISPATCH(x, "channels_backward", [&] {
+    auto args = std::make_tuple(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
+                                m.const_data_ptr<double>(), v.const_data_ptr<double>(), w.const_data_ptr<scalar_t>());
+    if (S > 1)
+      channels_backward_kernel<scalar_t>(std::get<0>(args), std::get<1>(args), std::get<2>(args), std::get<3>(args),
+                                         std::get<4>(args), eps, N, C, S, dxv.mutable_data_ptr<scalar_t>(),
+                                         dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+    else
+      columns_backward_kernel<scalar_t>(std::get<0>(args), std::get<1>(args), std::get<2>(args), std::get<3>(args),
+                                        std::get<4>(args), eps, N, C, dxv.mutable_data_ptr<scalar_t>(),
+                                        dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+  });
+  return {dx, dw, db};
+}
+
+Tensor channels_affine(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift,
+                       IntArrayRef shape, IntArrayRef permute) {
+  check_float(x, "channels_affine");
+  check_view(x, shape, "channels_affine");
+  const int64_t N = shape[0], C = shape[1], S = shape[2];
+  Tensor y = out_like(x);
+  if (x.numel() == 0) return y;
+  Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
+  NORMLAB_DISPATCH(x, "channels_affine", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    auto coef = [&](const Tensor& t) { return t.reshape({C}).to(x.scalar_type()).to(c10::CppTypeToScalarType<opmath_t>::value).contiguous(); };
+    Tensor m = coef(mean), a = coef(scale), h = coef(shift);
+    channels_affine_kernel<scalar_t, opmath_t>(xv.const_data_ptr<scalar_t>(), m.const_data_ptr<opmath_t>(),
+                                               a.const_data_ptr<opmath_t>(), h.const_data_ptr<opmath_t>(), N, C, S,
+                                               yv.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+// BN eval straight from the running statistics: the per-channel map built in float64,
+// y = (x − m₀)·a + h with a = γ/√(σ²+ε), h = β − (μ − m₀)·a (the mean's rounding in h)
+Tensor channels_eval(const Tensor& x, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& weight,
+                     const c10::optional<Tensor>& bias, double eps, IntArrayRef shape, IntArrayRef permute) {
+  check_float(x, "channels_eval");
+  check_view(x, shape, "channels_eval");
+  const int64_t N = shape[0], C = shape[1], S = shape[2];
+  Tensor y = out_like(x);
+  if (x.numel() == 0) return y;
+  Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
+  Tensor rm = f64(mean.reshape({C})), rv = f64(var.reshape({C}));
+  Tensor w = weight.has_value() && weight->defined() ? f64(weight->reshape({C})) : at::ones({C}, rm.options());
+  Tensor b = bias.has_value() && bias->defined() ? f64(bias->reshape({C})) : at::zeros({C}, rm.options());
+  NORMLAB_DISPATCH(x, "channels_eval", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::vector<opmath_t> m0(C), a0(C), h0(C);
+    const double *pm = rm.const_data_ptr<double>(), *pv = rv.const_data_ptr<double>();
+    const double *pw = w.const_data_ptr<double>(), *pb = b.const_data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double a = pw[c] / std::sqrt(pv[c] + eps);
+      const opmath_t m = static_cast<opmath_t>(static_cast<scalar_t>(pm[c]));
+      m0[c] = m;
+      a0[c] = static_cast<opmath_t>(a);
+      h0[c] = static_cast<opmath_t>(pb[c] - (pm[c] - static_cast<double>(m)) * a);
+    }
+    channels_affine_kernel<scalar_t, opmath_t>(xv.const_data_ptr<scalar_t>(), m0.data(), a0.data(), h0.data(), N, C,
+                                               S, yv.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> channels_affine_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                            const Tensor& scale, IntArrayRef shape,
+                                                            IntArrayRef permute) {
+  check_float(x, "channels_affine_backward");
+  check_view(x, shape, "channels_affine_backward");
+  const int64_t N = shape[0], C = shape[1], S = shape[2];
+  const auto acc = at::promote_types(x.scalar_type(), at::kFloat);
+  Tensor dx = out_like(x);
+  Tensor da = vec(x, C, acc), db = vec(x, C, acc);
+  if (x.numel() == 0) return {dx, da.zero_(), db.zero_()};
+  Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
+  Tensor dxv = canon(dx, shape, permute);
+  Tensor m = mean.reshape({C}).to(x.scalar_type()).contiguous(), a = scale.reshape({C}).to(x.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "channels_affine_backward", [&] {
+    using acc_t = scalar_t;
+    NORMLAB_DISPATCH(x, "channels_affine_backward", [&] {
+      channels_affine_backward_kernel<scalar_t, acc_t>(
+          dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
+          a.const_data_ptr<scalar_t>(), N, C, S, dxv.mutable_data_ptr<scalar_t>(), da.mutable_data_ptr<acc_t>(),
+          db.mutable_data_ptr<acc_t>());
+    });
+  });
+  return {dx, da, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> groups_forward(const Tensor& x, const c10::optional<Tensor>& weight,
+                                                  const c10::optional<Tensor>& bias, double eps, int64_t groups,
+                                                  IntArrayRef shape) {
+  check_float(x, "groups_forward");
+  TORCH_CHECK_VALUE(shape.size() == 3, "normlab.groups_forward: shape must be (N, S, C)");
+  check_view(x, shape, "groups_forward");
+  const int64_t N = shape[0], S = shape[1], C = shape[2];
+  TORCH_CHECK_VALUE(groups > 0 && C % groups == 0, "normlab.groups_forward: groups must divide C");
+  Tensor y = out_like(x);
+  Tensor mean = vec(x, N * groups, at::kDouble), var = vec(x, N * groups, at::kDouble);
+  if (x.numel() == 0) return {y, mean, var};
+  // x is (N, *S, C)-contiguous in memory whatever shape it arrives in
+  Tensor xv = x.view(shape), yv = y.view(shape);
+  Tensor w = param(weight, C, 1.0, x), b = param(bias, C, 0.0, x);
+  NORMLAB_DISPATCH(x, "groups_forward", [&] {
+    groups_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                    b.const_data_ptr<scalar_t>(), eps, N, S, C, groups,
+                                    yv.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
+                                    var.mutable_data_ptr<double>());
+  });
+  return {y, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> groups_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                   const Tensor& var, const c10::optional<Tensor>& weight,
+                                                   double eps, int64_t groups, IntArrayRef shape) {
+  check_float(x, "groups_backward");
+  check_view(x, shape, "groups_backward");
+  const int64_t N = shape[0], S = shape[1], C = shape[2];
+  Tensor dx = out_like(x);
+  Tensor dw = vec(x, C, x.scalar_type()), db = vec(x, C, x.scalar_type());
+  if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
+  Tensor xv = x.view(shape), dyv = dy.to(x.scalar_type()).contiguous().view(shape), dxv = dx.view(shape);
+  Tensor w = param(weight, C, 1.0, x), m = f64(mean), v = f64(var);
+  NORMLAB_DISPATCH(x, "groups_backward", [&] {
+    groups_backward_kernel<scalar_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
+                                     m.const_data_ptr<double>(), v.const_data_ptr<double>(),
+                                     w.const_data_ptr<scalar_t>(), eps, N, S, C, groups,
+                                     dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
+                                     db.mutable_data_ptr<scalar_t>());
+  });
+  return {dx, dw, db};
+}
+
+void set_poison(bool on) { g_poison.store(on); }
+
+// ------------------------------------------------------------------- meta (shapes only)
+
+std::tuple<Tensor, Tensor, Tensor> rows_forward_meta(const Tensor& x, const c10::optional<Tensor>&,
+                                                     const c10::optional<Tensor>&, double, bool, int64_t, int64_t,
+                                                     IntArrayRef shape) {
+  auto opts = x.options().dtype(at::kDouble);
+  return {at::empty_like(x), at::empty({shape[0]}, opts), at::empty({shape[0]}, opts)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> rows_backward_meta(const Tensor&, const Tensor& x, const Tensor&, const Tensor&,
+                                                      const c10::optional<Tensor>&, double, bool, int64_t groups,
+                                                      int64_t seg, IntArrayRef shape) {
+  const int64_t P = groups * (shape[1] / seg);
+  return {at::empty_like(x), at::empty({P}, x.options()), at::empty({P}, x.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor> channels_forward_meta(const Tensor& x, const c10::optional<Tensor>&,
+                                                         const c10::optional<Tensor>&, double, IntArrayRef shape,
+                                                         IntArrayRef) {
+  auto opts = x.options().dtype(at::kDouble);
+  return {at::empty_like(x), at::empty({shape[1]}, opts), at::empty({shape[1]}, opts)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> channels_backward_meta(const Tensor&, const Tensor& x, const Tensor&,
+                                                          const Tensor&, const c10::optional<Tensor>&, double,
+                                                          IntArrayRef shape, IntArrayRef) {
+  return {at::empty_like(x), at::empty({shape[1]}, x.options()), at::empty({shape[1]}, x.options())};
+}
+
+Tensor channels_affine_meta(const Tensor& x, const Tensor&, const Tensor&, const Tensor&, IntArrayRef, IntArrayRef) {
+  return at::empty_like(x);
+}
+
+Tensor channels_eval_meta(const Tensor& x, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                          const c10::optional<Tensor>&, double, IntArrayRef, IntArrayRef) {
+  return at::empty_like(x);
+}
+
+std::tuple<Tensor, Tensor, Tensor> channels_affine_backward_meta(const Tensor&, const Tensor& x, const Tensor&,
+                                                                 const Tensor&, IntArrayRef shape, IntArrayRef) {
+  auto opts = x.options().dtype(at::promote_types(x.scalar_type(), at::kFloat));
+  return {at::empty_like(x), at::empty({shape[1]}, opts), at::empty({shape[1]}, opts)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> groups_forward_meta(const Tensor& x, const c10::optional<Tensor>&,
+                                                       const c10::optional<Tensor>&, double, int64_t groups,
+                                                       IntArrayRef shape) {
+  auto opts = x.options().dtype(at::kDouble);
+  return {at::empty_like(x), at::empty({shape[0] * groups}, opts), at::empty({shape[0] * groups}, opts)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> groups_backward_meta(const Tensor&, const Tensor& x, const Tensor&, const Tensor&,
+                                                        const c10::optional<Tensor>&, double, int64_t,
+                                                        IntArrayRef shape) {
+  return {at::empty_like(x), at::empty({shape[2]}, x.options()), at::empty({shape[2]}, x.options())};
+}
+
+}  // namespace
+}  // namespace normlab
+
+TORCH_LIBRARY(normlab, m) {
+  m.def("rows_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center, int groups, int seg, "
+        "int[] shape) -> (Tensor, Tensor, Tensor)");
+  m.def("rows_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, bool center, "
+        "int groups, int seg, int[] shape) -> (Tensor, Tensor, Tensor)");
+  m.def("channels_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, int[] shape, int[] permute) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("channels_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int[] shape, "
+        "int[] permute) -> (Tensor, Tensor, Tensor)");
+  m.def("channels_affine(Tensor x, Tensor mean, Tensor scale, Tensor shift, int[] shape, int[] permute) -> Tensor");
+  m.def("channels_eval(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, int[] shape, "
+        "int[] permute) -> Tensor");
+  m.def("channels_affine_backward(Tensor dy, Tensor x, Tensor mean, Tensor scale, int[] shape, int[] permute) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("groups_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, int groups, int[] shape) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("groups_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int groups, "
+        "int[] shape) -> (Tensor, Tensor, Tensor)");
+  m.def("_set_poison(bool on) -> ()", &normlab::set_poison);
+}
+
+TORCH_LIBRARY_IMPL(normlab, CPU, m) {
+  m.impl("rows_forward", &normlab::rows_forward);
+  m.impl("rows_backward", &normlab::rows_backward);
+  m.impl("channels_forward", &normlab::channels_forward);
+  m.impl("channels_backward", &normlab::channels_backward);
+  m.impl("channels_affine", &normlab::channels_affine);
+  m.impl("channels_eval", &normlab::channels_eval);
+  m.impl("channels_affine_backward", &normlab::channels_affine_backward);
+  m.impl("groups_forward", &normlab::groups_forward);
+  m.impl("groups_backward", &normlab::groups_backward);
+}
+
+TORCH_LIBRARY_IMPL(normlab, Meta, m) {
+  m.impl("rows_forward", &normlab::rows_forward_meta);
+  m.impl("rows_backward", &normlab::rows_backward_meta);
+  m.impl("channels_forward", &normlab::channels_forward_meta);
+  m.impl("channels_backward", &normlab::channels_backward_meta);
+  m.impl("channels_affine", &normlab::channels_affine_meta);
+  m.impl("channels_eval", &normlab::channels_eval_meta);
+  m.impl("channels_affine_backward", &normlab::channels_affine_backward_meta);
+  m.impl("groups_forward", &normlab::groups_forward_meta);
+  m.impl("groups_backward", &normlab::groups_backward_meta);
+}
