@@ -189,33 +189,36 @@ def test_outputs_of_kernels_can_be_modified_in_place(name):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("call, form", [
-    (lambda: (torch.randn(4, 8), (1,), torch.ones(8), None), ("rows", (4, 8), 1, 1)),
-    (lambda: (torch.randn(2, 3, 4, 5), (2, 3), torch.ones(3, 1, 1), None), ("rows", (6, 20), 3, 20)),
-    (lambda: (torch.randn(2, 2, 3, 5), (2, 3), torch.ones(2, 3, 1), None), ("rows", (4, 15), 2, 5)),
-    (lambda: (torch.randn(4, 3, 5), (0, 2), torch.ones(3, 1), None), ("channels", (4, 3, 5), 1, 1)),
-    (lambda: (torch.randn(4, 3), (0,), None, torch.ones(3)), ("channels", (4, 3, 1), 1, 1)),
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators a call runs, with their canonical shape arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "normlab":
+            self.seen.append((func.__name__.split(".")[0], *[a for a in args if isinstance(a, list)]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("call, forms", [
+    (lambda: F.layer_norm(torch.randn(4, 8), (8,)), [("rows_forward", [4, 8])]),
+    (lambda: F.layer_norm(torch.randn(2, 8, 4).transpose(1, 2), (8,)), [("rows_forward", [8, 8])]),  # copied once
+    (lambda: F.group_norm(torch.randn(2, 6, 4, 5), 3), [("rows_forward", [6, 40])]),
+    (lambda: F.instance_norm(torch.randn(2, 3, 5)), [("rows_forward", [6, 5])]),
+    (lambda: F.batch_norm(torch.randn(4, 3, 5), None, None, training=True), [("channels_forward", [4, 3, 5], [])]),
+    (lambda: F.batch_norm(torch.randn(4, 3), None, None, training=True), [("channels_forward", [4, 3, 1], [])]),
+    (lambda: F.batch_norm(torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), None, None,
+                          training=True), [("channels_forward", [40, 3, 1], [0, 2, 3, 1])]),
+    (lambda: F.batch_norm(torch.randn(4, 3, 5), torch.zeros(3), torch.ones(3)), [("channels_eval", [4, 3, 5], [])]),
+    (lambda: F.group_norm(torch.randn(2, 6, 4, 5).contiguous(memory_format=torch.channels_last), 3),
+     [("groups_forward", [2, 20, 6], [0, 2, 3, 1])]),
 ])
-def test_plan_recognises_the_canonical_forms(call, form):
-    x, dims, w, b = call()
-    _, p = kernels.plan(x, dims, w, b, True)
-    assert (p.form, p.shape, p.groups, p.seg) == form
-
-
-@pytest.mark.parametrize("case", ["strided", "fixed row stats", "mixed dtypes", "odd weight", "empty"])
-def test_plan_leaves_what_the_kernels_do_not_cover_to_the_reference(case):
-    x, dims, w, batch = torch.randn(4, 8), (1,), None, True
-    if case == "strided":
-        x = torch.randn(8, 4).t()
-    elif case == "fixed row stats":  # only BatchNorm's per-channel form has an eval kernel
-        batch = False
-    elif case == "mixed dtypes":
-        w = torch.ones(8, dtype=torch.float64)
-    elif case == "odd weight":  # varies along the batch but not the row dim next to it
-        x, dims, w = torch.randn(2, 3, 8), (2,), torch.ones(2, 1, 1)
-    elif case == "empty":
-        x = torch.randn(0, 8)
-    assert kernels.plan(x, dims, w, None, batch) is None
+def test_each_norm_is_one_kernel_of_its_canonical_form(call, forms):
+    with _Ops() as ops:
+        call()
+    assert ops.seen == forms
 
 
 def test_vmap_and_grad_transforms_use_the_reference():
@@ -266,7 +269,6 @@ def test_compiled_func_grad_equals_torch(name):
 def test_double_backward_falls_back_to_the_written_out_formula():
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert kernels.plan(x, (1,), w, None, True) is not None
     assert torch.autograd.gradgradcheck(lambda a, b: F.layer_norm(a, (5,), b), (x, w))
 
 
@@ -286,17 +288,13 @@ def test_eval_with_gradients_takes_the_kernel_and_is_exact(poisoned, shape, affi
     var = (torch.rand(C, generator=g, dtype=torch.float64) * 9 + 0.5).to(stats_dtype)
     w, b = (torch.randn(C, generator=g), torch.randn(C, generator=g)) if affine else (None, None)
     dy = torch.randn(shape, generator=g)
-    view = [-1] + [1] * (len(shape) - 2)
-    dims = (0, *range(2, len(shape)))
-    assert kernels.plan(x, dims, None, None, False) is not None
 
     def run(backend, dtype):
         leaves = [t.to(dtype, copy=True).requires_grad_(name in grads.split()) if t is not None else None
                   for t, name in ((x, "x"), (w, "w"), (b, "b"))]
         xs, ws, bs = leaves
         with kernels.use_backend(backend):
-            y = normalize_affine(xs, dims, None if ws is None else ws.view(view), None if bs is None else bs.view(view),
-                                 1e-5, fixed_mean=mean.view(view), fixed_var=var.view(view))[0]
+            y = F.batch_norm(xs, mean, var, ws, bs, False)
             y.backward(dy.to(dtype))
         return [y.detach()] + [t.grad for t in leaves if t is not None and t.requires_grad]
 
@@ -325,11 +323,11 @@ def test_backend_switching_and_errors():
     with normlab.use_backend("torch"):
         assert normlab.get_backend() == "torch"
         assert torch.equal(F.layer_norm(x, (6,)), torch.nn.functional.layer_norm(x, (6,)))
-        assert kernels.plan(x, (1,), None, None, True) is None
-    assert normlab.get_backend() == "auto"
+        assert kernels.core() is None
+    assert normlab.get_backend() == "auto" and kernels.core() is not None
     previous = normlab.set_backend("reference")
     try:
-        assert previous == "auto" and kernels.plan(x, (1,), None, None, True) is None
+        assert previous == "auto" and kernels.core() is None
     finally:
         normlab.set_backend(previous)
     with pytest.raises(ValueError, match="reference"):
@@ -401,15 +399,71 @@ def test_kernels_run_in_forked_children():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-def test_tracers_that_cannot_see_the_kernels_get_the_reference():
-    model = nln.LayerNorm(16)
+def test_traced_modules_record_the_operators_and_save_and_load():
+    import io
+
+    model = torch.nn.Sequential(nln.LayerNorm(16), nln.BatchNorm1d(16).eval(), nln.RMSNorm(16))
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(4, 16), check_trace=False)
+    assert "normlab::layer_norm" in str(traced.inlined_graph)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
     x = torch.randn(4, 16) * 5 + 3
-    assert_rel(traced(x), model(x))
+    assert_rel(loaded(x), model(x))
+
+
+TORCH_OPS = {  # the OPS above, by torch.nn.functional
+    "layer_norm": lambda x, w, b: torch.nn.functional.layer_norm(x, x.shape[-2:], w, b),
+    "rms_norm": lambda x, w, b: torch.nn.functional.rms_norm(x, x.shape[-1:], w),
+    "group_norm": lambda x, w, b: torch.nn.functional.group_norm(x, 3, w, b),
+    "batch_norm 4-D": lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, True),
+    "batch_norm eval": lambda x, w, b: torch.nn.functional.batch_norm(
+        x, torch.linspace(1, 3, x.shape[1]).to(x.dtype), torch.linspace(0.5, 2, x.shape[1]).to(x.dtype), w, b,
+        False),
+    "instance_norm 4-D": lambda x, w, b: torch.nn.functional.instance_norm(x, weight=w, bias=b),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_OPS))
+def test_forward_mode_ad_equals_torch(name):
+    # jvp through every input, training and eval: the tangents of the written-out forward
+    fn, pshape, shape = OPS[name]
+    g = torch.Generator().manual_seed(11)
+    primals = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3,
+               torch.randn(pshape(shape), generator=g, dtype=torch.float64),
+               torch.randn(pshape(shape), generator=g, dtype=torch.float64))
+    tangents = tuple(torch.randn_like(p) for p in primals)
     import torch.autograd.forward_ad as fwAD
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):  # as the reference: no silent drop
-        F.layer_norm(fwAD.make_dual(torch.randn(3, 8), torch.randn(3, 8)), (8,))
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents))))
+    want = torch.func.jvp(TORCH_OPS[name], primals, tangents)
+    assert_rel(got.primal, want[0], torch.float64, what=f"{name} y")
+    assert_rel(got.tangent, want[1], torch.float64, what=f"{name} tangent")
+
+
+def test_compiled_training_updates_the_running_statistics_as_eager():
+    torch._dynamo.reset()
+    bn, ref = nln.BatchNorm2d(3), nln.BatchNorm2d(3)
+    compiled = torch.compile(bn, fullgraph=True, backend="aot_eager")
+    for seed in range(3):
+        x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(seed)) * 2 + 1
+        assert_rel(compiled(x), ref(x))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(ref, name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_parameters_in_another_dtype_get_gradients_in_theirs(dtype):
+    x = (torch.randn(6, 16) * 2).to(dtype).requires_grad_()
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    y = F.layer_norm(x, (16,), w, b)
+    y.float().sum().backward()
+    assert y.dtype == dtype and w.grad.dtype == b.grad.dtype == torch.float32
+    xs, ws, bs = x.detach().double().requires_grad_(), w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    torch.nn.functional.layer_norm(xs, (16,), ws, bs).sum().backward()
+    assert_rel(w.grad, ws.grad, dtype) and assert_rel(x.grad, xs.grad, dtype)
 
 
 def test_fixed_statistics_of_another_layout_are_broadcast_by_the_reference():

@@ -35,23 +35,22 @@ running statistics) :math:`\mu, r` are constants and :math:`\partial l/\partial 
 The backward is built from differentiable torch ops, recomputing the statistics from the saved
 input when a graph is being built, so double backward (gradient penalties) is exact.
 
-:func:`normalize_affine` is the entry point: it runs :class:`FusedNormalizeAffine` (or, for
-BatchNorm in eval, :class:`FusedChannelAffine`) when a fast kernel of :mod:`normlab.kernels`
-covers the call, and :class:`NormalizeAffine`, the reference, otherwise.
+:func:`normalize_affine` is the entry point. This is the reference path (the ``"reference"``
+backend, ``torch.func`` transforms) and the oracle of the compiled core of
+:mod:`normlab.kernels`, whose C++ operators implement the same formulas.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from . import kernels
 from .stats import accumulation_dtype, centered, corrected_variance, mean_square, moments, reduce_mean
 
-__all__ = ["NormalizeAffine", "FusedNormalizeAffine", "FusedChannelAffine", "normalize_affine"]
+__all__ = ["NormalizeAffine", "normalize_affine"]
 
 
 def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
@@ -143,7 +142,7 @@ class NormalizeAffine(torch.autograd.Function):
         # builds a graph through the same formula, out of place, with the statistics
         # recomputed so that they depend on x.
         # (dynamo refuses strided out=, and vmap — torch.func, is_grads_batched — refuses out=)
-        inplace = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or kernels._transformed(dy))
+        inplace = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or _transformed(dy))
         if ctx.batch_stats and not inplace:
             mean, var = moments(x, dims, center=center, dtype=acc)
             rstd = torch.rsqrt(var + ctx.eps)
@@ -186,6 +185,13 @@ class NormalizeAffine(torch.autograd.Function):
         return dx.to(x.dtype), dw, db, None, None, None, None, None
 
 
+def _transformed(t: Tensor) -> bool:
+    """A torch.func transform (vmap, grad, jacrev) is active, or ``t`` is a batched tensor of
+    ``autograd.grad(..., is_grads_batched=True)``: vmap refuses ``out=``."""
+    return torch._C._are_functorch_transforms_active() or (  # (dynamo cannot trace the second)
+        not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(t))
+
+
 def _scale(rstd: Tensor, weight: Tensor | None) -> Tensor:
     return rstd if weight is None else rstd * weight
 
@@ -196,151 +202,6 @@ def _constant_over(weight: Tensor | None, dims: Sequence[int], ndim: int) -> boo
         return True
     shape = (1,) * (ndim - weight.dim()) + tuple(weight.shape)
     return all(shape[d % ndim] == 1 for d in dims)
-
-
-def _fused_forward(planned, x, weight, bias, eps, center):
-    """The kernel's ``(y, mean, var)``, statistics flat in float64."""
-    ops, p = planned
-    return ops.forward(p, x, weight, bias, eps, center)
-
-
-def _shaped(p, mean, var, center):
-    """Flat kernel statistics shaped as :class:`NormalizeAffine` returns them."""
-    var = var.view(p.stats)
-    return (mean.view(p.stats) if center else var.new_zeros(())), var
-
-
-class FusedNormalizeAffine(torch.autograd.Function):
-    """:class:`NormalizeAffine` computed by a fast kernel (:mod:`normlab.kernels`).
-
-    ``apply(x, weight, bias, planned, dims, eps, center, sink)`` returns ``y``; the statistics
-    (float64, flat) are saved for backward and, when ``sink`` is a list, appended to it (one
-    differentiable output keeps the per-call cost of the autograd graph down). The backward is
-    the kernel's when no graph is being built; double backward goes through
-    :meth:`NormalizeAffine.backward`'s written-out, differentiable formula. Old-style
-    ``forward(ctx, ...)``: it skips the per-call signature binding of ``setup_context``
-    Functions, and torch.func transforms never reach it (they take the reference path, see
-    :func:`normlab.kernels.plan`).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, planned, dims, eps, center, sink):
-        y, mean, var = _fused_forward(planned, x, weight, bias, eps, center)
-        if sink is not None:
-            sink += (mean, var)
-        ctx.dims, ctx.center, ctx.eps, ctx.planned = dims, center, eps, planned
-        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        # var, not rstd: the kernels recompute rstd from it exactly as the forward did
-        ctx.save_for_backward(x, weight, mean, var)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, var = ctx.saved_tensors
-        ops, p = ctx.planned
-        if torch.is_grad_enabled() or kernels._transformed(dy):  # double backward, or a batched backward
-            # (is_grads_batched, torch.func): the differentiable formula (it recomputes
-            # the statistics from x and reads only the saved rstd's dtype)
-            shim = _DoubleBackward(ctx.dims, ctx.center, ctx.eps, True, ctx.bias_meta, ctx.needs_input_grad,
-                                   (x, weight, *_shaped(p, mean, var, ctx.center)))
-            return (*NormalizeAffine.backward(shim, dy, None, None)[:3], None, None, None, None, None)
-        dx, dw, db = ops.backward(p, dy, x, mean, var, weight, ctx.eps, ctx.center)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dw = dw.view(weight.shape) if need_w else None
-        db = db.view(ctx.bias_meta[0]) if need_b else None
-        return dx if need_x else None, dw, db, None, None, None, None, None
-
-
-class _DoubleBackward(NamedTuple):
-    """What :meth:`NormalizeAffine.backward` reads from its ``ctx``."""
-
-    dims: tuple
-    center: bool
-    eps: float
-    batch_stats: bool
-    bias_meta: tuple | None
-    needs_input_grad: tuple
-    saved_tensors: tuple
-
-
-class FusedChannelAffine(torch.autograd.Function):
-    """BatchNorm in eval by a kernel, straight from the running statistics ``μ, σ²``:
-    ``y = (x − μ)·a + β`` per channel, ``a = γ·r``, ``r = 1/√(σ²+ε)`` (seed 000 §2.2).
-
-    ``apply(x, weight, bias, mean, var, planned, dims, eps)`` returns ``y``; ``weight``, ``bias``
-    broadcast as :class:`NormalizeAffine` takes them, ``mean`` and ``var`` are constants (no
-    gradient reaches them, as in :class:`NormalizeAffine` and torch). Backward:
-    ``∂l/∂x = a·∂l/∂y``, ``∂l/∂γ = r·Σ ∂l/∂y·(x − μ)``, ``∂l/∂β = Σ ∂l/∂y`` — one fused kernel pass
-    plus a few per-channel ops; double backward goes through :meth:`NormalizeAffine.backward`.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, planned, dims, eps):
-        ctx.dims, ctx.eps, ctx.planned = dims, eps, planned
-        ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        # copies: a later in-place update of the running buffers (a train step) must not
-        # reach what backward reads
-        ctx.save_for_backward(x, weight, mean.clone(), var.clone())
-        return _evaluate(planned, x, weight, bias, mean, var, eps)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, var = ctx.saved_tensors
-        acc = accumulation_dtype(x.dtype, mean.dtype, var.dtype)
-        shape = var.shape
-        mean, r = mean.reshape(-1).to(acc), torch.rsqrt(var.reshape(-1).to(acc) + ctx.eps)
-        if torch.is_grad_enabled() or kernels._transformed(dy):  # double or batched backward: the formula
-            shim = _DoubleBackward(ctx.dims, True, ctx.eps, False, ctx.bias_meta, ctx.needs_input_grad,
-                                   (x, weight, mean.view(shape), r.view(shape)))
-            return (*NormalizeAffine.backward(shim, dy, None, None)[:3], None, None, None, None, None)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        ops, p = ctx.planned
-        a = r if weight is None else r * weight.reshape(-1)
-        m = mean.to(x.dtype)
-        dx, da, db = ops.affine_backward(p, dy, x, m, a.to(x.dtype))
-        dw = None
-        if need_w:  # Σ dy·(x − μ) from the kernel's Σ dy·(x − m), m = μ rounded to x's dtype
-            dw = da.to(acc) if m.dtype == acc else da.to(acc) - (mean - m.to(acc)) * db.to(acc)
-            dw = (dw * r).to(weight.dtype).view(weight.shape)
-        db = db.view(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
-        return dx if need_x else None, dw, db, None, None, None, None, None
-
-
-def _evaluate(planned, x, weight, bias, mean, var, eps):
-    """BN eval's ``y``: one kernel call from the running statistics (the map built in float64),
-    or, for statistics in another dtype or while compiling, the map built here and the
-    registered affine op."""
-    ops, p = planned
-    if mean.dtype == var.dtype == x.dtype and not torch.compiler.is_compiling():
-        return ops.evaluate(p, x, mean, var, weight, bias, eps)
-    return ops.affine(p, x, *_eval_map(x, weight, bias, mean, var, eps))
-
-
-def _eval_map(x, weight, bias, mean, var, eps):
-    """BN eval's per-channel map ``y = (x − m)·a + h`` in ``x``'s dtype, built in the
-    accumulation dtype; ``h`` carries the rounding of ``m``."""
-    acc = accumulation_dtype(x.dtype, mean.dtype, var.dtype)
-    mean = mean.reshape(-1).to(acc)
-    a = torch.rsqrt(var.reshape(-1).to(acc) + eps)
-    if weight is not None:
-        a = a * weight.reshape(-1)
-    m = mean.to(x.dtype)
-    h = (m.to(acc) - mean) * a
-    if bias is not None:
-        h = h + bias.reshape(-1)
-    return m, a.to(x.dtype), h.to(x.dtype)
-
-
-def _fixed_affine(planned, x, dims, weight, bias, eps, fixed_mean, fixed_var, stats):
-    """BatchNorm in eval through :class:`FusedChannelAffine`; returns what NormalizeAffine does."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        y = FusedChannelAffine.apply(x, weight, bias, fixed_mean, fixed_var, planned, dims, eps)
-    else:  # inference: no graph to record
-        y = _evaluate(planned, x, weight, bias, fixed_mean, fixed_var, eps)
-    if not stats:
-        return y, None, None
-    acc = accumulation_dtype(x.dtype, fixed_mean.dtype, fixed_var.dtype)  # as NormalizeAffine returns them
-    return y, fixed_mean.to(acc, copy=True), fixed_var.to(acc, copy=True)
 
 
 def normalize_affine(
@@ -354,32 +215,6 @@ def normalize_affine(
     fixed_mean: Tensor | None = None,
     fixed_var: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Functional entry point: :class:`FusedNormalizeAffine` when a kernel covers the call
-    (:func:`normlab.kernels.plan`), :class:`NormalizeAffine` otherwise."""
-    return _normalize_affine(x, tuple(dims), weight, bias, eps, center, fixed_mean, fixed_var, True)
-
-
-def _normalize_affine(x, dims, weight, bias, eps, center, fixed_mean, fixed_var, stats):
-    """:func:`normalize_affine`; with ``stats=False`` the statistics may come back as ``None``
-    (the callers that only want ``y`` save their reshaping)."""
-    planned = kernels.plan(x, dims, weight, bias, fixed_var is None, center)
-    if planned is not None and fixed_var is not None:
-        per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
-        if all(list(t.shape) in (per_channel, per_channel[1:]) for t in (fixed_mean, fixed_var)):
-            return _fixed_affine(planned, x, dims, weight, bias, eps, fixed_mean, fixed_var, stats)
-        planned = None  # statistics of another layout: the reference broadcasts them
-    if planned is None:
-        return NormalizeAffine.apply(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        sink = [] if stats else None
-        y = FusedNormalizeAffine.apply(x, weight, bias, planned, dims, eps, center, sink)
-        if not stats:
-            return y, None, None
-        mean, var = sink
-    else:  # inference: no graph to record
-        y, mean, var = _fused_forward(planned, x, weight, bias, eps, center)
-        if not stats:
-            return y, None, None
-    return (y, *_shaped(planned[1], mean, var, center))
-
+    """Functional entry point of the reference: ``(y, mean, var)`` as :class:`NormalizeAffine`
+    returns them (the compiled core's operators are :mod:`normlab.kernels`' business)."""
+    return NormalizeAffine.apply(x, weight, bias, tuple(dims), eps, center, fixed_mean, fixed_var)

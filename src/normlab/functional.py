@@ -39,8 +39,10 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .autograd import _normalize_affine
+from .autograd import normalize_affine
 from .stats import accumulation_dtype, extrema, moments
+
+kernels.load_core()  # built at first use, then loaded from the cache (kernels.build)
 
 __all__ = [
     "batch_norm",
@@ -80,15 +82,14 @@ def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
 
 
 def _normalize(op: str, x: Tensor, dims: Sequence[int], weight=None, bias=None, eps=1e-5, *, center=True,
-               fixed_mean=None, fixed_var=None, stats=False):
+               fixed_mean=None, fixed_var=None):
     """:func:`normalize_affine` with torch's rule for empty input: an empty batch gives an
-    empty output, but statistics over an empty set are an error. ``(y, mean, var)``; the
-    statistics are ``None`` unless ``stats`` asks for them (or the path had them anyway)."""
+    empty output (and no statistics), but statistics over an empty set are an error."""
     if fixed_var is None:
         _require_values(x, dims, op)
     if x.numel() == 0:
         return x.clone(), None, None
-    return _normalize_affine(x, tuple(dims), weight, bias, eps, center, fixed_mean, fixed_var, stats)
+    return normalize_affine(x, dims, weight, bias, eps, center=center, fixed_mean=fixed_mean, fixed_var=fixed_var)
 
 
 def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str) -> None:
@@ -132,8 +133,9 @@ def _update_running(running: Tensor | None, batch: Tensor, momentum: float) -> N
 
 
 def _native() -> bool:
-    """The "torch" backend (:func:`normlab.set_backend`): torch's own op after our checks."""
-    return kernels.get_backend() == "torch"
+    """torch's own op after our checks: the "torch" backend (:func:`normlab.set_backend`), or
+    "auto" where the compiled core is not there."""
+    return kernels.native()
 
 
 # --------------------------------------------------------------------------------- norms
@@ -160,6 +162,9 @@ def batch_norm(
 
     Shape: input ``(N, C)`` or ``(N, C, *spatial)``; statistics and parameters ``(C,)``.
     """
+    core = kernels.core()
+    if core is not None:
+        return core.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if _native():
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _channel_norm("batch_norm", input, (0, *range(2, input.dim())), running_mean, running_var,
@@ -185,6 +190,9 @@ def instance_norm(
 
     Shape: input ``(N, C, *spatial)``; parameters and running statistics ``(C,)``.
     """
+    core = kernels.core()
+    if core is not None:
+        return core.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if isinstance(input, Tensor) and input.dim() < 3:
         raise ValueError(
             f"instance_norm: expected at least 3-D input (N, C, *spatial), got {input.dim()}-D "
@@ -226,13 +234,12 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
             f"shape {tuple(input.shape)}); use a batch of at least 2 (e.g. drop_last=True in the "
             f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
         )
-    stats = running_mean is not None or running_var is not None
     if op == "instance_norm" and _is_channels_last(input):  # GroupNorm's view with one channel per group
         x, undo = _channels_last_groups(input, c)
-        y, mean, var = _normalize(op, x, (1, 3), _flat_view(weight, c), _flat_view(bias, c), eps, stats=stats)
+        y, mean, var = _normalize(op, x, (1, 3), _flat_view(weight, c), _flat_view(bias, c), eps)
         y = undo(y)
     else:
-        y, mean, var = _normalize(op, input, dims, w, b, eps, stats=stats)
+        y, mean, var = _normalize(op, input, dims, w, b, eps)
     if mean is None:  # no running statistics, or an empty batch of instances: nothing to update
         return y
     # InstanceNorm has one statistic per (sample, channel): the running ones get their average
@@ -263,6 +270,9 @@ def layer_norm(
     r"""Layer Normalization (Ba et al. 2016; seed 004 eq. 14–15): statistics over the trailing
     ``normalized_shape`` dims of each sample; γ, β have shape ``normalized_shape``.
     """
+    core = kernels.core()
+    if core is not None:
+        return core.layer_norm(input, normalized_shape, weight, bias, eps)
     op = "layer_norm"
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
@@ -283,6 +293,9 @@ def rms_norm(
     ``y = γ · x / √(mean(x²) + ε)``; ``eps=None`` means the machine epsilon of the dtype the
     statistics are accumulated in (float32 for fp16/bf16 input), as torch does.
     """
+    core = kernels.core()
+    if core is not None:
+        return core.rms_norm(input, normalized_shape, weight, eps)
     op = "rms_norm"
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
@@ -306,6 +319,9 @@ def group_norm(
 
     It is a reshape around the LayerNorm core: ``(N, C, *S) → (N, G, C/G, ∏S)``.
     """
+    core = kernels.core()
+    if core is not None:
+        return core.group_norm(input, num_groups, weight, bias, eps)
     op = "group_norm"
     _check_input(input, op, min_ndim=2)
     c = _channels(input, op, (weight, "weight"), (bias, "bias"))

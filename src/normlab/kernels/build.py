@@ -19,10 +19,12 @@ True
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import warnings
@@ -32,7 +34,7 @@ import torch
 
 __all__ = ["load", "status", "library_path"]
 
-SOURCES = (Path(__file__).parent / "csrc" / "norm_cpu.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("norm_cpu.cpp", "norm_ops.cpp", "python.cpp"))
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -60,18 +62,23 @@ def _cpu_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= have else []
 
 
-def _command(cxx: str, out: Path) -> list[str]:
+def _flags() -> list[str]:
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    lib = cpp_extension.library_paths()[0]
-    return [cxx, *map(str, SOURCES), "-o", str(out), "-shared", "-fPIC", "-std=c++17", "-O3",
+    return ["-fPIC", "-std=c++17", "-O3",
             # per-loop vectorisation of the reductions (#pragma omp simd) without OpenMP's runtime;
             # no FMA contraction: the backward's cancellations must be exact where they are 0
             "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", *_cpu_flags(),
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
-            *[f"-I{p}" for p in cpp_extension.include_paths()],
-            f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *[f"-I{p}" for p in cpp_extension.include_paths()],
+            f"-I{sysconfig.get_paths()['include']}"]
+
+
+def _link_flags() -> list[str]:
+    from torch.utils import cpp_extension
+
+    lib = cpp_extension.library_paths()[0]
+    return ["-shared", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
 
 
 def _cache_dir() -> Path:
@@ -92,22 +99,29 @@ def library_path(cxx: str | None = None) -> Path | None:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{version}|{_command(cxx, Path('x'))}".encode())
-    return _cache_dir() / h.hexdigest()[:16] / "normlab_ops.so"
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{version}|{_flags()}|{_link_flags()}".encode())
+    return _cache_dir() / h.hexdigest()[:16] / "_C.so"
 
 
 def _build(cxx: str, target: Path) -> None:
+    """Compile each source in its own process (in parallel), link, and move into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    work = Path(tempfile.mkdtemp(dir=target.parent))
     try:
-        run = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True)
+        objs = [work / f"{src.stem}.o" for src in SOURCES]
+        jobs = [subprocess.Popen([cxx, "-c", str(src), "-o", str(obj), *_flags()], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
+        for job in jobs:
+            _, err = job.communicate()
+            if job.returncode != 0:
+                raise RuntimeError(err.strip()[-2000:] or f"{cxx} exited with {job.returncode}")
+        so = work / target.name
+        run = subprocess.run([cxx, *map(str, objs), "-o", str(so), *_link_flags()], capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(run.stderr.strip()[-2000:] or f"{cxx} exited with {run.returncode}")
-        os.replace(tmp, target)  # atomic: a concurrent loader sees the old file or the whole new one
+        os.replace(so, target)  # atomic: a concurrent loader sees the old file or the whole new one
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def load() -> bool:
@@ -125,12 +139,8 @@ def _load() -> bool:
     if os.environ.get("NORMLAB_NO_BUILD", "").strip() not in ("", "0"):
         _state["why"] = "NORMLAB_NO_BUILD is set"
         return False
-    if hasattr(torch.ops, "normlab") and hasattr(torch.ops.normlab, "rows_forward"):
-        try:  # already loaded in this process (another copy of normlab, or a reload)
-            torch.ops.normlab.rows_forward.default
-            return True
-        except (AttributeError, RuntimeError):
-            pass
+    if "normlab._C" in sys.modules:  # already loaded in this process
+        return True
     cxx = _compiler()
     if cxx is None:
         return _fail("no C++ compiler found (looked for $CXX, g++, c++, clang++)",
@@ -139,13 +149,22 @@ def _load() -> bool:
     try:
         if not target.exists():
             _build(cxx, target)
-        torch.ops.load_library(str(target))
+        _import(target)
     except Exception as err:  # a failed build or load: normlab still runs, on torch's ops
         return _fail(f"building it with {cxx} failed: {str(err).splitlines()[-1] if str(err) else err!r}",
                      f"see the full message with `python -c \"from normlab.kernels import build; "
                      f"build._build('{cxx}', build.library_path())\"`")
     _state["path"] = str(target)
     return True
+
+
+def _import(path: Path) -> None:
+    """Load the library as the extension module ``normlab._C`` (its static initialisers register
+    the ``torch.ops.normlab`` operators)."""
+    spec = importlib.util.spec_from_file_location("normlab._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["normlab._C"] = module
 
 
 def _fail(why: str, fix: str) -> bool:

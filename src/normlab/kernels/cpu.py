@@ -70,12 +70,12 @@ def channels_affine_backward(dy, x, mean, scale, out=None):
 
 def groups_forward(x, weight, bias, eps: float, groups: int, out=None):
     """GroupNorm/InstanceNorm on channels_last ``x (N, S, C)`` → ``(y, mean, var)`` per (sample, group)."""
-    y, mean, var = _ops.groups_forward(x, weight, bias, eps, groups, list(x.shape))
+    y, mean, var = _ops.groups_forward(x, weight, bias, eps, groups, list(x.shape), [])
     return _into(out, y), mean, var
 
 
 def groups_backward(dy, x, mean, var, weight, eps: float, groups: int, out=None):
-    dx, dw, db = _ops.groups_backward(dy, x, mean, var, weight, eps, groups, list(x.shape))
+    dx, dw, db = _ops.groups_backward(dy, x, mean, var, weight, eps, groups, list(x.shape), [])
     return _into(out, dx), dw, db
 
 

@@ -1,32 +1,22 @@
-"""The kernels as torch operators: ``torch.ops.normlab.rows_forward`` and friends.
+"""The Triton kernels of :mod:`normlab.kernels.triton` as the CUDA implementation of the form
+operators (``torch.ops.normlab.rows_forward`` and friends, defined in C++ with their CPU and
+Meta kernels, see :mod:`normlab.kernels`).
 
-The operators are defined in C++ (``csrc/norm_cpu.cpp``, loaded by :mod:`normlab.kernels.build`)
-with their CPU kernels and Meta kernels (shapes only, for ``torch.compile``, fake tensors and
-``torch.export``); the Triton kernels of :mod:`normlab.kernels.triton` are registered here as
-their CUDA implementation. Each takes ``x`` in its own shape and layout plus the canonical view
-to compute in (see :class:`normlab.kernels.Plan`) and returns ``y``/``dx`` as fresh tensors in
-``x``'s shape and memory format, statistics in float64. Autograd stays with
-:class:`normlab.autograd.FusedNormalizeAffine` and :class:`~normlab.autograd.FusedChannelAffine`,
-which call :func:`forward`/:func:`evaluate`/:func:`affine` and, when no graph is being built,
-:func:`backward`/:func:`affine_backward`: the same operator calls in eager mode and while
-``torch.compile`` traces (one opaque node each).
+Each operator takes ``x`` in its own shape and layout plus the canonical view to compute in and
+returns ``y``/``dx`` as fresh tensors in ``x``'s shape and memory format: the Triton kernels
+take canonical views and write into ``out``, so ``y``/``dx`` are allocated here in x's layout
+and the kernel writes through their canonical view, without a copy. Registered only where
+Triton is installed; Triton itself is imported at the first CUDA call.
 """
+
+import importlib.util
 
 import torch
 
-from . import Plan, build
-
-if not build.load():
-    raise ImportError(f"normlab's compiled core is not available: {build.status()['why']}")
-_ops = torch.ops.normlab
-
-
-# ------------------------------------------------------------------ the CUDA implementation
-# The Triton kernels take canonical views and write into ``out``: y/dx are allocated here in
-# x's layout and the kernel writes through their canonical view, so no copy is made.
 
 def _view(t, shape, permute):
-    return Plan("", tuple(shape), permute=tuple(permute) or None).view(t)
+    """``t`` (shaped like ``x``) in the canonical layout, without a copy."""
+    return (t.permute(permute) if permute else t).reshape(shape)
 
 
 def _register_triton() -> None:
@@ -85,43 +75,5 @@ def _register_triton() -> None:
 
 
 _REGISTERED: list = []
-_register_triton()
-
-
-# ------------------------------------------------------------------ what the autograd layer calls
-
-def _permute(p):
-    return list(p.permute or ())
-
-
-def forward(p, x, weight, bias, eps, center):
-    """``(y, mean, var)`` of the plan's form; statistics flat, float64."""
-    if p.form == "rows":
-        return _ops.rows_forward(x, weight, bias, eps, center, p.groups, p.seg, list(p.shape))
-    if p.form == "groups":
-        return _ops.groups_forward(x, weight, bias, eps, p.groups, list(p.shape))
-    return _ops.channels_forward(x, weight, bias, eps, list(p.shape), _permute(p))
-
-
-def backward(p, dy, x, mean, var, weight, eps, center):
-    """``(dx, dweight, dbias)``, the parameter gradients flat in x's dtype."""
-    if p.form == "rows":
-        return _ops.rows_backward(dy, x, mean, var, weight, eps, center, p.groups, p.seg, list(p.shape))
-    if p.form == "groups":
-        return _ops.groups_backward(dy, x, mean, var, weight, eps, p.groups, list(p.shape))
-    return _ops.channels_backward(dy, x, mean, var, weight, eps, list(p.shape), _permute(p))
-
-
-def evaluate(p, x, mean, var, weight, bias, eps):
-    """BatchNorm in eval straight from the running statistics (the map built in float64)."""
-    return _ops.channels_eval(x, mean, var, weight, bias, eps, list(p.shape), _permute(p))
-
-
-def affine(p, x, mean, scale, shift):
-    """BatchNorm in eval: ``(x − mean)·scale + shift`` per channel."""
-    return _ops.channels_affine(x, mean, scale, shift, list(p.shape), _permute(p))
-
-
-def affine_backward(p, dy, x, mean, scale):
-    """``(dx, Σ dy·(x − mean), Σ dy)``, the sums per channel in float32 or wider."""
-    return _ops.channels_affine_backward(dy, x, mean, scale, list(p.shape), _permute(p))
+if importlib.util.find_spec("triton") is not None:
+    _register_triton()

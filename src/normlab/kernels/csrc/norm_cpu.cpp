@@ -60,13 +60,21 @@ Tensor canon(const Tensor& t, IntArrayRef shape, IntArrayRef permute) {
   return v.contiguous().view(shape);
 }
 
-// γ or β flat and contiguous in x's dtype; absent: a constant vector of `fill`.
+// γ or β flat and contiguous in x's dtype; absent: a constant vector of `fill` (kept per
+// thread for the last size and dtype asked: an RMSNorm layer asks for the same zeros each call)
 Tensor param(const c10::optional<Tensor>& t, int64_t n, double fill, const Tensor& x) {
   if (t.has_value() && t->defined()) {
     TORCH_CHECK_VALUE(t->numel() == n, "normlab: expected a parameter of ", n, " elements, got ", t->numel());
+    if (t->dim() == 1 && t->scalar_type() == x.scalar_type() && t->is_contiguous()) return *t;
     return t->reshape({n}).to(x.scalar_type()).contiguous();
   }
-  return at::full({n}, fill, x.options().memory_format(at::MemoryFormat::Contiguous));
+  thread_local Tensor cached[2];
+  Tensor& c = cached[fill == 0.0 ? 0 : 1];
+  if (!x.device().is_cpu() || g_poison.load(std::memory_order_relaxed))
+    return at::full({n}, fill, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (!c.defined() || c.numel() != n || c.scalar_type() != x.scalar_type())
+    c = at::full({n}, fill, x.options().memory_format(at::MemoryFormat::Contiguous));
+  return c;
 }
 
 int64_t blocks(int64_t rows) {
@@ -822,14 +830,23 @@ Tensor channels_eval(const Tensor& x, const Tensor& mean, const Tensor& var, con
   Tensor y = out_like(x);
   if (x.numel() == 0) return y;
   Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
-  Tensor rm = f64(mean.reshape({C})), rv = f64(var.reshape({C}));
-  Tensor w = weight.has_value() && weight->defined() ? f64(weight->reshape({C})) : at::ones({C}, rm.options());
-  Tensor b = bias.has_value() && bias->defined() ? f64(bias->reshape({C})) : at::zeros({C}, rm.options());
+  // statistics and parameters as float64 values, read in place when they are (C,) vectors
+  auto values = [&](const c10::optional<Tensor>& t, double fill) -> std::vector<double> {
+    std::vector<double> v(C, fill);
+    if (!(t.has_value() && t->defined())) return v;
+    Tensor u = t->reshape({C});
+    if (!u.is_contiguous() || !u.device().is_cpu()) u = u.contiguous().cpu();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "channels_eval_values", [&] {
+      const scalar_t* p = u.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c]);
+    });
+    return v;
+  };
+  const std::vector<double> pm = values(mean, 0.0), pv = values(var, 1.0), pw = values(weight, 1.0),
+                            pb = values(bias, 0.0);
   NORMLAB_DISPATCH(x, "channels_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::vector<opmath_t> m0(C), a0(C), h0(C);
-    const double *pm = rm.const_data_ptr<double>(), *pv = rv.const_data_ptr<double>();
-    const double *pw = w.const_data_ptr<double>(), *pb = b.const_data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) {
       const double a = pw[c] / std::sqrt(pv[c] + eps);
       const opmath_t m = static_cast<opmath_t>(static_cast<scalar_t>(pm[c]));
@@ -870,7 +887,7 @@ std::tuple<Tensor, Tensor, Tensor> channels_affine_backward(const Tensor& dy, co
 
 std::tuple<Tensor, Tensor, Tensor> groups_forward(const Tensor& x, const c10::optional<Tensor>& weight,
                                                   const c10::optional<Tensor>& bias, double eps, int64_t groups,
-                                                  IntArrayRef shape) {
+                                                  IntArrayRef shape, IntArrayRef permute) {
   check_float(x, "groups_forward");
   TORCH_CHECK_VALUE(shape.size() == 3, "normlab.groups_forward: shape must be (N, S, C)");
   check_view(x, shape, "groups_forward");
@@ -879,8 +896,7 @@ std::tuple<Tensor, Tensor, Tensor> groups_forward(const Tensor& x, const c10::op
   Tensor y = out_like(x);
   Tensor mean = vec(x, N * groups, at::kDouble), var = vec(x, N * groups, at::kDouble);
   if (x.numel() == 0) return {y, mean, var};
-  // x is (N, *S, C)-contiguous in memory whatever shape it arrives in
-  Tensor xv = x.view(shape), yv = y.view(shape);
+  Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
   Tensor w = param(weight, C, 1.0, x), b = param(bias, C, 0.0, x);
   NORMLAB_DISPATCH(x, "groups_forward", [&] {
     groups_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
@@ -893,14 +909,16 @@ std::tuple<Tensor, Tensor, Tensor> groups_forward(const Tensor& x, const c10::op
 
 std::tuple<Tensor, Tensor, Tensor> groups_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                                    const Tensor& var, const c10::optional<Tensor>& weight,
-                                                   double eps, int64_t groups, IntArrayRef shape) {
+                                                   double eps, int64_t groups, IntArrayRef shape,
+                                                   IntArrayRef permute) {
   check_float(x, "groups_backward");
   check_view(x, shape, "groups_backward");
   const int64_t N = shape[0], S = shape[1], C = shape[2];
   Tensor dx = out_like(x);
   Tensor dw = vec(x, C, x.scalar_type()), db = vec(x, C, x.scalar_type());
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
-  Tensor xv = x.view(shape), dyv = dy.to(x.scalar_type()).contiguous().view(shape), dxv = dx.view(shape);
+  Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
+  Tensor dxv = canon(dx, shape, permute);
   Tensor w = param(weight, C, 1.0, x), m = f64(mean), v = f64(var);
   NORMLAB_DISPATCH(x, "groups_backward", [&] {
     groups_backward_kernel<scalar_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
@@ -960,14 +978,14 @@ std::tuple<Tensor, Tensor, Tensor> channels_affine_backward_meta(const Tensor&, 
 
 std::tuple<Tensor, Tensor, Tensor> groups_forward_meta(const Tensor& x, const c10::optional<Tensor>&,
                                                        const c10::optional<Tensor>&, double, int64_t groups,
-                                                       IntArrayRef shape) {
+                                                       IntArrayRef shape, IntArrayRef) {
   auto opts = x.options().dtype(at::kDouble);
   return {at::empty_like(x), at::empty({shape[0] * groups}, opts), at::empty({shape[0] * groups}, opts)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> groups_backward_meta(const Tensor&, const Tensor& x, const Tensor&, const Tensor&,
                                                         const c10::optional<Tensor>&, double, int64_t,
-                                                        IntArrayRef shape) {
+                                                        IntArrayRef shape, IntArrayRef) {
   return {at::empty_like(x), at::empty({shape[2]}, x.options()), at::empty({shape[2]}, x.options())};
 }
 
@@ -988,10 +1006,10 @@ TORCH_LIBRARY(normlab, m) {
         "int[] permute) -> Tensor");
   m.def("channels_affine_backward(Tensor dy, Tensor x, Tensor mean, Tensor scale, int[] shape, int[] permute) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("groups_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, int groups, int[] shape) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("groups_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, int groups, int[] shape, "
+        "int[] permute) -> (Tensor, Tensor, Tensor)");
   m.def("groups_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int groups, "
-        "int[] shape) -> (Tensor, Tensor, Tensor)");
+        "int[] shape, int[] permute) -> (Tensor, Tensor, Tensor)");
   m.def("_set_poison(bool on) -> ()", &normlab::set_poison);
 }
 

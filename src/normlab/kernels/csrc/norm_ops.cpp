@@ -1,0 +1,691 @@
+// normlab's norms as torch operators, with torch.nn.functional's signatures:
+//   normlab::layer_norm, rms_norm, group_norm, batch_norm, instance_norm.
+//
+// One operator call per norm, as torch's own: the checks (ValueError/TypeError with normlab's
+// messages), the choice of canonical form (norm_cpu.cpp) and the autograd node all live here.
+// Autograd is a C++ Function whose backward is the fused backward kernel; when a graph is being
+// built (double backward), or the gradient is a batched tensor (is_grads_batched), it is the
+// written-out formula of the survey's eq. (4)-(9) in differentiable aten ops,
+//   ∂l/∂x = r·(g − mean(g) − x̂·mean(g·x̂)),  g = γ·∂l/∂y  (RMSNorm: no mean(g)),
+// with the statistics recomputed from x so that they depend on it. Forward-mode AD (a tangent
+// on any input) runs the forward as differentiable aten ops, which carry the tangents.
+// BatchNorm/InstanceNorm update their running statistics here, after every check has passed,
+// both buffers or neither (torch's rule: new = (1 − momentum)·old + momentum·batch, the
+// unbiased variance, computed in float64).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/FunctionalTensorWrapper.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/ScalarType.h>
+#include <torch/csrc/api/include/torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace normlab {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+
+// ------------------------------------------------------------------------------ messages
+
+std::string tuple(IntArrayRef s) {  // as Python prints a shape: (4, 8), (8,), ()
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  if (s.size() == 1) o << ",";
+  o << ")";
+  return o.str();
+}
+
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+void check_input(const Tensor& x, const char* op, int64_t min_ndim) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got dtype ",
+                   dtype_name(x.scalar_type()), "; convert it first, e.g. x.float()");
+  TORCH_CHECK_VALUE(x.dim() >= min_ndim, op, ": expected at least ", min_ndim, "-D input, got ", x.dim(),
+                    "-D input of shape ", tuple(x.sizes()));
+}
+
+void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const char* op, const Tensor& x) {
+  if (!given(t)) return;
+  TORCH_CHECK_VALUE(t->sizes() == shape, op, ": ", name, " must have shape ", tuple(shape),
+                    " to match the input, got ", tuple(t->sizes()));
+  TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
+                    x.device(), "; move them to one device, e.g. module.to(input.device)");
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating-point, got dtype ",
+                   dtype_name(t->scalar_type()));
+}
+
+void require_values(const Tensor& x, IntArrayRef dims, const char* op, int64_t n = -1) {
+  if (n < 0) {
+    n = 1;
+    for (auto d : dims) n *= x.size(d);
+  }
+  TORCH_CHECK_VALUE(n > 0, op, ": no values to compute statistics over: input of shape ", tuple(x.sizes()),
+                    " is empty along dims ", tuple(dims), "; skip empty batches before calling it");
+}
+
+// -------------------------------------------------------------------------------- forms
+
+enum Kind : int64_t { ROWS = 0, CHANNELS = 1, GROUPS = 2 };
+
+// How one call maps onto a canonical form of norm_cpu.cpp: the view x is computed in, and
+// how γ, β index it.
+struct Form {
+  int64_t kind = ROWS;
+  std::vector<int64_t> shape;    // (R, D), (N, C, S) or (N, S, C)
+  std::vector<int64_t> permute;  // dims that make x contiguous (channels_last), or none
+  int64_t groups = 1, seg = 1;
+  bool center = true;
+
+  int64_t params() const {
+    return kind == ROWS ? groups * (shape[1] / seg) : (kind == CHANNELS ? shape[1] : shape[2]);
+  }
+  // the same data as a tensor the aten formula reduces over `dims`, γ, β viewed as `pshape`
+  std::vector<int64_t> dims() const {
+    if (kind == ROWS) return {2, 3};
+    if (kind == CHANNELS) return {0, 2};
+    return {1, 3};
+  }
+  std::vector<int64_t> view_shape() const {
+    if (kind == ROWS) return {shape[0] / groups, groups, shape[1] / seg, seg};
+    if (kind == CHANNELS) return shape;
+    return {shape[0], shape[1], groups, shape[2] / groups};
+  }
+  std::vector<int64_t> pshape() const {
+    if (kind == ROWS) return {groups, shape[1] / seg, 1};
+    if (kind == CHANNELS) return {shape[1], 1};
+    return {groups, shape[2] / groups};
+  }
+};
+
+// x (own layout) in the formula's view, and back
+Tensor to_view(const Tensor& t, const Form& f) {
+  Tensor v = f.permute.empty() ? t : t.permute(f.permute);
+  return v.reshape(f.view_shape());
+}
+
+Tensor from_view(const Tensor& t, const Form& f, const Tensor& like) {
+  if (f.permute.empty()) return t.reshape(like.sizes());
+  std::vector<int64_t> psizes, inverse(f.permute.size());
+  for (size_t i = 0; i < f.permute.size(); ++i) {
+    psizes.push_back(like.size(f.permute[i]));
+    inverse[f.permute[i]] = static_cast<int64_t>(i);
+  }
+  return t.reshape(psizes).permute(inverse);
+}
+
+std::vector<int64_t> channels_last_permute(const Tensor& x) {
+  // (N, C, *S) stored as (N, *S, C): the permutation that makes it contiguous, or none
+  const int64_t nd = x.dim();
+  if (x.is_contiguous()) return {};
+  bool cl = (nd == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+            (nd == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  if (!cl) return {};
+  std::vector<int64_t> p = {0};
+  for (int64_t d = 2; d < nd; ++d) p.push_back(d);
+  p.push_back(1);
+  return p;
+}
+
+// ------------------------------------------------------------------ the kernels (dispatcher)
+
+using FwdOut = std::tuple<Tensor, Tensor, Tensor>;
+
+c10::OperatorHandle handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+FwdOut form_forward(const Form& f, const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
+  if (f.kind == ROWS) {
+    static auto op = handle("normlab::rows_forward")
+                         .typed<FwdOut(const Tensor&, const OptTensor&, const OptTensor&, double, bool, int64_t,
+                                       int64_t, IntArrayRef)>();
+    return op.call(x, w, b, eps, f.center, f.groups, f.seg, f.shape);
+  }
+  if (f.kind == CHANNELS) {
+    static auto op = handle("normlab::channels_forward")
+                         .typed<FwdOut(const Tensor&, const OptTensor&, const OptTensor&, double, IntArrayRef,
+                                       IntArrayRef)>();
+    return op.call(x, w, b, eps, f.shape, f.permute);
+  }
+  static auto op = handle("normlab::groups_forward")
+                       .typed<FwdOut(const Tensor&, const OptTensor&, const OptTensor&, double, int64_t, IntArrayRef,
+                                     IntArrayRef)>();
+  return op.call(x, w, b, eps, f.groups, f.shape, f.permute);
+}
+
+FwdOut form_backward(const Form& f, const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var,
+                     const OptTensor& w, double eps) {
+  if (f.kind == ROWS) {
+    static auto op = handle("normlab::rows_backward")
+                         .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                       double, bool, int64_t, int64_t, IntArrayRef)>();
+    return op.call(dy, x, mean, var, w, eps, f.center, f.groups, f.seg, f.shape);
+  }
+  if (f.kind == CHANNELS) {
+    static auto op = handle("normlab::channels_backward")
+                         .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                       double, IntArrayRef, IntArrayRef)>();
+    return op.call(dy, x, mean, var, w, eps, f.shape, f.permute);
+  }
+  static auto op = handle("normlab::groups_backward")
+                       .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                     double, int64_t, IntArrayRef, IntArrayRef)>();
+  return op.call(dy, x, mean, var, w, eps, f.groups, f.shape, f.permute);
+}
+
+Tensor eval_forward(const Form& f, const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& w,
+                    const OptTensor& b, double eps) {
+  static auto op = handle("normlab::channels_eval")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                     double, IntArrayRef, IntArrayRef)>();
+  return op.call(x, mean, var, w, b, eps, f.shape, f.permute);
+}
+
+FwdOut eval_backward(const Form& f, const Tensor& dy, const Tensor& x, const Tensor& m, const Tensor& a) {
+  static auto op = handle("normlab::channels_affine_backward")
+                       .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, IntArrayRef,
+                                     IntArrayRef)>();
+  return op.call(dy, x, m, a, f.shape, f.permute);
+}
+
+// Does a compiled kernel exist for x's device? (CUDA: the Triton kernels normlab registers from
+// Python when Triton is there.) Otherwise the aten formula computes the call.
+bool has_kernel(const Tensor& x, const Form& f) {
+  if (x.device().is_cpu() || x.device().is_meta()) return true;
+  if (x.scalar_type() == at::kDouble) return false;  // the Triton kernels: float32, float16, bfloat16
+  const char* name = f.kind == ROWS ? "normlab::rows_forward"
+                                    : (f.kind == CHANNELS ? "normlab::channels_forward" : "normlab::groups_forward");
+  auto key = c10::computeDispatchKey(std::nullopt, std::nullopt, x.device());
+  return handle(name).hasKernelForDispatchKey(key);
+}
+
+// ------------------------------------------------------------- the written-out formula (aten)
+
+at::ScalarType acc_type(const Tensor& x, std::initializer_list<const OptTensor*> others = {}) {
+  at::ScalarType acc = at::promote_types(x.scalar_type(), at::kFloat);
+  for (auto* t : others)
+    if (given(*t)) acc = at::promote_types(acc, (*t)->scalar_type());
+  return acc;
+}
+
+Tensor pview(const OptTensor& t, const Form& f) { return t->reshape(f.pshape()); }
+
+// y by differentiable aten ops (forward-mode AD, devices without a kernel)
+Tensor formula_forward(const Form& f, const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
+  auto dims = f.dims();
+  Tensor xa = to_view(x, f).to(acc_type(x));
+  Tensor xc = f.center ? xa - xa.mean(dims, true) : xa;
+  Tensor y = xc * at::rsqrt(xc.square().mean(dims, true) + eps);
+  if (given(w)) y = y * pview(w, f);
+  if (given(b)) y = y + pview(b, f);
+  return from_view(y.to(x.scalar_type()), f, x);
+}
+
+// (dx, dw, db) of the norm by differentiable aten ops, statistics recomputed from x
+std::tuple<Tensor, Tensor, Tensor> formula_backward(const Form& f, const Tensor& dy, const Tensor& x,
+                                                    const OptTensor& w, double eps, bool need_w, bool need_b) {
+  auto dims = f.dims();
+  auto pshape = f.pshape();
+  Tensor xa = to_view(x, f).to(acc_type(x, {&w}));
+  Tensor xc = f.center ? xa - xa.mean(dims, true) : xa;
+  Tensor rstd = at::rsqrt(xc.square().mean(dims, true) + eps);
+  Tensor xhat = xc * rstd;
+  Tensor dya = to_view(dy, f).to(xa.scalar_type());
+  Tensor dw = need_w ? (dya * xhat).sum_to_size(pshape) : Tensor();  // eq. (8)
+  Tensor db = need_b ? dya.sum_to_size(pshape) : Tensor();           // eq. (9)
+  Tensor g = given(w) ? dya * pview(w, f) : dya;                     // eq. (4)
+  Tensor proj = xhat * (g * xhat).mean(dims, true);
+  if (f.center) proj = proj + g.mean(dims, true);
+  Tensor dx = from_view(((g - proj) * rstd).to(x.scalar_type()), f, x);
+  return {dx, dw, db};
+}
+
+bool has_fw_grad(std::initializer_list<const OptTensor*> ts) {
+  for (auto* t : ts)
+    if (given(*t) && (*t)->_fw_grad(/*level=*/0).defined()) return true;
+  return false;
+}
+
+bool batched(const Tensor& t) {
+  auto ks = t.key_set();
+  return ks.has(c10::DispatchKey::Batched) || ks.has(c10::DispatchKey::FuncTorchBatched);
+}
+
+Tensor shaped_like(const Tensor& g, const Tensor& like) {  // a flat parameter gradient as the parameter
+  return g.reshape(like.sizes()).to(like.scalar_type());
+}
+
+// ----------------------------------------------------------------------- autograd: batch stats
+
+// which of x, γ, β need a gradient (autograd numbers only the tensors that were given)
+std::tuple<bool, bool, bool> needs(AutogradContext* ctx, const Tensor& w, const Tensor& b) {
+  size_t i = 0;
+  const bool x = ctx->needs_input_grad(i++);
+  const bool gw = w.defined() && ctx->needs_input_grad(i++);
+  const bool gb = b.defined() && ctx->needs_input_grad(i++);
+  return {x, gw, gb};
+}
+
+// the Form as one saved IValue: (kind, groups, seg, center, rank, *shape, *permute)
+void save_form(AutogradContext* ctx, const Form& f) {
+  std::vector<int64_t> v = {f.kind, f.groups, f.seg, f.center, static_cast<int64_t>(f.shape.size())};
+  v.insert(v.end(), f.shape.begin(), f.shape.end());
+  v.insert(v.end(), f.permute.begin(), f.permute.end());
+  ctx->saved_data["form"] = std::move(v);
+}
+
+Form load_form(AutogradContext* ctx) {
+  auto v = ctx->saved_data["form"].toIntVector();
+  Form f;
+  f.kind = v[0];
+  f.groups = v[1];
+  f.seg = v[2];
+  f.center = v[3] != 0;
+  f.shape.assign(v.begin() + 5, v.begin() + 5 + v[4]);
+  f.permute.assign(v.begin() + 5 + v[4], v.end());
+  return f;
+}
+
+// no graph to record: the kernel straight away (inference, or nothing requires grad)
+bool recording(std::initializer_list<const OptTensor*> ts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (auto* t : ts)
+    if (given(*t) && (*t)->requires_grad()) return true;
+  return false;
+}
+
+// what both Functions keep for backward: x, γ, β (for their shapes), the statistics, ε, the form
+void save(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b, Tensor mean, Tensor var,
+          double eps, const Form& f) {
+  ctx->save_for_backward({x, given(w) ? *w : Tensor(), given(b) ? *b : Tensor()});
+  ctx->saved_data["mean"] = std::move(mean);
+  ctx->saved_data["var"] = std::move(var);
+  ctx->saved_data["eps"] = eps;
+  save_form(ctx, f);
+}
+
+struct Saved {
+  Tensor x, w, b, mean, var;
+  OptTensor wo;
+  double eps;
+  Form f;
+  bool need_x, need_w, need_b;
+  bool formula;  // a graph to build, batched gradients, or no kernel for the device
+
+  Saved(AutogradContext* ctx, const Tensor& dy) {
+    auto saved = ctx->get_saved_variables();
+    x = saved[0], w = saved[1], b = saved[2];
+    std::tie(need_x, need_w, need_b) = needs(ctx, w, b);
+    mean = ctx->saved_data["mean"].toTensor();
+    var = ctx->saved_data["var"].toTensor();
+    eps = ctx->saved_data["eps"].toDouble();
+    f = load_form(ctx);
+    wo = w.defined() ? OptTensor(w) : std::nullopt;
+    formula = at::GradMode::is_enabled() || batched(dy) || !has_kernel(x, f);
+  }
+
+  // the gradients of (x, γ, β), then none for the `rest` other arguments of forward
+  variable_list grads(const Tensor& dx, const Tensor& dw, const Tensor& db, size_t rest) const {
+    variable_list out = {need_x ? dx : Tensor(), need_w ? shaped_like(dw, w) : Tensor(),
+                         need_b ? shaped_like(db, b) : Tensor()};
+    out.resize(3 + rest);
+    return out;
+  }
+};
+
+struct NormFn : public torch::autograd::Function<NormFn> {
+  // returns (y, mean, var): statistics float64, flat, not differentiable
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b,
+                               Form f, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, var] = form_forward(f, x, w, b, eps);
+    save(ctx, x, w, b, mean, var, eps, f);
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return variable_list(5);
+    const Saved s(ctx, dy);
+    Tensor dx, dw, db;
+    if (s.formula) {
+      std::tie(dx, dw, db) = formula_backward(s.f, dy, s.x, s.wo, s.eps, s.need_w, s.need_b);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(dx, dw, db) = form_backward(s.f, dy, s.x, s.mean, s.var, s.wo, s.eps);
+    }
+    return s.grads(dx, dw, db, 2);
+  }
+};
+
+// y (and the flat float64 statistics) of a norm over batch statistics, with autograd
+FwdOut normalize(const Form& f, const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
+  if (has_fw_grad({&w, &b}) || x._fw_grad(0).defined() || !has_kernel(x, f)) {
+    Tensor y = formula_forward(f, x, w, b, eps);
+    return {y, Tensor(), Tensor()};  // statistics for the running update, without the tangents
+  }
+  const OptTensor xo(x);
+  if (!recording({&xo, &w, &b})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return form_forward(f, x, w, b, eps);
+  }
+  auto out = NormFn::apply(x, w, b, f, eps);
+  return {out[0], out[1], out[2]};
+}
+
+// -------------------------------------------------------------------- autograd: fixed stats
+
+// BatchNorm in eval: y = (x − μ)·a + β per channel, a = γ·r, r = 1/√(σ² + ε) (the lesson's
+// affine view of BN in inference). ∂l/∂x = a·∂l/∂y, ∂l/∂γ = r·Σ ∂l/∂y·(x − μ), ∂l/∂β = Σ ∂l/∂y.
+std::tuple<Tensor, Tensor, Tensor> eval_formula_backward(const Form& f, const Tensor& dy, const Tensor& x,
+                                                         const Tensor& mean, const Tensor& var, const OptTensor& w,
+                                                         double eps, bool need_w, bool need_b) {
+  auto pshape = f.pshape();
+  at::ScalarType acc = at::promote_types(acc_type(x, {&w}), at::promote_types(mean.scalar_type(), var.scalar_type()));
+  Tensor r = at::rsqrt(var.to(acc).reshape(pshape) + eps);
+  Tensor dya = to_view(dy, f).to(acc);
+  Tensor dw = need_w ? (dya * (to_view(x, f).to(acc) - mean.to(acc).reshape(pshape)) * r).sum_to_size(pshape) : Tensor();
+  Tensor db = need_b ? dya.sum_to_size(pshape) : Tensor();
+  Tensor a = given(w) ? r * pview(w, f) : r;
+  return {from_view((dya * a).to(x.scalar_type()), f, x), dw, db};
+}
+
+Tensor eval_formula_forward(const Form& f, const Tensor& x, const Tensor& mean, const Tensor& var,
+                            const OptTensor& w, const OptTensor& b, double eps) {
+  auto pshape = f.pshape();
+  at::ScalarType acc = at::promote_types(acc_type(x, {&w, &b}), at::promote_types(mean.scalar_type(), var.scalar_type()));
+  Tensor y = (to_view(x, f).to(acc) - mean.to(acc).reshape(pshape)) * at::rsqrt(var.to(acc).reshape(pshape) + eps);
+  if (given(w)) y = y * pview(w, f);
+  if (given(b)) y = y + pview(b, f);
+  return from_view(y.to(x.scalar_type()), f, x);
+}
+
+struct EvalFn : public torch::autograd::Function<EvalFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b,
+                               const Tensor& mean, const Tensor& var, Form f, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor y = eval_forward(f, x, mean, var, w, b, eps);
+    // copies: a later in-place update of the running buffers (a train step) must not reach
+    // what backward reads
+    save(ctx, x, w, b, mean.clone(), var.clone(), eps, f);
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return variable_list(7);
+    const Saved s(ctx, dy);
+    const Tensor &x = s.x, &mean = s.mean, &var = s.var;
+    Tensor dx, dw, db;
+    if (s.formula) {
+      std::tie(dx, dw, db) = eval_formula_backward(s.f, dy, x, mean, var, s.wo, s.eps, s.need_w, s.need_b);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      const int64_t C = s.f.shape[1];
+      at::ScalarType acc = at::promote_types(acc_type(x), at::promote_types(mean.scalar_type(), var.scalar_type()));
+      Tensor mu = mean.reshape({C}).to(acc), r = at::rsqrt(var.reshape({C}).to(acc) + s.eps);
+      Tensor a = s.w.defined() ? r * s.w.reshape({C}).to(acc) : r;
+      Tensor m = mu.to(x.scalar_type());
+      Tensor da;
+      std::tie(dx, da, db) = eval_backward(s.f, dy, x, m, a.to(x.scalar_type()));
+      if (s.need_w) {  // Σ dy·(x − μ) from the kernel's Σ dy·(x − m), m = μ rounded to x's dtype
+        Tensor sum = da.to(acc);
+        if (m.scalar_type() != acc) sum = sum - (mu - m.to(acc)) * db.to(acc);
+        dw = sum * r;
+      }
+    }
+    return s.grads(dx, dw, db, 4);
+  }
+};
+
+// ------------------------------------------------------------------------ running statistics
+
+void check_running(const OptTensor& t, const char* name, const char* op) {
+  if (given(t) && t->requires_grad() && at::GradMode::is_enabled())  // torch refuses this too
+    TORCH_CHECK_VALUE(false, op, ": ", name, " requires grad, but no gradient flows into running statistics; pass ",
+                      name, ".detach() (or a buffer)");
+}
+
+// new = (1 − momentum)·old + momentum·batch per channel, in float64, written into both
+// buffers only once both new values exist (a failed call changes neither)
+void update_running(const OptTensor& rm, const OptTensor& rv, const Tensor& mean, const Tensor& var, double momentum) {
+  at::NoGradGuard no_grad;
+  // plain CPU buffers are updated in place; fake, functional or other tensors through aten ops
+  auto plain = [](const Tensor& t) { return t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
+                                            !at::functionalization::impl::isFunctionalTensor(t); };
+  auto direct = [&](const OptTensor& t) {
+    return !given(t) || (plain(*t) && t->is_contiguous() && !t->is_inference() && at::isFloatingType(t->scalar_type()));
+  };
+  if (direct(rm) && direct(rv) && plain(mean) && plain(var) && mean.scalar_type() == at::kDouble) {
+    Tensor m = mean.contiguous(), v = var.contiguous();
+    const double *pm = m.const_data_ptr<double>(), *pv = v.const_data_ptr<double>();
+    for (auto [t, batch] : {std::make_pair(&rm, pm), std::make_pair(&rv, pv)}) {
+      if (!given(*t)) continue;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (*t)->scalar_type(), "update_running", [&] {
+        scalar_t* p = (*t)->mutable_data_ptr<scalar_t>();
+        for (int64_t c = 0, n = (*t)->numel(); c < n; ++c)
+          p[c] = static_cast<scalar_t>(static_cast<double>(p[c]) * (1.0 - momentum) + batch[c] * momentum);
+      });
+      torch::autograd::impl::bump_version(**t);  // as an in-place op would
+    }
+    return;
+  }
+  std::vector<std::pair<Tensor, Tensor>> todo;
+  for (auto [t, batch] : {std::make_pair(&rm, &mean), std::make_pair(&rv, &var)}) {
+    if (!given(*t)) continue;
+    Tensor old = (*t)->to(at::kDouble);
+    todo.emplace_back(**t, (old * (1.0 - momentum) + batch->to(at::kDouble).reshape(old.sizes()) * momentum)
+                               .to((*t)->scalar_type()));
+  }
+  for (auto& [t, v] : todo) t.copy_(v);
+}
+
+// --------------------------------------------------------------------------------- the ops
+
+Tensor layer_norm_impl(const Tensor& x, IntArrayRef normalized_shape, const OptTensor& w, const OptTensor& b,
+                       double eps, bool center, const char* op) {
+  check_input(x, op, 1);
+  const int64_t k = static_cast<int64_t>(normalized_shape.size()), nd = x.dim();
+  TORCH_CHECK_VALUE(k > 0 && nd >= k && x.sizes().slice(nd - k) == normalized_shape, op, ": normalized_shape ",
+                    tuple(normalized_shape), " must equal the trailing dims of the input, got input of shape ",
+                    tuple(x.sizes()), "; pass normalized_shape=input.shape[-k:] for the last k dims");
+  check_param(w, "weight", normalized_shape, op, x);
+  if (center) check_param(b, "bias", normalized_shape, op, x);
+  std::vector<int64_t> dims;
+  for (int64_t d = nd - k; d < nd; ++d) dims.push_back(d);
+  require_values(x, dims, op);
+  if (x.numel() == 0) return x.clone();
+  Form f;
+  int64_t D = 1;
+  for (auto s : normalized_shape) D *= s;
+  f.shape = {x.numel() / D, D};
+  f.center = center;
+  // a strided input (a permuted view) is copied once: the rows kernel reads rows contiguously
+  Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  return std::get<0>(normalize(f, xc, w, center ? b : std::nullopt, eps));
+}
+
+Tensor layer_norm(const Tensor& x, IntArrayRef normalized_shape, const OptTensor& w, const OptTensor& b, double eps) {
+  return layer_norm_impl(x, normalized_shape, w, b, eps, true, "layer_norm");
+}
+
+Tensor rms_norm(const Tensor& x, IntArrayRef normalized_shape, const OptTensor& w, std::optional<double> eps) {
+  // eps=None: the machine epsilon of the dtype the statistics are accumulated in (torch's rule)
+  double e = eps.has_value() ? *eps
+                             : (at::promote_types(x.scalar_type(), at::kFloat) == at::kDouble
+                                    ? std::numeric_limits<double>::epsilon()
+                                    : static_cast<double>(std::numeric_limits<float>::epsilon()));
+  return layer_norm_impl(x, normalized_shape, w, std::nullopt, e, false, "rms_norm");
+}
+
+void check_channels(const Tensor& x, const char* op, std::initializer_list<std::pair<const OptTensor*, const char*>> ps) {
+  const int64_t c = x.size(1);
+  for (auto [t, name] : ps) check_param(*t, name, {c}, op, x);
+}
+
+Tensor group_norm(const Tensor& x, int64_t num_groups, const OptTensor& w, const OptTensor& b, double eps) {
+  const char* op = "group_norm";
+  check_input(x, op, 2);
+  check_channels(x, op, {{&w, "weight"}, {&b, "bias"}});
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, "group_norm: num_groups=", num_groups,
+                    " must divide the ", C, " channels; choose a divisor of ", C);
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d < x.dim(); ++d) dims.push_back(d);
+  int64_t S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
+  require_values(x, dims, op, (C / num_groups) * S);  // statistics over (C/G, *S) per group
+  if (x.numel() == 0) return x.clone();
+  Form f;
+  f.groups = num_groups;
+  auto perm = channels_last_permute(x);
+  if (!perm.empty() && x.device().is_cpu()) {  // (N, *S, C) in memory: groups of adjacent channels, no copy
+    f.kind = GROUPS;
+    f.shape = {N, S, C};
+    f.permute = perm;
+    return std::get<0>(normalize(f, x, w, b, eps));
+  }
+  f.shape = {N * num_groups, (C / num_groups) * S};
+  f.seg = S;
+  Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  Tensor y = std::get<0>(normalize(f, xc, w, b, eps));
+  return perm.empty() ? y : y.contiguous(x.suggest_memory_format());
+}
+
+// BatchNorm and InstanceNorm: per-channel parameters and running statistics
+Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w,
+                    const OptTensor& b, bool batch_stats, double momentum, double eps, bool instance) {
+  check_input(x, op, 2);
+  check_channels(x, op, {{&rm, "running_mean"}, {&rv, "running_var"}, {&w, "weight"}, {&b, "bias"}});
+  check_running(rm, "running_mean", op);
+  check_running(rv, "running_var", op);
+  const int64_t nd = x.dim(), N = x.size(0), C = x.size(1);
+  int64_t S = 1;
+  for (int64_t d = 2; d < nd; ++d) S *= x.size(d);
+  std::vector<int64_t> dims;
+  if (!instance) dims.push_back(0);
+  for (int64_t d = 2; d < nd; ++d) dims.push_back(d);
+  auto perm = channels_last_permute(x);
+  Form f;
+  f.kind = CHANNELS;
+  if (!batch_stats) {
+    TORCH_CHECK_VALUE(given(rm) && given(rv), op, ": running_mean and running_var are required to normalize with ",
+                      "running statistics; pass them, or use batch statistics (training=True / use_input_stats=True)");
+    if (x.numel() == 0) return x.clone();
+    Tensor xc = x;
+    if (perm.empty() && !x.is_contiguous()) xc = x.contiguous();
+    f.shape = perm.empty() ? std::vector<int64_t>{N, C, S} : std::vector<int64_t>{N * S, C, 1};
+    f.permute = perm;
+    if (has_fw_grad({&w, &b}) || xc._fw_grad(0).defined() || !has_kernel(xc, f))
+      return eval_formula_forward(f, xc, *rm, *rv, w, b, eps);
+    const OptTensor xo(xc);
+    if (!recording({&xo, &w, &b})) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return eval_forward(f, xc, *rm, *rv, w, b, eps);
+    }
+    return EvalFn::apply(xc, w, b, *rm, *rv, f, eps)[0];
+  }
+  const int64_t n = instance ? S : N * S;
+  TORCH_CHECK_VALUE(n > 1, op, ": expected more than 1 value per channel when training, got ",
+                    n == 0 ? "an empty batch" : "1", " (input of shape ", tuple(x.sizes()),
+                    "); use a batch of at least 2 (e.g. drop_last=True in the DataLoader), or eval mode, or ",
+                    "GroupNorm/LayerNorm for single samples");
+  if (x.numel() == 0) return x.clone();  // an empty batch of instances: nothing to update
+  Tensor y, mean, var;
+  if (instance) {
+    if (!perm.empty() && x.device().is_cpu()) {  // GroupNorm's view with one channel per group
+      f.kind = GROUPS;
+      f.shape = {N, S, C};
+      f.permute = perm;
+      f.groups = C;
+      std::tie(y, mean, var) = normalize(f, x, w, b, eps);
+    } else {
+      Tensor xc = x.is_contiguous() ? x : x.contiguous();
+      f.kind = ROWS;
+      f.shape = {N * C, S};
+      f.groups = C;
+      f.seg = S;
+      std::tie(y, mean, var) = normalize(f, xc, w, b, eps);
+      if (!perm.empty()) y = y.contiguous(x.suggest_memory_format());
+    }
+  } else {
+    Tensor xc = x;
+    if (perm.empty() && !x.is_contiguous()) xc = x.contiguous();
+    f.shape = perm.empty() ? std::vector<int64_t>{N, C, S} : std::vector<int64_t>{N * S, C, 1};
+    f.permute = perm;
+    std::tie(y, mean, var) = normalize(f, xc, w, b, eps);
+  }
+  if (given(rm) || given(rv)) {
+    at::NoGradGuard no_grad;
+    if (!mean.defined()) {  // forward-mode AD took the formula: the statistics again, without tangents
+      Tensor xd = to_view(x.detach()._fw_primal(0), f).to(at::kDouble);
+      auto vm = at::var_mean(xd, f.dims(), /*correction=*/0, /*keepdim=*/false);
+      var = std::get<0>(vm).reshape(-1);
+      mean = std::get<1>(vm).reshape(-1);
+    }
+    Tensor bm = instance ? mean.view({N, C}).mean(0) : mean;
+    Tensor bv = (instance ? var.view({N, C}).mean(0) : var) * (static_cast<double>(n) / (n - 1));  // unbiased
+    update_running(rm, rv, bm, bv, momentum);
+  }
+  return y;
+}
+
+Tensor batch_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w, const OptTensor& b,
+                  bool training, double momentum, double eps) {
+  return channel_norm("batch_norm", x, rm, rv, w, b, training, momentum, eps, false);
+}
+
+Tensor instance_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w,
+                     const OptTensor& b, bool use_input_stats, double momentum, double eps) {
+  TORCH_CHECK_VALUE(x.dim() >= 3, "instance_norm: expected at least 3-D input (N, C, *spatial), got ", x.dim(),
+                    "-D input of shape ", tuple(x.sizes()));
+  return channel_norm("instance_norm", x, rm, rv, w, b, use_input_stats, momentum, eps, true);
+}
+
+}  // namespace
+}  // namespace normlab
+
+TORCH_LIBRARY_FRAGMENT(normlab, m) {
+  m.def("layer_norm(Tensor input, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, "
+        "float eps=1e-05) -> Tensor");
+  m.def("rms_norm(Tensor input, int[] normalized_shape, Tensor? weight=None, float? eps=None) -> Tensor");
+  m.def("group_norm(Tensor input, int num_groups, Tensor? weight=None, Tensor? bias=None, float eps=1e-05) -> Tensor");
+  m.def("batch_norm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight=None, "
+        "Tensor? bias=None, bool training=False, float momentum=0.1, float eps=1e-05) -> Tensor");
+  m.def("instance_norm(Tensor input, Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, "
+        "Tensor? weight=None, Tensor? bias=None, bool use_input_stats=True, float momentum=0.1, "
+        "float eps=1e-05) -> Tensor");
+}
+
+// Autograd: the planning above and the C++ Functions. Below autograd (inference mode, and the
+// Meta/fake tensors of torch.compile once autograd is traced) the same code runs, its
+// Functions then recording nothing.
+TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
+  m.impl("layer_norm", &normlab::layer_norm);
+  m.impl("rms_norm", &normlab::rms_norm);
+  m.impl("group_norm", &normlab::group_norm);
+  m.impl("batch_norm", &normlab::batch_norm);
+  m.impl("instance_norm", &normlab::instance_norm);
+}
+
+TORCH_LIBRARY_IMPL(normlab, CompositeExplicitAutograd, m) {
+  m.impl("layer_norm", &normlab::layer_norm);
+  m.impl("rms_norm", &normlab::rms_norm);
+  m.impl("group_norm", &normlab::group_norm);
+  m.impl("batch_norm", &normlab::batch_norm);
+  m.impl("instance_norm", &normlab::instance_norm);
+}

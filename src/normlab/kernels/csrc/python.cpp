@@ -1,0 +1,172 @@
+// normlab._C: the Python entry points of the norm operators, for eager calls.
+//
+// `torch.ops.normlab.layer_norm(...)` parses its arguments against the schema on every call,
+// which costs several microseconds, as much as a small LayerNorm itself. These functions take
+// the arguments positionally, unpack them directly and call the same operator through the
+// dispatcher (autograd, the kernels, every dispatch key as usual), so that a normlab layer
+// costs what torch's own does. While torch.compile traces, normlab.functional calls the
+// torch.ops form instead, which dynamo understands.
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+c10::OperatorHandle handle(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
+
+const char* g_op = "";
+
+const Tensor& tensor(PyObject* o, const char* what) {
+  if (!THPVariable_Check(o)) {
+    TORCH_CHECK_TYPE(false, g_op, ": expected ", what, " to be a torch.Tensor, got ", Py_TYPE(o)->tp_name);
+  }
+  return THPVariable_Unpack(o);
+}
+
+OptTensor optional(PyObject* o, const char* what) {
+  if (o == Py_None) return std::nullopt;
+  return tensor(o, what);
+}
+
+std::vector<int64_t> ints(PyObject* o, const char* what) {
+  std::vector<int64_t> out;
+  if (PyLong_Check(o)) {
+    out.push_back(PyLong_AsLongLong(o));
+  } else {
+    PyObject* seq = PySequence_Fast(o, "");
+    if (seq == nullptr) {
+      PyErr_Clear();
+      TORCH_CHECK_TYPE(false, g_op, ": ", what, " must be an int or a sequence of ints, got ", Py_TYPE(o)->tp_name);
+    }
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
+      if (!PyLong_Check(item) && !PyIndex_Check(item)) {
+        Py_DECREF(seq);
+        TORCH_CHECK_TYPE(false, g_op, ": ", what, " must contain ints, got ", Py_TYPE(item)->tp_name);
+      }
+      out.push_back(PyLong_AsLongLong(item));
+    }
+    Py_DECREF(seq);
+  }
+  if (PyErr_Occurred()) throw python_error();
+  return out;
+}
+
+double number(PyObject* o, const char* what) {
+  double v = PyFloat_AsDouble(o);
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    TORCH_CHECK_TYPE(false, g_op, ": ", what, " must be a number, got ", Py_TYPE(o)->tp_name);
+  }
+  return v;
+}
+
+void nargs(Py_ssize_t n, Py_ssize_t want, const char* op) {
+  g_op = op;
+  TORCH_CHECK_TYPE(n == want, "normlab._C.", op, " takes ", want, " arguments, got ", n);
+}
+
+// the operator call without the GIL (the kernels run as torch's do), its result as a Python tensor
+template <typename F>
+PyObject* run(F&& call) {
+  Tensor y;
+  {
+    pybind11::gil_scoped_release nogil;
+    y = call();
+  }
+  return THPVariable_Wrap(std::move(y));
+}
+
+PyObject* layer_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  nargs(n, 5, "layer_norm");
+  static auto op = handle("normlab::layer_norm")
+                       .typed<Tensor(const Tensor&, at::IntArrayRef, const OptTensor&, const OptTensor&, double)>();
+  const Tensor& x = tensor(a[0], "input");
+  auto shape = ints(a[1], "normalized_shape");
+  OptTensor w = optional(a[2], "weight"), b = optional(a[3], "bias");
+  double eps = number(a[4], "eps");
+  return run([&] { return op.call(x, shape, w, b, eps); });
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* rms_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  nargs(n, 4, "rms_norm");
+  static auto op = handle("normlab::rms_norm")
+                       .typed<Tensor(const Tensor&, at::IntArrayRef, const OptTensor&, std::optional<double>)>();
+  const Tensor& x = tensor(a[0], "input");
+  auto shape = ints(a[1], "normalized_shape");
+  OptTensor w = optional(a[2], "weight");
+  std::optional<double> eps;
+  if (a[3] != Py_None) eps = number(a[3], "eps");
+  return run([&] { return op.call(x, shape, w, eps); });
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* group_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  nargs(n, 5, "group_norm");
+  static auto op = handle("normlab::group_norm")
+                       .typed<Tensor(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double)>();
+  const Tensor& x = tensor(a[0], "input");
+  auto groups = ints(a[1], "num_groups");
+  TORCH_CHECK_TYPE(groups.size() == 1, "group_norm: num_groups must be an int");
+  OptTensor w = optional(a[2], "weight"), b = optional(a[3], "bias");
+  double eps = number(a[4], "eps");
+  return run([&] { return op.call(x, groups[0], w, b, eps); });
+  END_HANDLE_TH_ERRORS
+}
+
+// batch_norm and instance_norm: (input, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
+PyObject* channel_norm(const char* name, const char* schema, PyObject* const* a, Py_ssize_t n) {
+  nargs(n, 8, name);
+  using Sig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+                     double, double);
+  auto op = handle(schema).typed<Sig>();
+  const Tensor& x = tensor(a[0], "input");
+  OptTensor rm = optional(a[1], "running_mean"), rv = optional(a[2], "running_var");
+  OptTensor w = optional(a[3], "weight"), b = optional(a[4], "bias");
+  const int truth = PyObject_IsTrue(a[5]);
+  if (truth < 0) throw python_error();
+  double momentum = number(a[6], "momentum"), eps = number(a[7], "eps");
+  return run([&] { return op.call(x, rm, rv, w, b, truth == 1, momentum, eps); });
+}
+
+PyObject* batch_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  return channel_norm("batch_norm", "normlab::batch_norm", a, n);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* instance_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  return channel_norm("instance_norm", "normlab::instance_norm", a, n);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"layer_norm", (PyCFunction)(void (*)())layer_norm, METH_FASTCALL, "layer_norm(input, normalized_shape, weight, bias, eps)"},
+    {"rms_norm", (PyCFunction)(void (*)())rms_norm, METH_FASTCALL, "rms_norm(input, normalized_shape, weight, eps)"},
+    {"group_norm", (PyCFunction)(void (*)())group_norm, METH_FASTCALL, "group_norm(input, num_groups, weight, bias, eps)"},
+    {"batch_norm", (PyCFunction)(void (*)())batch_norm, METH_FASTCALL,
+     "batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)"},
+    {"instance_norm", (PyCFunction)(void (*)())instance_norm, METH_FASTCALL,
+     "instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "normlab._C", "normlab's compiled core (see normlab.kernels.build)", -1,
+                      methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }
