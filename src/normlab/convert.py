@@ -40,7 +40,7 @@ from .stats import Moments
 
 __all__ = ["batchnorm_as_affine", "fold_batchnorm", "fold_scaler", "recalibrate_bn", "freeze_norm",
            "unfreeze_norm", "guard_finite", "unguard_finite", "replace_norm", "suggest_groups", "audit",
-           "is_batchnorm"]
+           "is_batchnorm", "to_normlab", "to_torch", "register_conversion", "retype"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -608,3 +608,175 @@ def audit(model: nn.Module, batch_size: int | None = None, input_shape: tuple[in
                               "BatchRenorm (replace_norm(model, 'group' | 'batchrenorm')), or a larger batch")
         layers.append(row)
     return {"layers": layers, "recommendations": advice}
+
+
+# ------------------------------------------------------------------------ one-call adoption
+# A module is converted by re-typing it: the new module gets the old one's attributes, with
+# the same Parameter and buffer objects (optimizers, tied weights and state_dict keys stay as
+# they are) and its hooks; only the class, and so the forward, changes.
+
+_TO_NORMLAB: dict = {}  # class, or class name for third-party code normlab does not import
+_ORIGIN = "_normlab_from"  # the class a converted third-party module had (to_torch restores it)
+
+
+def register_conversion(cls, convert) -> None:
+    """Teach :func:`to_normlab` a norm: ``convert(module)`` returns the normlab module that
+    replaces ``module`` (see :func:`retype`), or ``None`` to leave it (say why by raising
+    ``ValueError``). ``cls`` is a class or, for code normlab should not import, a class name.
+
+    >>> import torch
+    >>> class MyRMSNorm(torch.nn.Module):
+    ...     def __init__(self, n):
+    ...         super().__init__()
+    ...         self.scale, self.eps = torch.nn.Parameter(torch.ones(n)), 1e-6
+    >>> from normlab import nn as nln
+    >>> register_conversion(MyRMSNorm, lambda m: None)  # (a real one would build an nln.RMSNorm)
+    """
+    _TO_NORMLAB[cls] = convert
+
+
+def retype(module: nn.Module, cls: type, **attributes) -> nn.Module:
+    """``module`` as an instance of ``cls``: the same parameters, buffers, submodules and hooks
+    (fresh containers holding the same objects), plus ``attributes``."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    for k, v in attributes.items():
+        object.__setattr__(new, k, v)
+    return new
+
+
+def _torch_pairs() -> dict:
+    from . import nn as nln
+
+    return {nn.BatchNorm1d: nln.BatchNorm1d, nn.BatchNorm2d: nln.BatchNorm2d, nn.BatchNorm3d: nln.BatchNorm3d,
+            nn.InstanceNorm1d: nln.InstanceNorm1d, nn.InstanceNorm2d: nln.InstanceNorm2d,
+            nn.InstanceNorm3d: nln.InstanceNorm3d, nn.LayerNorm: nln.LayerNorm, nn.GroupNorm: nln.GroupNorm,
+            nn.RMSNorm: nln.RMSNorm}
+
+
+def _weight_only_rmsnorm(m: nn.Module) -> nn.Module:
+    """transformers' Llama/Qwen2/Mistral-style RMSNorm: ``weight · x̂`` with ``variance_epsilon``."""
+    from . import nn as nln
+
+    w = getattr(m, "weight", None)
+    if not isinstance(w, nn.Parameter) or not hasattr(m, "variance_epsilon"):
+        raise ValueError("expected a `weight` Parameter and a `variance_epsilon`")
+    return retype(m, nln._WeightOnlyRMSNorm, normalized_shape=tuple(w.shape), eps=float(m.variance_epsilon),
+                  elementwise_affine=True, **{_ORIGIN: type(m)})
+
+
+def _convnext_layernorm(m: nn.Module) -> nn.Module:
+    """transformers' ConvNextLayerNorm: LayerNorm over the last dim, or over dim 1 (channels_first)."""
+    from . import nn as nln
+
+    cls = {"channels_last": nln.LayerNorm, "channels_first": nln._ChannelsFirstLayerNorm}.get(m.data_format)
+    if cls is None:
+        raise ValueError(f"data_format {m.data_format!r} is neither channels_last nor channels_first")
+    return retype(m, cls, **{_ORIGIN: type(m)})
+
+
+for _name in ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Phi3RMSNorm",
+              "T5LayerNorm"):
+    register_conversion(_name, _weight_only_rmsnorm)
+register_conversion("ConvNextLayerNorm", _convnext_layernorm)
+register_conversion("ConvNextV2LayerNorm", _convnext_layernorm)
+
+
+def _swap(model: nn.Module, choose, inplace: bool) -> tuple[nn.Module, dict]:
+    """Replace every module ``choose`` returns a replacement for; a module shared by several
+    parents stays shared, and every replacement is built before any is put in place."""
+    model = model if inplace else copy.deepcopy(model)
+    report = {"converted": [], "left": []}
+    if (new := choose(model, "", report)) is not None:  # the model itself is a norm
+        return new, report
+    built: dict[int, nn.Module | None] = {}
+    sites = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in built:
+                built[id(child)] = choose(child, f"{parent_name}.{child_name}".lstrip("."), report)
+            if built[id(child)] is not None:
+                sites.append((parent, child_name, built[id(child)]))
+    for parent, child_name, new in sites:
+        parent._modules[child_name] = new
+    return model, report
+
+
+def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False):
+    """Every norm of ``model`` as normlab's: torch.nn's BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d,
+    LayerNorm, GroupNorm and RMSNorm, and the third-party norms of the registry
+    (:func:`register_conversion`; built in: transformers' Llama/Qwen2/Mistral-style RMSNorms and
+    ConvNextLayerNorm). Parameters and buffers are the same objects, so ``state_dict`` keys,
+    optimizers and tied weights are unchanged; subclasses of those norms and anything else are
+    left alone. :func:`to_torch` goes back.
+
+    Args:
+        model: any module (a norm itself is converted too).
+        inplace: change ``model`` itself instead of a deep copy.
+        report: also return ``{"converted": [(name, from, to)], "left": [(name, class, why)]}``,
+            ``left`` listing every module whose class name says it normalizes but that was not
+            converted.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    >>> fast, done = to_normlab(model, report=True)
+    >>> done["converted"]
+    [('1', 'LayerNorm', 'normlab.nn.LayerNorm')]
+    >>> x = torch.randn(3, 4)
+    >>> torch.allclose(fast(x), model(x), atol=1e-6)
+    True
+    """
+    pairs = _torch_pairs()
+    targets = tuple(set(pairs.values()))
+
+    def choose(m, name, rep):
+        convert = None
+        if type(m) in pairs:
+            cls = pairs[type(m)]
+            convert = lambda m: retype(m, cls)  # noqa: E731
+        else:
+            convert = _TO_NORMLAB.get(type(m)) or _TO_NORMLAB.get(type(m).__name__)
+        if convert is None:
+            if "norm" in type(m).__name__.lower() and not isinstance(m, targets) and not _is_normlab(m):
+                rep["left"].append((name, type(m).__name__, "no conversion is registered for this class"))
+            return None
+        try:
+            new = convert(m)
+        except ValueError as err:
+            rep["left"].append((name, type(m).__name__, str(err)))
+            return None
+        if new is not None:
+            public = next(c for c in type(new).__mro__ if not c.__name__.startswith("_"))
+            rep["converted"].append((name, type(m).__name__, f"normlab.nn.{public.__name__}"))
+        return new
+
+    model, rep = _swap(model, choose, inplace)
+    return (model, rep) if report else model
+
+
+def _is_normlab(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("normlab.")
+
+
+def to_torch(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Undo :func:`to_normlab`: normlab's norms back to torch.nn's (and converted third-party
+    norms back to their own classes), parameters and buffers the same objects.
+
+    >>> import torch
+    >>> back = to_torch(to_normlab(torch.nn.BatchNorm2d(3)))
+    >>> type(back)
+    <class 'torch.nn.modules.batchnorm.BatchNorm2d'>
+    """
+    back = {v: k for k, v in _torch_pairs().items()}
+
+    def choose(m, name, rep):
+        origin = m.__dict__.get(_ORIGIN)
+        if origin is not None:
+            new = retype(m, origin)
+            del new.__dict__[_ORIGIN]
+            return new
+        return retype(m, back[type(m)]) if type(m) in back else None
+
+    return _swap(model, choose, inplace)[0]

@@ -658,3 +658,24 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
         module.__class__ = type(module)._normlab_base
     module.register_parameter(name, Parameter(w))
     return module
+
+
+class _WeightOnlyRMSNorm(RMSNorm):
+    """What :func:`normlab.convert.to_normlab` makes of transformers' Llama-style RMSNorm
+    (``weight · x̂`` with ``variance_epsilon``): :class:`RMSNorm`, whose output takes the dtype
+    of ``weight · x`` as the original's does when the weight is in another dtype."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        dtype = torch.promote_types(input.dtype, self.weight.dtype)
+        return y if y.dtype == dtype else y.to(dtype)
+
+
+class _ChannelsFirstLayerNorm(LayerNorm):
+    """LayerNorm over dim 1 of ``(N, C, *S)`` (ConvNext's ``data_format="channels_first"``),
+    as :func:`normlab.convert.to_normlab` converts it: the norm over a channels-last view."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        nd = input.dim()
+        y = F.layer_norm(input.permute(0, *range(2, nd), 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, nd - 1, *range(1, nd - 1))
