@@ -258,6 +258,28 @@ def _retain_freed_memory() -> bool:
     return bool(mallopt(m_trim_threshold, 1 << 30)) or mmap
 
 
+def _models(args, console, malloc: str) -> int:
+    from . import bench_models
+
+    try:
+        with console.status("benchmarking models") as status:
+            rows = bench_models.run(args.models or None, compile=args.compile,
+                                    progress=lambda s: status.update(f"benchmarking {s}"))
+    except ValueError as e:
+        console.print(f"normlab bench: {e}")
+        return 2
+    print(bench_models.table(rows))
+    worst = min(rows, key=lambda r: r["speed-up"])
+    print(f"slowest relative to torch.nn: {worst['model']} {worst['size']} {worst['step']} at {worst['speed-up']:.2f}×; "
+          f"median {statistics.median(r['speed-up'] for r in rows):.2f}×; malloc: {malloc}")
+    if args.json:
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "compiled": args.compile,
+                "malloc": malloc, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    return 0
+
+
 def main(args) -> int:
     """Entry point of ``normlab bench`` (arguments parsed by :mod:`normlab.cli`)."""
     from rich.console import Console
@@ -265,6 +287,8 @@ def main(args) -> int:
     console = Console(stderr=True)
     dtypes = [getattr(torch, d) for d in args.dtype]
     malloc = "system" if args.system_malloc or not _retain_freed_memory() else "retain freed memory"
+    if getattr(args, "models", None) is not None:
+        return _models(args, console, malloc)
     try:
         with console.status("benchmarking") as status:
             rows = run(quick=args.quick, methods=args.methods or None, dtypes=dtypes, device=args.device,

@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--json", metavar="FILE", help="write every row and a summary as JSON")
     p.add_argument("--plot", metavar="FILE", help="write the speed-ups vs torch as a PNG")
+    p.add_argument("--models", nargs="*", metavar="MODEL",
+                   help="time train steps and eval of transformers models (gpt2, bert, llama, qwen2, resnet, "
+                        "convnext; default: all) as written and after to_normlab (needs normlab[bench])")
+    p.add_argument("--compile", action="store_true", help="with --models: compare the torch.compile-d models")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's malloc defaults (by default the bench asks it to retain freed memory, "
                         "so that outputs do not page-fault back in at random)")

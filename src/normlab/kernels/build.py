@@ -59,7 +59,9 @@ def _cpu_flags() -> list[str]:
         return []
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     have = set(line.split())
-    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= have else []
+    # at::vec's AVX2 specialisations (ATen compiles its own kernels so, once per capability)
+    return (["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+            if {"avx2", "fma", "f16c"} <= have else [])
 
 
 def _flags() -> list[str]:
@@ -67,9 +69,10 @@ def _flags() -> list[str]:
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return ["-fPIC", "-std=c++17", "-O3",
-            # per-loop vectorisation of the reductions (#pragma omp simd) without OpenMP's runtime;
-            # no FMA contraction: the backward's cancellations must be exact where they are 0
-            "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", *_cpu_flags(),
+            # at::parallel_for is compiled here: with OpenMP it runs on torch's own thread pool
+            # (the libgomp torch loads is the one the core binds to); no FMA contraction: the
+            # backward's cancellations must be exact where they are 0
+            "-fopenmp", "-ffp-contract=off", "-fno-math-errno", *_cpu_flags(),
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *[f"-I{p}" for p in cpp_extension.include_paths()],
             f"-I{sysconfig.get_paths()['include']}"]
 
@@ -78,7 +81,7 @@ def _link_flags() -> list[str]:
     from torch.utils import cpp_extension
 
     lib = cpp_extension.library_paths()[0]
-    return ["-shared", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
+    return ["-shared", "-fopenmp", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
 
 
 def _cache_dir() -> Path:

@@ -25,6 +25,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -121,6 +123,74 @@ inline Saved<opmath_t> saved(double m, double v, double eps) {
   return {rs, m0, static_cast<opmath_t>(rs), static_cast<opmath_t>((m - static_cast<double>(m0)) * rs)};
 }
 
+// ------------------------------------------------------------------------ the reductions
+// float input: vectors of at::vec (8 lanes with AVX2) summed in float over chunks of 64
+// values, the chunks in float64; other dtypes: a plain loop in float64
+
+constexpr int64_t kChunk = 64;
+
+template <typename F>
+double reduce_vec(F f) {
+  return at::vec::vec_reduce_all<float>([](auto p, auto q) { return p + q; }, f);
+}
+
+// (Σd, Σd²), d = x − shift (shift a value of x: a large common offset cancels first)
+template <typename scalar_t>
+std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shift) {
+  double s = 0.0, ss = 0.0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    using V = at::vec::Vectorized<float>;
+    const V vs(static_cast<float>(shift));  // exact: shift is a float of x
+    for (; j + kChunk <= n; j += kChunk) {
+      V a(0.f), c(0.f);
+      for (int64_t k = j; k < j + kChunk; k += V::size()) {
+        V d = V::loadu(x + k) - vs;
+        a = a + d;
+        c = c + d * d;
+      }
+      s += reduce_vec(a);
+      ss += reduce_vec(c);
+    }
+  }
+  for (; j < n; ++j) {
+    double d = static_cast<double>(x[j]) - shift;
+    s += d;
+    ss += d * d;
+  }
+  return {s, ss};
+}
+
+// (Σg, Σg·x̂), g = γ·dy (γ = 1 where w is null), x̂ = (x − m₀)·r₀ − c₀
+template <typename scalar_t, typename opmath_t>
+std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* w, int64_t n,
+                                    opmath_t m0, opmath_t rs0, opmath_t c0) {
+  double sg = 0.0, sgx = 0.0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    using V = at::vec::Vectorized<float>;
+    const V vm(m0), vr(rs0), vc(c0);
+    for (; j + kChunk <= n; j += kChunk) {
+      V a(0.f), c(0.f);
+      for (int64_t k = j; k < j + kChunk; k += V::size()) {
+        V xh = (V::loadu(x + k) - vm) * vr - vc;
+        V g = w ? V::loadu(dy + k) * V::loadu(w + k) : V::loadu(dy + k);
+        a = a + g;
+        c = c + g * xh;
+      }
+      sg += reduce_vec(a);
+      sgx += reduce_vec(c);
+    }
+  }
+  for (; j < n; ++j) {
+    opmath_t xh = (static_cast<opmath_t>(x[j]) - m0) * rs0 - c0;
+    opmath_t g = static_cast<opmath_t>(dy[j]) * (w ? static_cast<opmath_t>(w[j]) : opmath_t(1));
+    sg += g;
+    sgx += g * xh;
+  }
+  return {sg, sgx};
+}
+
 // ------------------------------------------------------------------------------------ rows
 
 template <typename scalar_t>
@@ -134,13 +204,7 @@ void rows_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b
       const scalar_t* xr = x + r * D;
       scalar_t* yr = y + r * D;
       const double shift = center ? static_cast<double>(xr[0]) : 0.0;
-      double s = 0.0, ss = 0.0;
-#pragma omp simd reduction(+ : s, ss)
-      for (int64_t j = 0; j < D; ++j) {
-        double d = static_cast<double>(xr[j]) - shift;
-        s += d;
-        ss += d * d;
-      }
+      auto [s, ss] = shifted_sums(xr, D, shift);
       Stats st = finish(static_cast<double>(D), shift, s, ss, center, eps);
       mean[r] = st.mean;
       var[r] = st.var;
@@ -213,30 +277,13 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
         const opmath_t m0 = sv.m0, rs0 = sv.rs0, c0 = sv.c0;
         double sg = 0.0, sgx = 0.0;
         if (elem) {
-          opmath_t* dwlp = dwl.data();
-          opmath_t* dblp = dbl.data();
-#pragma omp simd reduction(+ : sg, sgx)
-          for (int64_t j = 0; j < D; ++j) {
-            opmath_t xh = (static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0;
-            opmath_t g0 = static_cast<opmath_t>(gr[j]);
-            opmath_t g = g0 * static_cast<opmath_t>(w[j]);
-            sg += g;
-            sgx += g * xh;
-            dwlp[j] += g0 * xh;
-            dblp[j] += g0;
-          }
+          std::tie(sg, sgx) = grad_sums(xr, gr, w, D, m0, rs0, c0);
         } else {
           const int64_t p0 = (r % groups) * K;
           for (int64_t k = 0; k < K; ++k) {
             const scalar_t* xs = xr + k * seg;
             const scalar_t* gs = gr + k * seg;
-            double sd = 0.0, sdx = 0.0;
-#pragma omp simd reduction(+ : sd, sdx)
-            for (int64_t j = 0; j < seg; ++j) {
-              opmath_t xh = (static_cast<opmath_t>(xs[j]) - m0) * rs0 - c0;
-              sd += static_cast<opmath_t>(gs[j]);
-              sdx += static_cast<opmath_t>(gs[j]) * xh;
-            }
+            auto [sd, sdx] = grad_sums<scalar_t, opmath_t>(xs, gs, nullptr, seg, m0, rs0, c0);
             dwb[p0 + k] += sdx;
             dbb[p0 + k] += sd;
             const double wk = static_cast<double>(w[p0 + k]);
@@ -246,11 +293,16 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
         }
         const opmath_t mg = center ? static_cast<opmath_t>(sg / D) : opmath_t(0);
         const opmath_t mgx = static_cast<opmath_t>(sgx / D);
-        if (elem) {
+        if (elem) {  // dx, and the block's partial dγ, dβ in the same pass
+          opmath_t* dwlp = dwl.data();
+          opmath_t* dblp = dbl.data();
 #pragma omp simd
           for (int64_t j = 0; j < D; ++j) {
             opmath_t xh = (static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0;
-            dxr[j] = static_cast<scalar_t>(rs0 * (static_cast<opmath_t>(gr[j]) * static_cast<opmath_t>(w[j]) - mg - xh * mgx));
+            opmath_t g0 = static_cast<opmath_t>(gr[j]);
+            dwlp[j] += g0 * xh;
+            dblp[j] += g0;
+            dxr[j] = static_cast<scalar_t>(rs0 * (g0 * static_cast<opmath_t>(w[j]) - mg - xh * mgx));
           }
         } else {
           const int64_t p0 = (r % groups) * K;
@@ -290,13 +342,9 @@ void channels_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_
       const double shift = static_cast<double>(x[c * S]);
       double s = 0.0, ss = 0.0;
       for (int64_t i = 0; i < N; ++i) {
-        const scalar_t* xs = x + (i * C + c) * S;
-#pragma omp simd reduction(+ : s, ss)
-        for (int64_t k = 0; k < S; ++k) {
-          double d = static_cast<double>(xs[k]) - shift;
-          s += d;
-          ss += d * d;
-        }
+        auto [a, b] = shifted_sums(x + (i * C + c) * S, S, shift);
+        s += a;
+        ss += b;
       }
       Stats st = finish(static_cast<double>(N * S), shift, s, ss, true, eps);
       mean[c] = st.mean;
@@ -404,14 +452,9 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
       const opmath_t m0 = sv.m0, rs0 = sv.rs0, c0 = sv.c0;
       double sd = 0.0, sdx = 0.0;
       for (int64_t i = 0; i < N; ++i) {
-        const scalar_t* xs = x + (i * C + c) * S;
-        const scalar_t* gs = dy + (i * C + c) * S;
-#pragma omp simd reduction(+ : sd, sdx)
-        for (int64_t k = 0; k < S; ++k) {
-          opmath_t xh = (static_cast<opmath_t>(xs[k]) - m0) * rs0 - c0;
-          sd += static_cast<opmath_t>(gs[k]);
-          sdx += static_cast<opmath_t>(gs[k]) * xh;
-        }
+        auto [a, b] = grad_sums<scalar_t, opmath_t>(x + (i * C + c) * S, dy + (i * C + c) * S, nullptr, S, m0, rs0, c0);
+        sd += a;
+        sdx += b;
       }
       dw[c] = static_cast<scalar_t>(sdx);
       db[c] = static_cast<scalar_t>(sd);

@@ -1,0 +1,160 @@
+"""``normlab bench --models``: normlab inside real models that nobody here wrote.
+
+Models from transformers (``pip install 'normlab[bench]'``), built from configs with random
+weights at two sizes each, run as written (torch.nn's norms, or transformers' own RMSNorm and
+ConvNextLayerNorm classes) and after :func:`normlab.convert.to_normlab`, interleaved round by
+round in one process:
+
+* ``train`` — forward, a loss, backward (gradients set to ``None`` before each step);
+* ``eval`` — forward in ``eval()`` mode under ``torch.no_grad()``.
+
+With ``compile=True`` both models are ``torch.compile``-d (inductor) and the compiled ones are
+compared. Reported: median milliseconds of each and the speed-up (torch's time / normlab's; above
+1 normlab is faster). Timings are for reading, never for a test.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .convert import to_normlab
+
+__all__ = ["MODELS", "run"]
+
+
+def _lm(config_cls, model_cls, **cfg):
+    def build():
+        import transformers
+
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg))
+    return build
+
+
+def _tokens(batch, seq, vocab):
+    return lambda g: {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)}
+
+
+def _pixels(batch, size):
+    return lambda g: {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
+_V = 1000  # vocabulary: the embeddings and the LM head are not what is measured
+_DECODER = dict(vocab_size=_V, max_position_embeddings=512)
+
+# name -> size -> (build, inputs(generator))
+MODELS: dict[str, dict[str, tuple[Callable, Callable]]] = {
+    "gpt2": {
+        "small": (_lm("GPT2Config", "GPT2LMHeadModel", n_embd=256, n_layer=4, n_head=4, vocab_size=_V, n_positions=512),
+                  _tokens(8, 128, _V)),
+        "base": (_lm("GPT2Config", "GPT2LMHeadModel", n_embd=768, n_layer=4, n_head=12, vocab_size=_V, n_positions=512),
+                 _tokens(4, 128, _V)),
+    },
+    "bert": {
+        "small": (_lm("BertConfig", "BertForMaskedLM", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=1024, vocab_size=_V), _tokens(8, 128, _V)),
+        "base": (_lm("BertConfig", "BertForMaskedLM", hidden_size=768, num_hidden_layers=4, num_attention_heads=12,
+                     intermediate_size=3072, vocab_size=_V), _tokens(4, 128, _V)),
+    },
+    "llama": {
+        "small": (_lm("LlamaConfig", "LlamaForCausalLM", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, **_DECODER), _tokens(8, 128, _V)),
+        "base": (_lm("LlamaConfig", "LlamaForCausalLM", hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
+                     num_attention_heads=12, num_key_value_heads=4, **_DECODER), _tokens(4, 128, _V)),
+    },
+    "qwen2": {
+        "small": (_lm("Qwen2Config", "Qwen2ForCausalLM", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, **_DECODER), _tokens(8, 128, _V)),
+        "base": (_lm("Qwen2Config", "Qwen2ForCausalLM", hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
+                     num_attention_heads=12, num_key_value_heads=4, **_DECODER), _tokens(4, 128, _V)),
+    },
+    "resnet": {
+        "small": (_lm("ResNetConfig", "ResNetForImageClassification", embedding_size=32, hidden_sizes=[32, 64, 128, 256],
+                      depths=[1, 1, 1, 1], layer_type="basic", num_labels=10), _pixels(8, 64)),
+        "base": (_lm("ResNetConfig", "ResNetForImageClassification", embedding_size=64,
+                     hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic", num_labels=10),
+                 _pixels(8, 96)),
+    },
+    "convnext": {
+        "small": (_lm("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[32, 64, 128, 256],
+                      depths=[1, 1, 1, 1], num_labels=10), _pixels(8, 64)),
+        "base": (_lm("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[64, 128, 256, 512],
+                     depths=[2, 2, 2, 2], num_labels=10), _pixels(8, 96)),
+    },
+}
+
+
+def _steps(model, inputs) -> dict[str, Callable[[], None]]:
+    def train():
+        model.train()
+        for p in model.parameters():
+            p.grad = None
+        out = model(**inputs).logits
+        out.float().square().mean().backward()
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+
+    return {"train": train, "eval": evaluate}
+
+
+def _median(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    for fn in fns.values():  # warm-up (and, compiled, the compilation)
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(models=None, sizes=("small", "base"), compile: bool = False, reps: int = 10,
+        progress: Callable[[str], None] | None = None) -> list[dict]:
+    """One row per model × size × step: ``{"model", "size", "step", "torch ms", "normlab ms",
+    "speed-up", "converted"}``."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ValueError("the model benchmark needs transformers: pip install 'normlab[bench]'") from err
+    names = list(models or MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    rows = []
+    for name in names:
+        for size in sizes:
+            build, make_inputs = MODELS[name][size]
+            torch.manual_seed(0)
+            model = build()
+            fast, report = to_normlab(copy.deepcopy(model), report=True)
+            inputs = make_inputs(torch.Generator().manual_seed(0))
+            if compile:
+                torch._dynamo.reset()
+                model, fast = torch.compile(model), torch.compile(fast)
+            theirs, ours = _steps(model, inputs), _steps(fast, inputs)
+            for step in ("train", "eval"):
+                if progress:
+                    progress(f"{name} {size} {step}{' compiled' if compile else ''}")
+                t = _median({"torch": theirs[step], "normlab": ours[step]}, reps)
+                rows.append({"model": name, "size": size, "step": step, "compiled": compile,
+                             "torch ms": t["torch"] * 1e3, "normlab ms": t["normlab"] * 1e3,
+                             "speed-up": t["torch"] / t["normlab"], "converted": len(report["converted"])})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (what the README's performance section shows)."""
+    lines = ["| model | size | step | torch.nn ms | normlab ms | speed-up | norms converted |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['size']} | {r['step']}{' (compiled)' if r['compiled'] else ''} | "
+                     f"{r['torch ms']:.1f} | {r['normlab ms']:.1f} | {r['speed-up']:.2f} | {r['converted']} |")
+    return "\n".join(lines)
