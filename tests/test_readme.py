@@ -41,3 +41,12 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     cmds = re.findall(r"```bash\n(.*?)\n```", README.read_text(), flags=re.S)
     assert any(c.strip() in ci for c in cmds if "pytest" in c)
+
+
+def test_readme_adoption_example_prints_what_it_says(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    block = next(b for b in blocks if "to_normlab" in b)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    said = [line.split("# ", 1)[1].strip() for line in block.splitlines() if line.startswith("print(")]
+    assert printed == said
