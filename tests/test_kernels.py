@@ -399,13 +399,13 @@ def test_kernels_run_in_forked_children():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-def test_traced_modules_record_the_operators_and_save_and_load():
+def test_traced_modules_record_torch_ops_and_save_and_load():
     import io
 
     model = torch.nn.Sequential(nln.LayerNorm(16), nln.BatchNorm1d(16).eval(), nln.RMSNorm(16))
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(4, 16), check_trace=False)
-    assert "normlab::layer_norm" in str(traced.inlined_graph)
+    assert "normlab::" not in str(traced.inlined_graph)  # torch's own ops: the file loads without normlab
     buf = io.BytesIO()
     torch.jit.save(traced, buf)
     buf.seek(0)

@@ -300,10 +300,14 @@ def rms_norm(
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op)
-    if _native():
+    if _native() and not torch.jit.is_tracing():
         return torch.nn.functional.rms_norm(input, shape, weight, eps)
     if eps is None:  # torch's rule: the eps of the dtype the statistics are computed in
         eps = torch.finfo(accumulation_dtype(input.dtype)).eps
+    if torch.jit.is_tracing():  # the formula in plain ops: ONNX's TorchScript exporter has no aten::rms_norm
+        xa = input.to(accumulation_dtype(input.dtype))
+        y = xa * torch.rsqrt(xa.square().mean(dims, keepdim=True) + eps)
+        return (y if weight is None else y * weight).to(input.dtype)
     return _normalize(op, input, dims, weight, None, eps, center=False)[0]
 
 

@@ -151,13 +151,17 @@ def core():
     Called by every norm, so it is a few attribute reads: eager calls get ``normlab._C``, whose
     functions take their arguments directly (``torch.ops``' schema parsing costs as much as a
     small norm), code being compiled gets the ``torch.ops.normlab`` operators, and ``torch.func``
-    transforms get ``None`` (the reference, whose autograd.Function they can transform)."""
+    transforms get ``None`` (the reference, whose autograd.Function they can transform), and so
+    do exporters — ``torch.export`` (and the ONNX exporter on top of it) and ``torch.jit.trace``
+    (and ``torch.onnx.export(dynamo=False)``) — which then record torch's native ops (see
+    :func:`native`): the exported program runs wherever torch does, without normlab."""
     global _C
     if torch.compiler.is_compiling():
-        if _backend != "auto" or torch._C._are_functorch_transforms_active():
+        if _backend != "auto" or torch._C._are_functorch_transforms_active() or torch.compiler.is_exporting():
             return None
         return _Traced if _LOADED else None
-    if (_override.get() or _backend) != "auto" or torch._C._are_functorch_transforms_active():
+    if ((_override.get() or _backend) != "auto" or torch._C._are_functorch_transforms_active()
+            or torch.jit.is_tracing()):
         return None
     if _C is None:
         if not load_core():
@@ -170,7 +174,8 @@ def core():
 
 def native() -> bool:
     """Whether the Python path should call torch's native ops: the ``"torch"`` backend, or
-    ``"auto"`` without the compiled core (the reference runs only when asked for, and under
-    ``torch.func`` transforms where the core is there)."""
+    ``"auto"`` without the compiled core or while a model is exported (the reference runs only
+    when asked for, and under ``torch.func`` transforms where the core is there)."""
     backend = get_backend()
-    return backend == "torch" or (backend == "auto" and not _LOADED)
+    return backend == "torch" or (backend == "auto" and (not _LOADED or torch.jit.is_tracing()
+                                                         or torch.compiler.is_exporting()))
