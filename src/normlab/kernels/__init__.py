@@ -110,28 +110,55 @@ def load_core() -> bool:
     return _LOADED
 
 
+# What torch.compile gets (NORMLAB_COMPILE): "fuse" — torch's own ops, which inductor lowers and
+# fuses with their neighbours; "operators" — normlab's, which inductor calls as they are; "auto"
+# (the default) — chosen per norm by measurement (README "Performance": compiled transformers
+# models with normlab's operators ran at 0.77–0.93× torch.nn's for ResNet's BatchNorms and
+# 0.93× for a LayerNorm/RMSNorm MLP, 1.0× with torch's ops): torch's ops for every norm today.
+COMPILE = os.environ.get("NORMLAB_COMPILE", "auto").strip().lower() or "auto"
+if COMPILE not in ("auto", "fuse", "operators"):
+    raise ValueError(f"NORMLAB_COMPILE={COMPILE!r}: choose auto, fuse or operators")
+_FUSED = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+
+
+def _fuse(op: str) -> bool:
+    return COMPILE == "fuse" or (COMPILE == "auto" and op in _FUSED)
+
+
 class _Traced:
     """The core as ``torch.ops.normlab`` calls, for code that torch.compile traces (dynamo
-    understands operators, not the eager entry points of ``normlab._C``)."""
+    understands operators, not the eager entry points of ``normlab._C``), or torch's own op
+    where inductor does better with it (:data:`COMPILE`)."""
 
     @staticmethod
     def layer_norm(x, shape, weight, bias, eps):
+        if _fuse("layer_norm"):
+            return torch.nn.functional.layer_norm(x, _ints(shape), weight, bias, eps)
         return torch.ops.normlab.layer_norm(x, _ints(shape), weight, bias, eps)
 
     @staticmethod
     def rms_norm(x, shape, weight, eps):
+        if _fuse("rms_norm"):
+            return torch.nn.functional.rms_norm(x, _ints(shape), weight, eps)
         return torch.ops.normlab.rms_norm(x, _ints(shape), weight, eps)
 
     @staticmethod
     def group_norm(x, groups, weight, bias, eps):
+        if _fuse("group_norm"):
+            return torch.nn.functional.group_norm(x, groups, weight, bias, eps)
         return torch.ops.normlab.group_norm(x, groups, weight, bias, eps)
 
     @staticmethod
     def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
+        if _fuse("batch_norm"):
+            return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.ops.normlab.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
     @staticmethod
     def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+        if _fuse("instance_norm"):
+            return torch.nn.functional.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
+                                                     momentum, eps)
         return torch.ops.normlab.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
                                                momentum, eps)
 

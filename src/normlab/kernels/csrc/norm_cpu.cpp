@@ -736,22 +736,40 @@ void check_float(const Tensor& x, const char* op) {
                    x.scalar_type(), "; convert it first, e.g. x.float()");
 }
 
+// the canonical view: `rank` dims (2: (R, D), 3: (N, C, S) or (N, S, C)) holding x's elements
 void check_view(const Tensor& x, IntArrayRef shape, const char* op) {
+  const bool rows = std::string(op).rfind("rows", 0) == 0;
+  TORCH_CHECK_VALUE(shape.size() == (rows ? 2u : 3u), "normlab.", op, ": shape must have ", rows ? 2 : 3,
+                    " dims, got ", shape);
   int64_t n = 1;
-  for (auto s : shape) n *= s;
+  for (auto s : shape) {
+    TORCH_CHECK_VALUE(s >= 0, "normlab.", op, ": negative size in shape ", shape);
+    n *= s;
+  }
   TORCH_CHECK_VALUE(n == x.numel(), "normlab.", op, ": canonical shape ", shape, " does not match the ",
                     x.numel(), " elements of the input");
+}
+
+void check_len(const Tensor& t, int64_t n, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(t.numel() == n, "normlab.", op, ": ", name, " must have ", n, " elements, got ", t.numel());
+}
+
+void check_rows(int64_t R, int64_t D, int64_t groups, int64_t seg, const char* op) {
+  TORCH_CHECK_VALUE(groups > 0 && seg > 0 && R % groups == 0 && D % seg == 0, "normlab.", op,
+                    ": groups must divide R and seg must divide D");
+}
+
+void check_groups(int64_t C, int64_t groups, const char* op) {
+  TORCH_CHECK_VALUE(groups > 0 && C % groups == 0, "normlab.", op, ": groups must divide C");
 }
 
 std::tuple<Tensor, Tensor, Tensor> rows_forward(const Tensor& x, const c10::optional<Tensor>& weight,
                                                 const c10::optional<Tensor>& bias, double eps, bool center,
                                                 int64_t groups, int64_t seg, IntArrayRef shape) {
   check_float(x, "rows_forward");
-  TORCH_CHECK_VALUE(shape.size() == 2, "normlab.rows_forward: shape must be (R, D)");
   check_view(x, shape, "rows_forward");
   const int64_t R = shape[0], D = shape[1];
-  TORCH_CHECK_VALUE(groups > 0 && seg > 0 && R % groups == 0 && D % seg == 0,
-                    "normlab.rows_forward: groups must divide R and seg must divide D");
+  check_rows(R, D, groups, seg, "rows_forward");
   const int64_t P = groups * (D / seg);
   Tensor y = out_like(x);
   Tensor mean = vec(x, R, at::kDouble), var = vec(x, R, at::kDouble);
@@ -774,7 +792,11 @@ std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& dy, const Tensor&
                                                  bool center, int64_t groups, int64_t seg, IntArrayRef shape) {
   check_float(x, "rows_backward");
   check_view(x, shape, "rows_backward");
-  const int64_t R = shape[0], D = shape[1], P = groups * (D / seg);
+  const int64_t R = shape[0], D = shape[1];
+  check_rows(R, D, groups, seg, "rows_backward");
+  check_len(mean, R, "mean", "rows_backward");
+  check_len(var, R, "var", "rows_backward");
+  const int64_t P = groups * (D / seg);
   Tensor dx = out_like(x);
   Tensor dw = vec(x, P, x.scalar_type()), db = vec(x, P, x.scalar_type());
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
@@ -794,7 +816,6 @@ std::tuple<Tensor, Tensor, Tensor> channels_forward(const Tensor& x, const c10::
                                                     const c10::optional<Tensor>& bias, double eps, IntArrayRef shape,
                                                     IntArrayRef permute) {
   check_float(x, "channels_forward");
-  TORCH_CHECK_VALUE(shape.size() == 3, "normlab.channels_forward: shape must be (N, C, S)");
   check_view(x, shape, "channels_forward");
   const int64_t N = shape[0], C = shape[1], S = shape[2];
   Tensor y = out_like(x);
@@ -823,6 +844,8 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Ten
   check_float(x, "channels_backward");
   check_view(x, shape, "channels_backward");
   const int64_t N = shape[0], C = shape[1], S = shape[2];
+  check_len(mean, C, "mean", "channels_backward");
+  check_len(var, C, "var", "channels_backward");
   Tensor dx = out_like(x);
   Tensor dw = vec(x, C, x.scalar_type()), db = vec(x, C, x.scalar_type());
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
@@ -849,6 +872,9 @@ Tensor channels_affine(const Tensor& x, const Tensor& mean, const Tensor& scale,
   check_float(x, "channels_affine");
   check_view(x, shape, "channels_affine");
   const int64_t N = shape[0], C = shape[1], S = shape[2];
+  check_len(mean, C, "mean", "channels_affine");
+  check_len(scale, C, "scale", "channels_affine");
+  check_len(shift, C, "shift", "channels_affine");
   Tensor y = out_like(x);
   if (x.numel() == 0) return y;
   Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
@@ -870,6 +896,10 @@ Tensor channels_eval(const Tensor& x, const Tensor& mean, const Tensor& var, con
   check_float(x, "channels_eval");
   check_view(x, shape, "channels_eval");
   const int64_t N = shape[0], C = shape[1], S = shape[2];
+  check_len(mean, C, "mean", "channels_eval");
+  check_len(var, C, "var", "channels_eval");
+  for (const auto* t : {&weight, &bias})
+    if (t->has_value() && (*t)->defined()) check_len(**t, C, "weight/bias", "channels_eval");
   Tensor y = out_like(x);
   if (x.numel() == 0) return y;
   Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
@@ -909,6 +939,8 @@ std::tuple<Tensor, Tensor, Tensor> channels_affine_backward(const Tensor& dy, co
   check_float(x, "channels_affine_backward");
   check_view(x, shape, "channels_affine_backward");
   const int64_t N = shape[0], C = shape[1], S = shape[2];
+  check_len(mean, C, "mean", "channels_affine_backward");
+  check_len(scale, C, "scale", "channels_affine_backward");
   const auto acc = at::promote_types(x.scalar_type(), at::kFloat);
   Tensor dx = out_like(x);
   Tensor da = vec(x, C, acc), db = vec(x, C, acc);
@@ -932,10 +964,9 @@ std::tuple<Tensor, Tensor, Tensor> groups_forward(const Tensor& x, const c10::op
                                                   const c10::optional<Tensor>& bias, double eps, int64_t groups,
                                                   IntArrayRef shape, IntArrayRef permute) {
   check_float(x, "groups_forward");
-  TORCH_CHECK_VALUE(shape.size() == 3, "normlab.groups_forward: shape must be (N, S, C)");
   check_view(x, shape, "groups_forward");
   const int64_t N = shape[0], S = shape[1], C = shape[2];
-  TORCH_CHECK_VALUE(groups > 0 && C % groups == 0, "normlab.groups_forward: groups must divide C");
+  check_groups(C, groups, "groups_forward");
   Tensor y = out_like(x);
   Tensor mean = vec(x, N * groups, at::kDouble), var = vec(x, N * groups, at::kDouble);
   if (x.numel() == 0) return {y, mean, var};
@@ -957,6 +988,9 @@ std::tuple<Tensor, Tensor, Tensor> groups_backward(const Tensor& dy, const Tenso
   check_float(x, "groups_backward");
   check_view(x, shape, "groups_backward");
   const int64_t N = shape[0], S = shape[1], C = shape[2];
+  check_groups(C, groups, "groups_backward");
+  check_len(mean, N * groups, "mean", "groups_backward");
+  check_len(var, N * groups, "var", "groups_backward");
   Tensor dx = out_like(x);
   Tensor dw = vec(x, C, x.scalar_type()), db = vec(x, C, x.scalar_type());
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};

@@ -271,11 +271,11 @@ Tensor shaped_like(const Tensor& g, const Tensor& like) {  // a flat parameter g
 // ----------------------------------------------------------------------- autograd: batch stats
 
 // which of x, γ, β need a gradient (autograd numbers only the tensors that were given)
-std::tuple<bool, bool, bool> needs(AutogradContext* ctx, const Tensor& w, const Tensor& b) {
+std::tuple<bool, bool, bool> needs(AutogradContext* ctx, const Tensor& w, bool has_bias) {
   size_t i = 0;
   const bool x = ctx->needs_input_grad(i++);
   const bool gw = w.defined() && ctx->needs_input_grad(i++);
-  const bool gb = b.defined() && ctx->needs_input_grad(i++);
+  const bool gb = has_bias && ctx->needs_input_grad(i++);
   return {x, gw, gb};
 }
 
@@ -310,7 +310,13 @@ bool recording(std::initializer_list<const OptTensor*> ts) {
 // what both Functions keep for backward: x, γ, β (for their shapes), the statistics, ε, the form
 void save(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b, Tensor mean, Tensor var,
           double eps, const Form& f) {
-  ctx->save_for_backward({x, given(w) ? *w : Tensor(), given(b) ? *b : Tensor()});
+  // β itself is not needed, only its shape and dtype (an in-place change of β between forward
+  // and backward must not be an error, as it is not in torch)
+  ctx->save_for_backward({x, given(w) ? *w : Tensor()});
+  if (given(b)) {
+    ctx->saved_data["bias_shape"] = b->sizes().vec();
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b->scalar_type());
+  }
   ctx->saved_data["mean"] = std::move(mean);
   ctx->saved_data["var"] = std::move(var);
   ctx->saved_data["eps"] = eps;
@@ -318,7 +324,10 @@ void save(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTe
 }
 
 struct Saved {
-  Tensor x, w, b, mean, var;
+  Tensor x, w, mean, var;
+  std::vector<int64_t> bias_shape;
+  at::ScalarType bias_dtype = at::kFloat;
+  bool has_bias = false;
   OptTensor wo;
   double eps;
   Form f;
@@ -327,8 +336,13 @@ struct Saved {
 
   Saved(AutogradContext* ctx, const Tensor& dy) {
     auto saved = ctx->get_saved_variables();
-    x = saved[0], w = saved[1], b = saved[2];
-    std::tie(need_x, need_w, need_b) = needs(ctx, w, b);
+    x = saved[0], w = saved[1];
+    has_bias = ctx->saved_data.count("bias_shape") > 0;
+    if (has_bias) {
+      bias_shape = ctx->saved_data["bias_shape"].toIntVector();
+      bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+    }
+    std::tie(need_x, need_w, need_b) = needs(ctx, w, has_bias);
     mean = ctx->saved_data["mean"].toTensor();
     var = ctx->saved_data["var"].toTensor();
     eps = ctx->saved_data["eps"].toDouble();
@@ -340,7 +354,7 @@ struct Saved {
   // the gradients of (x, γ, β), then none for the `rest` other arguments of forward
   variable_list grads(const Tensor& dx, const Tensor& dw, const Tensor& db, size_t rest) const {
     variable_list out = {need_x ? dx : Tensor(), need_w ? shaped_like(dw, w) : Tensor(),
-                         need_b ? shaped_like(db, b) : Tensor()};
+                         need_b ? db.reshape(bias_shape).to(bias_dtype) : Tensor()};
     out.resize(3 + rest);
     return out;
   }
@@ -468,7 +482,9 @@ void update_running(const OptTensor& rm, const OptTensor& rv, const Tensor& mean
   auto plain = [](const Tensor& t) { return t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
                                             !at::functionalization::impl::isFunctionalTensor(t); };
   auto direct = [&](const OptTensor& t) {
-    return !given(t) || (plain(*t) && t->is_contiguous() && !t->is_inference() && at::isFloatingType(t->scalar_type()));
+    const auto dt = given(t) ? t->scalar_type() : at::kFloat;
+    return !given(t) || (plain(*t) && t->is_contiguous() && !t->is_inference() &&
+                         (dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16));
   };
   if (direct(rm) && direct(rv) && plain(mean) && plain(var) && mean.scalar_type() == at::kDouble) {
     Tensor m = mean.contiguous(), v = var.contiguous();

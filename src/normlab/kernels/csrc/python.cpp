@@ -128,11 +128,12 @@ PyObject* group_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
 }
 
 // batch_norm and instance_norm: (input, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
-PyObject* channel_norm(const char* name, const char* schema, PyObject* const* a, Py_ssize_t n) {
+using ChannelSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+                          double, double);
+
+PyObject* channel_norm(const char* name, const c10::TypedOperatorHandle<ChannelSig>& op, PyObject* const* a,
+                       Py_ssize_t n) {
   nargs(n, 8, name);
-  using Sig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
-                     double, double);
-  auto op = handle(schema).typed<Sig>();
   const Tensor& x = tensor(a[0], "input");
   OptTensor rm = optional(a[1], "running_mean"), rv = optional(a[2], "running_var");
   OptTensor w = optional(a[3], "weight"), b = optional(a[4], "bias");
@@ -144,13 +145,15 @@ PyObject* channel_norm(const char* name, const char* schema, PyObject* const* a,
 
 PyObject* batch_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  return channel_norm("batch_norm", "normlab::batch_norm", a, n);
+  static auto op = handle("normlab::batch_norm").typed<ChannelSig>();
+  return channel_norm("batch_norm", op, a, n);
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* instance_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  return channel_norm("instance_norm", "normlab::instance_norm", a, n);
+  static auto op = handle("normlab::instance_norm").typed<ChannelSig>();
+  return channel_norm("instance_norm", op, a, n);
   END_HANDLE_TH_ERRORS
 }
 
