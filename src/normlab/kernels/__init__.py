@@ -177,7 +177,8 @@ def core():
 
     Called by every norm, so it is a few attribute reads: eager calls get ``normlab._C``, whose
     functions take their arguments directly (``torch.ops``' schema parsing costs as much as a
-    small norm), code being compiled gets the ``torch.ops.normlab`` operators, and ``torch.func``
+    small norm), code being compiled gets :class:`_Traced` (the ``torch.ops.normlab`` operators or
+    torch's own ops, per :data:`COMPILE`), and ``torch.func``
     transforms get ``None`` (the reference, whose autograd.Function they can transform), and so
     do exporters — ``torch.export`` (and the ONNX exporter on top of it) and ``torch.jit.trace``
     (and ``torch.onnx.export(dynamo=False)``) — which then record torch's native ops (see
