@@ -80,9 +80,9 @@ Tensor param(const c10::optional<Tensor>& t, int64_t n, double fill, const Tenso
 }
 
 int64_t blocks(int64_t rows) {
-  // a few blocks per thread, at most 256 rows each (their partial sums run in x's precision)
+  // a block per thread at least, at most 256 rows each (their partial sums run in x's precision)
   int64_t threads = at::get_num_threads();
-  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(4 * threads, (rows + 255) / 256)));
+  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(threads, (rows + 255) / 256)));
 }
 
 int64_t grain(int64_t work_per_item) {
