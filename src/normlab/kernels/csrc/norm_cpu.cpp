@@ -236,9 +236,9 @@ void rows_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b
 }
 
 // parameter gradients: per-block partials (float64) summed, stored in x's dtype
-template <typename scalar_t>
+template <typename out_t>
 void sum_blocks(const std::vector<double>& dwp, const std::vector<double>& dbp, int64_t nblk, int64_t P,
-                scalar_t* dw, scalar_t* db) {
+                out_t* dw, out_t* db) {
   at::parallel_for(0, P, nblk * P < 65536 ? P : grain(nblk), [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       double a = 0.0, c = 0.0;
@@ -246,8 +246,8 @@ void sum_blocks(const std::vector<double>& dwp, const std::vector<double>& dbp, 
         a += dwp[blk * P + j];
         c += dbp[blk * P + j];
       }
-      dw[j] = static_cast<scalar_t>(a);
-      db[j] = static_cast<scalar_t>(c);
+      dw[j] = static_cast<out_t>(a);
+      db[j] = static_cast<out_t>(c);
     }
   });
 }
@@ -595,15 +595,7 @@ void channels_affine_backward_kernel(const scalar_t* dy, const scalar_t* x, cons
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double sa = 0.0, sb = 0.0;
-    for (int64_t blk = 0; blk < nblk; ++blk) {
-      sa += pa[blk * C + c];
-      sb += pb[blk * C + c];
-    }
-    da[c] = static_cast<acc_t>(sa);
-    db[c] = static_cast<acc_t>(sb);
-  }
+  sum_blocks(pa, pb, nblk, C, da, db);
 }
 
 // ---------------------------------------------------------------------------------- groups

@@ -89,9 +89,6 @@ struct Form {
   int64_t groups = 1, seg = 1;
   bool center = true;
 
-  int64_t params() const {
-    return kind == ROWS ? groups * (shape[1] / seg) : (kind == CHANNELS ? shape[1] : shape[2]);
-  }
   // the same data as a tensor the aten formula reduces over `dims`, γ, β viewed as `pshape`
   std::vector<int64_t> dims() const {
     if (kind == ROWS) return {2, 3};

@@ -22,7 +22,7 @@ using OptTensor = std::optional<Tensor>;
 
 c10::OperatorHandle handle(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
-const char* g_op = "";
+thread_local const char* g_op = "";  // the op being parsed, for the messages
 
 const Tensor& tensor(PyObject* o, const char* what) {
   if (!THPVariable_Check(o)) {
