@@ -165,8 +165,6 @@ def batch_norm(
     core = kernels.core()
     if core is not None:
         return core.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if _native():
-        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _channel_norm("batch_norm", input, (0, *range(2, input.dim())), running_mean, running_var,
                          weight, bias, training, momentum, eps)
 
@@ -198,11 +196,13 @@ def instance_norm(
             f"instance_norm: expected at least 3-D input (N, C, *spatial), got {input.dim()}-D "
             f"input of shape {tuple(input.shape)}"
         )
-    if _native():
-        return torch.nn.functional.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
-                                                 momentum, eps)
     return _channel_norm("instance_norm", input, tuple(range(2, input.dim())), running_mean,
                          running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def _torch_channel_norm(op, input, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
+    fn = torch.nn.functional.batch_norm if op == "batch_norm" else torch.nn.functional.instance_norm
+    return fn(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
 
 
 def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
@@ -224,6 +224,8 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
                 f"statistics; pass them, or use batch statistics (training=True / "
                 f"use_input_stats=True)"
             )
+        if _native():  # torch's op, after our checks
+            return _torch_channel_norm(op, input, running_mean, running_var, weight, bias, False, momentum, eps)
         return _normalize(op, input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
                           fixed_var=_per_channel(running_var, nd))[0]
     n = math.prod([input.shape[d] for d in dims])
@@ -234,6 +236,8 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
             f"shape {tuple(input.shape)}); use a batch of at least 2 (e.g. drop_last=True in the "
             f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
         )
+    if _native():
+        return _torch_channel_norm(op, input, running_mean, running_var, weight, bias, True, momentum, eps)
     if op == "instance_norm" and _is_channels_last(input):  # GroupNorm's view with one channel per group
         x, undo = _channels_last_groups(input, c)
         y, mean, var = _normalize(op, x, (1, 3), _flat_view(weight, c), _flat_view(bias, c), eps)
