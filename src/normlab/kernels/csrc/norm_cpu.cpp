@@ -124,14 +124,45 @@ inline Saved<opmath_t> saved(double m, double v, double eps) {
 }
 
 // ------------------------------------------------------------------------ the reductions
-// float input: vectors of at::vec (8 lanes with AVX2) summed in float over chunks of 64
-// values, the chunks in float64; other dtypes: a plain loop in float64
+// float input: vectors of at::vec (8 lanes with AVX2) summed in float over chunks of at most 64
+// values (two independent accumulators, so adds do not wait on each other), each chunk's lanes
+// then added in float64 lane by lane; the tail of fewer than a vector and other dtypes: a plain
+// loop in float64
 
 constexpr int64_t kChunk = 64;
 
+// the pairs of sums (s, ss) += Σ f over the whole vectors of [0, n); returns where they end.
+// f(k, a, c) adds the vector at k into the accumulators a and c
 template <typename F>
-double reduce_vec(F f) {
-  return at::vec::vec_reduce_all<float>([](auto p, auto q) { return p + q; }, f);
+int64_t vec_pair_sums(int64_t n, double& s, double& ss, F f) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t L = V::size();
+  const int64_t whole = n - n % L;
+  double ds[L] = {}, dss[L] = {};
+  int64_t j = 0;
+  while (j < whole) {
+    const int64_t end = std::min(whole, j + kChunk);
+    V a0(0.f), a1(0.f), c0(0.f), c1(0.f);
+    int64_t k = j;
+    for (; k + 2 * L <= end; k += 2 * L) {
+      f(k, a0, c0);
+      f(k + L, a1, c1);
+    }
+    if (k < end) f(k, a0, c0);
+    float ta[L], tc[L];
+    (a0 + a1).store(ta);
+    (c0 + c1).store(tc);
+    for (int64_t l = 0; l < L; ++l) {
+      ds[l] += ta[l];
+      dss[l] += tc[l];
+    }
+    j = end;
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    s += ds[l];
+    ss += dss[l];
+  }
+  return whole;
 }
 
 // (Σd, Σd²), d = x − shift (shift a value of x: a large common offset cancels first)
@@ -142,16 +173,11 @@ std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shif
   if constexpr (std::is_same_v<scalar_t, float>) {
     using V = at::vec::Vectorized<float>;
     const V vs(static_cast<float>(shift));  // exact: shift is a float of x
-    for (; j + kChunk <= n; j += kChunk) {
-      V a(0.f), c(0.f);
-      for (int64_t k = j; k < j + kChunk; k += V::size()) {
-        V d = V::loadu(x + k) - vs;
-        a = a + d;
-        c = c + d * d;
-      }
-      s += reduce_vec(a);
-      ss += reduce_vec(c);
-    }
+    j = vec_pair_sums(n, s, ss, [&](int64_t k, V& a, V& c) {
+      V d = V::loadu(x + k) - vs;
+      a = a + d;
+      c = c + d * d;
+    });
   }
   for (; j < n; ++j) {
     double d = static_cast<double>(x[j]) - shift;
@@ -170,17 +196,12 @@ std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const
   if constexpr (std::is_same_v<scalar_t, float>) {
     using V = at::vec::Vectorized<float>;
     const V vm(m0), vr(rs0), vc(c0);
-    for (; j + kChunk <= n; j += kChunk) {
-      V a(0.f), c(0.f);
-      for (int64_t k = j; k < j + kChunk; k += V::size()) {
-        V xh = (V::loadu(x + k) - vm) * vr - vc;
-        V g = w ? V::loadu(dy + k) * V::loadu(w + k) : V::loadu(dy + k);
-        a = a + g;
-        c = c + g * xh;
-      }
-      sg += reduce_vec(a);
-      sgx += reduce_vec(c);
-    }
+    j = vec_pair_sums(n, sg, sgx, [&](int64_t k, V& a, V& c) {
+      V xh = at::vec::fmsub(V::loadu(x + k) - vm, vr, vc);
+      V g = w ? V::loadu(dy + k) * V::loadu(w + k) : V::loadu(dy + k);
+      a = a + g;
+      c = at::vec::fmadd(g, xh, c);
+    });
   }
   for (; j < n; ++j) {
     opmath_t xh = (static_cast<opmath_t>(x[j]) - m0) * rs0 - c0;
@@ -252,6 +273,46 @@ void sum_blocks(const std::vector<double>& dwp, const std::vector<double>& dbp, 
   });
 }
 
+// one row's coefficients for its dx: x̂ = (x − m₀)·r₀ − c₀, dx = r₀·(γ·dy − mg − x̂·mgx)
+struct RowGrad {
+  float m0, rs0, c0, mg, mgx;
+};
+
+// float rows with γ, β per column, NR rows at once: dx of each, and their dy·x̂, dy added to the
+// block's partial dγ, dβ (read and written once for the NR rows). Fused multiply-adds only
+// where nothing must cancel: γ·dy − mg is exactly 0 where γ·dy equals its mean
+template <int NR>
+void rows_dx_float(const float* const* xr, const float* const* gr, float* const* dxr, const float* w, int64_t D,
+                   const RowGrad* c, float* dwl, float* dbl) {
+  using V = at::vec::Vectorized<float>;
+  V vm[NR], vr[NR], vc[NR], vmg[NR], vmgx[NR];
+  for (int i = 0; i < NR; ++i) {
+    vm[i] = V(c[i].m0), vr[i] = V(c[i].rs0), vc[i] = V(c[i].c0), vmg[i] = V(c[i].mg), vmgx[i] = V(c[i].mgx);
+  }
+  int64_t j = 0;
+  for (; j + V::size() <= D; j += V::size()) {
+    const V wv = V::loadu(w + j);
+    V dwv = V::loadu(dwl + j), dbv = V::loadu(dbl + j);
+    for (int i = 0; i < NR; ++i) {
+      const V xh = at::vec::fmsub(V::loadu(xr[i] + j) - vm[i], vr[i], vc[i]);
+      const V g0 = V::loadu(gr[i] + j);
+      dwv = at::vec::fmadd(g0, xh, dwv);
+      dbv = dbv + g0;
+      (vr[i] * at::vec::fnmadd(xh, vmgx[i], g0 * wv - vmg[i])).store(dxr[i] + j);
+    }
+    dwv.store(dwl + j);
+    dbv.store(dbl + j);
+  }
+  for (; j < D; ++j) {
+    for (int i = 0; i < NR; ++i) {
+      const float xh = (xr[i][j] - c[i].m0) * c[i].rs0 - c[i].c0, g0 = gr[i][j];
+      dwl[j] += g0 * xh;
+      dbl[j] += g0;
+      dxr[i][j] = c[i].rs0 * (g0 * w[j] - c[i].mg - xh * c[i].mgx);
+    }
+  }
+}
+
 // dx = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·dy (RMS: no mean(g)); dγ = Σ dy·x̂, dβ = Σ dy
 template <typename scalar_t>
 void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
@@ -269,7 +330,36 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
       std::fill(dbl.begin(), dbl.end(), opmath_t(0));
       double* dwb = dwp.data() + blk * P;
       double* dbb = dbp.data() + blk * P;
-      for (int64_t r = blk * per; r < std::min(R, (blk + 1) * per); ++r) {
+      const int64_t r_lo = blk * per, r_hi = std::min(R, (blk + 1) * per);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (elem) {  // rows in pairs: the partial dγ, dβ pass through the cache once per pair
+          for (int64_t r = r_lo; r < r_hi; r += 4) {
+            const int nr = static_cast<int>(std::min<int64_t>(4, r_hi - r));
+            RowGrad c[4];
+            const float* xs[4];
+            const float* gs[4];
+            float* dxs[4];
+            for (int i = 0; i < nr; ++i) {
+              xs[i] = x + (r + i) * D, gs[i] = dy + (r + i) * D, dxs[i] = dx + (r + i) * D;
+              const auto sv = saved<float, float>(mean[r + i], var[r + i], eps);
+              auto [sg, sgx] = grad_sums(xs[i], gs[i], w, D, sv.m0, sv.rs0, sv.c0);
+              c[i] = {sv.m0, sv.rs0, sv.c0, center ? static_cast<float>(sg / D) : 0.f, static_cast<float>(sgx / D)};
+            }
+            switch (nr) {
+              case 4: rows_dx_float<4>(xs, gs, dxs, w, D, c, dwl.data(), dbl.data()); break;
+              case 3: rows_dx_float<3>(xs, gs, dxs, w, D, c, dwl.data(), dbl.data()); break;
+              case 2: rows_dx_float<2>(xs, gs, dxs, w, D, c, dwl.data(), dbl.data()); break;
+              default: rows_dx_float<1>(xs, gs, dxs, w, D, c, dwl.data(), dbl.data());
+            }
+          }
+          for (int64_t j = 0; j < D; ++j) {
+            dwb[j] = static_cast<double>(dwl[j]);
+            dbb[j] = static_cast<double>(dbl[j]);
+          }
+          continue;
+        }
+      }
+      for (int64_t r = r_lo; r < r_hi; ++r) {
         const scalar_t* xr = x + r * D;
         const scalar_t* gr = dy + r * D;
         scalar_t* dxr = dx + r * D;
