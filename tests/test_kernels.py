@@ -82,20 +82,7 @@ def test_channels_kernels_equal_the_reference(poisoned, shape, offset, dtype):
         assert_rel(g_, w_, dtype, what=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", CHANNELS)
-def test_eval_affine_kernel_equals_the_reference(poisoned, shape, dtype):
-    x = _data(shape, dtype, 1e3)
-    C = shape[1]
-    mean, scale, shift = (_data((C,), dtype, o, seed=s) for s, o in ((1, 1e3), (2, 1.0), (3, 0.0)))
-    assert_rel(cpu.channels_affine(x, mean, scale, shift), reference.channels_affine(x, mean, scale, shift), dtype)
-    dy = _data(shape, dtype, 0.0, seed=4)
-    for got, want, what in zip(cpu.channels_affine_backward(dy, x, mean, scale),
-                               reference.channels_affine_backward(dy, x, mean, scale), ("dx", "da", "db")):
-        assert_rel(got, want, dtype, what=what)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", CHANNELS)
 def test_eval_kernel_from_running_statistics_equals_the_reference(poisoned, shape, affine, dtype):
@@ -105,6 +92,10 @@ def test_eval_kernel_from_running_statistics_equals_the_reference(poisoned, shap
     var = _data((C,), dtype, 0.0, seed=2).abs() + 0.1
     w, b = (_data((C,), dtype, 1.0, seed=3), _data((C,), dtype, 0.0, seed=4)) if affine else (None, None)
     assert_rel(cpu.channels_eval(x, mean, var, w, b, 1e-5), reference.channels_eval(x, mean, var, w, b, 1e-5), dtype)
+    dy = _data(shape, dtype, 0.0, seed=5)
+    for got, want, what in zip(cpu.channels_eval_backward(dy, x, mean, var, w, 1e-5),
+                               reference.channels_eval_backward(dy, x, mean, var, w, 1e-5), ("dx", "dw", "db")):
+        assert_rel(got, want, dtype, what=what)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -515,7 +506,10 @@ def test_use_backend_is_per_thread():
                                  torch.ones(4, dtype=torch.float64), None, 1e-5, True, 3, 1, [4, 8]),
     lambda o, x: o.groups_backward(torch.randn(4, 8), x, torch.zeros(4, dtype=torch.float64),
                                    torch.ones(4, dtype=torch.float64), None, 1e-5, 3, [1, 4, 8], []),
-    lambda o, x: o.channels_affine(x, torch.zeros(3), torch.ones(8), torch.zeros(8), [4, 8, 1], []),
+    lambda o, x: o.channels_eval_backward(torch.randn(4, 8), x, torch.zeros(8), torch.ones(3), None, 1e-5, [4, 8, 1], []),
+    lambda o, x: o.channels_eval_backward(torch.randn(8, 4), x, torch.zeros(8), torch.ones(8), None, 1e-5, [4, 8, 1], []),
+    lambda o, x: o.rows_backward(torch.randn(32), x, torch.zeros(4, dtype=torch.float64),
+                                 torch.ones(4, dtype=torch.float64), None, 1e-5, True, 1, 1, [4, 8]),
 ])
 def test_kernel_operators_refuse_arguments_that_do_not_fit(call):
     # the form operators are public (torch.ops.normlab.*): a wrong shape, layout or statistic

@@ -50,22 +50,17 @@ def channels_backward(dy, x, mean, var, weight, eps: float, out=None):
     return _into(out, dx), dw, db
 
 
-def channels_affine(x, mean, scale, shift, out=None):
-    """BN eval on ``x (N, C, S)``: ``y = (x − mean)·scale + shift`` per channel (all ``(C,)``)."""
-    return _into(out, _ops.channels_affine(x, mean, scale, shift, list(x.shape), []))
-
-
 def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
     """BatchNorm in eval on ``x (N, C, S)`` straight from the running statistics ``mean``, ``var``
     (``(C,)``): ``(x − mean)·γ/√(var + ε) + β``, the map built in float64."""
     return _into(out, _ops.channels_eval(x, mean, var, weight, bias, eps, list(x.shape), []))
 
 
-def channels_affine_backward(dy, x, mean, scale, out=None):
-    """Backward of :func:`channels_affine`: ``(dx, Σ dy·(x − mean), Σ dy)``, the sums per channel
-    in float32 or wider."""
-    dx, da, db = _ops.channels_affine_backward(dy, x, mean, scale, list(x.shape), [])
-    return _into(out, dx), da, db
+def channels_eval_backward(dy, x, mean, var, weight, eps: float, out=None):
+    """Backward of :func:`channels_eval`: ``(dx, dweight, dbias)``, the parameter gradients in
+    float32 or wider."""
+    dx, dw, db = _ops.channels_eval_backward(dy, x, mean, var, weight, eps, list(x.shape), [])
+    return _into(out, dx), dw, db
 
 
 def groups_forward(x, weight, bias, eps: float, groups: int, out=None):

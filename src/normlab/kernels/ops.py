@@ -52,25 +52,26 @@ def _register_triton() -> None:
                                                out=_view(dx, shape, permute))
         return dx, dw, db
 
-    def channels_affine(x, mean, scale, shift, shape, permute):
-        y = torch.empty_like(x)
-        triton().channels_affine(_view(x, shape, permute), mean, scale, shift, out=_view(y, shape, permute))
-        return y
-
     def channels_eval(x, mean, var, weight, bias, eps, shape, permute):
         y = torch.empty_like(x)
         triton().channels_eval(_view(x, shape, permute), mean, var, weight, bias, eps, out=_view(y, shape, permute))
         return y
 
-    def channels_affine_backward(dy, x, mean, scale, shape, permute):
+    def channels_eval_backward(dy, x, mean, var, weight, eps, shape, permute):
+        # dx = a·dy and Σ dy·(x − m₀), Σ dy from the kernel; ∂l/∂γ = r·(Σ dy·(x − m₀) − (μ − m₀)·Σ dy)
         dx = torch.empty_like(x)
         dyv = _view(dy, shape, permute).contiguous()
-        _, da, db = triton().channels_affine_backward(dyv, _view(x, shape, permute), mean, scale,
+        r = torch.rsqrt(var.double().reshape(-1) + eps)
+        m0 = mean.reshape(-1).to(x.dtype)
+        scale = r if weight is None else r * weight.double().reshape(-1)
+        _, da, db = triton().channels_affine_backward(dyv, _view(x, shape, permute), m0, scale.to(x.dtype),
                                                       out=_view(dx, shape, permute))
-        return dx, da, db
+        acc = torch.promote_types(x.dtype, torch.float32)
+        dw = (da.double() - (mean.double().reshape(-1) - m0.double()) * db.double()) * r
+        return dx, dw.to(acc), db.to(acc)
 
-    for fn in (rows_forward, rows_backward, channels_forward, channels_backward, channels_affine, channels_eval,
-               channels_affine_backward):
+    for fn in (rows_forward, rows_backward, channels_forward, channels_backward, channels_eval,
+               channels_eval_backward):
         lib.impl(fn.__name__, fn, "CUDA")
 
 

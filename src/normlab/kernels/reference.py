@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..autograd import normalize_affine  # the reference itself: never the kernels it checks
 
-__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_affine",
-           "channels_eval", "channels_affine_backward", "groups_forward", "groups_backward"]
+__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_eval",
+           "channels_eval_backward", "groups_forward", "groups_backward"]
 
 
 def _rows(x: Tensor, groups: int, seg: int) -> tuple[Tensor, tuple[int, ...], tuple[int, int, int]]:
@@ -68,21 +68,15 @@ def channels_backward(dy, x, mean, var, weight, eps: float, out=None):
     return _into(out, dx), dw, db
 
 
-def _grads(f, x, dy, weight, pshape, out_shape):
+def _grads(f, x, dy, weight, pshape, out_shape, pdtype=None):
     with torch.enable_grad():
         xx = x.detach().double().requires_grad_()
         w = torch.ones(pshape, dtype=torch.float64) if weight is None else weight.detach().double().reshape(pshape)
         w.requires_grad_()
         b = torch.zeros(pshape, dtype=torch.float64, requires_grad=True)
         dx, dw, db = torch.autograd.grad(f(xx, w, b), (xx, w, b), dy.double())
-    return dx.to(x.dtype).reshape(out_shape), dw.reshape(-1).to(x.dtype), db.reshape(-1).to(x.dtype)
-
-
-def channels_affine(x, mean, scale, shift, out=None):
-    """BatchNorm in eval on ``x (N, C, S)``: ``(x − mean)·scale + shift`` per channel."""
-    view = (1, -1, 1)
-    y = (x.double() - mean.double().view(view)) * scale.double().view(view) + shift.double().view(view)
-    return _into(out, y.to(x.dtype))
+    pdtype = pdtype or x.dtype
+    return dx.to(x.dtype).reshape(out_shape), dw.reshape(-1).to(pdtype), db.reshape(-1).to(pdtype)
 
 
 def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
@@ -93,15 +87,14 @@ def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
     return _into(out, y.to(x.dtype))
 
 
-def channels_affine_backward(dy, x, mean, scale, out=None):
-    """Backward of :func:`channels_affine`: ``(dx, Σ dy·(x − mean), Σ dy)`` per channel, the
-    sums in float32 or wider (``Σ dy·(x − mean)`` of fp16 data can pass fp16's range)."""
-    view = (1, -1, 1)
-    dyd = dy.double()
-    dx = (dyd * scale.double().view(view)).to(x.dtype)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    da = (dyd * (x.double() - mean.double().view(view))).sum((0, 2)).to(acc)
-    return _into(out, dx), da, dyd.sum((0, 2)).to(acc)
+def channels_eval_backward(dy, x, mean, var, weight, eps: float, out=None):
+    """``(dx, dweight, dbias)`` of :func:`channels_eval`, the running statistics constants; the
+    parameter gradients in float32 or wider (``Σ dy·x̂`` of fp16 data can pass fp16's range)."""
+    C = x.shape[1]
+    fixed = {"fixed_mean": mean.double().view(C, 1), "fixed_var": var.double().view(C, 1)}
+    dx, dw, db = _grads(lambda xx, w, b: normalize_affine(xx, (0, 2), w, b, eps, **fixed)[0], x, dy, weight, (C, 1),
+                        x.shape, torch.promote_types(x.dtype, torch.float32))
+    return _into(out, dx), dw, db
 
 
 def groups_forward(x, weight, bias, eps: float, groups: int, out=None):

@@ -638,29 +638,44 @@ void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a,
 }
 
 // backward of the eval map: dx = a·dy; Σ dy·(x − m) and Σ dy per channel (float64 sums)
-template <typename scalar_t, typename acc_t>
-void channels_affine_backward_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* m, const scalar_t* a,
-                                     int64_t N, int64_t C, int64_t S, scalar_t* dx, acc_t* da, acc_t* db) {
+// BatchNorm eval backward on (N, C, S): dx = a·dy, a = γ·r per channel; the sums Σdy and
+// Σdy·(x − m₀) per channel (m₀ = μ in x's precision; the caller folds μ − m₀ back in float64).
+// S > 1: each channel's runs of S values in float lanes (chunks → float64); S = 1: per-block
+// partials (≤ 256 rows each, in x's precision) summed in float64
+template <typename scalar_t>
+void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* m,
+                                   const at::opmath_type<scalar_t>* a, int64_t N, int64_t C, int64_t S,
+                                   scalar_t* dx, double* sx, double* sg) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (S > 1) {
     at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
-        const opmath_t m0 = static_cast<opmath_t>(m[c]), a0 = static_cast<opmath_t>(a[c]);
-        double sa = 0.0, sb = 0.0;
+        const opmath_t m0 = m[c], a0 = a[c];
+        double sb = 0.0, sa = 0.0;
         for (int64_t i = 0; i < N; ++i) {
           const scalar_t* xs = x + (i * C + c) * S;
           const scalar_t* gs = dy + (i * C + c) * S;
           scalar_t* dxs = dx + (i * C + c) * S;
-#pragma omp simd reduction(+ : sa, sb)
-          for (int64_t k = 0; k < S; ++k) {
-            opmath_t g = static_cast<opmath_t>(gs[k]);
-            sa += static_cast<double>(g) * (static_cast<double>(xs[k]) - static_cast<double>(m0));
+          int64_t k = 0;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            using V = at::vec::Vectorized<float>;
+            const V vm(m0), va(a0);
+            k = vec_pair_sums(S, sb, sa, [&](int64_t j, V& p, V& q) {
+              const V g = V::loadu(gs + j);
+              p = p + g;
+              q = at::vec::fmadd(g, V::loadu(xs + j) - vm, q);
+              (g * va).store(dxs + j);
+            });
+          }
+          for (; k < S; ++k) {
+            const opmath_t g = static_cast<opmath_t>(gs[k]);
             sb += g;
+            sa += static_cast<double>(g) * (static_cast<double>(xs[k]) - static_cast<double>(m0));
             dxs[k] = static_cast<scalar_t>(g * a0);
           }
         }
-        da[c] = static_cast<acc_t>(sa);
-        db[c] = static_cast<acc_t>(sb);
+        sx[c] = sa;
+        sg[c] = sb;
       }
     });
     return;
@@ -668,24 +683,31 @@ void channels_affine_backward_kernel(const scalar_t* dy, const scalar_t* x, cons
   const int64_t M = N, nblk = blocks(M), per = (M + nblk - 1) / nblk;
   std::vector<double> pa(nblk * C, 0.0), pb(nblk * C, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<opmath_t> la(C), lb(C);
     for (int64_t blk = blo; blk < bhi; ++blk) {
-      double* pab = pa.data() + blk * C;
-      double* pbb = pb.data() + blk * C;
+      std::fill(la.begin(), la.end(), opmath_t(0));
+      std::fill(lb.begin(), lb.end(), opmath_t(0));
+      opmath_t* lap = la.data();
+      opmath_t* lbp = lb.data();
       for (int64_t i = blk * per; i < std::min(M, (blk + 1) * per); ++i) {
         const scalar_t* xi = x + i * C;
         const scalar_t* gi = dy + i * C;
         scalar_t* dxi = dx + i * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          opmath_t g = static_cast<opmath_t>(gi[c]);
-          pab[c] += static_cast<double>(g) * (static_cast<double>(xi[c]) - static_cast<double>(m[c]));
-          pbb[c] += g;
-          dxi[c] = static_cast<scalar_t>(g * static_cast<opmath_t>(a[c]));
+          const opmath_t g = static_cast<opmath_t>(gi[c]);
+          lap[c] += g * (static_cast<opmath_t>(xi[c]) - m[c]);
+          lbp[c] += g;
+          dxi[c] = static_cast<scalar_t>(g * a[c]);
         }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        pa[blk * C + c] = static_cast<double>(la[c]);
+        pb[blk * C + c] = static_cast<double>(lb[c]);
       }
     }
   });
-  sum_blocks(pa, pb, nblk, C, da, db);
+  sum_blocks(pa, pb, nblk, C, sx, sg);
 }
 
 // ---------------------------------------------------------------------------------- groups
@@ -832,6 +854,11 @@ void check_view(const Tensor& x, IntArrayRef shape, const char* op) {
                     x.numel(), " elements of the input");
 }
 
+void check_grad(const Tensor& dy, const Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "normlab.", op, ": dy must have x's shape ", x.sizes(), ", got ",
+                    dy.sizes());
+}
+
 void check_len(const Tensor& t, int64_t n, const char* name, const char* op) {
   TORCH_CHECK_VALUE(t.numel() == n, "normlab.", op, ": ", name, " must have ", n, " elements, got ", t.numel());
 }
@@ -874,6 +901,7 @@ std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& dy, const Tensor&
                                                  bool center, int64_t groups, int64_t seg, IntArrayRef shape) {
   check_float(x, "rows_backward");
   check_view(x, shape, "rows_backward");
+  check_grad(dy, x, "rows_backward");
   const int64_t R = shape[0], D = shape[1];
   check_rows(R, D, groups, seg, "rows_backward");
   check_len(mean, R, "mean", "rows_backward");
@@ -925,6 +953,7 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Ten
                                                      double eps, IntArrayRef shape, IntArrayRef permute) {
   check_float(x, "channels_backward");
   check_view(x, shape, "channels_backward");
+  check_grad(dy, x, "channels_backward");
   const int64_t N = shape[0], C = shape[1], S = shape[2];
   check_len(mean, C, "mean", "channels_backward");
   check_len(var, C, "var", "channels_backward");
@@ -949,26 +978,18 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Ten
   return {dx, dw, db};
 }
 
-Tensor channels_affine(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift,
-                       IntArrayRef shape, IntArrayRef permute) {
-  check_float(x, "channels_affine");
-  check_view(x, shape, "channels_affine");
-  const int64_t N = shape[0], C = shape[1], S = shape[2];
-  check_len(mean, C, "mean", "channels_affine");
-  check_len(scale, C, "scale", "channels_affine");
-  check_len(shift, C, "shift", "channels_affine");
-  Tensor y = out_like(x);
-  if (x.numel() == 0) return y;
-  Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
-  NORMLAB_DISPATCH(x, "channels_affine", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    auto coef = [&](const Tensor& t) { return t.reshape({C}).to(x.scalar_type()).to(c10::CppTypeToScalarType<opmath_t>::value).contiguous(); };
-    Tensor m = coef(mean), a = coef(scale), h = coef(shift);
-    channels_affine_kernel<scalar_t, opmath_t>(xv.const_data_ptr<scalar_t>(), m.const_data_ptr<opmath_t>(),
-                                               a.const_data_ptr<opmath_t>(), h.const_data_ptr<opmath_t>(), N, C, S,
-                                               yv.mutable_data_ptr<scalar_t>());
+// per-channel statistics and parameters as float64 values (read in place when they are (C,)
+// vectors on the CPU); `fill` where the tensor is not given
+std::vector<double> values(const c10::optional<Tensor>& t, int64_t C, double fill) {
+  std::vector<double> v(C, fill);
+  if (!(t.has_value() && t->defined())) return v;
+  Tensor u = t->reshape({C});
+  if (!u.is_contiguous() || !u.device().is_cpu()) u = u.contiguous().cpu();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "values", [&] {
+    const scalar_t* p = u.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c]);
   });
-  return y;
+  return v;
 }
 
 // BN eval straight from the running statistics: the per-channel map built in float64,
@@ -985,20 +1006,8 @@ Tensor channels_eval(const Tensor& x, const Tensor& mean, const Tensor& var, con
   Tensor y = out_like(x);
   if (x.numel() == 0) return y;
   Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
-  // statistics and parameters as float64 values, read in place when they are (C,) vectors
-  auto values = [&](const c10::optional<Tensor>& t, double fill) -> std::vector<double> {
-    std::vector<double> v(C, fill);
-    if (!(t.has_value() && t->defined())) return v;
-    Tensor u = t->reshape({C});
-    if (!u.is_contiguous() || !u.device().is_cpu()) u = u.contiguous().cpu();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "channels_eval_values", [&] {
-      const scalar_t* p = u.const_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c]);
-    });
-    return v;
-  };
-  const std::vector<double> pm = values(mean, 0.0), pv = values(var, 1.0), pw = values(weight, 1.0),
-                            pb = values(bias, 0.0);
+  const std::vector<double> pm = values(mean, C, 0.0), pv = values(var, C, 1.0), pw = values(weight, C, 1.0),
+                            pb = values(bias, C, 0.0);
   NORMLAB_DISPATCH(x, "channels_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::vector<opmath_t> m0(C), a0(C), h0(C);
@@ -1015,31 +1024,52 @@ Tensor channels_eval(const Tensor& x, const Tensor& mean, const Tensor& var, con
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor> channels_affine_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
-                                                            const Tensor& scale, IntArrayRef shape,
-                                                            IntArrayRef permute) {
-  check_float(x, "channels_affine_backward");
-  check_view(x, shape, "channels_affine_backward");
+std::tuple<Tensor, Tensor, Tensor> channels_eval_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                          const Tensor& var, const c10::optional<Tensor>& weight,
+                                                          double eps, IntArrayRef shape, IntArrayRef permute) {
+  static constexpr const char* op = "channels_eval_backward";
+  check_float(x, op);
+  check_view(x, shape, op);
+  check_grad(dy, x, op);
   const int64_t N = shape[0], C = shape[1], S = shape[2];
-  check_len(mean, C, "mean", "channels_affine_backward");
-  check_len(scale, C, "scale", "channels_affine_backward");
+  check_len(mean, C, "mean", op);
+  check_len(var, C, "var", op);
+  const bool affine = weight.has_value() && weight->defined();
+  if (affine) check_len(*weight, C, "weight", op);
   const auto acc = at::promote_types(x.scalar_type(), at::kFloat);
   Tensor dx = out_like(x);
-  Tensor da = vec(x, C, acc), db = vec(x, C, acc);
-  if (x.numel() == 0) return {dx, da.zero_(), db.zero_()};
-  Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
-  Tensor dxv = canon(dx, shape, permute);
-  Tensor m = mean.reshape({C}).to(x.scalar_type()).contiguous(), a = scale.reshape({C}).to(x.scalar_type()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "channels_affine_backward", [&] {
-    using acc_t = scalar_t;
-    NORMLAB_DISPATCH(x, "channels_affine_backward", [&] {
-      channels_affine_backward_kernel<scalar_t, acc_t>(
-          dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
-          a.const_data_ptr<scalar_t>(), N, C, S, dxv.mutable_data_ptr<scalar_t>(), da.mutable_data_ptr<acc_t>(),
-          db.mutable_data_ptr<acc_t>());
+  const std::vector<double> pm = values(mean, C, 0.0), pv = values(var, C, 1.0), pw = values(weight, C, 1.0);
+  std::vector<double> r(C), sx(C, 0.0), sg(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) r[c] = 1.0 / std::sqrt(pv[c] + eps);
+  std::vector<double> m0d(C);
+  if (x.numel() > 0) {
+    Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
+    Tensor dxv = canon(dx, shape, permute);
+    NORMLAB_DISPATCH(x, op, [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      std::vector<opmath_t> m0(C), a0(C);
+      for (int64_t c = 0; c < C; ++c) {
+        m0[c] = static_cast<opmath_t>(static_cast<scalar_t>(pm[c]));
+        m0d[c] = static_cast<double>(m0[c]);
+        a0[c] = static_cast<opmath_t>(pw[c] * r[c]);
+      }
+      channels_eval_backward_kernel<scalar_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
+                                              m0.data(), a0.data(), N, C, S, dxv.mutable_data_ptr<scalar_t>(),
+                                              sx.data(), sg.data());
     });
+  }
+  // ∂l/∂γ = r·Σ dy·(x − μ) = r·(Σ dy·(x − m₀) − (μ − m₀)·Σ dy), ∂l/∂β = Σ dy; float32 or wider
+  Tensor dw = vec(x, C, acc), db = vec(x, C, acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
+    scalar_t* pdw = dw.mutable_data_ptr<scalar_t>();
+    scalar_t* pdb = db.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double shift = x.numel() > 0 ? pm[c] - m0d[c] : 0.0;
+      pdw[c] = static_cast<scalar_t>(r[c] * (sx[c] - shift * sg[c]));
+      pdb[c] = static_cast<scalar_t>(sg[c]);
+    }
   });
-  return {dx, da, db};
+  return {dx, dw, db};
 }
 
 std::tuple<Tensor, Tensor, Tensor> groups_forward(const Tensor& x, const c10::optional<Tensor>& weight,
@@ -1069,6 +1099,7 @@ std::tuple<Tensor, Tensor, Tensor> groups_backward(const Tensor& dy, const Tenso
                                                    IntArrayRef permute) {
   check_float(x, "groups_backward");
   check_view(x, shape, "groups_backward");
+  check_grad(dy, x, "groups_backward");
   const int64_t N = shape[0], S = shape[1], C = shape[2];
   check_groups(C, groups, "groups_backward");
   check_len(mean, N * groups, "mean", "groups_backward");
@@ -1120,17 +1151,14 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward_meta(const Tensor&, const T
   return {at::empty_like(x), at::empty({shape[1]}, x.options()), at::empty({shape[1]}, x.options())};
 }
 
-Tensor channels_affine_meta(const Tensor& x, const Tensor&, const Tensor&, const Tensor&, IntArrayRef, IntArrayRef) {
-  return at::empty_like(x);
-}
-
 Tensor channels_eval_meta(const Tensor& x, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
                           const c10::optional<Tensor>&, double, IntArrayRef, IntArrayRef) {
   return at::empty_like(x);
 }
 
-std::tuple<Tensor, Tensor, Tensor> channels_affine_backward_meta(const Tensor&, const Tensor& x, const Tensor&,
-                                                                 const Tensor&, IntArrayRef shape, IntArrayRef) {
+std::tuple<Tensor, Tensor, Tensor> channels_eval_backward_meta(const Tensor&, const Tensor& x, const Tensor&,
+                                                               const Tensor&, const c10::optional<Tensor>&, double,
+                                                               IntArrayRef shape, IntArrayRef) {
   auto opts = x.options().dtype(at::promote_types(x.scalar_type(), at::kFloat));
   return {at::empty_like(x), at::empty({shape[1]}, opts), at::empty({shape[1]}, opts)};
 }
@@ -1160,10 +1188,10 @@ TORCH_LIBRARY(normlab, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("channels_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int[] shape, "
         "int[] permute) -> (Tensor, Tensor, Tensor)");
-  m.def("channels_affine(Tensor x, Tensor mean, Tensor scale, Tensor shift, int[] shape, int[] permute) -> Tensor");
   m.def("channels_eval(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, int[] shape, "
         "int[] permute) -> Tensor");
-  m.def("channels_affine_backward(Tensor dy, Tensor x, Tensor mean, Tensor scale, int[] shape, int[] permute) "
+  m.def("channels_eval_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
+        "int[] shape, int[] permute) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("groups_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, int groups, int[] shape, "
         "int[] permute) -> (Tensor, Tensor, Tensor)");
@@ -1177,9 +1205,8 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("rows_backward", &normlab::rows_backward);
   m.impl("channels_forward", &normlab::channels_forward);
   m.impl("channels_backward", &normlab::channels_backward);
-  m.impl("channels_affine", &normlab::channels_affine);
   m.impl("channels_eval", &normlab::channels_eval);
-  m.impl("channels_affine_backward", &normlab::channels_affine_backward);
+  m.impl("channels_eval_backward", &normlab::channels_eval_backward);
   m.impl("groups_forward", &normlab::groups_forward);
   m.impl("groups_backward", &normlab::groups_backward);
 }
@@ -1189,9 +1216,8 @@ TORCH_LIBRARY_IMPL(normlab, Meta, m) {
   m.impl("rows_backward", &normlab::rows_backward_meta);
   m.impl("channels_forward", &normlab::channels_forward_meta);
   m.impl("channels_backward", &normlab::channels_backward_meta);
-  m.impl("channels_affine", &normlab::channels_affine_meta);
   m.impl("channels_eval", &normlab::channels_eval_meta);
-  m.impl("channels_affine_backward", &normlab::channels_affine_backward_meta);
+  m.impl("channels_eval_backward", &normlab::channels_eval_backward_meta);
   m.impl("groups_forward", &normlab::groups_forward_meta);
   m.impl("groups_backward", &normlab::groups_backward_meta);
 }

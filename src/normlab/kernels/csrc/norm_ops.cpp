@@ -191,11 +191,12 @@ Tensor eval_forward(const Form& f, const Tensor& x, const Tensor& mean, const Te
   return op.call(x, mean, var, w, b, eps, f.shape, f.permute);
 }
 
-FwdOut eval_backward(const Form& f, const Tensor& dy, const Tensor& x, const Tensor& m, const Tensor& a) {
-  static auto op = handle("normlab::channels_affine_backward")
-                       .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, IntArrayRef,
-                                     IntArrayRef)>();
-  return op.call(dy, x, m, a, f.shape, f.permute);
+FwdOut eval_backward(const Form& f, const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var,
+                     const OptTensor& w, double eps) {
+  static auto op = handle("normlab::channels_eval_backward")
+                       .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                     double, IntArrayRef, IntArrayRef)>();
+  return op.call(dy, x, mean, var, w, eps, f.shape, f.permute);
 }
 
 // Does a compiled kernel exist for x's device? (CUDA: the Triton kernels normlab registers from
@@ -446,18 +447,7 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
       std::tie(dx, dw, db) = eval_formula_backward(s.f, dy, x, mean, var, s.wo, s.eps, s.need_w, s.need_b);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      const int64_t C = s.f.shape[1];
-      at::ScalarType acc = at::promote_types(acc_type(x), at::promote_types(mean.scalar_type(), var.scalar_type()));
-      Tensor mu = mean.reshape({C}).to(acc), r = at::rsqrt(var.reshape({C}).to(acc) + s.eps);
-      Tensor a = s.w.defined() ? r * s.w.reshape({C}).to(acc) : r;
-      Tensor m = mu.to(x.scalar_type());
-      Tensor da;
-      std::tie(dx, da, db) = eval_backward(s.f, dy, x, m, a.to(x.scalar_type()));
-      if (s.need_w) {  // Σ dy·(x − μ) from the kernel's Σ dy·(x − m), m = μ rounded to x's dtype
-        Tensor sum = da.to(acc);
-        if (m.scalar_type() != acc) sum = sum - (mu - m.to(acc)) * db.to(acc);
-        dw = sum * r;
-      }
+      std::tie(dx, dw, db) = eval_backward(s.f, dy, x, mean, var, s.wo, s.eps);
     }
     return s.grads(dx, dw, db, 4);
   }
