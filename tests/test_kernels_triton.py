@@ -84,12 +84,15 @@ def test_half_precision_on_gpu(dtype):
     assert_rel(y.float(), torch.nn.functional.layer_norm(x.float(), (1000,), w.float()), tol=3e-2)
 
 
-def test_eval_affine(poisoned):
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_from_running_statistics(poisoned, affine):
     x = _data((4, 3, 33), 50.0, 0)
-    mean, scale, shift = _data((3,), 50.0, 1), _data((3,), 1.0, 2), _data((3,), 0.0, 3)
-    assert_rel(tk.channels_affine(x, mean, scale, shift).cpu(),
-               reference.channels_affine(x.cpu(), mean.cpu(), scale.cpu(), shift.cpu()), tol=2e-5)
-    dy = _data((4, 3, 33), 0.0, 4)
-    for got, want in zip(tk.channels_affine_backward(dy, x, mean, scale),
-                         reference.channels_affine_backward(dy.cpu(), x.cpu(), mean.cpu(), scale.cpu())):
+    mean, var = _data((3,), 50.0, 1), _data((3,), 0.0, 2).abs() + 0.1
+    w, b = (_data((3,), 1.0, 3), _data((3,), 0.0, 4)) if affine else (None, None)
+    cpu = (lambda t: None if t is None else t.cpu())
+    assert_rel(tk.channels_eval(x, mean, var, w, b, 1e-5).cpu(),
+               reference.channels_eval(x.cpu(), mean.cpu(), var.cpu(), cpu(w), cpu(b), 1e-5), tol=2e-5)
+    dy = _data((4, 3, 33), 0.0, 5)
+    for got, want in zip(tk.channels_eval_backward(dy, x, mean, var, w, 1e-5),
+                         reference.channels_eval_backward(dy.cpu(), x.cpu(), mean.cpu(), var.cpu(), cpu(w), 1e-5)):
         assert_rel(got.cpu(), want, tol=2e-5)

@@ -353,3 +353,27 @@ def test_weight_norm_on_a_1d_parameter_matches_torch():
             m.parametrizations.weight.original0.fill_(2.0)
             m.parametrizations.weight.original1.copy_(torch.tensor([1.0, -3.0, 0.5, 2.0]))
     assert torch.equal(ours.weight, theirs.weight)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_batchrenorm_and_syncbatchnorm_update_running_statistics_by_one_rule(backend, dtype, momentum):
+    # normlab.stats.update_running is the rule; BatchNorm's compiled core applies it in C++
+    import normlab
+    from normlab.distributed import SyncBatchNorm
+    from normlab.stats import momentum_factor, update_running
+
+    g = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(6, 3, 5, generator=g) * 3 + 100).to(dtype) for _ in range(3)]
+    for make in (N.BatchNorm1d, N.BatchRenorm1d, SyncBatchNorm):
+        m = make(3, momentum=momentum, dtype=dtype)
+        rm, rv = m.running_mean.clone(), m.running_var.clone()
+        with normlab.use_backend(backend):
+            for t, x in enumerate(xs):
+                m(x)
+                xd = x.double()
+                update_running(rm, rv, xd.mean((0, 2)), xd.var((0, 2)), momentum_factor(momentum, t))
+                torch.testing.assert_close(m.running_mean, rm, msg=f"{make.__name__} running_mean")
+                torch.testing.assert_close(m.running_var, rv, msg=f"{make.__name__} running_var")
+        assert int(m.num_batches_tracked) == len(xs)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .stats import Moments, accumulation_dtype, centered, corrected_variance
+from .stats import Moments, accumulation_dtype, centered, corrected_variance, momentum_factor, update_running
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "all_reduce_moments", "all_reduce_scaler"]
 
@@ -149,11 +149,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = _SyncBN.apply(input, self.weight, self.bias, self.eps, self.process_group, stats.mean,
                           stats.var(correction=0), stats.count)
         if self.training and self.track_running_stats:
-            factor = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-            with torch.no_grad():  # in float64, then stored: an fp16 buffer would overflow on var·(1 − m)
-                self.running_mean.copy_(self.running_mean.double() * (1 - factor) + stats.mean * factor)
-                self.running_var.copy_(self.running_var.double() * (1 - factor) + stats.var(correction=1) * factor)
-                self.num_batches_tracked.add_(1)
+            update_running(self.running_mean, self.running_var, stats.mean, stats.var(correction=1),
+                           momentum_factor(self.momentum, self.num_batches_tracked))
+            self.num_batches_tracked.add_(1)
         return y
 
 

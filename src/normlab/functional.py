@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import kernels
 from .autograd import normalize_affine
-from .stats import accumulation_dtype, extrema, moments
+from .stats import accumulation_dtype, extrema, moments, update_running
 
 kernels.load_core()  # built at first use, then loaded from the cache (kernels.build)
 
@@ -121,15 +121,6 @@ def _keep_format(y: Tensor, like: Tensor) -> Tensor:
         except RuntimeError:  # format does not apply to this ndim
             continue
     return y
-
-
-@torch.no_grad()
-def _update_running(running: Tensor | None, batch: Tensor, momentum: float) -> None:
-    # torch's convention: new = (1 − momentum)·running + momentum·batch, computed in the batch
-    # statistics' (float32+) precision, then stored: an fp16 buffer must not see var before the mix
-    if running is not None:
-        acc = torch.promote_types(batch.dtype, torch.float32)
-        running.copy_(running.to(acc) * (1 - momentum) + batch.to(acc) * momentum)
 
 
 def _native() -> bool:
@@ -247,8 +238,8 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
     if mean is None:  # no running statistics, or an empty batch of instances: nothing to update
         return y
     # InstanceNorm has one statistic per (sample, channel): the running ones get their average
-    _update_running(running_mean, mean.reshape(-1, c).mean(0), momentum)
-    _update_running(running_var, var.reshape(-1, c).mean(0) * (n / (n - 1)), momentum)  # unbiased
+    update_running(running_mean, running_var, mean.reshape(-1, c).mean(0),
+                   var.reshape(-1, c).mean(0) * (n / (n - 1)), momentum)  # unbiased
     return y
 
 

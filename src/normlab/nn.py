@@ -39,7 +39,7 @@ from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from . import functional as F
-from .stats import mean_square, moments
+from .stats import mean_square, moments, momentum_factor, update_running
 
 __all__ = [
     "BatchNorm1d",
@@ -163,9 +163,7 @@ class _BatchNorm(_NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         tracking = self.training and self.track_running_stats
-        factor = 0.0 if self.momentum is None else self.momentum
-        if tracking and self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1)  # cumulative average
+        factor = momentum_factor(self.momentum, self.num_batches_tracked) if tracking else 0.0
         use_batch_stats = self.training or self.running_mean is None
         keep = not self.training or self.track_running_stats
         out = F.batch_norm(
@@ -260,11 +258,9 @@ class _BatchRenorm(_BatchNorm):
         w = self.weight if self.weight is not None else torch.ones_like(r, dtype=input.dtype)
         b = self.bias if self.bias is not None else torch.zeros_like(d, dtype=input.dtype)
         out = F.batch_norm(input, None, None, w * r.to(w.dtype), w * d.to(w.dtype) + b, True, 0.0, self.eps)
-        factor = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         n = input.numel() // input.shape[1]
-        with torch.no_grad():  # BatchNorm's rule, after success, mixed in the statistics' precision
-            self.running_mean.copy_(self.running_mean.to(mean_b.dtype) * (1 - factor) + mean_b * factor)
-            self.running_var.copy_(self.running_var.to(var_b.dtype) * (1 - factor) + var_b * (n / (n - 1)) * factor)
+        update_running(self.running_mean, self.running_var, mean_b, var_b * (n / (n - 1)),  # after success
+                       momentum_factor(self.momentum, self.num_batches_tracked))
         self.num_batches_tracked.add_(1)
         return out
 

@@ -8,6 +8,8 @@ computes a mean, a variance or an extremum of data:
 * :class:`Moments` — the mergeable ``(count, mean, M2)`` triple (Chan, Golub & LeVeque 1979),
   for streaming scalers and, later, all-reduce across processes.
 * :func:`extrema` — per-feature minimum and maximum, for Min-Max scaling.
+* :func:`update_running` and :func:`momentum_factor` — BatchNorm's running statistics, the one
+  rule that BatchNorm, BatchRenorm and SyncBatchNorm share.
 
 Numerics (stated once for the whole library):
 
@@ -47,6 +49,8 @@ __all__ = [
     "moments",
     "Moments",
     "extrema",
+    "momentum_factor",
+    "update_running",
 ]
 
 Dims = Sequence[int]
@@ -248,6 +252,43 @@ def extrema(
     hi = torch.where(nan, float("-inf"), x).amax(dim=dims, keepdim=keepdim)
     empty = nan.all(dim=dims, keepdim=keepdim) if x.numel() else torch.ones_like(lo, dtype=torch.bool)
     return torch.where(empty, float("nan"), lo), torch.where(empty, float("nan"), hi)
+
+
+def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | int) -> float:
+    """The weight of a new batch in the running statistics (torch.nn's convention): ``momentum``,
+    or, where it is ``None``, the cumulative average's ``1/(t + 1)`` for the batch after ``t``.
+
+    >>> momentum_factor(0.1, 7), momentum_factor(None, 3)
+    (0.1, 0.25)
+    """
+    return 1.0 / (float(num_batches_tracked) + 1.0) if momentum is None else momentum
+
+
+@torch.no_grad()
+def update_running(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+                   momentum: float) -> None:
+    r"""BatchNorm's running statistics after a training batch (Ioffe & Szegedy 2015, §3.1, with
+    torch.nn's convention for the momentum):
+
+    .. math::
+
+        \text{running} \leftarrow (1 - m)\,\text{running} + m\,\text{batch}
+
+    for the mean, and for the variance with the batch's *unbiased* variance ``var``, which the
+    caller passes (``n/(n − 1)`` times the biased one). The mix is computed in float64 and stored
+    in each buffer's dtype (an fp16 buffer never holds an intermediate), and both new values exist
+    before either buffer is written, so a failure changes neither. ``None`` buffers are skipped.
+    The compiled core applies the same rule in C++ (tested equal).
+
+    >>> rm, rv = torch.zeros(2), torch.ones(2)
+    >>> update_running(rm, rv, torch.tensor([1., 2.]), torch.tensor([3., 5.]), 0.5)
+    >>> rm, rv
+    (tensor([0.5000, 1.0000]), tensor([2., 3.]))
+    """
+    pairs = [(t, b) for t, b in ((running_mean, mean), (running_var, var)) if t is not None]
+    new = [(t.double() * (1 - momentum) + b.double().reshape(t.shape) * momentum).to(t.dtype) for t, b in pairs]
+    for (t, _), v in zip(pairs, new):
+        t.copy_(v)
 
 
 def _unsqueeze_dims(t: Tensor, dims: tuple[int, ...], ndim: int) -> Tensor:

@@ -58,17 +58,11 @@ def _register_triton() -> None:
         return y
 
     def channels_eval_backward(dy, x, mean, var, weight, eps, shape, permute):
-        # dx = a·dy and Σ dy·(x − m₀), Σ dy from the kernel; ∂l/∂γ = r·(Σ dy·(x − m₀) − (μ − m₀)·Σ dy)
         dx = torch.empty_like(x)
         dyv = _view(dy, shape, permute).contiguous()
-        r = torch.rsqrt(var.double().reshape(-1) + eps)
-        m0 = mean.reshape(-1).to(x.dtype)
-        scale = r if weight is None else r * weight.double().reshape(-1)
-        _, da, db = triton().channels_affine_backward(dyv, _view(x, shape, permute), m0, scale.to(x.dtype),
-                                                      out=_view(dx, shape, permute))
-        acc = torch.promote_types(x.dtype, torch.float32)
-        dw = (da.double() - (mean.double().reshape(-1) - m0.double()) * db.double()) * r
-        return dx, dw.to(acc), db.to(acc)
+        _, dw, db = triton().channels_eval_backward(dyv, _view(x, shape, permute), mean, var, weight, eps,
+                                                    out=_view(dx, shape, permute))
+        return dx, dw, db
 
     for fn in (rows_forward, rows_backward, channels_forward, channels_backward, channels_eval,
                channels_eval_backward):

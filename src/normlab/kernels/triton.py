@@ -298,11 +298,19 @@ def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
     return channels_affine(x, m0, scale, shift, out)
 
 
-def channels_affine_backward(dy, x, mean, scale, out=None):
-    """Backward of :func:`channels_affine` (elementwise and two sums: torch's own kernels)."""
-    view = (1, -1, 1)
+def channels_eval_backward(dy, x, mean, var, weight, eps: float, out=None):
+    """Backward of :func:`channels_eval`: ``(dx, dweight, dbias)``, the running statistics
+    constants (elementwise and two sums: torch's own kernels). ``dx = a·dy``, ``a = γ·r``;
+    ``∂l/∂γ = r·(Σ dy·(x − m₀) − (μ − m₀)·Σ dy)`` with ``m₀`` the mean in float32; the parameter
+    gradients in float32 or wider (fp16 sums of dy·(x − m₀) overflow)."""
+    C, view = x.shape[1], (1, -1, 1)
+    r = torch.rsqrt(var.reshape(-1).double() + eps)
+    a = (r * _param(weight, C, 1.0, x).double()).view(view).to(dy.dtype)
+    dx = torch.mul(dy, a, out=out) if out is not None else dy * a
+    m0 = mean.reshape(-1).float()
     dyf = dy.float()
-    dx = torch.mul(dy, scale.view(view).to(dy.dtype), out=out) if out is not None else dy * scale.view(view).to(dy.dtype)
-    acc = torch.promote_types(x.dtype, torch.float32)  # fp16 sums of dy·(x − m) overflow
-    da = (dyf * (x.float() - mean.float().view(view))).sum((0, 2)).to(acc)
-    return dx, da, dyf.sum((0, 2)).to(acc)
+    da = (dyf * (x.float() - m0.view(view))).sum((0, 2)).double()
+    db = dyf.sum((0, 2)).double()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dw = (da - (mean.reshape(-1).double() - m0.double()) * db) * r
+    return dx, dw.to(acc), db.to(acc)
