@@ -532,3 +532,28 @@ def test_compiled_int_normalized_shape_as_eager():
     x = torch.randn(2, 5)
     for fn in (lambda t: F.layer_norm(t, 5), lambda t: F.rms_norm(t, 5)):
         assert_rel(torch.compile(fn, backend="eager", fullgraph=True)(x), fn(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [
+    lambda g, dt: torch.randn(3, 37, 5, 7, generator=g).to(dt).permute(0, 2, 3, 1),  # ConvNext's (N, H, W, C) view
+    lambda g, dt: torch.randn(70, 45, generator=g).to(dt).t(),                        # a transposed matrix
+    lambda g, dt: torch.randn(4, 64, 40, generator=g).to(dt).transpose(1, 2),
+    lambda g, dt: torch.randn(4, 9, 6, generator=g).to(dt)[:, ::2],                   # neither: torch's copy
+])
+def test_rows_of_a_permuted_view_equal_those_of_its_contiguous_copy(make, dtype):
+    # the CPU operators transpose a permuted input themselves (in tiles): same bits as the copy
+    g = torch.Generator().manual_seed(0)
+    x = make(g, dtype)
+    assert not x.is_contiguous()
+    D = x.shape[-1]
+    w, b = torch.randn(D, generator=g).to(dtype), torch.randn(D, generator=g).to(dtype)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    for op in (lambda t, w: F.layer_norm(t, (D,), w, b), lambda t, w: F.rms_norm(t, (D,), w)):
+        got_x, got_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        want_x, want_w = x.contiguous().requires_grad_(), w.clone().requires_grad_()
+        y, want = op(got_x, got_w), op(want_x, want_w)
+        assert y.is_contiguous() and torch.equal(y, want)
+        y.backward(dy)
+        want.backward(dy)
+        assert torch.equal(got_x.grad, want_x.grad) and torch.equal(got_w.grad, want_w.grad)

@@ -45,7 +45,7 @@ from .kernels import set_backend, use_backend
 
 __all__ = ["run", "METHODS", "SHAPES", "COLUMNS", "main"]
 
-ROWS_QUICK = [(256, 1024), (4096, 1024), (1000, 1000), (256, 4096)]
+ROWS_QUICK = [(256, 1024), (4096, 1024), (1000, 1000), (256, 4096), (8, 16, 16, 256, "p")]
 ROWS_FULL = ROWS_QUICK + [(64, 768), (8192, 1024), (2048, 4096), (4096, 4096), (333, 2049)]
 NCHW_QUICK = [(8, 64, 32, 32), (32, 64, 32, 32), (8, 256, 16, 16), (32, 64, 32, 32, "cl")]
 NCHW_FULL = NCHW_QUICK + [(4, 32, 64, 64), (16, 128, 28, 28), (32, 256, 14, 14), (2, 48, 23, 31),
@@ -62,6 +62,8 @@ METHODS: dict[str, tuple] = {
     "instance_norm": (lambda m, x, p: m.instance_norm(x, weight=p[0], bias=p[1]), 0, "nchw"),
 }
 SHAPES = {"rows": (ROWS_QUICK, ROWS_FULL), "nchw": (NCHW_QUICK, NCHW_FULL)}
+# the layouts beside contiguous: "p" a permuted view (rows), "cl" channels_last (N, C, ...)
+_TAGS = {"rows": ("", "p"), "nchw": ("", "cl")}
 COLUMNS = ["method", "shape", "dtype", "pass", "ms", "GB/s", "% copy", "vs torch", "vs reference", "vs compiled",
            "peak MB", "copy GB/s"]
 
@@ -86,16 +88,20 @@ def _median_times(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, fl
 
 
 def _inputs(method: str, shape: tuple, dtype, device):
-    cl = shape[-1] == "cl"
-    dims = shape[:-1] if cl else shape
+    tag = shape[-1] if isinstance(shape[-1], str) else ""
+    dims = shape[:-1] if tag else shape
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.randn(dims, generator=g) * 2 + 1).to(device=device, dtype=dtype)
-    if cl:
+    if tag == "p":  # a permuted view: ConvNext's (N, H, W, C) of an (N, C, H, W) tensor
+        x = (torch.randn(dims[0], dims[-1], *dims[1:-1], generator=g) * 2 + 1).to(device=device, dtype=dtype)
+        x = x.permute(0, *range(2, x.dim()), 1)
+    else:
+        x = (torch.randn(dims, generator=g) * 2 + 1).to(device=device, dtype=dtype)
+    if tag == "cl":
         x = x.contiguous(memory_format=torch.channels_last)
     c = dims[-1] if METHODS[method][2] == "rows" else dims[1]
     params = [torch.randn(c, generator=g).to(device, dtype), torch.randn(c, generator=g).to(device, dtype),
               torch.randn(c, generator=g).to(device, dtype), torch.rand(c, generator=g).to(device, dtype) + 0.5]
-    return x, params, ("×".join(map(str, dims)) + (" cl" if cl else ""))
+    return x, params, ("×".join(map(str, dims)) + (f" {tag}" if tag else ""))
 
 
 def _case(method, x, params, backward: bool):
@@ -154,7 +160,8 @@ def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.
     for method in methods:
         family = METHODS[method][2]
         for shape in (shapes or {}).get(method) or SHAPES[family][0 if quick else 1]:
-            if (family == "rows" and isinstance(shape[-1], str)) or (method == "instance_norm" and len(shape) < 3):
+            tag = shape[-1] if isinstance(shape[-1], str) else ""
+            if tag not in _TAGS[family] or (method == "instance_norm" and len(shape) < 3):
                 continue
             for dtype in dtypes:
                 x, params, label = _inputs(method, shape, dtype, device)

@@ -517,8 +517,10 @@ Tensor layer_norm_impl(const Tensor& x, IntArrayRef normalized_shape, const OptT
   for (auto s : normalized_shape) D *= s;
   f.shape = {x.numel() / D, D};
   f.center = center;
-  // a strided input (a permuted view) is copied once: the rows kernel reads rows contiguously
-  Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  // a strided input (a permuted view) is copied once: the rows kernel reads rows contiguously.
+  // The CPU operators copy it themselves (a tiled transposition, see packed() in norm_cpu.cpp;
+  // backward transposes the saved x again rather than keep a second activation)
+  Tensor xc = x.is_contiguous() || x.device().is_cpu() ? x : x.contiguous();
   return std::get<0>(normalize(f, xc, w, center ? b : std::nullopt, eps));
 }
 
