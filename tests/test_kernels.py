@@ -19,7 +19,8 @@ from conftest import TOL, assert_rel
 NAN = float("nan")
 
 # (R, D, groups, seg): LayerNorm/RMS rows, GroupNorm (groups of seg-long channels), InstanceNorm
-ROWS = [(37, 131, 1, 1), (700, 37, 1, 1), (1, 7, 1, 1), (24, 150, 4, 50), (48, 49, 6, 49), (15, 3 * 17, 5, 17), (6, 1, 6, 1)]
+ROWS = [(37, 131, 1, 1), (700, 37, 1, 1), (1, 7, 1, 1), (24, 150, 4, 50), (48, 49, 6, 49), (15, 3 * 17, 5, 17), (6, 1, 6, 1),
+        (1200, 9, 3, 1), (40, 8, 4, 1)]  # the last two: GroupNorm on (N, C), one value per channel
 # (N, C, S): BatchNorm over (N, S) per channel; S == 1 is the (M, C) layout (2-D, channels_last)
 CHANNELS = [(8, 5, 33), (2, 3, 7), (301, 7, 1), (3, 130, 1), (1, 4, 9)]
 # fp16/bf16 compute in float32 (statistics in float64), as the reference does

@@ -313,13 +313,15 @@ void rows_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b
       mean[r] = st.mean;
       var[r] = st.var;
       const opmath_t m0 = static_cast<opmath_t>(static_cast<scalar_t>(st.mean));
-      if (groups == 1 && seg == 1) {  // γ, β per column
+      if (seg == 1) {  // γ, β per column: row r uses their slice (r % groups)·D
+        const scalar_t* wr = w + (r % groups) * D;
+        const scalar_t* br = b + (r % groups) * D;
         const opmath_t rs0 = static_cast<opmath_t>(st.rstd);
         const opmath_t c0 = static_cast<opmath_t>((st.mean - static_cast<double>(m0)) * st.rstd);
 #pragma omp simd
         for (int64_t j = 0; j < D; ++j) {
-          opmath_t v = ((static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0) * static_cast<opmath_t>(w[j]) +
-                       static_cast<opmath_t>(b[j]);
+          opmath_t v = ((static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0) * static_cast<opmath_t>(wr[j]) +
+                       static_cast<opmath_t>(br[j]);
           yr[j] = static_cast<scalar_t>(v);
         }
       } else {  // γ, β per segment of `seg` columns
@@ -403,11 +405,12 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
                           int64_t seg, scalar_t* dx, scalar_t* dw, scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t K = D / seg, P = groups * K;
-  const bool elem = groups == 1 && seg == 1;
+  // γ, β per column (seg = 1): row r uses the slice (r % groups)·D of them, and its partial dγ, dβ
+  const bool elem = seg == 1;
   const int64_t nblk = blocks(R), per = (R + nblk - 1) / nblk;
   std::vector<double> dwp(nblk * P, 0.0), dbp(nblk * P, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
-    std::vector<opmath_t> dwl(elem ? D : 0), dbl(elem ? D : 0);
+    std::vector<opmath_t> dwl(elem ? P : 0), dbl(elem ? P : 0);
     for (int64_t blk = blo; blk < bhi; ++blk) {
       std::fill(dwl.begin(), dwl.end(), opmath_t(0));
       std::fill(dbl.begin(), dbl.end(), opmath_t(0));
@@ -415,9 +418,12 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
       double* dbb = dbp.data() + blk * P;
       const int64_t r_lo = blk * per, r_hi = std::min(R, (blk + 1) * per);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (elem) {  // rows in pairs: the partial dγ, dβ pass through the cache once per pair
-          for (int64_t r = r_lo; r < r_hi; r += 4) {
-            const int nr = static_cast<int>(std::min<int64_t>(4, r_hi - r));
+        if (elem) {  // rows by four where they share γ: the partial dγ, dβ pass through the cache once
+          const int64_t step = groups == 1 ? 4 : 1;
+          for (int64_t r = r_lo; r < r_hi; r += step) {
+            const int nr = static_cast<int>(std::min<int64_t>(step, r_hi - r));
+            const int64_t p0 = (r % groups) * D;
+            const float* wr = w + p0;
             RowGrad c[4];
             const float* xs[4];
             const float* gs[4];
@@ -425,17 +431,17 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
             for (int i = 0; i < nr; ++i) {
               xs[i] = x + (r + i) * D, gs[i] = dy + (r + i) * D, dxs[i] = dx + (r + i) * D;
               const auto sv = saved<float, float>(mean[r + i], var[r + i], eps);
-              auto [sg, sgx] = grad_sums(xs[i], gs[i], w, D, sv.m0, sv.rs0, sv.c0);
+              auto [sg, sgx] = grad_sums(xs[i], gs[i], wr, D, sv.m0, sv.rs0, sv.c0);
               c[i] = {sv.m0, sv.rs0, sv.c0, center ? static_cast<float>(sg / D) : 0.f, static_cast<float>(sgx / D)};
             }
             switch (nr) {
-              case 4: rows_dx_float<4>(xs, gs, dxs, w, D, c, dwl.data(), dbl.data()); break;
-              case 3: rows_dx_float<3>(xs, gs, dxs, w, D, c, dwl.data(), dbl.data()); break;
-              case 2: rows_dx_float<2>(xs, gs, dxs, w, D, c, dwl.data(), dbl.data()); break;
-              default: rows_dx_float<1>(xs, gs, dxs, w, D, c, dwl.data(), dbl.data());
+              case 4: rows_dx_float<4>(xs, gs, dxs, wr, D, c, dwl.data() + p0, dbl.data() + p0); break;
+              case 3: rows_dx_float<3>(xs, gs, dxs, wr, D, c, dwl.data() + p0, dbl.data() + p0); break;
+              case 2: rows_dx_float<2>(xs, gs, dxs, wr, D, c, dwl.data() + p0, dbl.data() + p0); break;
+              default: rows_dx_float<1>(xs, gs, dxs, wr, D, c, dwl.data() + p0, dbl.data() + p0);
             }
           }
-          for (int64_t j = 0; j < D; ++j) {
+          for (int64_t j = 0; j < P; ++j) {
             dwb[j] = static_cast<double>(dwl[j]);
             dbb[j] = static_cast<double>(dbl[j]);
           }
@@ -449,10 +455,10 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
         const auto sv = saved<scalar_t, opmath_t>(mean[r], var[r], eps);
         const opmath_t m0 = sv.m0, rs0 = sv.rs0, c0 = sv.c0;
         double sg = 0.0, sgx = 0.0;
+        const int64_t p0 = (r % groups) * K;
         if (elem) {
-          std::tie(sg, sgx) = grad_sums(xr, gr, w, D, m0, rs0, c0);
+          std::tie(sg, sgx) = grad_sums(xr, gr, w + p0, D, m0, rs0, c0);
         } else {
-          const int64_t p0 = (r % groups) * K;
           for (int64_t k = 0; k < K; ++k) {
             const scalar_t* xs = xr + k * seg;
             const scalar_t* gs = gr + k * seg;
@@ -467,18 +473,18 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
         const opmath_t mg = center ? static_cast<opmath_t>(sg / D) : opmath_t(0);
         const opmath_t mgx = static_cast<opmath_t>(sgx / D);
         if (elem) {  // dx, and the block's partial dγ, dβ in the same pass
-          opmath_t* dwlp = dwl.data();
-          opmath_t* dblp = dbl.data();
+          opmath_t* dwlp = dwl.data() + p0;
+          opmath_t* dblp = dbl.data() + p0;
+          const scalar_t* wr = w + p0;
 #pragma omp simd
           for (int64_t j = 0; j < D; ++j) {
             opmath_t xh = (static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0;
             opmath_t g0 = static_cast<opmath_t>(gr[j]);
             dwlp[j] += g0 * xh;
             dblp[j] += g0;
-            dxr[j] = static_cast<scalar_t>(rs0 * (g0 * static_cast<opmath_t>(w[j]) - mg - xh * mgx));
+            dxr[j] = static_cast<scalar_t>(rs0 * (g0 * static_cast<opmath_t>(wr[j]) - mg - xh * mgx));
           }
         } else {
-          const int64_t p0 = (r % groups) * K;
           for (int64_t k = 0; k < K; ++k) {
             const opmath_t wk = static_cast<opmath_t>(w[p0 + k]);
             const scalar_t* xs = xr + k * seg;
@@ -493,7 +499,7 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
         }
       }
       if (elem) {
-        for (int64_t j = 0; j < D; ++j) {
+        for (int64_t j = 0; j < P; ++j) {
           dwb[j] = static_cast<double>(dwl[j]);
           dbb[j] = static_cast<double>(dbl[j]);
         }
