@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as TF
 
 import normlab.functional as F
+import normlab.nn as N
 
 from conftest import TOL, assert_rel
 
@@ -189,9 +190,7 @@ def test_integer_input_is_a_type_error():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: F.batch_norm(torch.empty(0, 3), None, None, training=True),
         lambda: F.layer_norm(torch.empty(2, 0), (0,)),
-        lambda: F.instance_norm(torch.empty(2, 3, 0)),
         lambda: F.zscore(torch.empty(0, 3)),
         lambda: F.minmax(torch.empty(0, 3)),
     ],
@@ -314,3 +313,96 @@ def test_torch_func_transforms(name):
         assert_rel(jacrev(lambda t: op(t, w, b, F))(x), jacrev(lambda t: op(t, w, b, TF))(x), torch.float64)
     else:
         assert_rel(vmap(grad(loss(F)))(x), vmap(grad(loss(TF)))(x), torch.float64)
+
+
+# ---------------------------------------------------------------- torch.nn's semantics at the edges
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch"])
+def test_an_empty_batch_in_training_gives_an_empty_output_and_leaves_the_running_statistics(backend):
+    import normlab
+
+    with normlab.use_backend(backend):
+        for shape in [(0, 3), (0, 3, 4), (0, 3, 2, 2)]:
+            rm, rv = torch.full((3,), 0.5), torch.full((3,), 2.0)
+            x = torch.randn(shape, requires_grad=True)
+            w, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+            y = F.batch_norm(x, rm, rv, w, b, training=True)
+            want = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
+            assert y.shape == want.shape == shape
+            assert torch.equal(rm, torch.full((3,), 0.5)) and torch.equal(rv, torch.full((3,), 2.0))
+            dw, db = torch.autograd.grad(y.sum(), (w, b))
+            assert torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(3))
+        assert F.batch_norm(torch.randn(0), None, None, training=True).shape == (0,)
+        assert F.instance_norm(torch.randn(2, 3, 0)).shape == (2, 3, 0)  # as torch: empty instances
+        m = N.BatchNorm1d(3)
+        assert m(torch.randn(0, 3)).shape == (0, 3) and int(m.num_batches_tracked) == 1  # as torch.nn's
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            F.batch_norm(torch.randn(1, 3), None, None, training=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch"])
+def test_layer_rms_and_group_norm_of_an_empty_input_are_in_the_graph_of_their_parameters(backend):
+    import normlab
+
+    w, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    with normlab.use_backend(backend):
+        for y, params in [(F.layer_norm(torch.randn(0, 5), (5,), w, b), (w, b)), (F.rms_norm(torch.randn(0, 5), (5,), w), (w,)),
+                          (F.group_norm(torch.randn(0, 5, 3), 5, w, b), (w, b))]:
+            assert y.numel() == 0
+            for g in torch.autograd.grad(y.sum(), params):
+                assert torch.equal(g, torch.zeros(5))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch"])
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+def test_eps_must_be_positive_with_batch_statistics_and_non_negative_with_running_ones(backend, op):
+    import normlab
+
+    x, rm, rv = torch.randn(4, 3, 5), torch.zeros(3), torch.ones(3)
+    call = {"batch_norm": lambda t, e: F.batch_norm(x, rm, rv, training=t, eps=e),
+            "instance_norm": lambda t, e: F.instance_norm(x, rm, rv, use_input_stats=t, eps=e)}[op]
+    with normlab.use_backend(backend):
+        for eps in (0.0, -1e-5):
+            with pytest.raises(ValueError, match="eps must be positive"):
+                call(True, eps)
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+        with pytest.raises(ValueError, match="eps must be non-negative"):
+            call(False, -1e-5)
+        assert torch.isfinite(call(False, 0.0)).all()  # as torch: eps = 0 is fine with running statistics
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("shape", [(4, 3), (4, 3, 5), (4, 3, 2, 2)])
+def test_an_infinity_in_a_batch_reaches_the_running_statistics_as_in_torch(backend, shape):
+    import normlab
+
+    x = torch.randn(shape)
+    x[1, 0] = float("inf")
+    rm, rv, trm, trv = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    with normlab.use_backend(backend):
+        y = F.batch_norm(x, rm, rv, training=True)
+    want = torch.nn.functional.batch_norm(x, trm, trv, training=True)
+    torch.testing.assert_close(y, want, equal_nan=True)
+    torch.testing.assert_close(rm, trm, equal_nan=True)
+    torch.testing.assert_close(rv, trv, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch"])
+@pytest.mark.parametrize("call", [
+    lambda: F.layer_norm(torch.randn(2, 3), (3,), weight=torch.ones(4)),
+    lambda: F.layer_norm(torch.randn(2, 3), (4,)),
+    lambda: F.rms_norm(torch.randn(2, 3), (3,), weight=torch.ones(2)),
+    lambda: F.group_norm(torch.randn(2, 6, 3), 4),
+    lambda: F.group_norm(torch.randn(2, 6, 3), 3, bias=torch.ones(5)),
+    lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(2), torch.ones(2)),
+    lambda: F.instance_norm(torch.randn(4, 3, 5), weight=torch.ones(4)),
+    lambda: N.BatchNorm2d(3)(torch.randn(2, 4, 3, 3)),
+])
+def test_shapes_that_do_not_fit_raise_what_code_written_for_torch_catches(backend, call):
+    import normlab
+    from normlab.errors import ShapeError
+
+    with normlab.use_backend(backend), pytest.raises(ShapeError) as err:
+        call()
+    assert isinstance(err.value, ValueError) and isinstance(err.value, RuntimeError)
+    assert "must" in str(err.value) or "expects" in str(err.value)

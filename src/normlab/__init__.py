@@ -14,14 +14,16 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("stats", "autograd", "kernels", "functional", "nn", "preprocessing", "convert", "distributed", "diagnostics", "lab", "cli")
+_SUBMODULES = ("errors", "stats", "autograd", "kernels", "functional", "nn", "preprocessing", "convert", "distributed", "diagnostics", "lab", "cli")
 _BACKEND = ("set_backend", "get_backend", "use_backend")  # from normlab.kernels
-__all__ = ["__version__", *_SUBMODULES, *_BACKEND]
+__all__ = ["__version__", "ShapeError", *_SUBMODULES, *_BACKEND]
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "ShapeError":
+        return importlib.import_module(f"{__name__}.errors").ShapeError
     if name in _BACKEND:
         return getattr(importlib.import_module(f"{__name__}.kernels"), name)
     raise AttributeError(f"module 'normlab' has no attribute {name!r}")

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import kernels
 from .autograd import normalize_affine
+from .errors import ShapeError
 from .stats import accumulation_dtype, extrema, moments, update_running
 
 kernels.load_core()  # built at first use, then loaded from the cache (kernels.build)
@@ -84,17 +85,23 @@ def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
 def _normalize(op: str, x: Tensor, dims: Sequence[int], weight=None, bias=None, eps=1e-5, *, center=True,
                fixed_mean=None, fixed_var=None):
     """:func:`normalize_affine` with torch's rule for empty input: an empty batch gives an
-    empty output (and no statistics), but statistics over an empty set are an error."""
+    empty output (and no statistics) in the graph of x, γ and β (their gradients zeros, as
+    torch's), but statistics over an empty set are an error."""
     if fixed_var is None:
         _require_values(x, dims, op)
     if x.numel() == 0:
-        return x.clone(), None, None
+        y = x.clone()
+        if weight is not None:
+            y = (y * weight).to(x.dtype)
+        if bias is not None:
+            y = (y + bias).to(x.dtype)
+        return y, None, None
     return normalize_affine(x, dims, weight, bias, eps, center=center, fixed_mean=fixed_mean, fixed_var=fixed_var)
 
 
 def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str) -> None:
     if t is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(
+        raise ShapeError(
             f"{op}: {name} must have shape {tuple(shape)} to match the input, got "
             f"{tuple(t.shape)}"
         )
@@ -199,7 +206,14 @@ def _torch_channel_norm(op, input, running_mean, running_var, weight, bias, batc
 def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
     """BatchNorm and InstanceNorm: per-channel parameters and running statistics, reduction
     over ``dims``; batch statistics (updating the running ones) or the running ones."""
+    if op == "batch_norm" and isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
+        _check_input(input, op)
+        return input.clone()  # torch's answer for a 1-D empty batch
     _check_input(input, op, min_ndim=2)
+    if not (eps > 0 if batch_stats else eps >= 0):  # torch's rule for ε
+        kind = ("positive", "batch") if batch_stats else ("non-negative", "running")
+        raise ValueError(f"{op}: eps must be {kind[0]} when normalizing with {kind[1]} statistics, got "
+                         f"eps={eps}; the usual value is 1e-5")
     c = _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"),
                   (weight, "weight"), (bias, "bias"))
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
@@ -219,11 +233,12 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
             return _torch_channel_norm(op, input, running_mean, running_var, weight, bias, False, momentum, eps)
         return _normalize(op, input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
                           fixed_var=_per_channel(running_var, nd))[0]
+    if input.numel() == 0:  # an empty batch: an empty output, the running statistics as they were
+        return _normalize(op, input, (), w, b, eps)[0]
     n = math.prod([input.shape[d] for d in dims])
-    if n <= 1:
-        got = "an empty batch" if n == 0 else "1"
+    if n == 1:
         raise ValueError(
-            f"{op}: expected more than 1 value per channel when training, got {got} (input of "
+            f"{op}: expected more than 1 value per channel when training, got 1 (input of "
             f"shape {tuple(input.shape)}); use a batch of at least 2 (e.g. drop_last=True in the "
             f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
         )
@@ -235,7 +250,7 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
         y = undo(y)
     else:
         y, mean, var = _normalize(op, input, dims, w, b, eps)
-    if mean is None:  # no running statistics, or an empty batch of instances: nothing to update
+    if mean is None:  # no running statistics: nothing to update
         return y
     # InstanceNorm has one statistic per (sample, channel): the running ones get their average
     update_running(running_mean, running_var, mean.reshape(-1, c).mean(0),
@@ -247,7 +262,7 @@ def _trailing_dims(input: Tensor, normalized_shape, op: str) -> tuple[tuple[int,
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
     if k == 0 or tuple(input.shape[input.dim() - k:]) != shape or input.dim() < k:
-        raise ValueError(
+        raise ShapeError(
             f"{op}: normalized_shape {shape} must equal the trailing dims of the input, got "
             f"input of shape {tuple(input.shape)}; pass normalized_shape=input.shape[-k:] for "
             f"the last k dims"
@@ -325,7 +340,7 @@ def group_norm(
     _check_input(input, op, min_ndim=2)
     c = _channels(input, op, (weight, "weight"), (bias, "bias"))
     if num_groups <= 0 or c % num_groups:
-        raise ValueError(
+        raise ShapeError(
             f"group_norm: num_groups={num_groups} must divide the {c} channels; choose a "
             f"divisor of {c}"
         )

@@ -39,6 +39,7 @@ from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from . import functional as F
+from .errors import ShapeError
 from .stats import mean_square, moments, momentum_factor, update_running
 
 __all__ = [
@@ -154,8 +155,8 @@ class _BatchNorm(_NormBase):
 
     def _check_input(self, x: Tensor) -> None:
         super()._check_input(x)
-        if x.shape[1] != self.num_features:
-            raise ValueError(
+        if x.shape[1] != self.num_features:  # a RuntimeError in torch: both here
+            raise ShapeError(
                 f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels "
                 f"in dim 1, got input of shape {tuple(x.shape)}"
             )

@@ -95,6 +95,8 @@ def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None,
     m0 = reduce_mean(xa, dims)
     d = xa - m0
     r = reduce_mean(d, dims)
+    # an inf in the data makes m₀ that inf and r NaN (inf − inf): the mean is m₀ then, as torch's
+    r = torch.where(torch.isfinite(m0), r, torch.zeros_like(r))
     if mean_dtype is not None:
         return m0.to(mean_dtype) + r.to(mean_dtype), d, r
     return m0 + r, d, r
@@ -110,9 +112,16 @@ def mean_square(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
     dims = tuple(dims)
     if not dims:
         return x.square()
-    n = math.prod([x.shape[d] for d in dims])
+    n = max(math.prod([x.shape[d] for d in dims]), 1)
+    # squares of |x| ≳ 1.8e19 overflow float32: the norm runs on x divided by a power of two near
+    # its largest magnitude (exact; a constant, so the gradient is unchanged), and the mean
+    # square is (‖x/s‖·s/√n)², which overflows only where the mean square itself does
+    with torch.no_grad():
+        s = torch.exp2(torch.floor(torch.log2(x.detach().abs().amax(dim=dims, keepdim=True))))
+        s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
     # vector_norm fuses square and sum in one pass (and its gradient at 0 is 0, not NaN)
-    return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keepdim).square() / max(n, 1)
+    rms = torch.linalg.vector_norm(x / s, 2, dim=dims, keepdim=True) * (s / math.sqrt(n))
+    return (rms if keepdim else rms.squeeze(dims)).square()
 
 
 def moments(

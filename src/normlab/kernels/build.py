@@ -35,6 +35,7 @@ import torch
 __all__ = ["load", "status", "library_path"]
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("norm_cpu.cpp", "norm_ops.cpp", "python.cpp"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("errors.h",))
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -96,7 +97,7 @@ def library_path(cxx: str | None = None) -> Path | None:
     if cxx is None:
         return None
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout

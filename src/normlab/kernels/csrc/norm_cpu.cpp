@@ -173,6 +173,10 @@ int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
 }
 
+// the shift of the shifted sums: a value of the data, so that a large common offset cancels
+// first; a non-finite one shifts nothing, so an inf in the data reaches the mean as in torch
+inline double shift_of(double v) { return std::isfinite(v) ? v : 0.0; }
+
 struct Stats {
   double mean, var, rstd;
 };
@@ -307,7 +311,7 @@ void rows_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b
     for (int64_t r = lo; r < hi; ++r) {
       const scalar_t* xr = x + r * D;
       scalar_t* yr = y + r * D;
-      const double shift = center ? static_cast<double>(xr[0]) : 0.0;
+      const double shift = center ? shift_of(static_cast<double>(xr[0])) : 0.0;
       auto [s, ss] = shifted_sums(xr, D, shift);
       Stats st = finish(static_cast<double>(D), shift, s, ss, center, eps);
       mean[r] = st.mean;
@@ -518,7 +522,7 @@ void channels_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
-      const double shift = static_cast<double>(x[c * S]);
+      const double shift = shift_of(static_cast<double>(x[c * S]));
       double s = 0.0, ss = 0.0;
       for (int64_t i = 0; i < N; ++i) {
         auto [a, b] = shifted_sums(x + (i * C + c) * S, S, shift);
@@ -600,7 +604,7 @@ void columns_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t
   });
   std::vector<opmath_t> m0(C), s0(C), h0(C);
   for (int64_t c = 0; c < C; ++c) {
-    double n = 0.0, m = 0.0, q = 0.0;
+    double n = 0.0, m = 0.0, q = 0.0, plain = 0.0;
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const double nb = pn[blk];
       if (nb <= 0) continue;
@@ -608,7 +612,9 @@ void columns_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t
       m += d * nb / tot;
       q += pm2[blk * C + c] + d * d * n * nb / tot;
       n = tot;
+      plain += pmean[blk * C + c] * nb;
     }
+    if (!std::isfinite(m)) m = plain / n;  // an inf in the data: the mean is that inf, as in torch
     mean[c] = m;
     var[c] = q / n;
     m0[c] = static_cast<opmath_t>(static_cast<scalar_t>(m));
@@ -823,7 +829,7 @@ void groups_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t*
       std::fill(s.begin(), s.end(), 0.0);
       std::fill(ss.begin(), ss.end(), 0.0);
       double *sp = s.data(), *ssp = ss.data(), *x0p = x0.data();
-      for (int64_t c = 0; c < C; ++c) x0p[c] = static_cast<double>(xn[c]);
+      for (int64_t c = 0; c < C; ++c) x0p[c] = shift_of(static_cast<double>(xn[c]));
       for (int64_t k = 0; k < S; ++k) {
         const scalar_t* xk = xn + k * C;
 #pragma omp simd

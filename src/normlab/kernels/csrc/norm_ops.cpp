@@ -22,6 +22,8 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include "errors.h"
+
 #include <sstream>
 #include <string>
 #include <vector>
@@ -59,8 +61,8 @@ void check_input(const Tensor& x, const char* op, int64_t min_ndim) {
 
 void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const char* op, const Tensor& x) {
   if (!given(t)) return;
-  TORCH_CHECK_VALUE(t->sizes() == shape, op, ": ", name, " must have shape ", tuple(shape),
-                    " to match the input, got ", tuple(t->sizes()));
+  NORMLAB_CHECK_SHAPE(t->sizes() == shape, op, ": ", name, " must have shape ", tuple(shape),
+                      " to match the input, got ", tuple(t->sizes()));
   TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
                     x.device(), "; move them to one device, e.g. module.to(input.device)");
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating-point, got dtype ",
@@ -499,19 +501,34 @@ void update_running(const OptTensor& rm, const OptTensor& rv, const Tensor& mean
 
 // --------------------------------------------------------------------------------- the ops
 
+// the output for an empty input: empty, and in the graph of x, γ and β as torch's is (their
+// gradients are zeros, not an error of autograd.grad); `pshape` is the parameters' broadcast shape
+Tensor empty_output(const Tensor& x, const OptTensor& w, const OptTensor& b, IntArrayRef pshape) {
+  Tensor y = x.clone();
+  if (given(w)) y = y * w->reshape(pshape).to(x.scalar_type());
+  if (given(b)) y = y + b->reshape(pshape).to(x.scalar_type());
+  return y;
+}
+
+std::vector<int64_t> channel_view(const Tensor& x) {  // (1, C, 1, ...)
+  std::vector<int64_t> v(x.dim(), 1);
+  v[1] = x.size(1);
+  return v;
+}
+
 Tensor layer_norm_impl(const Tensor& x, IntArrayRef normalized_shape, const OptTensor& w, const OptTensor& b,
                        double eps, bool center, const char* op) {
   check_input(x, op, 1);
   const int64_t k = static_cast<int64_t>(normalized_shape.size()), nd = x.dim();
-  TORCH_CHECK_VALUE(k > 0 && nd >= k && x.sizes().slice(nd - k) == normalized_shape, op, ": normalized_shape ",
-                    tuple(normalized_shape), " must equal the trailing dims of the input, got input of shape ",
-                    tuple(x.sizes()), "; pass normalized_shape=input.shape[-k:] for the last k dims");
+  NORMLAB_CHECK_SHAPE(k > 0 && nd >= k && x.sizes().slice(nd - k) == normalized_shape, op, ": normalized_shape ",
+                      tuple(normalized_shape), " must equal the trailing dims of the input, got input of shape ",
+                      tuple(x.sizes()), "; pass normalized_shape=input.shape[-k:] for the last k dims");
   check_param(w, "weight", normalized_shape, op, x);
   if (center) check_param(b, "bias", normalized_shape, op, x);
   std::vector<int64_t> dims;
   for (int64_t d = nd - k; d < nd; ++d) dims.push_back(d);
   require_values(x, dims, op);
-  if (x.numel() == 0) return x.clone();
+  if (x.numel() == 0) return empty_output(x, w, center ? b : std::nullopt, normalized_shape);
   Form f;
   int64_t D = 1;
   for (auto s : normalized_shape) D *= s;
@@ -547,14 +564,14 @@ Tensor group_norm(const Tensor& x, int64_t num_groups, const OptTensor& w, const
   check_input(x, op, 2);
   check_channels(x, op, {{&w, "weight"}, {&b, "bias"}});
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, "group_norm: num_groups=", num_groups,
-                    " must divide the ", C, " channels; choose a divisor of ", C);
+  NORMLAB_CHECK_SHAPE(num_groups > 0 && C % num_groups == 0, "group_norm: num_groups=", num_groups,
+                      " must divide the ", C, " channels; choose a divisor of ", C);
   std::vector<int64_t> dims;
   for (int64_t d = 1; d < x.dim(); ++d) dims.push_back(d);
   int64_t S = 1;
   for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
   require_values(x, dims, op, (C / num_groups) * S);  // statistics over (C/G, *S) per group
-  if (x.numel() == 0) return x.clone();
+  if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
   Form f;
   f.groups = num_groups;
   auto perm = channels_last_permute(x);
@@ -587,10 +604,14 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
   auto perm = channels_last_permute(x);
   Form f;
   f.kind = CHANNELS;
+  // torch's rule for ε: positive with batch statistics, non-negative with the running ones
+  TORCH_CHECK_VALUE(batch_stats ? eps > 0 : eps >= 0, op, ": eps must be ", batch_stats ? "positive" : "non-negative",
+                    " when normalizing with ", batch_stats ? "batch" : "running", " statistics, got eps=", eps,
+                    "; the usual value is 1e-5");
   if (!batch_stats) {
     TORCH_CHECK_VALUE(given(rm) && given(rv), op, ": running_mean and running_var are required to normalize with ",
                       "running statistics; pass them, or use batch statistics (training=True / use_input_stats=True)");
-    if (x.numel() == 0) return x.clone();
+    if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
     Tensor xc = x;
     if (perm.empty() && !x.is_contiguous()) xc = x.contiguous();
     f.shape = perm.empty() ? std::vector<int64_t>{N, C, S} : std::vector<int64_t>{N * S, C, 1};
@@ -604,12 +625,12 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
     }
     return EvalFn::apply(xc, w, b, *rm, *rv, f, eps)[0];
   }
+  // an empty batch: an empty output, the running statistics as they were (torch's semantics)
+  if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
   const int64_t n = instance ? S : N * S;
-  TORCH_CHECK_VALUE(n > 1, op, ": expected more than 1 value per channel when training, got ",
-                    n == 0 ? "an empty batch" : "1", " (input of shape ", tuple(x.sizes()),
-                    "); use a batch of at least 2 (e.g. drop_last=True in the DataLoader), or eval mode, or ",
-                    "GroupNorm/LayerNorm for single samples");
-  if (x.numel() == 0) return x.clone();  // an empty batch of instances: nothing to update
+  TORCH_CHECK_VALUE(n > 1, op, ": expected more than 1 value per channel when training, got 1 (input of shape ",
+                    tuple(x.sizes()), "); use a batch of at least 2 (e.g. drop_last=True in the DataLoader), or eval ",
+                    "mode, or GroupNorm/LayerNorm for single samples");
   Tensor y, mean, var;
   if (instance) {
     if (!perm.empty() && x.device().is_cpu()) {  // GroupNorm's view with one channel per group
@@ -651,6 +672,7 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
 
 Tensor batch_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w, const OptTensor& b,
                   bool training, double momentum, double eps) {
+  if (x.dim() == 1 && x.numel() == 0 && at::isFloatingType(x.scalar_type())) return x.clone();  // as torch
   return channel_norm("batch_norm", x, rm, rv, w, b, training, momentum, eps, false);
 }
 

@@ -7,12 +7,15 @@
 // costs what torch's own does. While torch.compile traces, normlab.functional calls the
 // torch.ops form instead, which dynamo understands.
 
+#include "errors.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -79,9 +82,25 @@ void nargs(Py_ssize_t n, Py_ssize_t want, const char* op) {
 template <typename F>
 PyObject* run(F&& call) {
   Tensor y;
+  std::optional<std::string> shape_error;
   {
     pybind11::gil_scoped_release nogil;
-    y = call();
+    try {
+      y = call();
+    } catch (const normlab::ShapeError& e) {  // raised below, with the GIL, as normlab.ShapeError
+      shape_error = e.what_without_backtrace();
+    }
+  }
+  if (shape_error) {
+    static PyObject* type = [] {
+      PyObject* mod = PyImport_ImportModule("normlab.errors");
+      PyObject* t = mod ? PyObject_GetAttrString(mod, "ShapeError") : nullptr;
+      Py_XDECREF(mod);
+      return t;  // kept for the life of the process
+    }();
+    if (type == nullptr) throw python_error();
+    PyErr_SetString(type, shape_error->c_str());
+    throw python_error();
   }
   return THPVariable_Wrap(std::move(y));
 }
