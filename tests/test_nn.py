@@ -376,3 +376,36 @@ def test_batchnorm_batchrenorm_and_syncbatchnorm_update_running_statistics_by_on
                 torch.testing.assert_close(m.running_mean, rm, msg=f"{make.__name__} running_mean")
                 torch.testing.assert_close(m.running_var, rv, msg=f"{make.__name__} running_var")
         assert int(m.num_batches_tracked) == len(xs)
+
+
+def test_load_state_dict_without_num_batches_tracked_keeps_the_count_as_torch():
+    for make in (N.BatchNorm1d, nn.BatchNorm1d):
+        m = make(3)
+        for _ in range(4):
+            m(torch.randn(5, 3))
+        sd = m.state_dict()
+        del sd["num_batches_tracked"]
+        sd._metadata[""]["version"] = 1  # a checkpoint from before the count existed
+        fresh = copy.deepcopy(m)
+        fresh.load_state_dict(sd)
+        assert int(fresh.num_batches_tracked) == 4, make
+
+
+@pytest.mark.parametrize("key, value", [
+    ("running_mean", torch.zeros(4)),            # wrong shape
+    ("running_var", torch.ones(3, 1)),           # wrong dims
+    ("running_var", torch.tensor([1.0, -1.0, 1.0])),  # a negative variance
+    ("num_batches_tracked", torch.tensor(-2)),   # a negative count
+    ("num_batches_tracked", torch.tensor(2.5)),  # not a count
+    ("weight", torch.ones(2)),
+])
+def test_a_rejected_state_dict_writes_nothing(key, value):
+    m = N.BatchNorm1d(3)
+    m(torch.randn(6, 3) * 2 + 1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    sd = {k: torch.full_like(v, 7) for k, v in before.items()}
+    sd[key] = value
+    with pytest.raises(RuntimeError, match=key):
+        m.load_state_dict(sd)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k

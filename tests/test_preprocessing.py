@@ -403,3 +403,25 @@ def test_fit_starts_afresh(cls):
     refit = scaler.fit(torch.from_numpy(_GOOD[:50, :3]))
     assert refit is scaler and scaler.n_features_in_ == 3
     assert_fitted_like(scaler, ORACLES[cls][0]().fit(_GOOD[:50, :3]), ORACLES[cls][1])
+
+
+@pytest.mark.parametrize("make, key, value", [
+    (lambda: StandardScaler(), "mean", torch.zeros(3, 1)),              # wrong dims
+    (lambda: StandardScaler(), "count", torch.tensor([5.0, -1.0, 5.0])),  # a negative count
+    (lambda: StandardScaler(), "m2", torch.tensor([1.0, -1.0, 1.0])),     # a negative sum of squares
+    (lambda: StandardScaler(), "mean", "abc"),
+    (lambda: MinMaxScaler(), "data_min", torch.zeros(4)),                # wrong length
+    (lambda: MinMaxScaler(), "n_samples_seen", torch.tensor(-3)),
+    (lambda: MinMaxScaler(), "n_features_in", 0),
+])
+def test_a_rejected_scaler_state_dict_keeps_the_fit(make, key, value):
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    scaler = make().fit(x)
+    before = scaler.transform(x)
+    sd = scaler.state_dict()
+    sd[key] = value
+    with pytest.raises(ValueError, match=key.replace("_", ".")):
+        make().fit(x[:5] * 3).load_state_dict(sd)
+    with pytest.raises(ValueError):
+        scaler.load_state_dict(sd)
+    np.testing.assert_array_equal(scaler.transform(x), before)

@@ -140,13 +140,42 @@ class _NormBase(nn.Module):
         if not isinstance(x, Tensor) or x.dim() not in self._ndims:
             raise _shape_error(self, self._layout, x)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
         version = local_metadata.get("version")
         key = prefix + "num_batches_tracked"
-        # checkpoints from before torch 0.4.1 (version < 2) have no num_batches_tracked
+        # a checkpoint without num_batches_tracked (before torch 0.4.1, version < 2) keeps the
+        # current count, as torch does
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+            nbt = self.num_batches_tracked
+            state_dict[key] = nbt if nbt is not None and nbt.device.type != "meta" else torch.tensor(0)
+        errors = self._state_errors(state_dict, prefix)
+        if errors:  # reported as torch reports them (a RuntimeError from load_state_dict), and
+            error_msgs.extend(errors)  # nothing of this module is written
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _state_errors(self, state_dict, prefix: str) -> list[str]:
+        """What is wrong with this module's entries of ``state_dict``, every entry checked
+        before any is written: shapes, a negative ``running_var``, a count that is not a
+        non-negative integer."""
+        errors = []
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            own, key = getattr(self, name), prefix + name
+            if own is None or key not in state_dict:
+                continue
+            v = state_dict[key]
+            if not isinstance(v, Tensor):
+                errors.append(f"{key}: expected a tensor, got {type(v).__name__}")
+            elif tuple(v.shape) != tuple(own.shape):
+                errors.append(f"{key}: shape {tuple(v.shape)} does not fit {type(self).__name__}"
+                              f"({self.num_features}), which has {tuple(own.shape)}")
+            elif name == "running_var" and bool((v < 0).any()):
+                errors.append(f"{key}: a variance cannot be negative, got {v.min().item()}")
+            elif name == "num_batches_tracked" and (v.is_floating_point() or v.is_complex() or int(v) < 0):
+                errors.append(f"{key}: expected a count (an integer >= 0), got {v.item()!r}")
+        return errors
 
 
 class _BatchNorm(_NormBase):

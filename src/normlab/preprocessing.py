@@ -176,14 +176,30 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 f"{sorted(state_dict)}; pass the dict returned by "
                 f"{type(self).__name__}.state_dict()."
             )
-        stats = {k: torch.as_tensor(sd[k]).detach().to("cpu", copy=True) for k in self._stat_keys}
-        if any(t.dim() == 1 and t.shape[0] != n for t in stats.values()) or (
-            names is not None and len(names) != n
-        ):
-            raise ValueError(
-                f"state_dict statistics do not all have n_features_in={n} entries; "
-                "was it edited or saved by another scaler?"
-            )
+        if n <= 0:
+            raise ValueError(f"state_dict has n_features_in={n}; a fitted scaler has at least one feature")
+        stats = {}
+        for k in self._stat_keys:
+            try:
+                stats[k] = torch.as_tensor(sd[k]).detach().to("cpu", copy=True)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"state_dict['{k}'] must be a number or a tensor, got {type(sd[k]).__name__}; "
+                                 "pass the dict returned by state_dict()") from None
+        # every entry is checked before anything is written: a rejected dict leaves the scaler as it was
+        for k, t in stats.items():
+            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n) or not (t.is_floating_point() or
+                                                                        t.dtype in (torch.int32, torch.int64)):
+                raise ValueError(
+                    f"state_dict['{k}'] must be a number or a 1-D tensor of n_features_in={n} values, got "
+                    f"{'dtype ' + str(t.dtype) if t.dim() <= 1 else 'shape ' + str(tuple(t.shape))}; "
+                    "was it edited or saved by another scaler?"
+                )
+            if k in self._count_keys and not bool(((t >= 0) & torch.isfinite(t.double())).all()):
+                raise ValueError(f"state_dict['{k}'] counts samples and must be finite and >= 0, got {t.tolist()}")
+            if k in self._nonnegative_keys and bool((t < 0).any()):
+                raise ValueError(f"state_dict['{k}'] is a sum of squares and cannot be negative, got {t.tolist()}")
+        if names is not None and len(names) != n:
+            raise ValueError(f"state_dict['feature_names_in'] has {len(names)} names for n_features_in={n}")
         self._check_params()
         self.n_features_in_ = n
         if names is None:
@@ -355,6 +371,8 @@ class MinMaxScaler(_Scaler):
     """
 
     _stat_keys = ("data_min", "data_max", "n_samples_seen")
+    _count_keys = ("n_samples_seen",)
+    _nonnegative_keys = ()
 
     def __init__(self, feature_range=(0, 1), clip=False):
         self.feature_range = feature_range
@@ -459,6 +477,8 @@ class StandardScaler(_Scaler):
     """
 
     _stat_keys = ("count", "mean", "m2")
+    _count_keys = ("count",)
+    _nonnegative_keys = ("m2",)
 
     def __init__(self, with_mean=True, with_std=True):
         self.with_mean = with_mean
