@@ -155,3 +155,40 @@ def test_eval_without_running_statistics_needs_no_collective_and_fp16_buffers_do
               __import__("normlab.nn", fromlist=["x"]).BatchNorm1d(3).half()):
         m(big)
         assert torch.isfinite(m.running_var).all(), type(m).__name__
+
+
+def _disagreeing_worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sync = SyncBatchNorm(3)
+        before = {k: v.clone() for k, v in sync.state_dict().items()}
+        # rank 1 passes 4 channels, then integers; the others are right: every rank raises, none hangs
+        for bad in (torch.randn(4, 4, 2), torch.ones(4, 3, 2, dtype=torch.long)):
+            x = bad if rank == 1 else torch.randn(4, 3, 2)
+            try:
+                sync(x)
+            except (ValueError, TypeError) as err:
+                msg = str(err)
+                if rank == 1:
+                    assert ("channels" in msg and "4" in msg) or "floating-point" in msg, msg
+                else:
+                    assert "disagree" in msg and "-1" in msg, msg
+            else:
+                raise AssertionError(f"rank {rank} did not raise")
+        for k, v in sync.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert torch.isfinite(sync(torch.randn(4, 3, 2))).all()  # and the group still works
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_on_their_input_all_raise_and_change_nothing():
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.spawn(_disagreeing_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=False)
+        deadline = 120.0
+        while not ctx.join(timeout=5):
+            deadline -= 5
+            if deadline <= 0:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("2 gloo processes did not finish within 120 s")

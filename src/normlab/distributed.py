@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import ShapeError
 from .stats import Moments, accumulation_dtype, centered, corrected_variance, momentum_factor, update_running
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "all_reduce_moments", "all_reduce_scaler"]
@@ -129,13 +130,46 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"SyncBatchNorm expects a torch.Tensor, got {type(input).__name__}")
+        if not input.is_floating_point():  # as the other BatchNorms: no integer, bool or complex data
+            raise TypeError(f"SyncBatchNorm expects a floating-point tensor, got dtype {input.dtype}; "
+                            "convert it first, e.g. x.float()")
         if input.dim() < 2:
             raise ValueError(f"SyncBatchNorm expects at least 2-D input (N, C, ...), got {input.dim()}-D input")
+        if input.shape[1] != self.num_features:
+            raise ShapeError(f"SyncBatchNorm({self.num_features}) expects {self.num_features} channels in dim 1, "
+                             f"got input of shape {tuple(input.shape)}")
+
+    def _agree(self, input: Tensor) -> None:
+        """Check the input on every rank before any statistic travels: each rank's channel count
+        (-1 where its own input was refused) is gathered first, so ranks that disagree all raise,
+        naming every rank's count, and none is left waiting in a collective another has left."""
+        try:
+            self._check_input_dim(input)
+            refused = None
+        except (TypeError, ValueError) as err:
+            refused = err
+        if _world(self.process_group) > 1:
+            nccl = dist.get_backend(self.process_group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            mine = torch.tensor([-1 if refused is not None else input.shape[1]], dtype=torch.long, device=device)
+            parts = [torch.empty_like(mine) for _ in range(_world(self.process_group))]
+            dist.all_gather(parts, mine, group=self.process_group)
+            counts = [int(p) for p in parts]
+            if refused is None and len(set(counts)) > 1:
+                raise ShapeError(
+                    "SyncBatchNorm: the ranks' inputs disagree on the channel count (dim 1), by rank: "
+                    f"{counts} (-1: that rank's input was refused); every rank must pass (N, "
+                    f"{self.num_features}, ...)")
+        if refused is not None:
+            raise refused
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"SyncBatchNorm({self.num_features}) got {input.shape[1]} channels in dim 1")
+        if self.training:
+            self._agree(input)  # the first collective: nothing is computed or written before it
+        else:
+            self._check_input_dim(input)
         if not self.training:  # eval: running statistics, or this rank's own batch; no collective
             from . import functional as F
 
