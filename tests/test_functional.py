@@ -406,3 +406,18 @@ def test_shapes_that_do_not_fit_raise_what_code_written_for_torch_catches(backen
         call()
     assert isinstance(err.value, ValueError) and isinstance(err.value, RuntimeError)
     assert "must" in str(err.value) or "expects" in str(err.value)
+
+
+@pytest.mark.parametrize("op", [lambda x: F.layer_norm(x, (8,)), lambda x: F.rms_norm(x, (8,)),
+                                lambda x: F.batch_norm(x, None, None, training=True),
+                                lambda x: F.group_norm(x, 2)])
+def test_the_reference_path_squares_huge_values_without_overflow_as_the_kernels(op):
+    # float32 squares overflow above ~1.8e19: the reference scales before squaring, so both
+    # paths (and so every layout and transform) give the same answer
+    import normlab
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 1e19
+    with normlab.use_backend("reference"):
+        ref = op(x)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(ref, op(x), rtol=1e-5, atol=1e-5)

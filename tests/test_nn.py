@@ -409,3 +409,14 @@ def test_a_rejected_state_dict_writes_nothing(key, value):
         m.load_state_dict(sd)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("call", [
+    lambda: N.BatchNorm1d(3)([1.0, 2.0, 3.0]),
+    lambda: N.InstanceNorm1d(3)([[1.0, 2.0, 3.0]]),
+    lambda: N.BatchRenorm1d(3)([[1.0, 2.0, 3.0]]),
+    lambda: N.weight_norm([1, 2]),
+])
+def test_what_is_not_a_tensor_or_a_module_is_a_type_error_that_says_so(call):
+    with pytest.raises(TypeError, match="expect"):
+        call()

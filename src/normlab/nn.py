@@ -137,7 +137,10 @@ class _NormBase(nn.Module):
         )
 
     def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() not in self._ndims:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}; "
+                            "convert it first, e.g. torch.as_tensor(x, dtype=torch.float32)")
+        if x.dim() not in self._ndims:
             raise _shape_error(self, self._layout, x)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -651,6 +654,8 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
     >>> sorted(lin.state_dict())
     ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"weight_norm: expected a torch.nn.Module (e.g. nn.Linear), got {type(module).__name__}")
     wn = module._modules.get("parametrizations")
     if wn is not None and name in wn._modules:
         raise ValueError(f"weight_norm: {name!r} of {type(module).__name__} is already weight-normed")

@@ -265,6 +265,7 @@ std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shif
       a = a + d;
       c = c + d * d;
     });
+    if (!std::isfinite(s + ss)) s = ss = 0.0, j = 0;  // float squares overflow past ~1e19: again in float64
   }
   for (; j < n; ++j) {
     double d = static_cast<double>(x[j]) - shift;
@@ -289,6 +290,7 @@ std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const
       a = a + g;
       c = at::vec::fmadd(g, xh, c);
     });
+    if (!std::isfinite(sg + sgx)) sg = sgx = 0.0, j = 0;  // a float overflow: again in float64
   }
   for (; j < n; ++j) {
     opmath_t xh = (static_cast<opmath_t>(x[j]) - m0) * rs0 - c0;
