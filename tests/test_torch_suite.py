@@ -1,0 +1,200 @@
+"""torch's own test samples for its norm modules, run on normlab's.
+
+``torch.testing._internal.common_modules.module_db`` holds a ``ModuleInfo`` per torch.nn module:
+the constructor arguments and inputs torch tests each module on (``module_inputs_func``), and the
+inputs it must refuse (``module_error_inputs_func``). For every norm module normlab replaces,
+every sample, in training and eval, in float64 and float32, this runs the torch.nn module and
+normlab's of the same name side by side from the same state and compares what torch's own
+``test_modules.py`` checks: outputs, gradients of the input and the parameters, running
+statistics and the whole ``state_dict`` after the call, pickling, a non-contiguous copy of the
+input, ``channels_last`` input, and that the error inputs torch's module refuses are refused
+with an error of the type torch raises (normlab's :class:`~normlab.errors.ShapeError` counts as
+torch's RuntimeError) and the ones it accepts are accepted. The
+samples come from the installed torch; nothing of its test code is copied here.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import normlab.nn as N
+
+common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+
+NAMES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+         "LayerNorm", "GroupNorm", "RMSNorm")
+INFOS = [mi for mi in common_modules.module_db if mi.module_cls.__name__ in NAMES
+         and mi.module_cls.__module__.startswith("torch.nn")]
+TOL = {torch.float64: {"rtol": 1e-9, "atol": 1e-10}, torch.float32: {"rtol": 1e-4, "atol": 2e-5}}
+
+
+def _samples():
+    for mi in INFOS:
+        for training in (True, False):
+            for dtype in (torch.float64, torch.float32):
+                for i, s in enumerate(mi.module_inputs_func(mi, device="cpu", dtype=dtype, requires_grad=True,
+                                                            training=training)):
+                    mode = "train" if training else "eval"
+                    yield pytest.param(mi, s, training, dtype,
+                                       id=f"{mi.module_cls.__name__}-{mode}-{str(dtype)[6:]}-{i}-{s.desc or 'plain'}")
+
+
+SAMPLES = list(_samples())
+
+
+def test_every_norm_module_that_normlab_replaces_has_torch_samples():
+    assert {mi.module_cls.__name__ for mi in INFOS} == set(NAMES)
+    assert len(SAMPLES) > 200
+
+
+def _pair(mi, sample, training, dtype):
+    """torch's module and normlab's, in the same state (random parameters and statistics)."""
+    ctor = sample.constructor_input
+    torch.manual_seed(0)
+    theirs = mi.module_cls(*ctor.args, **ctor.kwargs).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in theirs.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g, dtype=dtype) + 0.5 if "var" in name or name == "weight"
+                        else torch.randn(t.shape, generator=g, dtype=dtype))
+    ours = getattr(N, mi.module_cls.__name__)(*ctor.args, **ctor.kwargs).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.train(training)
+    ours.train(training)
+    return theirs, ours
+
+
+def _inputs(sample, transform=lambda t: t):
+    def one(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return transform(a.detach().clone()).requires_grad_(a.requires_grad)
+    return [one(a) for a in sample.forward_input.args], {k: one(v) for k, v in sample.forward_input.kwargs.items()}
+
+
+def _noncontiguous(t):
+    """The same values in memory with gaps (every other element of a twice-as-wide tensor)."""
+    if t.dim() == 0:
+        return t
+    wide = torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)
+    return wide[..., 0]
+
+
+def _run(module, args, kwargs):
+    out = module(*args, **kwargs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + \
+             [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, leaves, grad, allow_unused=True) if leaves and out.requires_grad else []
+    return out, grads
+
+
+def _same(theirs, ours, dtype, what):
+    assert type(theirs) is type(ours) or (theirs is None) == (ours is None), what
+    if isinstance(theirs, torch.Tensor):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, what
+        torch.testing.assert_close(ours, theirs, equal_nan=True, msg=lambda m: f"{what}: {m}", **TOL[dtype])
+
+
+@pytest.mark.parametrize("mi, sample, training, dtype", SAMPLES)
+def test_torch_samples_give_torch_outputs_gradients_and_state(mi, sample, training, dtype):
+    for label, transform in [("contiguous", lambda t: t), ("non-contiguous", _noncontiguous)]:
+        theirs, ours = _pair(mi, sample, training, dtype)
+        args, kwargs = _inputs(sample, transform)
+        targs, tkwargs = _inputs(sample, transform)
+        want, want_grads = _run(theirs, targs, tkwargs)
+        got, got_grads = _run(ours, args, kwargs)
+        _same(want, got, dtype, f"{label} output")
+        assert len(got_grads) == len(want_grads)
+        for i, (a, b) in enumerate(zip(want_grads, got_grads)):
+            _same(a, b, dtype, f"{label} gradient {i}")
+        sd_t, sd_o = theirs.state_dict(), ours.state_dict()
+        assert list(sd_t) == list(sd_o)
+        for k in sd_t:  # running statistics and num_batches_tracked after the call
+            if sd_t[k].is_floating_point():
+                _same(sd_t[k], sd_o[k], dtype, f"{label} state {k}")
+            else:
+                assert torch.equal(sd_t[k], sd_o[k]), k
+
+
+@pytest.mark.parametrize("mi, sample, training, dtype", [p for p in SAMPLES if p.values[3] == torch.float32])
+def test_torch_samples_in_channels_last_and_after_pickling(mi, sample, training, dtype):
+    theirs, ours = _pair(mi, sample, training, dtype)
+    x = sample.forward_input.args[0] if sample.forward_input.args else None
+    if isinstance(x, torch.Tensor) and x.dim() in (4, 5) and mi.module_cls.__name__ not in ("LayerNorm", "RMSNorm"):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        args, kwargs = _inputs(sample, lambda t: t.contiguous(memory_format=fmt))
+        targs, tkwargs = _inputs(sample, lambda t: t.contiguous(memory_format=fmt))
+        want, want_grads = _run(theirs, targs, tkwargs)
+        got, got_grads = _run(ours, args, kwargs)
+        _same(want, got, dtype, "channels_last output")
+        for i, (a, b) in enumerate(zip(want_grads, got_grads)):
+            _same(a, b, dtype, f"channels_last gradient {i}")
+    again = pickle.loads(pickle.dumps(ours))
+    assert type(again) is type(ours) and again.training == ours.training
+    for k, v in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    ours.eval(), again.eval()
+    args, kwargs = _inputs(sample)
+    with torch.no_grad():
+        torch.testing.assert_close(again(*args, **kwargs), ours(*args, **kwargs))
+
+
+@pytest.mark.parametrize("mi, sample, training, dtype", [p for p in SAMPLES if p.values[3] == torch.float64])
+def test_torch_samples_pass_gradcheck_and_gradgradcheck(mi, sample, training, dtype):
+    # float64, first and second derivatives w.r.t. the input and the parameters, as torch's
+    # test_grad and test_gradgrad check its own modules (running statistics restored each call)
+    _, ours = _pair(mi, sample, training, dtype)
+    args, kwargs = _inputs(sample)
+    params = [p for p in ours.parameters() if p.requires_grad]
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + params
+    if not tensors:
+        pytest.skip("nothing requires a gradient")
+    buffers = {k: v.clone() for k, v in ours.named_buffers()}
+
+    def f(*ts):
+        for k, v in ours.named_buffers():
+            v.copy_(buffers[k])
+        it = iter(ts)
+        call_args = [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args]
+        given = {n: next(it) for n, p in ours.named_parameters() if p.requires_grad}
+        return torch.func.functional_call(ours, given, tuple(call_args), kwargs)
+
+    assert torch.autograd.gradcheck(f, tensors, fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, tensors, fast_mode=True)
+
+
+def _error_samples():
+    for mi in INFOS:
+        if mi.module_error_inputs_func is None:
+            continue
+        for training in (True, False):
+            for i, e in enumerate(mi.module_error_inputs_func(mi, device="cpu", dtype=torch.float32,
+                                                              requires_grad=False, training=training)):
+                yield pytest.param(mi, e, training, id=f"{mi.module_cls.__name__}-{'train' if training else 'eval'}-{i}")
+
+
+@pytest.mark.parametrize("mi, err, training", list(_error_samples()))
+def test_torch_error_samples_are_refused_as_torch_refuses_them(mi, err, training):
+    # the oracle is what torch's module does with the sample in this mode (its generator offers
+    # eps=0 in eval too, which torch's BatchNorm accepts with running statistics)
+    sample = err.module_error_input
+    ctor = sample.constructor_input
+
+    def call(cls):
+        m = cls(*ctor.args, **ctor.kwargs)
+        m.train(training)
+        args, kwargs = _inputs(sample)
+        return m(*args, **kwargs)
+
+    try:
+        call(mi.module_cls)
+    except err.error_type:
+        with pytest.raises(err.error_type):
+            call(getattr(N, mi.module_cls.__name__))
+    else:
+        call(getattr(N, mi.module_cls.__name__))
