@@ -198,3 +198,82 @@ def test_torch_error_samples_are_refused_as_torch_refuses_them(mi, err, training
             call(getattr(N, mi.module_cls.__name__))
     else:
         call(getattr(N, mi.module_cls.__name__))
+
+
+# --------------------------------------------- torch.nn.functional: the OpInfo samples (op_db)
+
+common_methods = pytest.importorskip("torch.testing._internal.common_methods_invocations")
+OPS = {f"nn.functional.{n}": n for n in ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm")}
+OP_INFOS = [op for op in common_methods.op_db if op.name in OPS and not op.variant_test_name]
+
+
+def _op_samples():
+    for op in OP_INFOS:
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            for i, s in enumerate(op.sample_inputs("cpu", dtype, requires_grad=dtype != torch.bfloat16)):
+                yield pytest.param(op, s, dtype, id=f"{OPS[op.name]}-{str(dtype)[6:]}-{i}")
+
+
+def _clone(v, dtype=None):
+    if isinstance(v, torch.Tensor):
+        v = v.detach().clone() if dtype is None or not v.is_floating_point() else v.detach().to(dtype)
+        return v.requires_grad_(v.is_floating_point() and v.requires_grad or False)
+    return v
+
+
+def _op_call(fn, s, dtype=None):
+    """``fn`` on (a copy of) the sample, its floating tensors in ``dtype`` if given: the output,
+    the gradients of what requires grad, and the running statistics as the call left them."""
+    def one(v):
+        c = _clone(v, dtype)
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            c.requires_grad_()
+        return c
+    x, args, kwargs = one(s.input), [one(a) for a in s.args], {k: one(v) for k, v in s.kwargs.items()}
+    y = fn(x, *args, **kwargs)
+    leaves = [t for t in [x, *args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True) if leaves and y.requires_grad else []
+    buffers = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and not t.requires_grad]
+    return [("output", [y]), ("gradient", list(grads)), ("buffer", buffers)]
+
+
+def test_every_functional_norm_has_torch_samples():
+    assert {OPS[op.name] for op in OP_INFOS} == set(OPS.values())
+
+
+@pytest.mark.parametrize("op, s, dtype", list(_op_samples()))
+def test_torch_functional_samples_give_torch_outputs_gradients_and_running_statistics(op, s, dtype):
+    # normlab's value passes where it is close to torch's, or, in float32/bfloat16, no farther
+    # from the float64 answer than torch's own (normlab's float64 statistics are often nearer)
+    import normlab.functional as F
+
+    want, got = _op_call(op.op, s), _op_call(getattr(F, OPS[op.name]), s)
+    truth = _op_call(op.op, s, torch.float64) if dtype != torch.float64 else want
+    tol = TOL.get(dtype, {"rtol": 1.6e-2, "atol": 1e-2})
+    for (what, a), (_, b), (_, t64) in zip(want, got, truth):
+        assert len(a) == len(b), what
+        for i, (t, o, r) in enumerate(zip(a, b, t64)):
+            assert (t is None) == (o is None), what
+            if t is None:
+                continue
+            assert o.dtype == t.dtype and o.shape == t.shape, what
+            if not torch.allclose(o, t, equal_nan=True, **tol):
+                r, err_ours, err_torch = r.double(), (o.double() - r.double()).abs(), (t.double() - r.double()).abs()
+                bound = err_torch + tol["atol"] + tol["rtol"] * r.abs()
+                assert bool((err_ours <= bound).all()), f"{what} {i}: {err_ours.max()} from float64, torch {err_torch.max()}"
+
+
+def _op_errors():
+    for op in OP_INFOS:
+        if op.error_inputs_func is not None:
+            for i, e in enumerate(op.error_inputs("cpu")):
+                yield pytest.param(op, e, id=f"{OPS[op.name]}-{i}")
+
+
+@pytest.mark.parametrize("op, e", list(_op_errors()))
+def test_torch_functional_error_samples_are_refused_with_torch_error_type(op, e):
+    import normlab.functional as F
+
+    s = e.sample_input
+    with pytest.raises(e.error_type):  # normlab.ShapeError is a RuntimeError too
+        getattr(F, OPS[op.name])(s.input, *s.args, **s.kwargs)

@@ -68,7 +68,7 @@ def _check_input(x: Tensor, op: str, min_ndim: int = 1) -> None:
             f"convert it first, e.g. x.float()"
         )
     if x.dim() < min_ndim:
-        raise ValueError(
+        raise ShapeError(
             f"{op}: expected at least {min_ndim}-D input, got {x.dim()}-D input of shape "
             f"{tuple(x.shape)}"
         )
@@ -190,7 +190,7 @@ def instance_norm(
     if core is not None:
         return core.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if isinstance(input, Tensor) and input.dim() < 3:
-        raise ValueError(
+        raise ShapeError(
             f"instance_norm: expected at least 3-D input (N, C, *spatial), got {input.dim()}-D "
             f"input of shape {tuple(input.shape)}"
         )

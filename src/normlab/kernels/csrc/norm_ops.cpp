@@ -55,8 +55,8 @@ bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 void check_input(const Tensor& x, const char* op, int64_t min_ndim) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got dtype ",
                    dtype_name(x.scalar_type()), "; convert it first, e.g. x.float()");
-  TORCH_CHECK_VALUE(x.dim() >= min_ndim, op, ": expected at least ", min_ndim, "-D input, got ", x.dim(),
-                    "-D input of shape ", tuple(x.sizes()));
+  NORMLAB_CHECK_SHAPE(x.dim() >= min_ndim, op, ": expected at least ", min_ndim, "-D input, got ", x.dim(),
+                      "-D input of shape ", tuple(x.sizes()));
 }
 
 void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const char* op, const Tensor& x) {
@@ -678,8 +678,8 @@ Tensor batch_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, con
 
 Tensor instance_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w,
                      const OptTensor& b, bool use_input_stats, double momentum, double eps) {
-  TORCH_CHECK_VALUE(x.dim() >= 3, "instance_norm: expected at least 3-D input (N, C, *spatial), got ", x.dim(),
-                    "-D input of shape ", tuple(x.sizes()));
+  NORMLAB_CHECK_SHAPE(x.dim() >= 3, "instance_norm: expected at least 3-D input (N, C, *spatial), got ", x.dim(),
+                      "-D input of shape ", tuple(x.sizes()));
   return channel_norm("instance_norm", x, rm, rv, w, b, use_input_stats, momentum, eps, true);
 }
 
