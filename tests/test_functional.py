@@ -421,3 +421,39 @@ def test_the_reference_path_squares_huge_values_without_overflow_as_the_kernels(
         ref = op(x)
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(ref, op(x), rtol=1e-5, atol=1e-5)
+
+
+_JVP_OPS = {
+    "batch_norm train": lambda m, x, w, b: m.batch_norm(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype),
+                                                       w, b, True),
+    "batch_norm eval": lambda m, x, w, b: m.batch_norm(x, torch.full((3,), 0.3, dtype=x.dtype),
+                                                      torch.full((3,), 1.7, dtype=x.dtype), w, b, False),
+    "layer_norm": lambda m, x, w, b: m.layer_norm(x, (5,)),
+    "group_norm": lambda m, x, w, b: m.group_norm(x, 3, w, b),
+    "instance_norm": lambda m, x, w, b: m.instance_norm(x, weight=w, bias=b),
+    "rms_norm": lambda m, x, w, b: m.rms_norm(x, (5,)),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name", list(_JVP_OPS))
+def test_forward_mode_ad_equals_torch_in_training_and_eval(backend, name):
+    # torch.func.jvp and jacfwd take the reference path (NormalizeAffine.jvp), forward_ad the core's
+    import torch.autograd.forward_ad as fwAD
+
+    import normlab
+
+    f = _JVP_OPS[name]
+    g = torch.Generator().manual_seed(0)
+    primals = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64),
+               torch.randn(3, generator=g, dtype=torch.float64))
+    tangents = tuple(torch.randn(p.shape, generator=g, dtype=torch.float64) for p in primals)
+    _, want = torch.func.jvp(lambda *p: f(TF, *p), primals, tangents)
+    with normlab.use_backend(backend):
+        _, got = torch.func.jvp(lambda *p: f(F, *p), primals, tangents)
+        with fwAD.dual_level():
+            dual = fwAD.unpack_dual(f(F, *(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))).tangent
+        jac = torch.func.jacfwd(lambda x: f(F, x, *primals[1:]))(primals[0])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(dual, want)
+    torch.testing.assert_close(jac, torch.func.jacfwd(lambda x: f(TF, x, *primals[1:]))(primals[0]))

@@ -127,8 +127,33 @@ class NormalizeAffine(torch.autograd.Function):
         ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, fixed_var is None
         # the bias itself is not needed by backward: keep only its shape and dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, var)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, *_):
+        """Forward mode (``torch.func.jvp``, ``forward_ad``): the tangent of y from those of x, γ,
+        β. With batch statistics ``dx̂ = r·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ))`` (without centering,
+        no ``mean(ẋ)``): the same projection as the backward's, applied forward; with fixed
+        statistics ``dx̂ = r·ẋ``. Then ``ẏ = γ·dx̂ + γ̇·x̂ + β̇``."""
+        x, weight, mean, rstd = ctx.saved_tensors
+        dims, acc = ctx.dims, rstd.dtype
+        xa = x.to(acc)
+        xhat = ((xa - mean) if ctx.center else xa) * rstd
+        dy = torch.zeros_like(xhat)
+        if dx is not None:
+            d = dx.to(acc)
+            if ctx.batch_stats:
+                proj = xhat * reduce_mean(xhat * d, dims)
+                d = d - (proj + reduce_mean(d, dims) if ctx.center else proj)
+            dy = dy + (d * rstd if weight is None else d * rstd * weight)
+        if dw is not None:
+            dy = dy + xhat * dw
+        if db is not None:
+            dy = dy + db
+        return dy.to(x.dtype), None, None
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
