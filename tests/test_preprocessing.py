@@ -425,3 +425,27 @@ def test_a_rejected_scaler_state_dict_keeps_the_fit(make, key, value):
     with pytest.raises(ValueError):
         scaler.load_state_dict(sd)
     np.testing.assert_array_equal(scaler.transform(x), before)
+
+
+def test_standard_scaler_sample_weight_is_scikit_learns_and_streams():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 4)) * [1, 10, 100, 1e4] + 5
+    X[3, 1] = np.nan
+    w = rng.uniform(0, 3, size=30)
+    want = skp.StandardScaler().fit(X, sample_weight=w)
+    got = StandardScaler().fit(X, sample_weight=w)
+    chunks = StandardScaler()
+    for i in range(0, 30, 7):
+        chunks.partial_fit(torch.from_numpy(X[i:i + 7]), sample_weight=torch.from_numpy(w[i:i + 7]))
+    for fitted in (got, chunks):
+        for attr in ("mean_", "var_", "scale_", "n_samples_seen_"):
+            np.testing.assert_allclose(getattr(fitted, attr), getattr(want, attr), rtol=1e-10)
+    # integer weights are repeated rows; a number weighs every sample alike
+    reps = np.array([1, 0, 2] * 10)
+    np.testing.assert_allclose(StandardScaler().fit(X, sample_weight=reps).var_,
+                               StandardScaler().fit(np.repeat(X, reps, axis=0)).var_, rtol=1e-10)
+    np.testing.assert_allclose(StandardScaler().fit(X, sample_weight=2.0).mean_, want.mean_ * 0 + np.nanmean(X, 0))
+    for bad in (np.ones(29), -np.ones(30), np.full(30, np.nan)):
+        with pytest.raises(ValueError, match="sample_weight"):
+            got.fit(X, sample_weight=bad)
+    np.testing.assert_allclose(got.mean_, want.mean_)  # a refused call keeps the fit

@@ -224,12 +224,14 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     def _check_params(self) -> None:
         """Validate hyper-parameters: at fit time, as ``__init__`` and ``set_params`` only store."""
 
-    def _fit(self, X, *, reset: bool):
+    def _fit(self, X, *, reset: bool, sample_weight=None):
         self._check_params()
         # Validation records feature names and counts (on reset) only once X has passed every
         # check, and nothing after it can fail on user input: a failed call keeps the old fit.
+        w = None if sample_weight is None else _sample_weight(sample_weight, X, type(self).__name__)
         x, _ = self._validate(X, reset=reset)
-        batch = {k: v.cpu() for k, v in self._batch_stats(x.detach()).items()}
+        stats = self._batch_stats(x.detach()) if w is None else self._batch_stats(x.detach(), w.to(x.device))
+        batch = {k: v.cpu() for k, v in stats.items()}
         self.n_features_in_ = x.shape[1]  # also for inputs validate_data cannot count
         self._commit(batch if reset else self._merge(self._stats, batch))
         return self
@@ -286,6 +288,26 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 f"{self.n_features_in_} features as input."
             )
         return x.to(torch.float64), back
+
+
+def _sample_weight(sample_weight, X, name: str) -> Tensor:
+    """``sample_weight`` as a float64 ``(n_samples, 1)`` tensor: a number (the same weight for
+    every sample) or one finite, non-negative weight per sample."""
+    w = torch.as_tensor(np.asarray(sample_weight.detach().cpu() if isinstance(sample_weight, Tensor)
+                                   else sample_weight, dtype=np.float64))
+    shape = X.shape if isinstance(X, Tensor) else np.asarray(X).shape
+    # X that is no array at all (sparse, a scalar) is refused by the validation that follows
+    n = shape[0] if len(shape) else (w.shape[0] if w.dim() == 1 else 1)
+    if w.dim() == 0:
+        w = w.expand(n)
+    if w.dim() != 1 or w.shape[0] != n:
+        raise ValueError(f"{name}: sample_weight must be a number or have one weight per sample, "
+                         f"shape ({n},), got shape {tuple(w.shape)}")
+    if not bool((torch.isfinite(w) & (w >= 0)).all()):
+        raise ValueError(f"{name}: sample_weight must be finite and >= 0, got {w.min().item()} .. {w.max().item()}")
+    if n and not bool((w > 0).any()):
+        raise ValueError(f"{name}: sample_weight must contain at least one non-zero weight, got all zeros")
+    return w.reshape(-1, 1)
 
 
 def _check_tensor(X: Tensor, name: str) -> Tensor:
@@ -484,8 +506,32 @@ class StandardScaler(_Scaler):
         self.with_mean = with_mean
         self.with_std = with_std
 
-    def _batch_stats(self, x: Tensor) -> dict[str, Tensor]:
-        return vars(Moments.from_data(x, (0,), ignore_nan=True, dtype=torch.float64))
+    def fit(self, X, y=None, sample_weight=None):
+        """Learn the per-feature mean and variance of ``X``, forgetting earlier fits.
+
+        Parameters
+        ----------
+        X : array-like or Tensor of shape (n_samples, n_features)
+            Training data; NaN entries are ignored.
+        y : None
+            Ignored.
+        sample_weight : array-like of shape (n_samples,) or float, default=None
+            Non-negative weight per sample (scikit-learn's): the weighted mean and variance,
+            and ``n_samples_seen_`` the sum of the weights.
+
+        Returns
+        -------
+        self
+        """
+        return self._fit(X, reset=True, sample_weight=sample_weight)
+
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Add the batch ``X`` (weighted by ``sample_weight``, as in :meth:`fit`) to the
+        statistics seen so far; any split into batches gives one :meth:`fit`'s statistics."""
+        return self._fit(X, reset=not self.__sklearn_is_fitted__(), sample_weight=sample_weight)
+
+    def _batch_stats(self, x: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
+        return vars(Moments.from_data(x, (0,), ignore_nan=True, dtype=torch.float64, weight=weight))
 
     @staticmethod
     def _merge(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -497,7 +543,8 @@ class StandardScaler(_Scaler):
         mean = torch.where(n > 0, m.mean, float("nan"))  # an unseen feature has no mean
         var = m.var(correction=0)
         constant = var <= n * _EPS * var + (n * mean * _EPS).square()
-        counts = n.to(torch.int64).numpy()
+        # the number of values seen, or with sample weights their sum (a float, as scikit-learn's)
+        counts = n.to(torch.int64).numpy() if bool((n == n.round()).all()) else n.numpy()
         return {
             "mean_": mean.numpy() if self.with_mean or self.with_std else None,
             "var_": var.numpy() if self.with_std else None,

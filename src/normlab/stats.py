@@ -187,13 +187,25 @@ class Moments:
         *,
         ignore_nan: bool = False,
         dtype: torch.dtype | None = None,
+        weight: Tensor | None = None,
     ) -> "Moments":
         """The triple of ``x`` reduced over ``dims`` (reduced dims dropped).
 
-        ``ignore_nan=True`` skips NaN values, so each feature has its own count.
+        ``ignore_nan=True`` skips NaN values, so each feature has its own count. ``weight``
+        (non-negative, broadcasting against ``x``) makes it the weighted triple: ``count = Σw``,
+        ``mean = Σw·x/Σw``, ``m2 = Σw·(x − mean)²``, which merges as the unweighted one does.
         """
         dims = tuple(dims)
         xa = x.to(dtype or accumulation_dtype(x.dtype))
+        if weight is not None:
+            valid = ~torch.isnan(xa) if ignore_nan else torch.ones_like(xa, dtype=torch.bool)
+            w = torch.where(valid, weight.to(xa.dtype), 0)
+            count = w.sum(dim=dims)
+            safe = torch.where(count > 0, count, torch.ones_like(count))
+            mean = torch.where(valid, xa * w, 0).sum(dim=dims) / safe
+            d = torch.where(valid, xa - _unsqueeze_dims(mean, dims, xa.dim()), 0)
+            m2 = (w * d.square()).sum(dim=dims) - (w * d).sum(dim=dims).square() / safe
+            return cls(count, mean, m2.clamp(min=0))
         if not ignore_nan:
             n = 1
             for d in dims:
