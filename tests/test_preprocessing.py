@@ -267,9 +267,9 @@ def test_pickle_clone_params(cls, params):
     restored = pickle.loads(pickle.dumps(fitted))
     np.testing.assert_array_equal(restored.transform(x), fitted.transform(x))
     fresh = clone(fitted)
-    assert fresh.get_params() == params and not hasattr(fresh, "scale_")
+    assert fresh.get_params() == {"copy": True, **params} and not hasattr(fresh, "scale_")
     other = {"with_mean": False} if cls is StandardScaler else {"feature_range": (-3, 3)}
-    assert fresh.set_params(**other).get_params() == {**params, **other}
+    assert fresh.set_params(**other).get_params() == {"copy": True, **params, **other}
 
 
 @pytest.mark.parametrize("cls, params", PARAMS, ids=IDS)
@@ -449,3 +449,20 @@ def test_standard_scaler_sample_weight_is_scikit_learns_and_streams():
         with pytest.raises(ValueError, match="sample_weight"):
             got.fit(X, sample_weight=bad)
     np.testing.assert_allclose(got.mean_, want.mean_)  # a refused call keeps the fit
+
+
+@pytest.mark.parametrize("make, theirs", [(StandardScaler, skp.StandardScaler), (MinMaxScaler, skp.MinMaxScaler)])
+def test_copy_false_writes_into_x_as_scikit_learn(make, theirs):
+    X = np.random.default_rng(0).normal(size=(6, 3)) * 4 + 2
+    # scikit-learn's MinMaxScaler has copy= only in its constructor; normlab's has both
+    for ctor, call in [({"copy": False}, {})] + ([({}, {"copy": False})] if make is StandardScaler else []):
+        ours_x, their_x = X.copy(), X.copy()
+        ours, ref = make(**ctor).fit(X), theirs(**ctor).fit(X)
+        got, want = ours.transform(ours_x, **call), ref.transform(their_x, **call)
+        assert (got is ours_x) == (want is their_x) and np.allclose(ours_x, their_x)
+        back = ours.inverse_transform(ours_x, **call)
+        assert back is ours_x and np.allclose(ours_x, X)
+        t = torch.from_numpy(X.copy())
+        assert ours.transform(t, **call) is t and np.allclose(t.numpy(), want)
+    x = X.copy()
+    assert make().fit(X).transform(x) is not x and np.array_equal(x, X)  # the default copies

@@ -118,31 +118,36 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         """
         return self._fit(X, reset=not self.__sklearn_is_fitted__())
 
-    def transform(self, X):
+    def transform(self, X, copy=None):
         """Scale ``X`` with the fitted statistics; NaN stays NaN.
 
         Parameters
         ----------
         X : array-like or Tensor of shape (n_samples, n_features)
+        copy : bool or None, default=None
+            ``None``: the scaler's ``copy``; ``False``: the result is written into ``X`` where
+            ``X`` is a floating-point array or tensor of the output's dtype, and ``X`` returned.
 
         Returns
         -------
         ndarray or Tensor of the same shape (see the module notes on types)
         """
-        return self._apply(X, self._forward)
+        return self._apply(X, self._forward, copy=copy)
 
-    def inverse_transform(self, X):
+    def inverse_transform(self, X, copy=None):
         """Undo :meth:`transform`: map scaled data back to the original units.
 
         Parameters
         ----------
         X : array-like or Tensor of shape (n_samples, n_features)
+        copy : bool or None, default=None
+            As in :meth:`transform`.
 
         Returns
         -------
         ndarray or Tensor of the same shape
         """
-        return self._apply(X, self._inverse, check_names=False)
+        return self._apply(X, self._inverse, check_names=False, copy=copy)
 
     def state_dict(self) -> dict[str, Any]:
         """The fitted statistics as plain tensors and values, ready for ``torch.save``.
@@ -241,12 +246,21 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         for name, value in self._attributes(stats).items():
             setattr(self, name, value)
 
-    def _apply(self, X, fn: Callable[[Tensor], Tensor], *, check_names: bool = True):
+    def _apply(self, X, fn: Callable[[Tensor], Tensor], *, check_names: bool = True, copy=None):
         check_is_fitted(self)
         x, back = self._validate(X, reset=False, check_names=check_names)
         y = fn(x)
-        # never hand back the caller's own buffer (scikit-learn's transform copies too)
-        return back(y.clone() if y is x else y)
+        # never hand back the caller's own buffer (scikit-learn's transform copies too) unless
+        # copy=False asks for the result in X itself
+        out = back(y.clone() if y is x else y)
+        if (getattr(self, "copy", True) if copy is None else copy):
+            return out
+        if isinstance(X, np.ndarray) and X.dtype == out.dtype and X.flags.writeable:
+            np.copyto(X, out)
+            return X
+        if isinstance(X, Tensor) and X.dtype == out.dtype and not X.requires_grad:
+            return X.copy_(out)
+        return out
 
     def _param(self, value: np.ndarray, like: Tensor) -> Tensor:
         """A fitted numpy attribute as a float64 tensor on ``like``'s device."""
@@ -365,6 +379,10 @@ class MinMaxScaler(_Scaler):
         Target range; ``min < max`` is checked at fit time.
     clip : bool, default=False
         Clip transformed values to ``feature_range`` (``inverse_transform`` never clips).
+    copy : bool, default=True
+        ``False``: ``transform``/``inverse_transform`` write the result into a floating-point
+        ``X`` (numpy array or tensor of the output's dtype) and return ``X`` itself, as
+        scikit-learn's; other inputs are converted, so a copy is made anyway.
 
     Attributes
     ----------
@@ -396,9 +414,10 @@ class MinMaxScaler(_Scaler):
     _count_keys = ("n_samples_seen",)
     _nonnegative_keys = ()
 
-    def __init__(self, feature_range=(0, 1), clip=False):
+    def __init__(self, feature_range=(0, 1), clip=False, *, copy=True):
         self.feature_range = feature_range
         self.clip = clip
+        self.copy = copy
 
     def _check_params(self) -> None:
         fr = self.feature_range
@@ -469,6 +488,10 @@ class StandardScaler(_Scaler):
         Subtract ``mean_``.
     with_std : bool, default=True
         Divide by ``scale_``.
+    copy : bool, default=True
+        ``False``: ``transform``/``inverse_transform`` write the result into a floating-point
+        ``X`` (numpy array or tensor of the output's dtype) and return ``X`` itself, as
+        scikit-learn's; other inputs are converted, so a copy is made anyway.
 
     Attributes
     ----------
@@ -502,9 +525,10 @@ class StandardScaler(_Scaler):
     _count_keys = ("count",)
     _nonnegative_keys = ("m2",)
 
-    def __init__(self, with_mean=True, with_std=True):
+    def __init__(self, with_mean=True, with_std=True, *, copy=True):
         self.with_mean = with_mean
         self.with_std = with_std
+        self.copy = copy
 
     def fit(self, X, y=None, sample_weight=None):
         """Learn the per-feature mean and variance of ``X``, forgetting earlier fits.
