@@ -250,8 +250,6 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
         y = undo(y)
     else:
         y, mean, var = _normalize(op, input, dims, w, b, eps)
-    if mean is None:  # no running statistics: nothing to update
-        return y
     # InstanceNorm has one statistic per (sample, channel): the running ones get their average
     update_running(running_mean, running_var, mean.reshape(-1, c).mean(0),
                    var.reshape(-1, c).mean(0) * (n / (n - 1)), momentum)  # unbiased

@@ -14,12 +14,14 @@
 // and memory format.
 //
 // Numerics (the reference path in normlab/autograd.py is the oracle, tests/test_kernels.py):
-// statistics in float64 whatever the input, in one pass over d = x − x₀ (x₀ the first value of
-// the row or channel), so a large common offset cancels before anything is squared; the output
-// in x's precision (float for fp16/bf16) with the mean split into m₀ = (x's type)(mean) and the
-// residual folded into the shift, so (x − m₀) is exact near the mean; parameter-gradient
-// partials per block of at most 256 rows, summed in float64. No FMA contraction
-// (-ffp-contract=off): x̂·γ·dy − mean(g) must cancel exactly when it is 0.
+// statistics in float64 whatever the input, in one pass over d = x − x₀ (x₀ the first value
+// of the row or channel, 0 if it is not finite), so a large common offset cancels first
+// (float input: float lanes over chunks of 256 values, each chunk then in float64; a run whose
+// float sums overflow is redone in float64); the output in x's precision (float for fp16/bf16) with
+// the mean split into m₀ = (x's type)(mean) and the residual folded into the shift, so (x − m₀)
+// is exact near the mean; parameter-gradient partials per block of at most 256 rows, summed in
+// float64. The compiler contracts nothing into FMAs (-ffp-contract=off): γ·dy − mean(g) must
+// cancel exactly when it is 0; the explicit at::vec fused multiply-adds sit where nothing does.
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -1137,8 +1139,7 @@ std::tuple<Tensor, Tensor, Tensor> channels_eval_backward(const Tensor& dy, cons
   const int64_t N = shape[0], C = shape[1], S = shape[2];
   check_len(mean, C, "mean", op);
   check_len(var, C, "var", op);
-  const bool affine = weight.has_value() && weight->defined();
-  if (affine) check_len(*weight, C, "weight", op);
+  if (weight.has_value() && weight->defined()) check_len(*weight, C, "weight", op);
   const auto acc = at::promote_types(x.scalar_type(), at::kFloat);
   Tensor dx = out_like(x);
   const std::vector<double> pm = values(mean, C, 0.0), pv = values(var, C, 1.0), pw = values(weight, C, 1.0);
