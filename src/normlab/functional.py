@@ -287,6 +287,7 @@ def layer_norm(
     _check_param(weight, "weight", shape, op)
     _check_param(bias, "bias", shape, op)
     if _native():
+        _require_values(input, dims, op)  # as the core and the reference: no statistics of nothing
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
     return _normalize(op, input, dims, weight, bias, eps)[0]
 
@@ -309,6 +310,7 @@ def rms_norm(
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op)
     if _native() and not torch.jit.is_tracing():
+        _require_values(input, dims, op)
         return torch.nn.functional.rms_norm(input, shape, weight, eps)
     if eps is None:  # torch's rule: the eps of the dtype the statistics are computed in
         eps = torch.finfo(accumulation_dtype(input.dtype)).eps
