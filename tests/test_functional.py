@@ -408,6 +408,23 @@ def test_shapes_that_do_not_fit_raise_what_code_written_for_torch_catches(backen
     assert "must" in str(err.value) or "expects" in str(err.value)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch"])
+@pytest.mark.parametrize("make, shape", [(lambda: N.BatchNorm2d(3), (2, 3, 4, 4)), (lambda: N.LayerNorm(4), (2, 4)),
+                                         (lambda: N.RMSNorm(4), (2, 4)), (lambda: N.GroupNorm(1, 3), (2, 3, 4)),
+                                         (lambda: N.InstanceNorm1d(3, affine=True), (2, 3, 4))])
+def test_parameters_on_another_device_say_how_to_bring_them_together(backend, make, shape):
+    import normlab
+
+    with torch.device("meta"):  # how large models are built before their weights are loaded
+        on_meta = make()
+    with normlab.use_backend(backend):
+        with pytest.raises(ValueError, match=r"is on meta .* module\.to_empty\(device=input\.device\)"):
+            on_meta(torch.randn(shape))
+        with pytest.raises(ValueError, match=r"is on cpu but the input is on meta; .* module\.to\(input\.device\)"):
+            make()(torch.randn(shape, device="meta"))
+        assert on_meta(torch.randn(shape, device="meta")).shape == shape  # meta with meta traces shapes
+
+
 @pytest.mark.parametrize("op", [lambda x: F.layer_norm(x, (8,)), lambda x: F.rms_norm(x, (8,)),
                                 lambda x: F.batch_norm(x, None, None, training=True),
                                 lambda x: F.group_norm(x, 2)])

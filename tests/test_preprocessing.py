@@ -466,3 +466,39 @@ def test_copy_false_writes_into_x_as_scikit_learn(make, theirs):
         assert ours.transform(t, **call) is t and np.allclose(t.numpy(), want)
     x = X.copy()
     assert make().fit(X).transform(x) is not x and np.array_equal(x, X)  # the default copies
+
+
+class _Recorder:
+    """A scikit-learn fit callback (its FitCallback protocol) that records the hooks it sees."""
+
+    def __init__(self):
+        self.hooks, self.fitted = [], None
+
+    def setup(self, estimator, context):
+        self.hooks.append("setup")
+
+    def teardown(self, estimator, context):
+        self.hooks.append("teardown")
+
+    def on_fit_task_begin(self, estimator, context, *, X=None, y=None, metadata=None):
+        self.hooks.append("begin")
+
+    def on_fit_task_end(self, estimator, context, *, X=None, y=None, metadata=None, fitted_estimator=None):
+        self.hooks.append("end")
+        self.fitted = fitted_estimator
+
+
+@pytest.mark.skipif(not hasattr(StandardScaler, "set_callbacks"), reason="scikit-learn < 1.9 has no fit callbacks")
+@pytest.mark.parametrize("cls", [StandardScaler, MinMaxScaler])
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_fit_callbacks_as_scikit_learn(cls, method):
+    X = np.random.default_rng(0).random((10, 2))
+    cb = _Recorder()
+    scaler = cls().set_callbacks(cb)
+    getattr(scaler, method)(X)
+    assert cb.hooks == ["setup", "begin", "end", "teardown"]
+    np.testing.assert_allclose(cb.fitted.transform(X), scaler.transform(X))
+    cb.hooks.clear()
+    with pytest.raises(ValueError):  # refused before its task begins, as scikit-learn's
+        scaler.fit(np.full((3, 2), np.inf))
+    assert cb.hooks == [] and cb.fitted is not None

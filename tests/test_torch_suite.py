@@ -22,7 +22,8 @@ import torch
 
 import normlab.nn as N
 
-common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+# the test extra installs expecttest, which torch's test helpers import: no silent skip
+from torch.testing._internal import common_modules  # noqa: E402
 
 NAMES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
          "LayerNorm", "GroupNorm", "RMSNorm")
@@ -203,7 +204,7 @@ def test_torch_error_samples_are_refused_as_torch_refuses_them(mi, err, training
 
 # --------------------------------------------- torch.nn.functional: the OpInfo samples (op_db)
 
-common_methods = pytest.importorskip("torch.testing._internal.common_methods_invocations")
+from torch.testing._internal import common_methods_invocations as common_methods  # noqa: E402
 OPS = {f"nn.functional.{n}": n for n in ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm")}
 OP_INFOS = [op for op in common_methods.op_db if op.name in OPS and not op.variant_test_name]
 

@@ -99,18 +99,32 @@ def _normalize(op: str, x: Tensor, dims: Sequence[int], weight=None, bias=None, 
     return normalize_affine(x, dims, weight, bias, eps, center=center, fixed_mean=fixed_mean, fixed_var=fixed_var)
 
 
-def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str) -> None:
-    if t is not None and tuple(t.shape) != tuple(shape):
+def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str, x: Tensor) -> None:
+    """A parameter or running statistic fits ``x``: its shape, then its device (the core's checks)."""
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape):
         raise ShapeError(
             f"{op}: {name} must have shape {tuple(shape)} to match the input, got "
             f"{tuple(t.shape)}"
+        )
+    if t.is_meta and not x.is_meta:
+        raise ValueError(
+            f"{op}: {name} is on meta (made without data, e.g. under torch.device('meta')) but the "
+            f"input is on {x.device}; give the module storage first: module.to_empty(device=input.device), "
+            "then module.reset_parameters() or load_state_dict(...)"
+        )
+    if t.device != x.device:
+        raise ValueError(
+            f"{op}: {name} is on {t.device} but the input is on {x.device}; move them to one device, "
+            "e.g. module.to(input.device)"
         )
 
 
 def _channels(x: Tensor, op: str, *params: tuple[Tensor | None, str]) -> int:
     c = x.shape[1]
     for t, name in params:
-        _check_param(t, name, (c,), op)
+        _check_param(t, name, (c,), op, x)
     return c
 
 
@@ -284,8 +298,8 @@ def layer_norm(
     op = "layer_norm"
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
-    _check_param(weight, "weight", shape, op)
-    _check_param(bias, "bias", shape, op)
+    _check_param(weight, "weight", shape, op, input)
+    _check_param(bias, "bias", shape, op, input)
     if _native():
         _require_values(input, dims, op)  # as the core and the reference: no statistics of nothing
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
@@ -308,7 +322,7 @@ def rms_norm(
     op = "rms_norm"
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
-    _check_param(weight, "weight", shape, op)
+    _check_param(weight, "weight", shape, op, input)
     if _native() and not torch.jit.is_tracing():
         _require_values(input, dims, op)
         return torch.nn.functional.rms_norm(input, shape, weight, eps)

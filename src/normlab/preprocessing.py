@@ -49,6 +49,16 @@ from torch import Tensor
 
 from normlab.stats import Moments, extrema  # absolute: `python -m doctest` runs this file alone
 
+try:  # scikit-learn >= 1.9: fit callbacks (progress bars, monitors), as on its own StandardScaler
+    from sklearn.callback import CallbackSupportMixin as _CallbackSupport
+    from sklearn.callback import with_callbacks as _with_callbacks
+except ImportError:  # older scikit-learn has no callbacks: nothing to support
+    class _CallbackSupport:  # noqa: D101 - empty stand-in
+        pass
+
+    def _with_callbacks(method):
+        return method
+
 __all__ = ["MinMaxScaler", "StandardScaler", "ZScoreScaler"]
 
 # Statistics are float64 whatever the input, so one eps serves every tolerance below.
@@ -69,7 +79,7 @@ def _safe_scale(scale: Tensor, constant: Tensor | None = None) -> Tensor:
     return torch.where(constant, torch.ones_like(scale), scale)
 
 
-class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+class _Scaler(_CallbackSupport, OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     """Plumbing shared by the scalers; a subclass only supplies its maths.
 
     Subclass hooks, all on float64 tensors:
@@ -229,16 +239,23 @@ class _Scaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     def _check_params(self) -> None:
         """Validate hyper-parameters: at fit time, as ``__init__`` and ``set_params`` only store."""
 
+    @_with_callbacks
     def _fit(self, X, *, reset: bool, sample_weight=None):
         self._check_params()
         # Validation records feature names and counts (on reset) only once X has passed every
         # check, and nothing after it can fail on user input: a failed call keeps the old fit.
         w = None if sample_weight is None else _sample_weight(sample_weight, X, type(self).__name__)
         x, _ = self._validate(X, reset=reset)
+        task = {"estimator": self, "X": X, "y": None, "metadata": {"sample_weight": sample_weight}}
+        callbacks = self._init_callback_context() if hasattr(self, "_init_callback_context") else None
+        if callbacks is not None:
+            callbacks.call_on_fit_task_begin(**task)
         stats = self._batch_stats(x.detach()) if w is None else self._batch_stats(x.detach(), w.to(x.device))
         batch = {k: v.cpu() for k, v in stats.items()}
         self.n_features_in_ = x.shape[1]  # also for inputs validate_data cannot count
         self._commit(batch if reset else self._merge(self._stats, batch))
+        if callbacks is not None:  # one task, no iterations: the fitted scaler is self as it is
+            callbacks.call_on_fit_task_end(**task, reconstruction_attributes={})
         return self
 
     def _commit(self, stats: dict[str, Tensor]) -> None:
@@ -329,10 +346,12 @@ def _check_tensor(X: Tensor, name: str) -> Tensor:
     if X.is_complex():
         raise TypeError(f"{name} scales real data; got a complex tensor ({X.dtype}).")
     if X.dim() != 2:
+        fix = ("Reshape it with X.reshape(-1, 1) if it has a single feature or X.reshape(1, -1) if "
+               "it contains a single sample." if X.dim() < 2 else
+               "Put the features last and flatten the rest, X.reshape(-1, X.shape[-1]), or the "
+               "features after the first dimension with X.flatten(1).")
         raise ValueError(
-            f"Expected a 2D tensor of shape (n_samples, n_features), got shape {tuple(X.shape)}. "
-            "Reshape it with X.reshape(-1, 1) if it has a single feature or X.reshape(1, -1) if "
-            "it contains a single sample."
+            f"Expected a 2D tensor of shape (n_samples, n_features), got shape {tuple(X.shape)}. {fix}"
         )
     for n, what in zip(X.shape, ("sample", "feature")):
         if n == 0:

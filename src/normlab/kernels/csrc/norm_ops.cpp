@@ -63,6 +63,9 @@ void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const 
   if (!given(t)) return;
   NORMLAB_CHECK_SHAPE(t->sizes() == shape, op, ": ", name, " must have shape ", tuple(shape),
                       " to match the input, got ", tuple(t->sizes()));
+  TORCH_CHECK_VALUE(!t->is_meta() || x.is_meta(), op, ": ", name, " is on meta (made without data, e.g. under "
+                    "torch.device('meta')) but the input is on ", x.device(), "; give the module storage first: "
+                    "module.to_empty(device=input.device), then module.reset_parameters() or load_state_dict(...)");
   TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
                     x.device(), "; move them to one device, e.g. module.to(input.device)");
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating-point, got dtype ",
