@@ -213,8 +213,14 @@ def instance_norm(
 
 
 def _torch_channel_norm(op, input, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
+    """torch's op with normlab's promises kept: the output in the input's memory format (torch's
+    instance_norm returns channels_last input contiguous), and a graph built on the running
+    statistics keeps copies of them, so a later training step that updates them in place does
+    not invalidate it."""
     fn = torch.nn.functional.batch_norm if op == "batch_norm" else torch.nn.functional.instance_norm
-    return fn(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
+    if not batch_stats and torch.is_grad_enabled():
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    return _keep_format(fn(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps), input)
 
 
 def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
