@@ -416,6 +416,26 @@ def test_shapes_that_do_not_fit_raise_what_code_written_for_torch_catches(backen
     assert "must" in str(err.value) or "expects" in str(err.value)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+@pytest.mark.parametrize("unwritable", ["expanded", "inference"])
+def test_running_statistics_are_updated_all_or_nothing(backend, op, unwritable):
+    import normlab
+
+    if unwritable == "expanded":
+        rv = torch.ones(1).expand(3)
+    else:
+        with torch.inference_mode():
+            rv = torch.ones(3)
+    rm = torch.zeros(3)
+    x = torch.randn(4, 3, 5)
+    call = (lambda: F.batch_norm(x, rm, rv, training=True)) if op == "batch_norm" else \
+        (lambda: F.instance_norm(x, rm, rv, use_input_stats=True))
+    with normlab.use_backend(backend), pytest.raises(ValueError, match=r"running_var cannot be updated in place"):
+        call()
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))  # neither was written
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference", "torch"])
 @pytest.mark.parametrize("make, shape", [(lambda: N.BatchNorm2d(3), (2, 3, 4, 4)), (lambda: N.LayerNorm(4), (2, 4)),
                                          (lambda: N.RMSNorm(4), (2, 4)), (lambda: N.GroupNorm(1, 3), (2, 3, 4)),

@@ -307,9 +307,26 @@ def update_running(running_mean: Tensor | None, running_var: Tensor | None, mean
     (tensor([0.5000, 1.0000]), tensor([2., 3.]))
     """
     pairs = [(t, b) for t, b in ((running_mean, mean), (running_var, var)) if t is not None]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_writable(t, name)
     new = [(t.double() * (1 - momentum) + b.double().reshape(t.shape) * momentum).to(t.dtype) for t, b in pairs]
     for (t, _), v in zip(pairs, new):
         t.copy_(v)
+
+
+def _check_writable(t: Tensor | None, name: str) -> None:
+    """Refuse, before either buffer is written, a running statistic that an in-place update
+    cannot write (the compiled core says the same)."""
+    if t is None:
+        return
+    why = None
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        why = "it was made under torch.inference_mode()"
+    elif torch._debug_has_internal_overlap(t) == 1:  # 1: some elements share one memory location
+        why = "several of its elements share one memory location (an expanded tensor)"
+    if why:
+        raise ValueError(f"{name} cannot be updated in place: {why}; pass a tensor of its own, "
+                         f"e.g. {name}.clone()")
 
 
 def _unsqueeze_dims(t: Tensor, dims: tuple[int, ...], ndim: int) -> Tensor:

@@ -470,6 +470,16 @@ void check_running(const OptTensor& t, const char* name, const char* op) {
 // buffers only once both new values exist (a failed call changes neither)
 void update_running(const OptTensor& rm, const OptTensor& rv, const Tensor& mean, const Tensor& var, double momentum) {
   at::NoGradGuard no_grad;
+  for (auto [t, name] : {std::make_pair(&rm, "running_mean"), std::make_pair(&rv, "running_var")}) {
+    if (!given(*t)) continue;  // both checked before either is written: the Python rule, same words
+    const char* why = (*t)->is_inference() && !c10::InferenceMode::is_enabled()
+                          ? "it was made under torch.inference_mode()"
+                      : at::has_internal_overlap(**t) == at::MemOverlap::Yes
+                          ? "several of its elements share one memory location (an expanded tensor)"
+                          : nullptr;
+    TORCH_CHECK_VALUE(why == nullptr, name, " cannot be updated in place: ", why, "; pass a tensor of its own, e.g. ",
+                      name, ".clone()");
+  }
   // plain CPU buffers are updated in place; fake, functional or other tensors through aten ops
   auto plain = [](const Tensor& t) { return t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
                                             !at::functionalization::impl::isFunctionalTensor(t); };
