@@ -358,3 +358,157 @@ def test_recalibrate_leaves_unreached_layers_and_other_buffers_alone():
     for n, b in model.named_buffers():
         if not n.startswith("used."):
             assert torch.equal(b, before[n]), n
+
+
+# -- folding inside models nobody wrote for fx: plain Modules, control flow, transformers ---------
+class _ConvLayer(nn.Module):  # conv -> BN -> activation, as transformers' ResNetConvLayer
+    def __init__(self, cin, cout, stride=1, checked=False, bn=nn):
+        super().__init__()
+        self.convolution = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.normalization = bn.BatchNorm2d(cout)
+        self.activation = nn.ReLU()
+        self.checked = checked
+
+    def forward(self, x):
+        if self.checked and x.shape[1] != self.convolution.in_channels:  # control flow on the input
+            raise ValueError("wrong channel count")
+        return self.activation(self.normalization(self.convolution(x)))
+
+
+class _Residual(nn.Module):
+    def __init__(self, cin, cout, stride, checked, bn):
+        super().__init__()
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), bn.BatchNorm2d(cout))
+        self.layer = nn.Sequential(_ConvLayer(cin, cout, stride, checked, bn), _ConvLayer(cout, cout, 1, checked, bn))
+
+    def forward(self, x):
+        return torch.relu(self.layer(x) + self.shortcut(x))
+
+
+class _PlainResNet(nn.Module):
+    def __init__(self, checked=False, bn=nn):
+        super().__init__()
+        self.embedder = _ConvLayer(3, 8, 2, checked, bn)
+        self.stages = nn.ModuleList([_Residual(8, 8, 1, checked, bn), _Residual(8, 16, 2, checked, bn)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, pixel_values, return_hidden=False):
+        if pixel_values.shape[1] != 3:  # the top-level forward fx cannot trace
+            raise ValueError("three channels expected")
+        hidden = [self.embedder(pixel_values)]
+        for stage in self.stages:
+            hidden.append(stage(hidden[-1]))
+        logits = self.head(hidden[-1].mean((2, 3)))
+        return (logits, hidden) if return_hidden else logits
+
+
+def _bns(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            or isinstance(m, nln._BatchNorm)]
+
+
+@pytest.mark.parametrize("bn", [nn, nln], ids=["torch.nn", "normlab.nn"])
+@pytest.mark.parametrize("checked", [False, True], ids=["blocks-trace", "blocks-with-control-flow"])
+def test_fold_batchnorm_folds_every_bn_of_a_model_fx_cannot_trace(bn, checked):
+    model = _trained(_PlainResNet(checked, bn), (4, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    names = _bns(model)
+    assert len(names) == 7
+    if checked:  # the blocks' own forwards do not trace: only a run shows the data flow
+        with pytest.raises(ValueError, match=r"embedder\.normalization.*cannot trace.*example_input="):
+            fold_batchnorm(model)
+        assert _bns(model) == names  # a refused call changes nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything folds: no warning
+        folded = fold_batchnorm(model, example_input=x if checked else None)
+    report = {r["name"]: r for r in folded.normlab_fold_report}
+    assert sorted(report) == sorted(names)
+    assert report["embedder.normalization"]["folded_into"] == "embedder.convolution"
+    assert report["stages.1.shortcut.1"]["folded_into"] == "stages.1.shortcut.0"
+    # the shortcuts are Sequentials, which trace; the blocks with control flow are watched running
+    assert {n for n, r in report.items() if r["found_by"] == "observation"} == (
+        {n for n in names if n.endswith("normalization")} if checked else set())
+    assert _bns(folded) == [] and model.training is False and _bns(model) == names
+    assert_rel(folded(x), model(x), tol=1e-5)
+
+
+def test_observation_leaves_what_it_cannot_prove():
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)  # conv output also returned
+            self.conv2, self.bn2 = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)  # conv output read by an op too
+            self.bn3 = nn.BatchNorm2d(2)  # called twice
+            self.lin, self.bn4, self.out = nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 2)  # BN1d on (N, C)
+            self.seq, self.bn5 = nn.Linear(3, 3), nn.BatchNorm1d(2)  # BN1d on (N, C, L): other axis
+
+        def forward(self, x, z):
+            if x.shape[0] == 0:
+                return x
+            y = self.conv(x)
+            w = self.conv2(x)
+            u = self.bn3(self.bn3(self.bn2(w) + w))
+            v = self.out(self.bn4(self.lin(x.mean((2, 3)))))
+            return self.bn(y) + u + v[..., None, None], y, self.bn5(self.seq(z))
+
+    model = _trained(Leaky(), (4, 2, 3, 3), steps=0)
+    ex = (torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3))
+    model.train()
+    model(*ex)
+    model.eval()
+    with pytest.warns(UserWarning, match="fold_batchnorm left in place"):
+        folded = fold_batchnorm(model, example_input=ex)
+    report = {r["name"]: r for r in folded.normlab_fold_report}
+    assert {n for n, r in report.items() if "folded_into" in r} == {"bn4"}
+    assert report["bn4"]["folded_into"] in ("lin", "out")
+    for got, want in zip(folded(*ex), model(*ex)):
+        assert_rel(got, want, tol=1e-5)
+
+
+def test_fold_batchnorm_on_transformers_resnet():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck",
+                                       num_labels=3)
+    model = _trained(transformers.ResNetForImageClassification(config), (2, 3, 32, 32), steps=1)
+    names = _bns(model)
+    folded = fold_batchnorm(model)  # its top-level forward does not trace; each block does
+    assert len(names) >= 8 and all("folded_into" in r for r in folded.normlab_fold_report) and _bns(folded) == []
+    x = torch.randn(2, 3, 32, 32)
+    assert_rel(folded(x).logits, model(x).logits, tol=1e-5)
+
+
+def test_fold_scaler_into_the_first_layer_of_a_model():
+    X = torch.randn(64, 4, dtype=torch.float64) * torch.tensor([1.0, 10, 100, 1000], dtype=torch.float64) + 7
+    scaler = StandardScaler().fit(X)
+
+    class Net(nn.Module):  # a forward fx cannot trace
+        def __init__(self):
+            super().__init__()
+            self.first, self.act, self.last = nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)
+
+        def forward(self, x):
+            if x.shape[-1] != 4:
+                raise ValueError("four features expected")
+            return self.last(self.act(self.first(x)))
+
+    seq = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    net = Net().double()
+    for model, ex in ((seq, None), (net, X[:2])):
+        raw = fold_scaler(scaler, model, example_input=ex)
+        assert_rel(raw(X), model(torch.as_tensor(scaler.transform(X))), torch.float64)
+        assert model(X).shape == (64, 1)  # the model itself is untouched
+    with pytest.raises(ValueError, match="example_input="):
+        fold_scaler(scaler, net)
+
+    class Skip(nn.Module):  # the input feeds the Linear and a skip connection: not foldable
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.first(x) + x
+
+    with pytest.raises(ValueError, match=r"not read by one nn.Linear alone"):
+        fold_scaler(scaler, Skip().double())
+    with pytest.raises(TypeError, match="nn.Linear or a model"):
+        fold_scaler(scaler, "first")

@@ -134,44 +134,72 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
     * ``BN → Linear``: a BatchNorm1d whose output feeds only a Linear over the same features;
       folded into the Linear.
 
-    The data flow comes from ``torch.fx.symbolic_trace``, so BNs inside custom modules fold too
-    (ResNet blocks). A model that fx cannot trace falls back to neighbours inside each
-    ``nn.Sequential``. A BatchNorm that cannot be folded stays, and a warning names it with the
-    reason: training mode, no running statistics, no adjacent layer, or an output used elsewhere.
-    The model's attribute ``normlab_fold_report`` lists every BatchNorm as
-    ``{"name", "folded_into" | "reason"}``. In eval mode the result equals the original up to
-    float rounding.
+    How the pairs are found (see :func:`find_pairs`): ``torch.fx`` traces the model, or, when its
+    forward has control flow fx cannot follow, the largest submodules it can trace (so the
+    conv → BN → activation blocks of a real model fold even when its top-level forward does
+    not trace). A BatchNorm whose neighbours live in a forward that does not trace is found by
+    running ``example_input`` through the model once and watching which layer's output the BN
+    reads and what else reads it; without ``example_input`` such a model raises a
+    ``ValueError`` that names the modules and asks for it.
 
-    Modules called more than once (shared weights) are never folded. A BatchNorm1d next to a
-    Linear is folded on the assumption that its input is 2-D ``(N, C)`` (a BN1d on ``(N, C, L)``
-    normalizes another axis than the Linear's); pass ``example_input`` to check shapes instead.
+    A BatchNorm that cannot be folded stays, and a warning names it with the reason: training
+    mode, no running statistics, no adjacent layer, an output used elsewhere, or a module called
+    more than once (shared weights). The model's attribute ``normlab_fold_report`` lists every
+    BatchNorm as ``{"name", "folded_into", "found_by"}`` or ``{"name", "reason"}``. In eval mode
+    the result equals the original up to float rounding.
+
+    A BatchNorm1d next to a Linear is folded on the assumption that its input is 2-D ``(N, C)``
+    (a BN1d on ``(N, C, L)`` normalizes another axis than the Linear's); with ``example_input``
+    the shapes are checked instead.
+
+    Args:
+        model: the model, in eval mode for the BNs to fold.
+        inplace: fold into ``model`` itself instead of a deep copy. Default: ``False``.
+        example_input: one input the model accepts (a tensor, or a tuple of positional
+            arguments); needed only where fx cannot trace. Default: ``None``.
+
+    Example::
+
+        >>> class Block(nn.Module):  # a plain Module whose forward fx cannot trace
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        ...     def forward(self, x):
+        ...         if x.shape[1] != 3:
+        ...             raise ValueError("three channels expected")
+        ...         return torch.relu(self.bn(self.conv(x)))
+        >>> block = Block().eval()
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> folded = fold_batchnorm(block, example_input=x)
+        >>> folded.normlab_fold_report
+        [{'name': 'bn', 'folded_into': 'conv', 'found_by': 'observation'}]
+        >>> torch.allclose(folded(x), block(x), atol=1e-6)
+        True
     """
     model = model if inplace else copy.deepcopy(model)
-    pairs = _traced_pairs(model, example_input)
-    if pairs is None:
-        pairs = _sequential_pairs(model)
+    pairs, found_by, unseen = find_pairs(model, example_input)
     report: list[dict] = []
-    folded: set[str] = set()
-    for bn_name, (kind, other) in pairs.items():
-        bn = model.get_submodule(bn_name)
-        reason = _why_not(bn)
-        if reason is None:
+    for name, m in model.named_modules():
+        if not is_batchnorm(m):
+            continue
+        reason = _why_not(m)
+        if reason is None and name in pairs:
+            kind, other = pairs[name]
             target = model.get_submodule(other)
-            if kind == "after" and _channels_out(target) == bn.num_features:
-                _fold_after(target, bn)
-            elif kind == "before" and target.in_features == bn.num_features:
-                _fold_before(bn, target)
+            if kind == "after" and _channels_out(target) == m.num_features:
+                _fold_after(target, m)
+            elif kind == "before" and target.in_features == m.num_features:
+                _fold_before(m, target)
             else:
                 reason = "the adjacent layer has another number of channels"
-        if reason is None:
-            _set_submodule(model, bn_name, nn.Identity())
-            report.append({"name": bn_name, "folded_into": other})
-            folded.add(bn_name)
-        else:
-            report.append({"name": bn_name, "reason": reason})
-    for name, m in model.named_modules():
-        if is_batchnorm(m) and name not in pairs and name not in folded:
-            report.append({"name": name, "reason": _why_not(m) or "no Linear/Conv feeding only it, nor a Linear fed only by it"})
+            if reason is None:
+                report.append({"name": name, "folded_into": other, "found_by": found_by[name]})
+                continue
+        report.append({"name": name, "reason": reason or unseen.get(name)
+                       or "no Linear/Conv feeding only it, nor a Linear fed only by it"})
+    for r in report:
+        if "folded_into" in r:
+            _set_submodule(model, r["name"], nn.Identity())
     left = [r for r in report if "reason" in r]
     if left:
         warnings.warn("fold_batchnorm left in place: " + "; ".join(f"{r['name']} ({r['reason']})" for r in left),
@@ -185,72 +213,287 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _traced_pairs(model: nn.Module, example_input: Tensor | None) -> dict[str, tuple[str, str]] | None:
-    """``{bn: ("after", layer) | ("before", linear)}`` from the fx graph, or None if untraceable."""
-    import torch.fx
+# ------------------------------------------------------------------ which layer feeds which
+def find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]:
+    """The BatchNorms of ``model`` that sit next to a layer they can be folded into.
 
-    class _Tracer(torch.fx.Tracer):  # norm layers are leaves: their input checks do not trace
-        def is_leaf_module(self, m, qualname):
-            return isinstance(m, _norm_modules()) or super().is_leaf_module(m, qualname)
+    Returns ``(pairs, found_by, unseen)``: ``pairs[bn] = ("after", layer)`` for a Linear/Conv
+    whose output only the BN reads, or ``("before", linear)`` for a BatchNorm1d whose output only
+    a Linear reads (module names as in ``named_modules``); ``found_by[bn]`` is ``"trace"`` or
+    ``"observation"``; ``unseen[bn]`` says why a BN could not be looked at.
 
+    Every module whose own forward ``torch.fx`` cannot trace (its children kept as calls) is
+    opaque: the model is traced from the top with the opaque modules as leaves, and each child of
+    an opaque module from itself. A BN whose parent is opaque is placed by observation: one
+    forward pass of ``example_input`` in eval mode, under hooks and a ``TorchFunctionMode`` that
+    record which module call produced each tensor and every module and torch function that
+    reads it (the model's modes and state are left as they were).
+    """
+    names = _names_of(model)
+    bns = [n for n, m in model.named_modules() if is_batchnorm(m)]
+    parents = {n.rpartition(".")[0] for n in bns}
+    ancestors = {a for p in parents for a in _prefixes(p)}
+    opaque = {n: why for n in sorted(ancestors) if (why := _untraceable(model.get_submodule(n)))}
+    pairs: dict[str, tuple[str, str]] = {}
+    found_by: dict[str, str] = {}
+    roots = []
+    for root, graph in _graphs(model, opaque, ancestors):
+        roots.append(root)
+        for bn, (kind, other) in _graph_pairs(model, root, graph, names).items():
+            pairs[bn], found_by[bn] = (kind, other), "trace"
+    traced_parents = {p for p in parents if p not in opaque
+                      and any(r == "" or p == r or p.startswith(r + ".") for r in roots)}
+    hidden = [bn for bn in bns if bn.rpartition(".")[0] not in traced_parents
+              and _why_not(model.get_submodule(bn)) is None]
+    seen = _observe(model, example_input) if example_input is not None else None
+    if seen is not None:
+        observed = seen.pairs(names)
+        for bn in hidden:
+            if bn in observed:
+                pairs[bn], found_by[bn] = observed[bn], "observation"
+        for bn, (kind, other) in list(pairs.items()):  # shapes from the run: BN1d ↔ Linear only on (N, C)
+            one_d_linear = isinstance(model.get_submodule(other), nn.Linear) and _is_bn1d(model.get_submodule(bn))
+            if one_d_linear and seen.ndim.get(bn, 2) != 2:
+                del pairs[bn]
+    elif hidden:
+        where = sorted({bn.rpartition(".")[0] for bn in hidden})
+        raise ValueError(
+            f"fold_batchnorm: the neighbours of {', '.join(hidden)} are decided in the forward of "
+            + "; ".join(f"{w or type(model).__name__ + ' (the model)'}, which torch.fx cannot trace "
+                        f"({opaque.get(w, 'not traced')})" for w in where)
+            + ". Pass example_input= (one batch the model accepts) so they are found by running it once."
+        )
+    unseen = {bn: "not called in the forward pass of example_input" for bn in hidden
+              if seen is not None and bn not in seen.calls}
+    return pairs, found_by, unseen
+
+
+def _prefixes(name: str) -> list[str]:
+    """``"a.b"`` → ``["", "a", "a.b"]``: the module and its ancestors."""
+    parts = name.split(".") if name else []
+    return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _names_of(model: nn.Module) -> dict[int, str]:
+    """``id(module) → name`` for the modules reachable under one name only; shared ones (the
+    same object under two names) are left out, so they are never folded."""
+    count: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        count[id(m)] = count.get(id(m), 0) + 1
+    return {id(m): n for n, m in model.named_modules() if count[id(m)] == 1}
+
+
+def _is_bn1d(m: nn.Module) -> bool:
+    return isinstance(m, (nn.BatchNorm1d, _bn1d()))
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx tracer with norm layers as leaves (their input checks do not trace) and ``leaves``;
+    with ``shallow``, every module but the root is a leaf (only the root's own code is traced)."""
+
+    def __init__(self, leaves=(), shallow: nn.Module | None = None):
+        super().__init__()
+        self.leaves, self.shallow = {id(m) for m in leaves}, shallow
+
+    def is_leaf_module(self, m, qualname):
+        if self.shallow is not None:
+            return m is not self.shallow
+        return id(m) in self.leaves or isinstance(m, _norm_modules()) or super().is_leaf_module(m, qualname)
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
+
+
+def _untraceable(m: nn.Module) -> str | None:
+    """Why fx cannot trace ``m``'s own forward (its children kept as calls), or None."""
     try:
-        graph = _Tracer().trace(model)
-        gm = torch.fx.GraphModule(model, graph)
-        if example_input is not None:
-            from torch.fx.passes.shape_prop import ShapeProp
+        _Tracer(shallow=m).trace(m)
+    except Exception as e:  # dynamic control flow, unsupported arguments, ...
+        return _why(e)
+    return None
 
-            ShapeProp(gm).propagate(example_input)
-    except Exception:  # dynamic control flow etc.: the Sequential walk serves
-        return None
-    mods = dict(model.named_modules())
+
+def _graphs(model: nn.Module, opaque: dict[str, str], ancestors: set[str]):
+    """``(root name, fx graph)`` of the largest submodules that trace, opaque modules as leaves.
+
+    A module without a BatchNorm inside that still breaks the trace is made a leaf too (it is
+    then one reader like any other); a root that fails even so is treated as opaque."""
+    leaves = [model.get_submodule(n) for n in opaque]
+    plain = [m for n, m in model.named_modules() if n not in ancestors]
+
+    def visit(name: str, m: nn.Module):
+        if name not in opaque:
+            for extra in ((), plain):
+                try:
+                    yield name, _Tracer(leaves=leaves + list(extra)).trace(m)
+                    return
+                except Exception as e:
+                    why = _why(e)
+            opaque[name] = why
+        for child, sub in m.named_children():
+            full = f"{name}.{child}" if name else child
+            if full in ancestors:
+                yield from visit(full, sub)
+
+    yield from visit("", model)
+
+
+def _graph_pairs(model: nn.Module, root: str, graph, names: dict[int, str]) -> dict[str, tuple[str, str]]:
+    """Pairs in one fx graph traced from ``root`` (targets relative to it)."""
+    base = model.get_submodule(root) if root else model
+    mods = {f"{root}.{n}" if root and n else (n or root): m for n, m in base.named_modules()}
+    full = {n.target: (f"{root}.{n.target}" if root else n.target) for n in graph.nodes if n.op == "call_module"}
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
 
-    def two_d(node) -> bool:
-        meta = node.meta.get("tensor_meta")
-        return meta is None or len(meta.shape) == 2
+    def once(node) -> bool:
+        return calls[node.target] == 1 and id(mods.get(full[node.target])) in names
 
     pairs: dict[str, tuple[str, str]] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not is_batchnorm(mods.get(node.target)) or calls[node.target] > 1:
+        if node.op != "call_module" or not is_batchnorm(mods.get(full[node.target])) or not once(node):
             continue
-        one_d = isinstance(mods[node.target], (nn.BatchNorm1d, _bn1d()))
+        one_d = _is_bn1d(mods[full[node.target]])
         src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), _LAYERS)
-                and len(src.users) == 1 and calls[src.target] == 1
-                and (not one_d or not isinstance(mods[src.target], nn.Linear) or two_d(node))):
-            pairs[node.target] = ("after", src.target)
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(mods.get(full[src.target]), _LAYERS) and len(src.users) == 1 and once(src)):
+            pairs[full[node.target]] = ("after", full[src.target])
             continue
         users = list(node.users)
-        if (len(users) == 1 and users[0].op == "call_module" and isinstance(mods.get(users[0].target), nn.Linear)
-                and calls[users[0].target] == 1 and one_d and two_d(node)):
-            pairs[node.target] = ("before", users[0].target)
+        if (one_d and len(users) == 1 and users[0].op == "call_module" and once(users[0])
+                and isinstance(mods.get(full[users[0].target]), nn.Linear)):
+            pairs[full[node.target]] = ("before", full[users[0].target])
     return pairs
 
 
-def _sequential_pairs(model: nn.Module) -> dict[str, tuple[str, str]]:
-    pairs: dict[str, tuple[str, str]] = {}
-    seen: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        seen[id(m)] = seen.get(id(m), 0) + 1
-    for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq._modules.items())  # with repeats: a reused module keeps its places
-        if any(seen[id(c)] > 1 for _, c in children if c is not None):
-            children = [(n, c if seen[id(c)] == 1 else None) for n, c in children]  # shared: not foldable
-        full = [f"{name}.{c}" if name else c for c, _ in children]
-        for i, (_, bn) in enumerate(children):
-            if bn is None or not is_batchnorm(bn):
+_METADATA = frozenset({"shape", "size", "dim", "ndim", "ndimension", "dtype", "device", "layout", "numel", "nelement",
+                       "stride", "is_contiguous", "is_floating_point", "is_complex", "requires_grad", "is_cuda",
+                       "is_sparse", "is_quantized", "is_meta", "element_size", "storage_offset", "names"})
+
+
+def _attribute_name(func) -> str:
+    """The name of a torch function or Tensor method; a property's getter by the property's name."""
+    name = getattr(func, "__name__", "")
+    return getattr(getattr(func, "__self__", None), "__name__", name) if name == "__get__" else name
+
+
+class _Observer(torch.overrides.TorchFunctionMode):
+    """One forward pass, recorded: which module call produced each tensor, and who reads it.
+
+    A read is a torch function (or Tensor method) taking the tensor, attributed to the innermost
+    module running at the time (``None``: code outside every module), or a module call receiving
+    it (a "receipt", attributed to the called module). Module outputs and the model's inputs are
+    the tensors watched; strong references keep their ids unique while the pass runs.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.calls: dict[str, int] = {}
+        self.inputs: dict[str, object] = {}
+        self.outputs: dict[str, object] = {}
+        self.ndim: dict[str, int] = {}
+        self.watched: dict[int, Tensor] = {}
+        self.reads: dict[int, set] = {}
+        self.receipts: dict[int, set] = {}
+
+    def watch(self, t) -> None:
+        if isinstance(t, Tensor):
+            self.watched[id(t)] = t
+            self.reads.setdefault(id(t), set())
+            self.receipts.setdefault(id(t), set())
+
+    def _mark(self, where: dict[int, set], values, who) -> None:
+        for t in torch.utils._pytree.tree_leaves(values):
+            if isinstance(t, Tensor) and self.watched.get(id(t)) is t:
+                where[id(t)].add(who)
+
+    def pre(self, module, args):
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.inputs[name] = args[0] if args else None
+        self._mark(self.receipts, args, name)
+        self.stack.append(name)  # before looking at the input: that read is the module's own
+        if args and isinstance(args[0], Tensor):
+            self.ndim[name] = args[0].dim()
+
+    def post(self, module, args, output):
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        if self.stack and self.stack[-1] == name:
+            self.stack.pop()
+        self.outputs[name] = output
+        self.watch(output)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _attribute_name(func) not in _METADATA:  # folding changes values, never shapes or dtypes
+            self._mark(self.reads, (args, kwargs), self.stack[-1] if self.stack else None)
+        return func(*args, **kwargs)
+
+    def only_read_by(self, t, name: str) -> bool:
+        """``t`` is read by module ``name`` and nothing else (receipts by its ancestors pass it on)."""
+        owners = set(_prefixes(name)[:-1])
+        return (self.reads[id(t)] <= {name}
+                and self.receipts[id(t)] - owners <= {name} and name in self.receipts[id(t)])
+
+    def pairs(self, names: dict[int, str]) -> dict[str, tuple[str, str]]:
+        by_output = {id(out): n for n, out in self.outputs.items() if isinstance(out, Tensor)}
+        ok = set(names.values())
+
+        def single(n) -> bool:
+            return n in ok and self.calls.get(n) == 1
+
+        mods = self.modules
+        pairs: dict[str, tuple[str, str]] = {}
+        for bn, x in self.inputs.items():
+            if not (is_batchnorm(mods[bn]) and single(bn) and isinstance(x, Tensor)):
                 continue
-            if i > 0 and isinstance(children[i - 1][1], _LAYERS):
-                pairs[full[i]] = ("after", full[i - 1])
-            elif (i + 1 < len(children) and isinstance(children[i + 1][1], nn.Linear)
-                  and isinstance(bn, (nn.BatchNorm1d, _bn1d()))):
-                pairs[full[i]] = ("before", full[i + 1])
-    return pairs
+            src = by_output.get(id(x))
+            if (src is not None and isinstance(mods[src], _LAYERS) and single(src)
+                    and self.outputs[src] is x and self.only_read_by(x, bn)):
+                pairs[bn] = ("after", src)
+                continue
+            y = self.outputs.get(bn)
+            if not (_is_bn1d(mods[bn]) and isinstance(y, Tensor)):
+                continue
+            users = [n for n, inp in self.inputs.items() if inp is y]
+            if (len(users) == 1 and isinstance(mods[users[0]], nn.Linear) and single(users[0])
+                    and self.only_read_by(y, users[0])):
+                pairs[bn] = ("before", users[0])
+        return pairs
+
+
+def _observe(model: nn.Module, example_input) -> _Observer:
+    """Run ``example_input`` through ``model`` once in eval mode and no_grad, recording the data
+    flow (:class:`_Observer`); the model's modes are restored, its state is not touched."""
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    seen = _Observer(model)
+    seen.modules = dict(model.named_modules())
+    for a in torch.utils._pytree.tree_leaves(args):
+        seen.watch(a)
+    modes = {m: m.training for m in model.modules()}
+    hooks = [nn.modules.module.register_module_forward_pre_hook(seen.pre),
+             nn.modules.module.register_module_forward_hook(seen.post)]
+    try:
+        model.eval()
+        with torch.no_grad(), seen:
+            out = model(*args)
+        seen._mark(seen.reads, out, "<output>")  # what the model returns is read by its caller
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return seen
 
 
 def _bn1d():
@@ -259,14 +502,80 @@ def _bn1d():
     return nln.BatchNorm1d
 
 
-@torch.no_grad()
-def fold_scaler(scaler, linear: nn.Linear) -> nn.Linear:
-    """A new ``nn.Linear`` equal to ``linear(scaler.transform(x))``, so a deployed model takes raw
-    features. ``scaler`` is a fitted :class:`~normlab.preprocessing.StandardScaler` or
+def fold_scaler(scaler, layer: nn.Module, *, example_input=None) -> nn.Module:
+    """Fold a fitted scaler into the first layer, so a deployed model takes raw features.
+
+    ``scaler`` is a fitted :class:`~normlab.preprocessing.StandardScaler` or
     :class:`~normlab.preprocessing.MinMaxScaler`, or scikit-learn's StandardScaler, MinMaxScaler,
-    MaxAbsScaler or RobustScaler: each is ``x·a + c`` per feature. A MinMaxScaler with
+    MaxAbsScaler or RobustScaler: each is ``x·a + c`` per feature, so
+    ``linear(scaler.transform(x)) = x·(W·diag(a))ᵀ + (b + W·c)``. A MinMaxScaler with
     ``clip=True`` is not affine and is refused.
+
+    Args:
+        scaler: the fitted scaler.
+        layer: an ``nn.Linear`` (a new, folded ``nn.Linear`` is returned), or a whole model: the
+            Linear that alone reads the model's input is found as in :func:`fold_batchnorm` (fx
+            trace, or one run of ``example_input`` where the forward does not trace) and a copy
+            of the model with that Linear folded is returned.
+        example_input: one input of the model, needed only when fx cannot trace it.
+
+    Example::
+
+        >>> from normlab.preprocessing import StandardScaler
+        >>> X = torch.randn(100, 4) * 5 + 3
+        >>> scaler = StandardScaler().fit(X)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> raw = fold_scaler(scaler, model)            # takes X as it comes
+        >>> torch.allclose(raw(X), model(scaler.transform(X)), atol=1e-5)
+        True
     """
+    if isinstance(layer, nn.Linear):
+        return _scaled_linear(scaler, layer)
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"fold_scaler folds into an nn.Linear or a model (nn.Module), got {type(layer).__name__}")
+    model = copy.deepcopy(layer)
+    first = _first_linear(model, example_input)
+    _set_submodule(model, first, _scaled_linear(scaler, model.get_submodule(first)))
+    return model
+
+
+def _first_linear(model: nn.Module, example_input) -> str:
+    """The name of the Linear that alone reads the model's (first) input."""
+    names = _names_of(model)
+    why = _untraceable(model)
+    if why is None:
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as e:
+            why = _why(e)
+    if why is None:
+        x = next(n for n in graph.nodes if n.op == "placeholder")
+        users = list(x.users)
+        hit = [u.target for u in users if u.op == "call_module"]
+        calls = [n.target for n in graph.nodes if n.op == "call_module"]
+        if (len(users) == 1 and hit and isinstance(model.get_submodule(hit[0]), nn.Linear)
+                and calls.count(hit[0]) == 1 and id(model.get_submodule(hit[0])) in names):
+            return hit[0]
+        found = ", ".join(str(u.target) for u in users)
+    elif example_input is None:
+        raise ValueError(f"fold_scaler: torch.fx cannot trace {type(model).__name__} ({why}); pass "
+                         "example_input= (one batch the model accepts) to find its first layer by running it once")
+    else:
+        seen = _observe(model, example_input)
+        x = example_input[0] if isinstance(example_input, tuple) else example_input
+        for name, inp in seen.inputs.items():
+            if (inp is x and isinstance(seen.modules[name], nn.Linear) and seen.calls[name] == 1
+                    and name in names.values() and seen.only_read_by(x, name)):
+                return name
+        found = ", ".join(sorted(str(r) for r in seen.reads[id(x)] | seen.receipts[id(x)]))
+    raise ValueError(f"fold_scaler: the input of {type(model).__name__} is not read by one nn.Linear alone "
+                     f"(read by: {found or 'nothing'}); fold the scaler into the Linear itself: "
+                     "fold_scaler(scaler, model.<first linear>)")
+
+
+@torch.no_grad()
+def _scaled_linear(scaler, linear: nn.Linear) -> nn.Linear:
+    """A new ``nn.Linear`` equal to ``linear(scaler.transform(x))``."""
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(scaler)
