@@ -134,7 +134,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
     * ``BN → Linear``: a BatchNorm1d whose output feeds only a Linear over the same features;
       folded into the Linear.
 
-    How the pairs are found (see :func:`find_pairs`): ``torch.fx`` traces the model, or, when its
+    How the pairs are found: ``torch.fx`` traces the model, or, when its
     forward has control flow fx cannot follow, the largest submodules it can trace (so the
     conv → BN → activation blocks of a real model fold even when its top-level forward does
     not trace). A BatchNorm whose neighbours live in a forward that does not trace is found by
@@ -177,7 +177,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
         True
     """
     model = model if inplace else copy.deepcopy(model)
-    pairs, found_by, unseen = find_pairs(model, example_input)
+    pairs, found_by, unseen = _find_pairs(model, example_input)
     report: list[dict] = []
     for name, m in model.named_modules():
         if not is_batchnorm(m):
@@ -214,7 +214,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------ which layer feeds which
-def find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]:
+def _find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]:
     """The BatchNorms of ``model`` that sit next to a layer they can be folded into.
 
     Returns ``(pairs, found_by, unseen)``: ``pairs[bn] = ("after", layer)`` for a Linear/Conv
