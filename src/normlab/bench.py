@@ -34,10 +34,13 @@ import contextlib
 import ctypes
 import json
 import statistics
+import sys
 import time
 from typing import Callable, Iterable
 
 import torch
+
+from ._extras import lab_message
 import torch.nn.functional as TF
 
 from . import functional as F
@@ -216,15 +219,42 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+_TITLE = "normlab bench (speed-ups: other's time / normlab's; > 1 is faster)"
+_LEFT = ("method", "shape", "dtype", "pass")
+
+
 def _table(rows: list[dict]):
     from rich.table import Table
 
-    table = Table(title="normlab bench (speed-ups: other's time / normlab's; > 1 is faster)")
+    table = Table(title=_TITLE)
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("method", "shape", "dtype", "pass") else "right")
+        table.add_column(col, justify="left" if col in _LEFT else "right")
     for row in rows:
         table.add_row(*[_fmt(row[c]) for c in COLUMNS])
     return table
+
+
+def _text_table(rows: list[dict]) -> str:
+    """The same table as plain text, where ``rich`` (the lab extra) is not installed."""
+    cells = [list(COLUMNS)] + [[_fmt(row[c]) for c in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return "\n".join([_TITLE] + ["  ".join(v.ljust(w) if c in _LEFT else v.rjust(w)
+                                            for v, w, c in zip(line, widths, COLUMNS)) for line in cells])
+
+
+class _PlainConsole:
+    """What ``bench`` uses of ``rich.console.Console``, for a machine without ``rich``."""
+
+    @contextlib.contextmanager
+    def status(self, text: str):
+        print(text + " ...", file=sys.stderr, flush=True)
+        yield self
+
+    def update(self, text: str) -> None:
+        pass
+
+    def print(self, text) -> None:
+        print(text, file=sys.stderr)
 
 
 def _fmt(v) -> str:
@@ -289,9 +319,14 @@ def _models(args, console, malloc: str) -> int:
 
 def main(args) -> int:
     """Entry point of ``normlab bench`` (arguments parsed by :mod:`normlab.cli`)."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
+    try:
+        from rich.console import Console
+    except ImportError:  # the library and the bench need no extra: plain text instead
+        Console = None
+    if args.plot and (why := lab_message("bench --plot", ("matplotlib",))):
+        print(why, file=sys.stderr)
+        return 2
+    console = Console(stderr=True) if Console else _PlainConsole()
     dtypes = [getattr(torch, d) for d in args.dtype]
     malloc = "system" if args.system_malloc or not _retain_freed_memory() else "retain freed memory"
     if getattr(args, "models", None) is not None:
@@ -304,10 +339,13 @@ def main(args) -> int:
     except ValueError as e:
         console.print(f"normlab bench: {e}")
         return 2
-    out = Console()
-    if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
-        out = Console(width=200)
-    out.print(_table(rows))
+    if Console is None:
+        print(_text_table(rows))
+    else:
+        out = Console()
+        if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
+            out = Console(width=200)
+        out.print(_table(rows))
     s = summary(rows)
     for p in ("fwd", "fwd+bwd"):
         if p in s:

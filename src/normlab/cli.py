@@ -12,7 +12,8 @@ User experiments (registered with :func:`normlab.lab.experiments.experiment`) ru
 ``normlab run --import MODULE NAME``.
 
 Exit codes: 0 success (whatever the verdicts: a claim that does not hold is a result, not an
-error), 1 an experiment raised, 2 bad usage (unknown name, bad option, missing records).
+error), 1 an experiment raised, 2 bad usage (unknown name, bad option, missing records, or
+``run``/``report`` without the lab extra: ``pip install 'normlab[lab]'``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,19 @@ def _list(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab_missing(command: str, modules: tuple[str, ...] = ("matplotlib", "rich")) -> bool:
+    """Print the one line that says how to get the lab extra, if it is missing."""
+    from ._extras import lab_message
+
+    why = lab_message(command, modules)
+    if why:
+        print(why, file=sys.stderr)
+    return why is not None
+
+
 def _run(args: argparse.Namespace) -> int:
+    if _lab_missing("run"):
+        return 2
     import platform
     import time
     import traceback
@@ -116,6 +129,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if _lab_missing("report", ("matplotlib",)):
+        return 2
     from .lab import report
 
     try:
