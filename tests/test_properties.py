@@ -1,5 +1,5 @@
 """Invariances the seeds state, as property tests: normalization removes a shift and a
-positive scale over exactly its reduction set (seed 000 §2.1: 平移和放缩不改变数据分布)."""
+positive scale over exactly its reduction set (Lesson 14.1 §2.1: 平移和放缩不改变数据分布)."""
 
 from __future__ import annotations
 

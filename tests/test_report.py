@@ -36,7 +36,7 @@ def _zscore() -> dict:
     checks = [check("loss ratio", 4.8, ">", 2.0, "raw / z-score after 4 epochs"), check("epochs to 0.5", NAN, "<", 3)]
     return _record(
         "zscore", "Raw vs Z-Score inputs", "Z-Score inputs converge <script>alert(1)</script> faster", checks,
-        source="seed 000 §2",
+        source="Lesson 14.1 §2",
         params={"epochs": 4, "seeds": [0, 1]},
         figures=[figure("Loss & accuracy", curves, bars)],
         tables=[table("final loss", ["inputs", "loss", "std"], [["raw", 1.23456789, 0.1], ["z-score", 0.25, NAN]])],
@@ -100,7 +100,7 @@ def test_page_content(page):
     assert "<td>1.235</td>" in page and "<td>nan</td>" in page  # 4 significant digits; NaN
     assert "<code>seeds=[0, 1]</code>" in page
     assert "<dt>command</dt><dd>normlab run --quick</dd>" in page
-    assert "quick mode: 4 epochs" in page and "seed 000 §2" in page
+    assert "quick mode: 4 epochs" in page and "Lesson 14.1 §2" in page
     assert "no checks were computed" in page  # the bare record's verdict
 
 

@@ -8,13 +8,13 @@ feature dims,
     \hat x = (x - \mu)\cdot r,\qquad r = (\sigma^2 + \epsilon)^{-1/2},\qquad
     y = \gamma \hat x + \beta
 
-(seed 004 eq. 10–13; LayerNorm eq. 14–15, InstanceNorm eq. 16–17; RMSNorm drops the
+(the survey “Norm相关总结” eq. 10–13; LayerNorm eq. 14–15, InstanceNorm eq. 16–17; RMSNorm drops the
 centering, :math:`\hat x = x\cdot(\overline{x^2}+\epsilon)^{-1/2}`). BN, LN, IN and GN differ
 only in which dims they reduce and how :math:`\gamma, \beta` broadcast, so one
 :class:`NormalizeAffine` serves them all, and Weight and Cosine Norm reuse it with
 :math:`\mu = 0`.
 
-The backward is seed 004 eq. (4)–(9), with :math:`m` the number of reduced values and
+The backward is the survey “Norm相关总结” eq. (4)–(9), with :math:`m` the number of reduced values and
 :math:`g = \partial l/\partial\hat x = \gamma\,\partial l/\partial y` (eq. 4). Substituting
 eq. (5) :math:`\partial l/\partial\sigma^2 = -\tfrac12 r^3\sum g\,(x-\mu)` and eq. (6)
 :math:`\partial l/\partial\mu = -r\sum g` into eq. (7) gives the x̂ form:
@@ -58,7 +58,7 @@ def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
     (``mean``: a running mean, or the residual of :func:`~normlab.stats.centered`).
 
     When ``rstd·γ`` is smaller than ``y`` (BN: both per channel) it is folded into one scale
-    and shift, the affine view of seed 000 §2.2; otherwise (LN: rstd per row, γ per column)
+    and shift, the affine view of Lesson 14.1 §2.2; otherwise (LN: rstd per row, γ per column)
     the factors are applied in turn, in place on ``y`` unless ``y`` is the caller's ``x``.
     """
     small = weight is None or math.prod(torch.broadcast_shapes(rstd.shape, weight.shape)) < y.numel()

@@ -1,6 +1,6 @@
 r"""Around the layers: BatchNorm folded away for inference, precise running statistics, freezing.
 
-Seed 000 §2.2: in eval mode BatchNorm is one affine map per channel,
+Lesson 14.1 §2.2: in eval mode BatchNorm is one affine map per channel,
 
 .. math::  \mathrm{BN}(x) = x\cdot\frac{\gamma}{\sqrt{\sigma^2+\epsilon}}
            + \Big(\beta - \frac{\gamma\mu}{\sqrt{\sigma^2+\epsilon}}\Big),
@@ -778,7 +778,7 @@ _TARGETS = ("group", "layer", "instance", "batchrenorm")
 
 def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None = None, *,
                  inplace: bool = False) -> nn.Module:
-    """Swap every BatchNorm for a norm that does not depend on the batch (seed 004: BN needs
+    """Swap every BatchNorm for a norm that does not depend on the batch (the survey “Norm相关总结”: BN needs
     batches that are not too small).
 
     ``target``: ``"group"`` (GroupNorm, ``num_groups`` or :func:`suggest_groups`), ``"layer"``

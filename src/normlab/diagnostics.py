@@ -1,7 +1,7 @@
 r"""Measure the Glorot condition of a network: per-layer activation and gradient variance.
 
 **The Glorot condition** (Glorot & Bengio, "Understanding the difficulty of training deep
-feedforward neural networks", AISTATS 2010; seed 000 §3.2). A deep network learns steadily when
+feedforward neural networks", AISTATS 2010; Lesson 14.1 §3.2). A deep network learns steadily when
 
 * *forward*: the data keep their variance as they flow through each layer — a layer's input and
   output have the same variance;
@@ -14,7 +14,7 @@ the forward pass multiplies the variance by ``n_in·Var[W]`` and the backward pa
 ``Var[W] = 2 / (n_in + n_out)``. torch's default ``Linear`` init has ``Var[W] = 1/(3·n_in)``,
 so in a deep tanh MLP the signal shrinks by about 3× per layer on the way up and the gradient by
 about 3× per layer on the way down. Initialization only fixes the start: once training moves the
-weights the condition drifts, which is what normalization layers repair (seed 000 §3.2, §4).
+weights the condition drifts, which is what normalization layers repair (Lesson 14.1 §3.2, §4).
 
 :class:`GlorotMonitor` makes the condition measurable. It hooks every *layer* (by default each
 submodule that owns a weight matrix: ``nn.Linear``, ``nn.Conv*d``, :class:`normlab.nn.CosineLinear`,
@@ -417,7 +417,7 @@ class GlorotMonitor:
 
     def weight_grads(self) -> dict[str, Tensor]:
         """``{layer name: flattened weight gradient}`` as detached float32 CPU copies, for the
-        per-layer box plots of seed 000 (``weights_vp(model, att="grad")``). Layers whose weight
+        per-layer box plots of Lesson 14.1 (its ``weights_vp(model, att="grad")``). Layers whose weight
         has no ``.grad`` yet are left out; weight-normed layers give the gradient of ``v``."""
         out = {}
         for name in self._layers:

@@ -81,7 +81,7 @@ def _normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tenso
 
 
 class _SyncBN(torch.autograd.Function):
-    """Normalization with the global statistics; the backward uses the global sums of seed 004
+    """Normalization with the global statistics; the backward uses the global sums of the survey “Norm相关总结”
     eq. (5)–(7): ``∂l/∂x = r·γ·(dy − Σdy/n − x̂·Σ(dy·x̂)/n)``, both sums all-reduced over ranks
     (the statistics' dependence on every rank's ``x`` lives in those sums). Element-wise work
     runs in the accumulation dtype and the sums in float64; backward recomputes ``x̂`` from the

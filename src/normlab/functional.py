@@ -2,7 +2,7 @@ r"""The normalization ops, with torch.nn.functional's signatures.
 
 Each in-network norm only chooses its reduction dims and how γ/β broadcast, then calls the one
 op :func:`normlab.autograd.normalize_affine` (statistics from :mod:`normlab.stats`, backward
-written out from seed 004 eq. 4–9):
+written out from the survey “Norm相关总结” eq. 4–9):
 
 ============  ===============================  ======================================
 op            statistics over                  γ, β per
@@ -23,8 +23,8 @@ True
 >>> torch.allclose(group_norm(x, 6), instance_norm(x), atol=1e-6)
 True
 
-Besides the in-network norms: :func:`cosine_linear` (seed 004 eq. 20–26), and the classic
-column scalings of seed 000, :func:`zscore` and :func:`minmax` (one-shot; to fit on training
+Besides the in-network norms: :func:`cosine_linear` (the survey “Norm相关总结” eq. 20–26), and the classic
+column scalings of Lesson 14.1, :func:`zscore` and :func:`minmax` (one-shot; to fit on training
 data and apply to test data, use :mod:`normlab.preprocessing`).
 
 Errors name the offending value and the fix; a failed call mutates nothing.
@@ -161,7 +161,7 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Batch Normalization (Ioffe & Szegedy 2015; seed 004 eq. 10–13) over (N, \*spatial).
+    r"""Batch Normalization (Ioffe & Szegedy 2015; the survey “Norm相关总结” eq. 10–13) over (N, \*spatial).
 
     In training the batch statistics normalize (biased variance, eq. 11) and, when given,
     ``running_mean``/``running_var`` are updated in place with the *unbiased* batch variance::
@@ -170,7 +170,7 @@ def batch_norm(
 
     Keras names the other factor: its ``momentum=0.99`` is torch's ``momentum=0.01``.
     In eval (``training=False``) the running statistics normalize, which makes BN the fixed
-    affine map ``x·γ/√(σ²+ε) + (β − γμ/√(σ²+ε))`` of seed 000 §2.2.
+    affine map ``x·γ/√(σ²+ε) + (β − γμ/√(σ²+ε))`` of Lesson 14.1 §2.2.
 
     Shape: input ``(N, C)`` or ``(N, C, *spatial)``; statistics and parameters ``(C,)``.
     """
@@ -191,7 +191,7 @@ def instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Instance Normalization (Ulyanov et al. 2016; seed 004 eq. 16–17): statistics over
+    r"""Instance Normalization (Ulyanov et al. 2016; the survey “Norm相关总结” eq. 16–17): statistics over
     (\*spatial) for each sample and channel.
 
     With ``use_input_stats`` and running buffers given, the buffers are updated with the
@@ -295,7 +295,7 @@ def layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Layer Normalization (Ba et al. 2016; seed 004 eq. 14–15): statistics over the trailing
+    r"""Layer Normalization (Ba et al. 2016; the survey “Norm相关总结” eq. 14–15): statistics over the trailing
     ``normalized_shape`` dims of each sample; γ, β have shape ``normalized_shape``.
     """
     core = kernels.core()
@@ -414,7 +414,7 @@ def weight_norm_dims(v: Tensor, dim: int | None) -> tuple[int, ...]:
 
 
 def weight_norm(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
-    r"""Weight Normalization (Salimans & Kingma 2016; seed 004 eq. 19): ``w = g · v/‖v‖``.
+    r"""Weight Normalization (Salimans & Kingma 2016; the survey “Norm相关总结” eq. 19): ``w = g · v/‖v‖``.
 
     ``‖v‖`` is taken over every dim except ``dim`` (``dim=None``: over the whole tensor), so
     each output unit gets its own direction and length; as in torch, ``dim=-1`` also means
@@ -433,7 +433,7 @@ def weight_norm(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
 def cosine_linear(
     x: Tensor, weight: Tensor, centered: bool = False, eps: float = 1e-8
 ) -> Tensor:
-    r"""Cosine Normalization (Luo et al. 2018; seed 004 eq. 20): ``y_j = cos θ = w_j·x /
+    r"""Cosine Normalization (Luo et al. 2018; the survey “Norm相关总结” eq. 20): ``y_j = cos θ = w_j·x /
     (‖w_j‖ ‖x‖)`` instead of the unbounded dot product; ``centered=True`` is the Pearson form
     of eq. 21–26, ``(w_j − μ_w)·(x − μ_x) / (n σ_w σ_x)``.
 
@@ -461,7 +461,7 @@ def _as_dims(x: Tensor, dim) -> tuple[int, ...]:
 
 
 def zscore(x: Tensor, dim: int | Sequence[int] = 0, eps: float = 0.0, correction: int = 1) -> Tensor:
-    r"""Z-Score standardization of seed 000 §1.2: ``(x − mean) / √(var + eps)`` along ``dim``
+    r"""Z-Score standardization of Lesson 14.1 §1.2: ``(x − mean) / √(var + eps)`` along ``dim``
     (default: per column). A constant column gets scale 1 instead of a division by zero.
 
     ``correction=1`` (default) uses the unbiased variance, as ``torch.std`` and the lesson's
@@ -488,7 +488,7 @@ def zscore(x: Tensor, dim: int | Sequence[int] = 0, eps: float = 0.0, correction
 def minmax(
     x: Tensor, dim: int | Sequence[int] = 0, feature_range: tuple[float, float] = (0, 1)
 ) -> Tensor:
-    r"""Min-Max (0-1) normalization of seed 000 §1.1: ``(x − min)/(max − min)`` along ``dim``,
+    r"""Min-Max (0-1) normalization of Lesson 14.1 §1.1: ``(x − min)/(max − min)`` along ``dim``,
     mapped to ``feature_range``. A constant column gets range 1 (it maps to ``feature_range[0]``).
 
     >>> minmax(torch.tensor([[1., 10.], [3., 20.], [2., 15.]]))

@@ -16,7 +16,7 @@ This is torch's convention; Keras's ``momentum`` is the weight of the *old* valu
 ``momentum=0.99`` equals torch ``momentum=0.01``. ``momentum=None`` gives the cumulative
 average over ``num_batches_tracked`` batches instead. In ``eval()`` mode the running
 statistics normalize, so a single test sample gets the same output whatever batch it is in
-(seed 000, "BN的训练和测试过程"). ``track_running_stats=False`` always uses batch statistics.
+(Lesson 14.1, "BN的训练和测试过程"). ``track_running_stats=False`` always uses batch statistics.
 
 >>> import torch
 >>> bn = BatchNorm1d(3)
@@ -245,7 +245,7 @@ class _BatchRenorm(_BatchNorm):
 
     with ``σ_B = √(σ²_B + ε)``, ``σ = √(running_var + ε)``, and ``r``, ``d`` treated as constants
     in the backward (the paper's stop-gradient). That makes it the core's BatchNorm with
-    ``γ' = γ·r`` and ``β' = γ·d + β``: the written-out backward of seed 004 eq. 4–9 applies as
+    ``γ' = γ·r`` and ``β' = γ·d + β``: the written-out backward of the survey “Norm相关总结” eq. 4–9 applies as
     it is, and autograd routes ``∂l/∂γ = Σ ∂l/∂y·(r x̂_B + d)`` through ``γ'`` and ``β'``. With
     ``r = 1, d = 0`` it is exactly BatchNorm. Eval mode is BatchNorm's (running statistics).
 
@@ -391,7 +391,7 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
 class LayerNorm(nn.Module):
     """Layer Normalization over the trailing ``normalized_shape`` dims (torch.nn.LayerNorm).
 
-    Statistics per sample (seed 004 eq. 14–15), so train and eval behave the same and no
+    Statistics per sample (the survey “Norm相关总结” eq. 14–15), so train and eval behave the same and no
     running statistics exist.
     """
 
@@ -536,7 +536,7 @@ class GroupNorm(nn.Module):
 class CosineLinear(nn.Module):
     r"""A linear layer whose outputs are cosines (Cosine Normalization, Luo et al. 2018).
 
-    ``y_j = cos θ_j = w_j·x / (‖w_j‖ ‖x‖)`` (seed 004 eq. 20): bounded in [−1, 1] whatever
+    ``y_j = cos θ_j = w_j·x / (‖w_j‖ ‖x‖)`` (the survey “Norm相关总结” eq. 20): bounded in [−1, 1] whatever
     the scale of ``x`` or ``w``. ``centered=True`` subtracts the means of ``w_j`` and ``x``
     first, the Pearson correlation of eq. 21–26. No bias: a bias would break the bound.
 
@@ -641,7 +641,7 @@ def _rebuild_weight_normed(base: type, state: dict) -> nn.Module:
 
 
 def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) -> nn.Module:
-    r"""Reparametrize ``module.<name>`` as ``w = g · v / ‖v‖`` (Salimans & Kingma 2016; seed 004
+    r"""Reparametrize ``module.<name>`` as ``w = g · v / ‖v‖`` (Salimans & Kingma 2016; the survey “Norm相关总结”
     eq. 19), with the analytic backward of :func:`normlab.functional.weight_norm`.
 
     ``‖v‖`` is over every dim except ``dim`` (0: one length per output unit; ``None`` or ``-1``:

@@ -1,6 +1,6 @@
 """Min-Max and Z-Score scalers with the scikit-learn contract, on numpy arrays and torch tensors.
 
-The classic per-feature normalizations of seed 000 (§1.1 and §1.2), as estimators that drop into
+The classic per-feature normalizations of Lesson 14.1 (§1.1 and §1.2), as estimators that drop into
 a scikit-learn ``Pipeline`` and also scale torch tensors where they live:
 
 * :class:`MinMaxScaler` — ``(x − min) / (max − min)``, mapped onto ``feature_range``.
@@ -16,7 +16,7 @@ the same scaler as one ``fit`` on all of them, up to rounding.
 Shared rules (written once here, referenced by both classes):
 
 * **Fit on training data only.** The statistics are parameters of the model: compute them on
-  the training set, then apply the *same* fitted scaler to validation and test data (seed 000,
+  the training set, then apply the *same* fitted scaler to validation and test data (Lesson 14.1,
   §2: the per-column mean and variance "must come from the training set, never from the test
   set").
 * **Types.** numpy (or lists, DataFrames) in → numpy out: float32 and float16 stay as they
@@ -612,4 +612,4 @@ class StandardScaler(_Scaler):
 
 
 ZScoreScaler = StandardScaler
-"""Z-Score scaling, seed 000's name for :class:`StandardScaler` (the same class)."""
+"""Z-Score scaling, the lesson's name for :class:`StandardScaler` (the same class)."""

@@ -3,7 +3,7 @@
 Everything comes back as a :class:`Split` — the training and test tensors of one task. A split
 is the only way the lab hands data to a model, and :meth:`Split.scaled` is the only way to scale
 it: the scaler is fitted on the training half and then applied, unchanged, to both halves. The
-test set can never leak into the statistics (seed 000, §2: the per-column mean and standard
+test set can never leak into the statistics (Lesson 14.1, §2: the per-column mean and standard
 deviation "are model parameters and must come from the training set").
 
 Generators, in the spirit of the lesson's helpers:

@@ -1,6 +1,6 @@
 """The experiments of the seeds, as a registry of functions that return plain records.
 
-Each experiment tests one claim of the lesson (seed 000) or the survey (seed 004) and computes
+Each experiment tests one claim of Lesson 14.1 or the survey “Norm相关总结” and computes
 its verdict from the numbers it measured (see :mod:`normlab.lab.records` for the record format).
 Every experiment has a quick version (the tour of ``normlab run``: seconds on a laptop CPU) and
 a full one (``--full``: more epochs, more seeds, the settings of the papers where they fit).
@@ -215,7 +215,7 @@ def _boxes(layers: dict[str, torch.Tensor], group: str) -> list[dict]:
 @experiment(
     "zscore",
     "Raw vs Z-Score inputs",
-    source="seed 000 §2 (Z-Score modelling experiment)",
+    source="Lesson 14.1 §2 (Z-Score modelling experiment)",
     claim="A network trained on Z-Score inputs (statistics from the training split) converges faster and "
     "reaches a lower test error than on raw inputs, and its per-layer gradients are steadier in the first epochs.",
 )
@@ -295,7 +295,7 @@ def _zscore(cfg: Config) -> dict:
 @experiment(
     "drift",
     "Gradients drift as training goes on: Z-Score only vs BatchNorm",
-    source="seed 000 §3.1 (Zero-Centered property fades)",
+    source="Lesson 14.1 §3.1 (Zero-Centered property fades)",
     claim="With Z-Score inputs alone, a tanh network's per-layer gradients are steady early (epoch 5) and "
     "unsteady later (epoch 40); BatchNorm keeps them steady.",
 )
@@ -349,7 +349,7 @@ def _drift(cfg: Config) -> dict:
 @experiment(
     "glorot",
     "The Glorot condition at initialisation: default vs Xavier init",
-    source="seed 000 §3.2; Glorot & Bengio (2010)",
+    source="Lesson 14.1 §3.2; Glorot & Bengio (2010)",
     claim="With torch's default init U(±1/√n) the forward variance shrinks by about 1/3 per tanh layer and the "
     "back-propagated gradient variance shrinks likewise; Xavier init keeps both far steadier (what shrink is left "
     "comes from tanh's slope below 1 away from 0). Sigmoid's "
@@ -464,7 +464,7 @@ class _Percentiles:
 @experiment(
     "batchnorm",
     "A deep sigmoid network with and without BatchNorm",
-    source="seed 000 §4; Ioffe & Szegedy (2015), Fig. 1",
+    source="Lesson 14.1 §4; Ioffe & Szegedy (2015), Fig. 1",
     claim="BatchNorm makes a 3-hidden-layer sigmoid network train faster and reach a higher test accuracy, and "
     "keeps the distribution of a sigmoid's input steadier during training.",
 )
@@ -547,7 +547,7 @@ _IN_NETWORK = ("batch", "layer", "group", "instance", "rms")
 @experiment(
     "compare",
     "Every norm of normlab on the same tasks",
-    source="seed 004 (BN, LN, IN, GN, WN, Cosine Norm) and RMSNorm",
+    source="the survey “Norm相关总结” (BN, LN, IN, GN, WN, Cosine Norm) and RMSNorm",
     claim="The in-network norms (BN, LN, IN, GN, RMS) rescue a deep sigmoid network that barely learns without "
     "normalization and keep its back-propagated gradient variance steadier across layers; on an easy tanh "
     "network no norm, weight and cosine normalization included, costs accuracy.",
@@ -610,7 +610,7 @@ def _compare(cfg: Config) -> dict:
 @experiment(
     "batch-size",
     "BatchNorm vs GroupNorm vs LayerNorm as the batch shrinks",
-    source="seed 004 (BN needs batches that are not too small); Wu & He (2018), Table 2",
+    source="the survey “Norm相关总结” (BN needs batches that are not too small); Wu & He (2018), Table 2",
     claim="BatchNorm's test error grows as the batch shrinks towards 2, while GroupNorm and LayerNorm, which "
     "do not look across the batch, are insensitive to the batch size; at batch 2 both beat BatchNorm.",
 )
@@ -694,7 +694,7 @@ def _batch_size(cfg: Config) -> dict:
 @experiment(
     "affine",
     "BatchNorm in eval is one affine map",
-    source="seed 000 §2.2",
+    source="Lesson 14.1 §2.2",
     claim="In eval mode BN computes x·diag(γ/√(σ²+ε)) + (β − γμ/√(σ²+ε)); with γ=1, β=0 it is the Z-Score of x "
     "under the running statistics, and with γ=√(σ²+ε), β=μ it is the identity.",
 )
@@ -761,7 +761,7 @@ def _population_stats(model: nn.Module, X: torch.Tensor) -> list[tuple[torch.Ten
 @experiment(
     "train-eval",
     "BatchNorm in training vs testing: running vs batch statistics",
-    source="seed 000 §2.3 (BN in training and testing)",
+    source="Lesson 14.1 §2.3 (BN in training and testing)",
     claim="At test time BN must use its running statistics (model.eval()): forgetting eval() normalizes each test "
     "batch by its own statistics, which costs accuracy on small test batches and overwrites the running "
     "statistics; the momentum sets how closely the running statistics track the population.",

@@ -8,7 +8,7 @@ Record::
     {
       "name": "zscore",                       # registry name: letters, digits, _ . - (file names)
       "title": "Raw vs Z-Score inputs",       # one line
-      "source": "seed 000 §2",                # where the claim comes from
+      "source": "Lesson 14.1 §2",                # where the claim comes from
       "claim": "Z-Score inputs converge faster ...",   # the claim under test, in words
       "params": {"epochs": 5, "seeds": [0, 1], ...},   # what was run (JSON scalars/lists)
       "checks": [check, ...],                 # the numbers behind the verdict

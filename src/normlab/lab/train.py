@@ -241,7 +241,7 @@ def _optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_d
 
 class GradientRecorder:
     """Every weight-gradient value of each layer during chosen epochs — the data of the lesson's
-    per-layer gradient box plots (seed 000's ``weights_vp(model, att="grad")``), pooled over all the
+    per-layer gradient box plots (the lesson's ``weights_vp(model, att="grad")``), pooled over all the
     optimizer steps of an epoch rather than read from the last one.
 
     Pass ``on_step``/``on_epoch`` to :func:`fit`; afterwards ``layers(epoch)`` maps each layer's
