@@ -5,7 +5,7 @@
   report to ``DIR/index.html`` (default ``normlab-report``).
 * ``normlab bench [METHOD ...] [--quick] [--json FILE] [--plot FILE]`` — time every norm against
   torch's native op, the reference path and a same-size copy (see :mod:`normlab.bench`).
-* ``normlab list`` — the experiments, and the layers, ops and scalers normlab provides.
+* ``normlab list`` — the experiments, and the layers, ops, scalers and tools normlab provides.
 * ``normlab report DIR`` — rebuild the page from ``DIR/records.json``.
 
 User experiments (registered with :func:`normlab.lab.experiments.experiment`) run with
@@ -24,16 +24,23 @@ from pathlib import Path
 from typing import Sequence
 
 
-def _catalogue() -> list[tuple[str, list[tuple[str, str]]]]:
-    from . import functional, nn, preprocessing
+def _plain(text: str) -> str:
+    """The first line of a docstring as plain text: reST roles and literals unwrapped."""
+    import re
 
-    def first_line(obj) -> str:
-        doc = (obj.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+    line = text.strip().splitlines()[0] if text and text.strip() else ""
+    line = re.sub(r":[a-z]+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", line)  # :class:`normlab.nn.X` -> X
+    line = re.sub(r"``(.*?)``", r"\1", line)
+    return line.replace("\\*", "*").replace("\\", "")
+
+
+def _catalogue() -> list[tuple[str, list[tuple[str, str]]]]:
+    from . import convert, diagnostics, distributed, functional, nn, preprocessing
 
     sections = []
-    for title, mod in (("normlab.nn", nn), ("normlab.functional", functional), ("normlab.preprocessing", preprocessing)):
-        sections.append((title, [(name, first_line(getattr(mod, name))) for name in mod.__all__]))
+    for mod in (nn, functional, preprocessing, convert, diagnostics, distributed):
+        names = [n for n in mod.__all__ if callable(getattr(mod, n)) and not n.startswith("_")]
+        sections.append((mod.__name__, [(n, _plain(getattr(mod, n).__doc__)) for n in names]))
     return sections
 
 
@@ -45,7 +52,7 @@ def _experiments():
 
 def _list(_args: argparse.Namespace) -> int:
     exps = _experiments().EXPERIMENTS
-    sections = [("experiments (normlab run NAME)", [(e.name, e.title) for e in exps.values()]), *_catalogue()]
+    sections = [("experiments (normlab run NAME)", [(e.name, _plain(e.title)) for e in exps.values()]), *_catalogue()]
     for title, rows in sections:
         print(title)
         width = max(len(name) for name, _ in rows)
@@ -198,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep glibc's malloc defaults (by default the bench asks it to retain freed memory, "
                         "so that outputs do not page-fault back in at random)")
     p.set_defaults(func=_bench)
-    p = sub.add_parser("list", help="list the experiments, and the layers, ops and scalers normlab provides")
+    p = sub.add_parser("list", help="list the experiments, and the layers, ops, scalers and tools normlab provides")
     p.set_defaults(func=_list)
     p = sub.add_parser("report", help="rebuild DIR/index.html from DIR/records.json")
     p.add_argument("dir", metavar="DIR")

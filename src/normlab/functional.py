@@ -161,18 +161,46 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Batch Normalization (Ioffe & Szegedy 2015; the survey “Norm相关总结” eq. 10–13) over (N, \*spatial).
+    r"""Batch Normalization of an (N, C, *) input: each channel with the batch's or the running statistics.
 
-    In training the batch statistics normalize (biased variance, eq. 11) and, when given,
-    ``running_mean``/``running_var`` are updated in place with the *unbiased* batch variance::
+    .. math::
 
-        running = (1 − momentum) · running + momentum · batch        (torch's convention)
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
-    Keras names the other factor: its ``momentum=0.99`` is torch's ``momentum=0.01``.
-    In eval (``training=False``) the running statistics normalize, which makes BN the fixed
-    affine map ``x·γ/√(σ²+ε) + (β − γμ/√(σ²+ε))`` of Lesson 14.1 §2.2.
+    With ``training=True`` the mean and biased variance of each channel over ``(N, *)``
+    normalize and, when given, ``running_mean``/``running_var`` are updated in place with the
+    unbiased batch variance, ``running = (1 − momentum)·running + momentum·batch`` (torch's
+    convention; Keras's ``momentum=0.99`` is torch's ``0.01``). With ``training=False`` the running
+    statistics normalize: the fixed affine map ``x·γ/√(σ²+ε) + (β − γμ/√(σ²+ε))`` of Lesson 14.1
+    §2.2. The layer is :class:`normlab.nn.BatchNorm2d` (and 1d/3d); the backward is the survey
+    “Norm相关总结” eq. (4)–(9).
 
-    Shape: input ``(N, C)`` or ``(N, C, *spatial)``; statistics and parameters ``(C,)``.
+    Source: Ioffe & Szegedy 2015, "Batch Normalization", Algorithm 1; the survey “Norm相关总结”
+    eq. (10)–(13).
+
+    Args:
+        input (Tensor): ``(N, C)`` or ``(N, C, *)``, floating point.
+        running_mean, running_var (Tensor or None): ``(C,)`` buffers; required with
+            ``training=False``, updated in place with ``training=True``.
+        weight, bias (Tensor or None): γ and β, ``(C,)``. Default: ``None`` (1 and 0).
+        training (bool): normalize with the batch statistics. Default: ``False``.
+        momentum (float): the weight of the batch in the running update. Default: ``0.1``.
+        eps (float): ε inside the square root. Default: ``1e-5``.
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``; statistics and parameters ``(C,)``
+        - Output: the same shape as the input
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> x = torch.randn(16, 3) * 2 + 5
+        >>> mean, var = torch.zeros(3), torch.ones(3)
+        >>> y = F.batch_norm(x, mean, var, training=True)
+        >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5)
+        True
+        >>> torch.allclose(mean, 0.1 * x.mean(0))          # the running mean moved 10% of the way
+        True
     """
     core = kernels.core()
     if core is not None:
@@ -191,14 +219,40 @@ def instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Instance Normalization (Ulyanov et al. 2016; the survey “Norm相关总结” eq. 16–17): statistics over
-    (\*spatial) for each sample and channel.
+    r"""Instance Normalization of an (N, C, *) input: each channel of each sample with its own statistics.
 
-    With ``use_input_stats`` and running buffers given, the buffers are updated with the
-    batch average of the per-instance mean and unbiased variance (torch's rule); with
-    ``use_input_stats=False`` the running statistics normalize, as BatchNorm in eval mode.
+    .. math::
 
-    Shape: input ``(N, C, *spatial)``; parameters and running statistics ``(C,)``.
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The mean and biased variance over ``(*)`` per sample and channel normalize when
+    ``use_input_stats``; running buffers, when given, are then updated with the batch average of
+    the per-instance mean and unbiased variance (torch's rule). With ``use_input_stats=False``
+    the running statistics normalize, as BatchNorm in eval. The layer is
+    :class:`normlab.nn.InstanceNorm2d` (and 1d/3d).
+
+    Source: Ulyanov, Vedaldi & Lempitsky 2016, "Instance Normalization"; the survey “Norm相关总结”
+    eq. (16)–(17).
+
+    Args:
+        input (Tensor): ``(N, C, *)`` with at least one spatial dim.
+        running_mean, running_var (Tensor or None): ``(C,)`` buffers. Default: ``None``.
+        weight, bias (Tensor or None): γ and β, ``(C,)``. Default: ``None``.
+        use_input_stats (bool): normalize with each instance's statistics. Default: ``True``.
+        momentum (float): the weight of the batch in the running update. Default: ``0.1``.
+        eps (float): ε inside the square root. Default: ``1e-5``.
+
+    Shape:
+        - Input: ``(N, C, *)``; statistics and parameters ``(C,)``
+        - Output: the same shape (and memory format) as the input
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> x = torch.randn(2, 3, 8, 8) * 4 + 1
+        >>> y = F.instance_norm(x)
+        >>> bool(y.mean((2, 3)).abs().max() < 1e-5), tuple(y.shape)
+        (True, (2, 3, 8, 8))
     """
     core = kernels.core()
     if core is not None:
@@ -295,8 +349,33 @@ def layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Layer Normalization (Ba et al. 2016; the survey “Norm相关总结” eq. 14–15): statistics over the trailing
-    ``normalized_shape`` dims of each sample; γ, β have shape ``normalized_shape``.
+    r"""Layer Normalization over the last dims of the input: each sample with its own mean and variance.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The mean and biased variance over the trailing ``normalized_shape`` dims; γ and β have that
+    shape. The layer is :class:`normlab.nn.LayerNorm`.
+
+    Source: Ba, Kiros & Hinton 2016, "Layer Normalization"; the survey “Norm相关总结” eq. (14)–(15).
+
+    Args:
+        input (Tensor): ``(*, *normalized_shape)``.
+        normalized_shape (int or sequence of ints): the trailing dims to normalize over.
+        weight, bias (Tensor or None): γ and β of shape ``normalized_shape``. Default: ``None``.
+        eps (float): ε inside the square root. Default: ``1e-5``.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``
+        - Output: the same shape as the input
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> x = torch.randn(4, 10) * 3 + 7
+        >>> torch.allclose(F.layer_norm(x, (10,)), torch.nn.functional.layer_norm(x, (10,)), atol=1e-5)
+        True
     """
     core = kernels.core()
     if core is not None:
@@ -318,9 +397,34 @@ def rms_norm(
     weight: Tensor | None = None,
     eps: float | None = None,
 ) -> Tensor:
-    r"""RMSNorm (Zhang & Sennrich 2019): LayerNorm without centering,
-    ``y = γ · x / √(mean(x²) + ε)``; ``eps=None`` means the machine epsilon of the dtype the
-    statistics are accumulated in (float32 for fp16/bf16 input), as torch does.
+    r"""Root Mean Square Normalization over the last dims: LayerNorm without the centering.
+
+    .. math::
+
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+
+    The mean of squares over the trailing ``normalized_shape`` dims. ``eps=None`` means the
+    machine epsilon of the dtype the statistics are computed in (float32 for fp16/bf16 input), as
+    torch does. The layer is :class:`normlab.nn.RMSNorm`.
+
+    Source: Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
+
+    Args:
+        input (Tensor): ``(*, *normalized_shape)``.
+        normalized_shape (int or sequence of ints): the trailing dims to normalize over.
+        weight (Tensor or None): γ of shape ``normalized_shape``. Default: ``None``.
+        eps (float or None): ε inside the square root. Default: ``None``.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``
+        - Output: the same shape as the input
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> x = torch.randn(4, 10) * 3
+        >>> torch.allclose(F.rms_norm(x, (10,)), torch.nn.functional.rms_norm(x, (10,)), atol=1e-5)
+        True
     """
     core = kernels.core()
     if core is not None:
@@ -348,10 +452,34 @@ def group_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Group Normalization (Wu & He 2018): channels split into ``num_groups`` groups,
-    statistics over (channels in group, \*spatial) per sample; γ, β per channel.
+    r"""Group Normalization: the channels split into groups, each group of each sample normalized alone.
 
-    It is a reshape around the LayerNorm core: ``(N, C, *S) → (N, G, C/G, ∏S)``.
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The mean and biased variance over the ``C / num_groups`` channels of a group and their
+    spatial positions, per sample; γ and β per channel. It is a reshape around the LayerNorm
+    core, ``(N, C, *S) → (N, G, C/G · ∏S)``. The layer is :class:`normlab.nn.GroupNorm`.
+
+    Source: Wu & He 2018, "Group Normalization", §3.
+
+    Args:
+        input (Tensor): ``(N, C, *)``.
+        num_groups (int): the number of groups; must divide ``C``.
+        weight, bias (Tensor or None): γ and β, ``(C,)``. Default: ``None``.
+        eps (float): ε inside the square root. Default: ``1e-5``.
+
+    Shape:
+        - Input: ``(N, C, *)``
+        - Output: the same shape (and memory format) as the input
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> x = torch.randn(2, 6, 5)
+        >>> torch.allclose(F.group_norm(x, 3), torch.nn.functional.group_norm(x, 3), atol=1e-5)
+        True
     """
     core = kernels.core()
     if core is not None:
@@ -414,15 +542,37 @@ def weight_norm_dims(v: Tensor, dim: int | None) -> tuple[int, ...]:
 
 
 def weight_norm(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
-    r"""Weight Normalization (Salimans & Kingma 2016; the survey “Norm相关总结” eq. 19): ``w = g · v/‖v‖``.
+    r"""Weight Normalization of a tensor: a length g times the direction v/‖v‖, with its written-out backward.
+
+    .. math::
+
+        w = g \, \frac{v}{\lVert v \rVert}
 
     ``‖v‖`` is taken over every dim except ``dim`` (``dim=None``: over the whole tensor), so
-    each output unit gets its own direction and length; as in torch, ``dim=-1`` also means
-    the whole tensor. It is the core with μ = 0 and
-    σ = ‖v‖/√n, whose backward is the projection of the seed's equations:
-    ``∂l/∂v = (g/‖v‖)(∂l/∂w − ŵ (ŵ·∂l/∂w))``, ``∂l/∂g = ŵ·∂l/∂w`` with ``ŵ = v/‖v‖``.
+    each output unit gets its own direction and length; as in torch, ``dim=-1`` also means the
+    whole tensor. It is the normalization core with μ = 0 and σ = ‖v‖/√n, whose backward is the
+    projection ``∂l/∂v = (g/‖v‖)(∂l/∂w − ŵ (ŵ·∂l/∂w))``, ``∂l/∂g = ŵ·∂l/∂w`` with ``ŵ = v/‖v‖``.
+    To reparametrize a module's weight, use :func:`normlab.nn.weight_norm`.
 
-    ``g`` has ``v``'s shape with size 1 on every reduced dim (or is 0-D when ``dim=None``).
+    Source: Salimans & Kingma 2016, "Weight Normalization", eq. (2)–(3); the survey
+    “Norm相关总结” eq. (19).
+
+    Args:
+        v (Tensor): the direction parameter.
+        g (Tensor): the length: ``v``'s shape with size 1 on every reduced dim (0-D when
+            ``dim=None``).
+        dim (int or None): the dim that keeps its own length. Default: ``0``.
+
+    Shape:
+        - Output: ``v``'s shape
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> v, g = torch.randn(3, 4), torch.full((3, 1), 2.0)
+        >>> w = F.weight_norm(v, g, 0)
+        >>> torch.allclose(w.norm(dim=1), torch.full((3,), 2.0))   # every row has length g
+        True
     """
     dims = weight_norm_dims(v, dim)
     n = math.prod([v.shape[i] for i in dims])
@@ -433,13 +583,36 @@ def weight_norm(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
 def cosine_linear(
     x: Tensor, weight: Tensor, centered: bool = False, eps: float = 1e-8
 ) -> Tensor:
-    r"""Cosine Normalization (Luo et al. 2018; the survey “Norm相关总结” eq. 20): ``y_j = cos θ = w_j·x /
-    (‖w_j‖ ‖x‖)`` instead of the unbounded dot product; ``centered=True`` is the Pearson form
-    of eq. 21–26, ``(w_j − μ_w)·(x − μ_x) / (n σ_w σ_x)``.
+    r"""Cosine Normalization of a linear map: the cosine between the input and each weight row.
 
-    ``eps`` sits inside each square root, ``‖x − μ‖ → √(‖x − μ‖² + eps)``.
+    .. math::
 
-    Shape: ``x (*, in_features)``, ``weight (out_features, in_features)`` → ``(*, out_features)``.
+        y_j = \cos\theta_j = \frac{w_j \cdot x}{\sqrt{\lVert w_j\rVert^2 + \epsilon}\,
+              \sqrt{\lVert x\rVert^2 + \epsilon}}
+
+    Bounded in [−1, 1] instead of the unbounded dot product; ``centered=True`` is the Pearson
+    form, ``(w_j − μ_w)·(x − μ_x) / (‖w_j − μ_w‖ ‖x − μ_x‖)``, with ``eps`` inside each square
+    root likewise. The layer is :class:`normlab.nn.CosineLinear`.
+
+    Source: Luo et al. 2018, "Cosine Normalization"; the survey “Norm相关总结” eq. (20)–(26).
+
+    Args:
+        x (Tensor): ``(*, in_features)``.
+        weight (Tensor): ``(out_features, in_features)``.
+        centered (bool): the centred (Pearson) form. Default: ``False``.
+        eps (float): ε inside each square root. Default: ``1e-8``.
+
+    Shape:
+        - Input: ``(*, in_features)``, weight ``(out_features, in_features)``
+        - Output: ``(*, out_features)``
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> x, w = torch.randn(5, 8), torch.randn(3, 8)
+        >>> want = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=1).T
+        >>> torch.allclose(F.cosine_linear(x, w), want, atol=1e-6)
+        True
     """
     op = "cosine_linear"
     _check_input(x, op)
@@ -461,15 +634,35 @@ def _as_dims(x: Tensor, dim) -> tuple[int, ...]:
 
 
 def zscore(x: Tensor, dim: int | Sequence[int] = 0, eps: float = 0.0, correction: int = 1) -> Tensor:
-    r"""Z-Score standardization of Lesson 14.1 §1.2: ``(x − mean) / √(var + eps)`` along ``dim``
-    (default: per column). A constant column gets scale 1 instead of a division by zero.
+    r"""Z-Score standardization of a tensor along a dim, with its own mean and standard deviation.
 
-    ``correction=1`` (default) uses the unbiased variance, as ``torch.std`` and the lesson's
-    ``Z_ScoreNormalization`` do; ``correction=0`` gives scikit-learn's ``StandardScaler``.
+    .. math::
 
-    >>> zscore(torch.tensor([[1., 2.], [3., 4.]]))
-    tensor([[-0.7071, -0.7071],
-            [ 0.7071,  0.7071]])
+        z = \frac{x - \mathrm{mean}(x)}{\sqrt{\mathrm{var}(x) + \epsilon}}
+
+    along ``dim`` (default: per column). A constant column gets scale 1 instead of a division by
+    zero. ``correction=1`` (default) uses the unbiased variance, as ``torch.std`` and the lesson's
+    ``Z_ScoreNormalization`` do; ``correction=0`` gives scikit-learn's ``StandardScaler``. This
+    one-shot form uses the statistics of ``x`` itself; to fit on training data and apply to
+    test data, use :class:`normlab.preprocessing.StandardScaler`.
+
+    Source: Lesson 14.1 §1.2.
+
+    Args:
+        x (Tensor): the data, floating point.
+        dim (int or sequence of ints): the dims the statistics are taken over. Default: ``0``.
+        eps (float): ε added to the variance. Default: ``0.0``.
+        correction (int): the variance's degrees-of-freedom correction. Default: ``1``.
+
+    Shape:
+        - Output: ``x``'s shape
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> F.zscore(torch.tensor([[1., 2.], [3., 4.]]))
+        tensor([[-0.7071, -0.7071],
+                [ 0.7071,  0.7071]])
     """
     _check_input(x, "zscore")
     dims = _as_dims(x, dim)
@@ -488,13 +681,33 @@ def zscore(x: Tensor, dim: int | Sequence[int] = 0, eps: float = 0.0, correction
 def minmax(
     x: Tensor, dim: int | Sequence[int] = 0, feature_range: tuple[float, float] = (0, 1)
 ) -> Tensor:
-    r"""Min-Max (0-1) normalization of Lesson 14.1 §1.1: ``(x − min)/(max − min)`` along ``dim``,
-    mapped to ``feature_range``. A constant column gets range 1 (it maps to ``feature_range[0]``).
+    r"""Min-Max normalization of a tensor along a dim: its range mapped linearly onto feature_range.
 
-    >>> minmax(torch.tensor([[1., 10.], [3., 20.], [2., 15.]]))
-    tensor([[0.0000, 0.0000],
-            [1.0000, 1.0000],
-            [0.5000, 0.5000]])
+    .. math::
+
+        x' = \frac{x - \min(x)}{\max(x) - \min(x)} \cdot (b - a) + a, \qquad (a, b) = \text{feature\_range}
+
+    along ``dim`` (default: per column). A constant column gets range 1 (it maps to
+    ``feature_range[0]``). One-shot, with the extremes of ``x`` itself; to fit on training data
+    and apply to test data, use :class:`normlab.preprocessing.MinMaxScaler`.
+
+    Source: Lesson 14.1 §1.1 (0-1 normalization).
+
+    Args:
+        x (Tensor): the data, floating point.
+        dim (int or sequence of ints): the dims the extremes are taken over. Default: ``0``.
+        feature_range (tuple of two floats): ``(a, b)``, the target range. Default: ``(0, 1)``.
+
+    Shape:
+        - Output: ``x``'s shape
+
+    Example::
+
+        >>> import torch, normlab.functional as F
+        >>> F.minmax(torch.tensor([[1., 10.], [3., 20.], [2., 15.]]))
+        tensor([[0.0000, 0.0000],
+                [1.0000, 1.0000],
+                [0.5000, 0.5000]])
     """
     _check_input(x, "minmax")
     lo_t, hi_t = feature_range

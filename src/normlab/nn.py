@@ -60,6 +60,146 @@ __all__ = [
     "remove_weight_norm",
 ]
 
+# ------------------------------------------------------------------ docstrings, written once
+# The 1d/2d/3d classes of each family share one text; each class fills in its shapes.
+_CHANNEL_ARGS = """num_features (int): ``C``, the number of channels (dim 1 of a batched input).
+        eps (float): ε, added to the variance inside the square root; positive when batch
+            statistics normalize, non-negative otherwise. Default: ``1e-5``.
+        momentum (float or None): the weight of each new batch in the running statistics,
+            ``running = (1 − momentum)·running + momentum·batch``; ``None`` for their cumulative
+            average over ``num_batches_tracked`` batches. Default: ``0.1``.
+        affine (bool): learn a per-channel scale γ (initially ones) and shift β (zeros).
+            Default: ``%(affine)s``.
+        track_running_stats (bool): keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` buffers, %(tracking)s
+            Default: ``%(track)s``.
+        device, dtype: where and in which floating dtype to create parameters and buffers.
+            Default: torch's defaults.
+        bias (bool, keyword-only): with ``affine``, learn β too; ``False`` learns γ only.
+            Default: ``True``."""
+
+_BN_DOC = r"""Batch Normalization over an %(layout)s, each channel with the mean and variance of the batch.
+
+    Drop-in for ``torch.nn.%(name)s``: the same arguments, defaults, buffers and ``state_dict``
+    keys, so ``normlab.nn.%(name)s(C).load_state_dict(torch_bn.state_dict())`` works both ways.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The mean and the biased variance are taken per channel over %(over)s. In training the batch
+    statistics normalize and update the running ones (``running_var`` with the unbiased batch
+    variance); in eval the running statistics normalize, so the layer is one affine map per
+    channel, ``x·γ/√(σ²+ε) + (β − γμ/√(σ²+ε))``, and a sample's output does not depend on the
+    rest of its batch (Lesson 14.1 §2.2, §2.3; the notes of :mod:`normlab.nn` on momentum).
+    Training on one value per channel raises a ``ValueError``, as torch does.
+
+    Source: Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by
+    Reducing Internal Covariate Shift", Algorithm 1; the survey “Norm相关总结” eq. (10)–(13).
+
+    Args:
+        %(args)s
+
+    Shape:
+        - Input: %(shape)s
+        - Output: %(shape)s, the same shape (and memory format) as the input
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> bn = nln.%(name)s(4)
+        >>> x = torch.randn(%(example)s) * 3 + 1
+        >>> torch.allclose(bn(x), torch.nn.%(name)s(4)(x), atol=1e-5)   # training: batch statistics
+        True
+        >>> int(bn.num_batches_tracked), bn.eval()(x[:1]).shape          # eval: running statistics
+        (1, torch.Size([%(one)s]))
+    """
+
+_BRN_DOC = r"""Batch Renormalization over an %(layout)s: BatchNorm corrected towards the running statistics.
+
+    In training, each channel's batch-normalized value is corrected by ``r`` and ``d``, so small
+    or non-i.i.d. batches train like large ones; in eval it is BatchNorm's (running statistics).
+
+    .. math::
+
+        \hat x = \frac{x - \mu_B}{\sigma_B}\, r + d,\quad
+        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}\Big(\frac{\sigma_B}{\sigma}\Big),\quad
+        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}\Big(\frac{\mu_B - \mu}{\sigma}\Big),\quad
+        y = \gamma \hat x + \beta
+
+    with ``σ_B = √(σ²_B + ε)`` from the batch and ``σ = √(running_var + ε)``, ``μ`` the running
+    mean; ``r`` and ``d`` are constants in the backward (the paper's stop-gradient). That makes it
+    the core's BatchNorm with ``γ' = γ·r`` and ``β' = γ·d + β``, so the written-out backward of the
+    survey “Norm相关总结” eq. (4)–(9) applies as it is. With ``r = 1, d = 0`` it is exactly
+    BatchNorm. ``rmax``/``dmax`` ramp linearly from 1/0 to their values over the first
+    ``warmup_steps`` training batches (counted by ``num_batches_tracked``; :meth:`limits` gives
+    the current pair). Running statistics are required and follow BatchNorm's rule.
+
+    Source: Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+    Batch-Normalized Models", Algorithm 1.
+
+    Args:
+        %(args)s
+        rmax (float, keyword-only): the largest correction of the scale, ``r ∈ [1/rmax, rmax]``.
+            Default: ``3.0``.
+        dmax (float, keyword-only): the largest correction of the shift, ``d ∈ [−dmax, dmax]``.
+            Default: ``5.0``.
+        warmup_steps (int, keyword-only): training batches over which ``rmax``/``dmax`` grow
+            from 1/0 (plain BatchNorm); 0: no warm-up. Default: ``0``.
+
+    Shape:
+        - Input: %(shape)s
+        - Output: %(shape)s, the same shape as the input
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> bn = nln.%(name)s(4, warmup_steps=1000)
+        >>> y = bn(torch.randn(%(example)s))
+        >>> y.shape, bn.limits()                         # (rmax, dmax) after one warm-up step
+        (torch.Size([%(full)s]), (1.002, 0.005))
+    """
+
+_IN_DOC = r"""Instance Normalization over an %(layout)s, each channel of each sample with its own statistics.
+
+    Drop-in for ``torch.nn.%(name)s``: the same arguments, defaults (``affine=False``,
+    ``track_running_stats=False``), buffers and ``state_dict`` keys.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The mean and biased variance are taken over %(over)s separately for every sample and
+    channel, so the output does not depend on the batch. With ``track_running_stats=True`` the
+    running statistics (batch averages of the per-instance ones) normalize in eval, as in
+    BatchNorm. Unbatched input (without the N dim) is accepted.
+
+    Source: Ulyanov, Vedaldi & Lempitsky 2016, "Instance Normalization: The Missing Ingredient for
+    Fast Stylization"; the survey “Norm相关总结” eq. (16)–(17).
+
+    Args:
+        %(args)s
+
+    Shape:
+        - Input: %(shape)s or unbatched %(unbatched)s
+        - Output: the same shape (and memory format) as the input
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> x = torch.randn(%(example)s) * 3 + 1
+        >>> torch.allclose(nln.%(name)s(4)(x), torch.nn.%(name)s(4)(x), atol=1e-5)
+        True
+    """
+
+
+def _fill(template: str, **fields) -> str:
+    """A family's docstring for one class: ``template`` with its fields, the Args text included."""
+    defaults = {"affine": "True", "track": "True", "tracking": "for eval mode; with ``False`` every call\n"
+                "            uses the statistics of its own batch."}
+    defaults.update(fields.pop("arg_defaults", {}))
+    return template % {"args": _CHANNEL_ARGS % defaults, **fields}
+
 
 def _shape_error(module: nn.Module, expected: str, x: Tensor) -> ValueError:
     return ValueError(
@@ -215,45 +355,31 @@ class _BatchNorm(_NormBase):
 
 
 class BatchNorm1d(_BatchNorm):
-    """BatchNorm over a ``(N, C)`` or ``(N, C, L)`` input (torch.nn.BatchNorm1d)."""
+    __doc__ = _fill(_BN_DOC,
+                    name="BatchNorm1d", layout="(N, C) or (N, C, L) input", shape="(N, C) or (N, C, L)",
+                    over="N (and L)", example="8, 4", one="1, 4")
 
     _ndims, _layout = (2, 3), "2-D (N, C) or 3-D (N, C, L) input"
 
 
 class BatchNorm2d(_BatchNorm):
-    """BatchNorm over a ``(N, C, H, W)`` input (torch.nn.BatchNorm2d)."""
+    __doc__ = _fill(_BN_DOC,
+                    name="BatchNorm2d", layout="(N, C, H, W) input", shape="(N, C, H, W)", over="(N, H, W)",
+                    example="8, 4, 5, 5", one="1, 4, 5, 5")
 
     _ndims, _layout = (4,), "4-D (N, C, H, W) input"
 
 
 class BatchNorm3d(_BatchNorm):
-    """BatchNorm over a ``(N, C, D, H, W)`` input (torch.nn.BatchNorm3d)."""
+    __doc__ = _fill(_BN_DOC,
+                    name="BatchNorm3d", layout="(N, C, D, H, W) input", shape="(N, C, D, H, W)",
+                    over="(N, D, H, W)", example="8, 4, 3, 3, 3", one="1, 4, 3, 3, 3")
 
     _ndims, _layout = (5,), "5-D (N, C, D, H, W) input"
 
 
 class _BatchRenorm(_BatchNorm):
-    r"""Batch Renormalization (Ioffe 2017): BatchNorm whose training output is corrected towards
-    the running statistics, so small or non-i.i.d. batches train like large ones.
-
-    .. math::
-
-        \hat x = \frac{x - \mu_B}{\sigma_B}\, r + d,\quad
-        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}\Big(\frac{\sigma_B}{\sigma}\Big),\quad
-        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}\Big(\frac{\mu_B - \mu}{\sigma}\Big),\quad
-        y = \gamma \hat x + \beta
-
-    with ``σ_B = √(σ²_B + ε)``, ``σ = √(running_var + ε)``, and ``r``, ``d`` treated as constants
-    in the backward (the paper's stop-gradient). That makes it the core's BatchNorm with
-    ``γ' = γ·r`` and ``β' = γ·d + β``: the written-out backward of the survey “Norm相关总结” eq. 4–9 applies as
-    it is, and autograd routes ``∂l/∂γ = Σ ∂l/∂y·(r x̂_B + d)`` through ``γ'`` and ``β'``. With
-    ``r = 1, d = 0`` it is exactly BatchNorm. Eval mode is BatchNorm's (running statistics).
-
-    ``rmax``/``dmax`` ramp linearly from 1/0 (plain BatchNorm) to their values over the first
-    ``warmup_steps`` training batches (counted by ``num_batches_tracked``; 0: no warm-up). Running
-    statistics follow BatchNorm's rule (momentum, unbiased ``running_var``); they are required.
-    Arguments, buffers and ``state_dict`` are BatchNorm's plus ``rmax``, ``dmax``, ``warmup_steps``.
-    """
+    """What BatchRenorm1d/2d/3d share; the maths and arguments are in their docstring (_BRN_DOC)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
@@ -299,21 +425,31 @@ class _BatchRenorm(_BatchNorm):
 
 
 class BatchRenorm1d(_BatchRenorm):
-    """Batch Renormalization over a ``(N, C)`` or ``(N, C, L)`` input; see :class:`_BatchRenorm`."""
+    __doc__ = _fill(_BRN_DOC,
+                    name="BatchRenorm1d", layout="(N, C) or (N, C, L) input", shape="(N, C) or (N, C, L)",
+                    example="2, 4", full="2, 4")
 
     _ndims, _layout = BatchNorm1d._ndims, BatchNorm1d._layout
 
 
 class BatchRenorm2d(_BatchRenorm):
-    """Batch Renormalization over a ``(N, C, H, W)`` input; see :class:`_BatchRenorm`."""
+    __doc__ = _fill(_BRN_DOC,
+                    name="BatchRenorm2d", layout="(N, C, H, W) input", shape="(N, C, H, W)",
+                    example="2, 4, 5, 5", full="2, 4, 5, 5")
 
     _ndims, _layout = BatchNorm2d._ndims, BatchNorm2d._layout
 
 
 class BatchRenorm3d(_BatchRenorm):
-    """Batch Renormalization over a ``(N, C, D, H, W)`` input; see :class:`_BatchRenorm`."""
+    __doc__ = _fill(_BRN_DOC,
+                    name="BatchRenorm3d", layout="(N, C, D, H, W) input", shape="(N, C, D, H, W)",
+                    example="2, 4, 3, 3, 3", full="2, 4, 3, 3, 3")
 
     _ndims, _layout = BatchNorm3d._ndims, BatchNorm3d._layout
+
+
+_IN_DEFAULTS = {"affine": "False", "track": "False", "tracking": "so that eval mode normalizes with\n"
+                "            them; with ``False`` every call uses the statistics of each instance."}
 
 
 class _InstanceNorm(_NormBase):
@@ -365,19 +501,26 @@ class _InstanceNorm(_NormBase):
 
 
 class InstanceNorm1d(_InstanceNorm):
-    """InstanceNorm over ``(N, C, L)`` or unbatched ``(C, L)`` input (torch.nn.InstanceNorm1d)."""
+    __doc__ = _fill(_IN_DOC,
+                    name="InstanceNorm1d", layout="(N, C, L) input", shape="(N, C, L)", unbatched="(C, L)",
+                    over="L", example="2, 4, 10", arg_defaults=_IN_DEFAULTS)
 
     _ndims, _layout = (2, 3), "3-D (N, C, L) or 2-D unbatched (C, L) input"
 
 
 class InstanceNorm2d(_InstanceNorm):
-    """InstanceNorm over ``(N, C, H, W)`` or unbatched ``(C, H, W)`` input."""
+    __doc__ = _fill(_IN_DOC,
+                    name="InstanceNorm2d", layout="(N, C, H, W) input", shape="(N, C, H, W)",
+                    unbatched="(C, H, W)", over="(H, W)", example="2, 4, 5, 5", arg_defaults=_IN_DEFAULTS)
 
     _ndims, _layout = (3, 4), "4-D (N, C, H, W) or 3-D unbatched (C, H, W) input"
 
 
 class InstanceNorm3d(_InstanceNorm):
-    """InstanceNorm over ``(N, C, D, H, W)`` or unbatched ``(C, D, H, W)`` input."""
+    __doc__ = _fill(_IN_DOC,
+                    name="InstanceNorm3d", layout="(N, C, D, H, W) input", shape="(N, C, D, H, W)",
+                    unbatched="(C, D, H, W)", over="(D, H, W)", example="2, 4, 3, 3, 3",
+                    arg_defaults=_IN_DEFAULTS)
 
     _ndims, _layout = (4, 5), "5-D (N, C, D, H, W) or 4-D unbatched (C, D, H, W) input"
 
@@ -389,10 +532,43 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
 
 
 class LayerNorm(nn.Module):
-    """Layer Normalization over the trailing ``normalized_shape`` dims (torch.nn.LayerNorm).
+    r"""Layer Normalization over the last dims of the input, each sample with its own mean and variance.
 
-    Statistics per sample (the survey “Norm相关总结” eq. 14–15), so train and eval behave the same and no
-    running statistics exist.
+    Drop-in for ``torch.nn.LayerNorm``: the same arguments, defaults and ``state_dict`` keys.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The mean and biased variance are taken over the last ``len(normalized_shape)`` dims of each
+    sample (a token, in a transformer); γ and β have the shape ``normalized_shape``. Nothing
+    depends on the batch, so training and eval compute the same and there are no running
+    statistics.
+
+    Source: Ba, Kiros & Hinton 2016, "Layer Normalization"; the survey “Norm相关总结” eq. (14)–(15).
+
+    Args:
+        normalized_shape (int or sequence of ints): the trailing shape to normalize over; an int
+            ``D`` means the last dim, of size ``D``.
+        eps (float): ε, added to the variance inside the square root. Default: ``1e-5``.
+        elementwise_affine (bool): learn γ (initially ones) and β (zeros) per element of
+            ``normalized_shape``. Default: ``True``.
+        bias (bool): with ``elementwise_affine``, learn β too. Default: ``True``.
+        device, dtype: where and in which floating dtype to create the parameters.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``
+        - Output: the same shape as the input
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> x = torch.randn(2, 5, 16) * 4 + 3              # (batch, tokens, features)
+        >>> ln = nln.LayerNorm(16)
+        >>> torch.allclose(ln(x), torch.nn.LayerNorm(16)(x), atol=1e-5)
+        True
+        >>> bool(ln(x).mean(-1).abs().max() < 1e-5)         # every token centred
+        True
     """
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
@@ -436,8 +612,41 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm: LayerNorm without centering (torch.nn.RMSNorm); ``eps=None`` means
-    ``torch.finfo(input.dtype).eps``."""
+    r"""Root Mean Square Layer Normalization: LayerNorm without the centering, over the last dims.
+
+    Drop-in for ``torch.nn.RMSNorm``: the same arguments, defaults and ``state_dict`` keys.
+
+    .. math::
+
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+
+    The mean of squares is taken over the last ``len(normalized_shape)`` dims of each sample;
+    there is no mean to subtract and no β (the norm of Llama-style transformers).
+
+    Source: Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
+
+    Args:
+        normalized_shape (int or sequence of ints): the trailing shape to normalize over.
+        eps (float or None): ε inside the square root; ``None`` means the machine epsilon of the
+            dtype the statistics are computed in, ``torch.finfo(...).eps`` (float32 for fp16/bf16
+            input), as torch. Default: ``None``.
+        elementwise_affine (bool): learn γ (initially ones). Default: ``True``.
+        device, dtype: where and in which floating dtype to create the parameter.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``
+        - Output: the same shape as the input
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> x = torch.randn(2, 5, 16) * 4
+        >>> rms = nln.RMSNorm(16)
+        >>> torch.allclose(rms(x), torch.nn.RMSNorm(16)(x), atol=1e-5)
+        True
+        >>> bool(((rms(x) ** 2).mean(-1) - 1).abs().max() < 1e-4)   # unit mean square per token
+        True
+    """
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
 
@@ -471,12 +680,44 @@ class RMSNorm(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """Group Normalization (torch.nn.GroupNorm): ``num_channels`` split into ``num_groups``
-    groups, statistics per sample and group. ``num_groups=1`` is LayerNorm over (C, \\*S);
-    ``num_groups=num_channels`` is InstanceNorm.
+    r"""Group Normalization: the channels split into groups, each group of each sample normalized alone.
 
-    Raises ``ValueError`` at construction when ``num_groups`` does not divide
-    ``num_channels``.
+    Drop-in for ``torch.nn.GroupNorm``: the same arguments, defaults and ``state_dict`` keys.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The mean and biased variance are taken, for every sample, over the ``C / num_groups``
+    channels of a group and all their spatial positions; γ and β are per channel. Nothing depends
+    on the batch, so it works at batch size 1 where BatchNorm cannot. ``num_groups=1`` is
+    LayerNorm over ``(C, *)``; ``num_groups=num_channels`` is InstanceNorm. A ``num_groups``
+    that does not divide ``num_channels`` raises a ``ValueError`` at construction, listing the
+    divisors.
+
+    Source: Wu & He 2018, "Group Normalization", §3.
+
+    Args:
+        num_groups (int): the number of groups ``G``; must divide ``num_channels``.
+        num_channels (int): ``C``, the number of channels (dim 1 of the input).
+        eps (float): ε, added to the variance inside the square root. Default: ``1e-5``.
+        affine (bool): learn γ (initially ones) and β (zeros) per channel. Default: ``True``.
+        device, dtype: where and in which floating dtype to create the parameters.
+        bias (bool, keyword-only): with ``affine``, learn β too. Default: ``True``.
+
+    Shape:
+        - Input: ``(N, C, *)``
+        - Output: the same shape (and memory format) as the input
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> x = torch.randn(2, 6, 4, 4) * 2 + 1
+        >>> gn = nln.GroupNorm(3, 6)                       # 3 groups of 2 channels
+        >>> torch.allclose(gn(x), torch.nn.GroupNorm(3, 6)(x), atol=1e-5)
+        True
+        >>> torch.allclose(nln.GroupNorm(1, 6)(x), nln.LayerNorm((6, 4, 4))(x), atol=1e-5)
+        True
     """
 
     __constants__ = ["num_groups", "num_channels", "eps", "affine"]
@@ -534,13 +775,39 @@ class GroupNorm(nn.Module):
 
 
 class CosineLinear(nn.Module):
-    r"""A linear layer whose outputs are cosines (Cosine Normalization, Luo et al. 2018).
+    r"""A linear layer whose outputs are the cosines between the input and each weight row.
 
-    ``y_j = cos θ_j = w_j·x / (‖w_j‖ ‖x‖)`` (the survey “Norm相关总结” eq. 20): bounded in [−1, 1] whatever
-    the scale of ``x`` or ``w``. ``centered=True`` subtracts the means of ``w_j`` and ``x``
-    first, the Pearson correlation of eq. 21–26. No bias: a bias would break the bound.
+    .. math::
 
-    Shape: ``(*, in_features) → (*, out_features)``.
+        y_j = \cos\theta_j = \frac{w_j \cdot x}{\sqrt{\lVert w_j\rVert^2 + \epsilon}\,
+              \sqrt{\lVert x\rVert^2 + \epsilon}}
+
+    Bounded in [−1, 1] whatever the scale of ``x`` or ``w``, where a dot product is unbounded.
+    ``centered=True`` subtracts the means of ``w_j`` and of ``x`` first: the Pearson correlation.
+    There is no bias, which would break the bound.
+
+    Source: Luo et al. 2018, "Cosine Normalization: Using Cosine Similarity Instead of Dot Product
+    in Neural Networks"; the survey “Norm相关总结” eq. (20) and, centred, (21)–(26).
+
+    Args:
+        in_features (int): size of each input sample.
+        out_features (int): size of each output sample.
+        centered (bool): the centred (Pearson) form; needs ``in_features >= 2``. Default: ``False``.
+        eps (float): ε inside each square root. Default: ``1e-8``.
+        device, dtype: where and in which floating dtype to create the weight (initialized as
+            ``nn.Linear``'s).
+
+    Shape:
+        - Input: ``(*, in_features)``
+        - Output: ``(*, out_features)``
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> layer = nln.CosineLinear(8, 3)
+        >>> y = layer(torch.randn(5, 8) * 1000)             # any input scale
+        >>> y.shape, bool(y.abs().max() <= 1)
+        (torch.Size([5, 3]), True)
     """
 
     __constants__ = ["in_features", "out_features", "centered", "eps"]
@@ -641,18 +908,41 @@ def _rebuild_weight_normed(base: type, state: dict) -> nn.Module:
 
 
 def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) -> nn.Module:
-    r"""Reparametrize ``module.<name>`` as ``w = g · v / ‖v‖`` (Salimans & Kingma 2016; the survey “Norm相关总结”
-    eq. 19), with the analytic backward of :func:`normlab.functional.weight_norm`.
+    r"""Reparametrize a weight of a module as a length times a direction, learned separately.
+
+    .. math::
+
+        w = g \, \frac{v}{\lVert v \rVert}
 
     ``‖v‖`` is over every dim except ``dim`` (0: one length per output unit; ``None`` or ``-1``:
-    the whole tensor). ``g`` and ``v`` live at ``parametrizations.<name>.original0`` and
-    ``.original1``, the keys of ``torch.nn.utils.parametrizations.weight_norm``; ``w`` is
-    recomputed on every access, and the module survives ``copy.deepcopy``, ``pickle`` and
-    ``torch.save``. Undo with :func:`remove_weight_norm`.
+    the whole tensor), and ``g`` starts at ``‖w‖``, so the module computes what it did before.
+    ``g`` and ``v`` live at ``parametrizations.<name>.original0`` and ``.original1``, the keys of
+    ``torch.nn.utils.parametrizations.weight_norm``, so state dicts move between the two; ``w`` is
+    recomputed on every access with the written-out backward of
+    :func:`normlab.functional.weight_norm`, and the module survives ``copy.deepcopy``, ``pickle``
+    and ``torch.save``. Undo with :func:`remove_weight_norm`.
 
-    >>> lin = weight_norm(torch.nn.Linear(4, 3))
-    >>> sorted(lin.state_dict())
-    ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
+    Source: Salimans & Kingma 2016, "Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks", eq. (2); the survey “Norm相关总结” eq. (19).
+
+    Args:
+        module (nn.Module): the module whose parameter is reparametrized (in place).
+        name (str): the parameter's name. Default: ``"weight"``.
+        dim (int or None): the dim that keeps its own length ``g``. Default: ``0``.
+
+    Returns:
+        ``module``, with ``module.<name>`` now computed from ``g`` and ``v``.
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> lin = torch.nn.Linear(4, 3)
+        >>> w = lin.weight.detach().clone()
+        >>> lin = nln.weight_norm(lin)
+        >>> sorted(lin.state_dict())
+        ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
+        >>> torch.allclose(lin.weight, w), tuple(lin.parametrizations.weight.original0.shape)
+        (True, (3, 1))
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"weight_norm: expected a torch.nn.Module (e.g. nn.Linear), got {type(module).__name__}")
@@ -676,8 +966,23 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
 
 
 def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
-    """Undo :func:`weight_norm`: ``module.<name>`` becomes a plain parameter holding the
-    current ``g · v/‖v‖``."""
+    """Undo weight_norm: the weight becomes a plain parameter again, holding the current g · v/‖v‖.
+
+    Args:
+        module (nn.Module): a module passed through :func:`weight_norm` (changed in place).
+        name (str): the reparametrized parameter. Default: ``"weight"``.
+
+    Returns:
+        ``module``, of its original class again once no weight of it is reparametrized.
+
+    Example::
+
+        >>> import torch, normlab.nn as nln
+        >>> lin = nln.weight_norm(torch.nn.Linear(4, 3))
+        >>> lin = nln.remove_weight_norm(lin)
+        >>> type(lin).__name__, sorted(lin.state_dict())
+        ('Linear', ['bias', 'weight'])
+    """
     wn = module._modules.get("parametrizations")
     if wn is None or name not in wn._modules:
         raise ValueError(f"remove_weight_norm: {name!r} of {type(module).__name__} is not weight-normed")

@@ -380,7 +380,7 @@ def _from_numpy(a: np.ndarray) -> Tensor:
 
 
 class MinMaxScaler(_Scaler):
-    r"""Scale each feature linearly so its training range maps onto ``feature_range``.
+    r"""Scale each feature linearly so that its training range maps onto feature_range.
 
     .. math::
 
@@ -391,6 +391,9 @@ class MinMaxScaler(_Scaler):
     0 and gets ``scale_ = b - a`` (``x' = a``) instead of a division by zero. Data outside the
     training range maps outside ``feature_range`` unless ``clip=True``. See the module notes:
     fit on training data only, then apply to test data.
+
+    Source: Lesson 14.1 §1.1 (0-1 normalization) and §2 (statistics from the training set only);
+    the API of scikit-learn's ``MinMaxScaler``.
 
     Parameters
     ----------
@@ -500,6 +503,9 @@ class StandardScaler(_Scaler):
     ``σ² ≤ n·eps·σ² + (n·μ·eps)²`` (the error bound of the two-pass variance), is treated
     as constant and gets ``scale_ = 1``. See the module notes: fit on training data only, then
     apply to test data.
+
+    Source: Lesson 14.1 §1.2 (Z-Score standardization) and §2 (statistics from the training set
+    only); the API of scikit-learn's ``StandardScaler``.
 
     Parameters
     ----------
