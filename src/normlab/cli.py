@@ -118,8 +118,7 @@ def _run(args: argparse.Namespace) -> int:
             traceback.print_exc()
             continue
         records.append(rec)
-        mark = "supported" if rec["verdict"]["supported"] else "NOT supported"
-        print(f"      {mark} ({rec['seconds']:.1f} s): {rec['verdict']['summary']}", flush=True)
+        print(f"      {rec['verdict']['status']} ({rec['seconds']:.1f} s): {rec['verdict']['summary']}", flush=True)
     meta = {
         "normlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "command": "normlab run " + " ".join(args.argv), "mode": "full" if args.full else "quick (tour)",
@@ -127,8 +126,8 @@ def _run(args: argparse.Namespace) -> int:
     }
     if records:
         page = report.write_report(records, out, meta=meta)
-        held = sum(r["verdict"]["supported"] for r in records)
-        print(f"{held}/{len(records)} claims supported; report: {page}")
+        count = {k: sum(r["verdict"]["status"] == k for r in records) for k in ("supported", "not supported", "inconclusive")}
+        print(", ".join(f"{n} {k}" for k, n in count.items()) + f" (of {len(records)} claims); report: {page}")
     if failed:
         print(f"normlab run: experiment(s) failed with an error: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -12,15 +12,16 @@ Record::
       "claim": "Z-Score inputs converge faster ...",   # the claim under test, in words
       "params": {"epochs": 5, "seeds": [0, 1], ...},   # what was run (JSON scalars/lists)
       "checks": [check, ...],                 # the numbers behind the verdict
-      "verdict": {"supported": true | false, "summary": "3/3 checks hold: ..."},
+      "verdict": {"status": "supported" | "not supported" | "inconclusive", "summary": "why, in words"},
       "figures": [figure, ...],
       "tables": [table, ...],
       "notes": ["free text, e.g. why a check may fail in quick mode"],
       "seconds": 12.3,                        # wall time of the experiment
     }
 
-check  = {"name": str, "value": float, "op": ">" | "<" | ">=" | "<=", "threshold": float,
-          "passed": bool, "detail": str}
+check  = {"name": str, "value": float, "values": [float per random seed] | None (exact),
+          "ci": [lo, hi], "ci_method": str, "op": ">" | "<" | ">=" | "<=", "threshold": float,
+          "status": "holds" | "fails" | "undecided", "passed": bool (status == "holds"), "detail": str}
 table  = {"title": str, "columns": [str, ...], "rows": [[scalar, ...], ...]}
 figure = {"title": str, "panels": [panel, ...]}   # panels side by side (wrapped at 3 per row)
 
@@ -42,34 +43,107 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["check", "verdict", "box", "series", "panel", "figure", "table", "to_json"]
+__all__ = ["check", "verdict", "explain", "box", "series", "panel", "figure", "table", "to_json"]
 
 _OPS = {">": lambda a, b: a > b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
 
 
-def check(name: str, value: float, op: str, threshold: float, detail: str = "") -> dict:
-    """One computed test ``value op threshold``; NaN never passes."""
+def check(name: str, value, op: str, threshold: float, detail: str = "") -> dict:
+    """One claim about a number, ``value op threshold``, decided with its uncertainty.
+
+    ``value`` is either one number from a computation without randomness (its interval is the
+    value itself) or a sequence with one number per random seed. For several seeds the value is
+    their mean and ``ci`` the 95% t-interval of that mean (``mean ± t₀.₉₇₅,ₙ₋₁·s/√n``, ``s`` the
+    sample standard deviation over seeds). The check **holds** when the whole interval is on
+    the claimed side of the threshold, **fails** when the whole interval is on the other side,
+    and is **undecided** otherwise (one seed gives no interval: undecided). A NaN (a run that
+    diverged) fails; an infinite value (a gradient that vanished in a log ratio) is judged seed
+    by seed, the interval then being the range of the values.
+    """
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
-    value = float(value)
-    passed = (not math.isnan(value)) and bool(_OPS[op](value, threshold))
-    return {"name": name, "value": value, "op": op, "threshold": float(threshold), "passed": passed, "detail": detail}
+    per_seed = isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and not isinstance(value, str))
+    values = [float(v) for v in value] if per_seed else [float(value)]
+    if not values:
+        raise ValueError(f"check {name!r} got no values")
+    good = _OPS[op]
+    mean = sum(values) / len(values)  # inf where a seed's value is infinite
+    if any(math.isnan(v) for v in values):
+        lo = hi = math.nan
+        method, status = "a run diverged (NaN)", "fails"
+    elif not per_seed:
+        lo = hi = values[0]
+        method, status = "exact (no randomness)", "holds" if good(values[0], threshold) else "fails"
+    elif not all(math.isfinite(v) for v in values):
+        lo, hi = min(values), max(values)
+        method = f"range over {len(values)} random seeds (a value is infinite)"
+        status = ("holds" if all(good(v, threshold) for v in values)
+                  else "fails" if not any(good(v, threshold) for v in values) else "undecided")
+    elif len(values) < 2:
+        lo = hi = math.nan
+        method, status = "one random seed: no interval", "undecided"
+    else:
+        lo, hi = _t_interval(values)
+        method = f"95% t-interval over {len(values)} random seeds"
+        status = ("holds" if good(lo, threshold) and good(hi, threshold)
+                  else "fails" if not good(lo, threshold) and not good(hi, threshold) and lo != threshold
+                  and hi != threshold else "undecided")
+    return {"name": name, "value": mean, "values": values if per_seed else None, "ci": [lo, hi], "ci_method": method,
+            "op": op, "threshold": float(threshold), "status": status, "passed": status == "holds", "detail": detail}
 
 
-def verdict(checks: Sequence[dict]) -> dict:
-    """The claim is supported when every check passes; the summary names the ones that fail."""
-    failed = [c for c in checks if not c["passed"]]
+def _t_interval(values: Sequence[float]) -> tuple[float, float]:
+    from scipy.stats import t
+
+    n = len(values)
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def verdict(checks: Sequence[dict], hint: str = "") -> dict:
+    """The experiment's verdict from its checks, with the reason in words.
+
+    ``"supported"`` when every check holds, ``"not supported"`` when any check fails (its whole
+    interval is on the wrong side), ``"inconclusive"`` otherwise: some interval still contains
+    its threshold. ``hint`` (e.g. how to run more seeds) is added to an inconclusive reason.
+    """
     n = len(checks)
     if not n:
-        return {"supported": False, "summary": "no checks were computed"}
-    if not failed:
-        return {"supported": True, "summary": f"all {n} checks hold"}
-    names = "; ".join(f"{c['name']} ({_fmt(c['value'])} {c['op']} {_fmt(c['threshold'])} is false)" for c in failed)
-    return {"supported": False, "summary": f"{n - len(failed)}/{n} checks hold; failing: {names}"}
+        return {"status": "inconclusive", "summary": "no checks were computed"}
+    failing = [c for c in checks if c["status"] == "fails"]
+    open_ = [c for c in checks if c["status"] == "undecided"]
+    if failing:
+        return {"status": "not supported",
+                "summary": f"{len(failing)} of {n} checks fail: " + "; ".join(explain(c) for c in failing)}
+    if open_:
+        text = f"{len(open_)} of {n} checks undecided: " + "; ".join(explain(c) for c in open_)
+        return {"status": "inconclusive", "summary": text + (f". {hint}" if hint else "")}
+    return {"status": "supported", "summary": f"all {n} checks hold, each interval on the claimed side"}
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
+def explain(c: dict) -> str:
+    """One check in words: its value, its interval and what that says about the claim."""
+    side = {">": "above", ">=": "at or above", "<": "below", "<=": "at or below"}[c["op"]]
+    lo, hi = c["ci"]
+    if c["values"] is None:
+        where = f"{c['name']} is {_fmt(c['value'])}"
+    elif math.isnan(lo):
+        where = f"{c['name']} is {_fmt(c['value'])} ({c['ci_method']})"
+    else:
+        label = "95% CI" if c["ci_method"].startswith("95%") else "range over seeds"
+        where = f"{c['name']} is {_fmt(c['value'])} ({label} {_fmt(lo, True)} to {_fmt(hi, True)})"
+    if c["status"] == "holds":
+        return f"{where}: {side} {_fmt(c['threshold'])}, as claimed"
+    if c["status"] == "fails":
+        return f"{where}: not {side} {_fmt(c['threshold'])}, against the claim"
+    n = len(c["values"] or [])
+    return f"{where}: not distinguishable from {_fmt(c['threshold'])} with {n} random seed{'s' * (n != 1)}"
+
+
+def _fmt(v: float, signed: bool = False) -> str:
+    return f"{v:+.3g}" if signed and v and math.isfinite(v) else f"{v:.3g}"
 
 
 def box(label: str, values, group: str | None = None, whiskers: tuple[float, float] = (5.0, 95.0)) -> dict:

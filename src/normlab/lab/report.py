@@ -16,10 +16,12 @@ What the page shows, top to bottom:
 1. "normlab report", the run's ``meta`` (version, command, date, device, total seconds:
    whatever keys it has) as a definition list, and a summary table with one row per
    experiment: its name (a link to its section), title, verdict (✔ supported in green,
-   ✘ not supported in red) and wall time in seconds;
+   ✘ not supported in red, ? inconclusive in amber) and wall time in seconds, after a short
+   "how to read this page" (what a check, a random seed, an interval and each verdict mean);
 2. one ``<section id="<name>">`` per experiment: the title, where the claim comes from, the claim
    quoted, the verdict and its summary, the parameters that were run, the checks behind the
-   verdict (``value op threshold``, passed, detail), each figure with its title as caption,
+   verdict (value, 95% interval over random seeds, the claimed side, status, detail), each
+   figure with its title as caption,
    each table (floats to 4 significant digits), and the notes.
 
 The page computes nothing: it shows what the records say, so ``normlab report DIR``
@@ -53,6 +55,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 __all__ = ["write_report", "load_records", "rebuild", "render_figure"]
+
+_VERDICTS = {"supported": ("ok", "✔ supported"), "not supported": ("bad", "✘ not supported"),
+             "inconclusive": ("open", "? inconclusive")}
+_STATUSES = {"holds": ("ok", "✔ holds"), "fails": ("bad", "✘ fails"), "undecided": ("open", "? undecided")}
 
 RECORDS_FILE = "records.json"
 INDEX_FILE = "index.html"
@@ -158,8 +164,9 @@ def _validate(records: Any, where: str) -> None:
             )
         if name in seen:
             raise ValueError(f"{where}: two records are named {name!r}; names must be unique")
-        if not (isinstance(rec["verdict"], dict) and "supported" in rec["verdict"]):
-            raise ValueError(f"{where}: record {name!r} needs verdict = {{'supported': bool, 'summary': str}}")
+        if not (isinstance(rec["verdict"], dict) and rec["verdict"].get("status") in _VERDICTS):
+            raise ValueError(f"{where}: record {name!r} needs verdict = {{'status': one of {list(_VERDICTS)}, "
+                             "'summary': str}")
         seen.add(name)
 
 
@@ -357,6 +364,8 @@ th { background: #f4f4f4; }
 blockquote { border-left: 4px solid #bbb; margin: 1em 0; padding: .2em 1em; color: #444; font-style: italic; }
 .ok { color: #1a7f37; font-weight: bold; }
 .bad { color: #c62828; font-weight: bold; }
+.open { color: #9a6700; font-weight: bold; }
+.howto { background: #f7f7f4; border: 1px solid #e4e4dc; padding: .4em 1.2em; border-radius: 4px; }
 .source { color: #666; font-size: .9em; }
 code { background: #f4f4f4; padding: .1em .3em; border-radius: 3px; font-size: .85em; }
 figure { margin: 1.5em 0; }
@@ -370,6 +379,7 @@ def _page(records: Sequence[dict], meta: dict) -> str:
     body = [
         "<h1>normlab report</h1>",
         _meta_list(meta),
+        _HOW_TO_READ,
         _html_table(["experiment", "title", "verdict", "seconds"], (_summary_row(r) for r in records)),
         *(_section(r) for r in records),
     ]
@@ -382,6 +392,22 @@ def _page(records: Sequence[dict], meta: dict) -> str:
     )
 
 
+_HOW_TO_READ = """<div class="howto"><h3>How to read this page</h3>
+<p>Each experiment tests one claim of Lesson 14.1 (“数据归一化与Batch Normalization理论基础”), the survey
+“Norm相关总结” or a paper, by training small networks and measuring. A <b>check</b> is one number the
+claim predicts to lie on one side of a threshold, e.g. “Z-Score's test error divided by raw inputs'
+is below 1”. Training depends on the random seed (initial weights, batch order), so each check is
+measured once per <b>random seed</b> and reported as the mean with its <b>95% interval</b> (a
+t-interval over the seeds): the range that, by the seeds' spread, likely holds the value more
+runs would give. A check <span class="ok">✔ holds</span> when the whole interval lies on the
+claimed side, <span class="bad">✘ fails</span> when it lies on the other side, and is
+<span class="open">? undecided</span> when the interval still contains the threshold: the seeds
+disagree, and more of them (<code>--full</code> runs 5) can decide. A claim is
+<span class="ok">✔ supported</span> when every check holds, <span class="bad">✘ not supported</span>
+when one fails, and <span class="open">? inconclusive</span> otherwise. Checks computed without
+randomness (the algebra of <code>affine</code>) are exact and have no interval.</p></div>"""
+
+
 def _meta_list(meta: dict) -> str:
     if not meta:
         return ""
@@ -391,7 +417,8 @@ def _meta_list(meta: dict) -> str:
 
 def _summary_row(rec: dict) -> list[str]:
     name = rec["name"]
-    return [f'<a href="#{_esc(name)}">{_esc(name)}</a>', _esc(rec["title"]), _badge(rec["verdict"]["supported"]), _seconds(rec)]
+    return [f'<a href="#{_esc(name)}">{_esc(name)}</a>', _esc(rec["title"]), _badge(_VERDICTS, rec["verdict"]["status"]),
+            _seconds(rec)]
 
 
 def _section(rec: dict) -> str:
@@ -400,17 +427,18 @@ def _section(rec: dict) -> str:
     if rec.get("source"):
         parts.append(f'<p class="source">Source: {_esc(rec["source"])}</p>')
     parts.append(f"<blockquote>“{_esc(rec['claim'])}”</blockquote>")
-    parts.append(f"<p>{_badge(v['supported'])} — {_esc(v.get('summary', ''))}</p>")
+    parts.append(f"<p>{_badge(_VERDICTS, v['status'])} — {_esc(v.get('summary', ''))}</p>")
     if rec.get("params"):
         params = " ".join(f"<code>{_esc(key)}={_cell(value)}</code>" for key, value in rec["params"].items())
         parts.append(f"<p>Parameters: {params}</p>")
     if rec["checks"]:
-        head = ["check", "value", "op", "threshold", "passed", "detail"]
+        head = ["check", "value", "95% interval", "claimed", "status", "detail"]
         rows = (
-            [_esc(c["name"]), _cell(c["value"]), _esc(c["op"]), _cell(c["threshold"]), _badge(c["passed"], short=True), _esc(c.get("detail", ""))]
+            [_esc(c["name"]), _cell(c["value"]), _interval(c), _esc(f"{c['op']} {c['threshold']:.4g}"),
+             _badge(_STATUSES, c["status"]), _esc(c.get("detail", ""))]
             for c in rec["checks"]
         )
-        parts.append(_html_table(head, rows, caption="Checks"))
+        parts.append(_html_table(head, rows, caption="Checks (value: the mean over random seeds)"))
     parts += [_figure_html(name, fig) for fig in rec.get("figures") or ()]
     parts += [
         _html_table([_esc(c) for c in tab["columns"]], ([_cell(v) for v in row] for row in tab["rows"]), caption=tab.get("title", ""))
@@ -442,10 +470,18 @@ def _html_table(head: Sequence[str], rows: Iterable[Sequence[str]], caption: str
     return f"<table>{cap}<thead>{thead}</thead><tbody>{tbody}</tbody></table>"
 
 
-def _badge(supported: bool, short: bool = False) -> str:
-    if short:
-        return '<span class="ok">✔</span>' if supported else '<span class="bad">✘</span>'
-    return '<span class="ok">✔ supported</span>' if supported else '<span class="bad">✘ not supported</span>'
+def _badge(kinds: dict, status: str) -> str:
+    css, text = kinds[status]
+    return f'<span class="{css}">{text}</span>'
+
+
+def _interval(c: dict) -> str:
+    """A check's interval as page text: "lo to hi (how)", or how it was decided without one."""
+    lo, hi = c.get("ci", (math.nan, math.nan))
+    how = c.get("ci_method", "")
+    if c.get("values") is None or math.isnan(lo):
+        return _esc(how)
+    return f"{_cell(lo)} to {_cell(hi)}<br><small>{_esc(how)}</small>"
 
 
 def _seconds(rec: dict) -> str:
