@@ -108,12 +108,23 @@ def _png_size(png: bytes) -> tuple[int, int]:
     return struct.unpack(">II", png[16:24])
 
 
-def test_render_figure_wraps_panels_at_three():
+def test_render_figure_spans_the_page_at_twice_its_resolution_and_wraps_at_three():
     one = render_figure(RECORDS[0]["figures"][0])
     four = render_figure(RECORDS[1]["figures"][0])
     assert one.startswith(PNG_SIGNATURE) and four.startswith(PNG_SIGNATURE)
-    assert _png_size(one) == pytest.approx((2 * 4.2 * 90, 3.2 * 90), abs=1)
-    assert _png_size(four) == pytest.approx((3 * 4.2 * 90, 2 * 3.2 * 90), abs=1)
+    width, height = _png_size(one)
+    assert width == pytest.approx(2 * 1150, rel=0.05)  # 2x the content width of the page
+    assert _png_size(four) == pytest.approx((width, 2 * report._PANEL_HEIGHT * report._DPI + height - (
+        report._PANEL_HEIGHT * report._DPI)), abs=2)  # a second row of panels
+
+
+def test_every_method_keeps_one_style_in_every_figure():
+    assert report.method_style("BN") == report.method_style("batch") == report.method_style("zscore+BN")
+    assert report.method_style("SyncBN ×2") == report.method_style("syncbn")
+    styles = {report.method_style(n) for n in ("none", "batch", "layer", "group", "instance", "rms", "weight",
+                                                 "cosine", "batchrenorm", "BN→GN")}
+    assert len(styles) == 10 and len({c for c, _, _ in styles}) == 10  # ten methods, ten colours
+    assert report.method_style("my-norm") == report.method_style("my-norm")  # unknown: stable too
 
 
 @pytest.mark.parametrize(

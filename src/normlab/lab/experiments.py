@@ -102,7 +102,7 @@ def run(name: str, cfg: Config | None = None) -> dict:
     exp, cfg = EXPERIMENTS[name], cfg or Config()
     start = time.perf_counter()
     out = exp.fn(cfg)
-    hint = "" if cfg.full else f"`normlab run {exp.name} --full` runs 5 random seeds and more epochs"
+    hint = "" if cfg.full else f"`normlab run {exp.name} --full` runs more random seeds and epochs"
     record = {
         "name": exp.name,
         "title": exp.title,
@@ -207,7 +207,7 @@ def _boxes(layers: dict[str, torch.Tensor], group: str) -> list[dict]:
     "reaches a lower test error than on raw inputs, and its per-layer gradients are steadier in the first epochs.",
 )
 def _zscore(cfg: Config) -> dict:
-    epochs, seeds = cfg.epochs_or(20, 40), cfg.seeds_or(3)
+    epochs, seeds = cfg.epochs_or(20, 40), cfg.seeds_or(5, 10)
     lr, batch = 0.03, 10
     raw_split = data.make_regression(num_examples=1000, num_inputs=2, degree=1, loc=5.0, seed=0)
     runs = {"raw": raw_split, "zscore": raw_split.scaled("zscore")}
@@ -263,13 +263,19 @@ def _zscore(cfg: Config) -> dict:
         "checks": checks,
         "figures": [
             records.figure(
-                "Test loss per epoch (mean ± std over seeds)",
-                _curves_panel("regression: test MSE", "MSE", curves, logy=True),
+                "Learning curves, raw vs Z-Score inputs (mean ± std over random seeds)",
+                _curves_panel("regression: test MSE (log scale)", "MSE", curves, logy=True),
                 _curves_panel("breast_cancer: test accuracy", "accuracy", real_acc),
+                caption="If the claim holds, the Z-Score curve lies below raw's on the left (lower error, sooner) "
+                        "and above it on the right (higher accuracy). The bands are ± one standard deviation "
+                        "over the random seeds.",
             ),
             records.figure(
-                f"Weight gradients per layer during epoch 1 (seed {seeds[0]})",
-                records.panel("boxes", "raw vs zscore", "layer", "∂loss/∂w", boxes=boxes),
+                f"Weight gradients of each layer during epoch 1, raw vs Z-Score inputs (random seed {seeds[0]})",
+                records.panel("boxes", "all weight-gradient values of the epoch, per layer", "layer", "∂loss/∂w",
+                              boxes=boxes),
+                caption="One box per layer and input (whiskers at the 5th and 95th percentiles). Steady gradients "
+                        "look alike from layer to layer; the gradient-spread check compares how unequal they are.",
             ),
         ],
         "tables": [records.table("Summary (mean over seeds)", ["inputs", "final test MSE", "mean test MSE", "breast_cancer accuracy", "gradient spread"],
@@ -290,7 +296,7 @@ def _zscore(cfg: Config) -> dict:
 def _drift(cfg: Config) -> dict:
     late = cfg.epochs_or(40, 40)
     early = max(1, min(5, late // 2))  # the lesson's epoch 5, earlier when --epochs is small
-    seeds = cfg.seeds_or(3)
+    seeds = cfg.seeds_or(5, 10)
     lr, batch = 0.03, 10
     split = data.make_regression(num_examples=1000, num_inputs=2, degree=2, bias=False, seed=0).scaled("zscore")
     spread = {(k, e): [] for k in ("zscore", "zscore+BN") for e in (early, late)}
@@ -327,15 +333,23 @@ def _drift(cfg: Config) -> dict:
     abs_panels = []
     for kind in ("zscore", "zscore+BN"):
         bx = [b for k, _, group in boxes if k == kind for b in group]
-        abs_panels.append(records.panel("boxes", kind, "epoch:layer", "∂loss/∂w", boxes=bx))
+        abs_panels.append(records.panel("boxes", {"zscore": "Z-Score only", "zscore+BN": "Z-Score + BN"}[kind],
+                                        "epoch and layer", "∂loss/∂w", boxes=bx))
     return {
         "params": {"epochs": [early, late], "seeds": list(seeds), "lr": lr, "batch_size": batch,
                    "model": "tanh MLP 2-4-4-1 (the lesson's tanh_class2), Xavier; BN before each tanh"},
         "checks": checks,
         "notes": notes,
         "figures": [
-            records.figure(f"Weight gradients per layer at epoch {early} and {late} (seed {seeds[0]})", *abs_panels),
-            records.figure("Test MSE per epoch", _curves_panel("test MSE", "MSE", curves, logy=True)),
+            records.figure(f"Weight gradients of each layer at epoch {early} and {late} (random seed {seeds[0]})",
+                           *abs_panels, sharey=True,
+                           caption=f"Each colour is one epoch. Drifting apart means the boxes of epoch {late} differ "
+                                   f"more from layer to layer than those of epoch {early}; the two panels share one "
+                                   "axis so Z-Score only and BN compare directly."),
+            records.figure("Test MSE per epoch, Z-Score only vs Z-Score + BN (mean ± std over random seeds)",
+                           _curves_panel("test MSE (log scale)", "MSE", curves, logy=True),
+                           caption="Lower is better. Steadier gradients need not mean a lower error: the notes give "
+                                   "the final errors."),
         ],
         "tables": [records.table("Gradient spread across layers (log10 max/min of per-layer std), mean over seeds",
                                  ["model", f"epoch {early}", f"epoch {late}"],
@@ -407,7 +421,11 @@ def _glorot(cfg: Config) -> dict:
     return {
         "params": {"depth": depth, "width": width, "batch": n, "seeds": list(seeds), "input": "N(0, 1)", "biases": 0, "loss": "MSE to N(0, 1) targets"},
         "checks": checks,
-        "figures": [records.figure("Variance per hidden layer at initialisation (mean over seeds)", *panels)],
+        "figures": [records.figure(
+            "Variance through the hidden layers at initialisation (mean over random seeds)", *panels,
+            caption="Glorot's condition is a flat line: the variance neither shrinks nor grows from layer to layer. "
+                    "With torch's default init the tanh lines fall by about a third per layer; Xavier's fall "
+                    "far less. Sigmoid's backward lines fall steeply whatever the init (its slope is at most 1/4).")],
         "tables": [records.table(
             "Per-layer ratios (geometric mean over layers; 1 = the Glorot condition holds)",
             ["activation/init", "forward ratio per layer", "backward ratio per layer", "forward last/first", "backward first/last", "saturated fraction"],
@@ -507,17 +525,26 @@ def _batchnorm(cfg: Config) -> dict:
                       _ratio(drift["BN"], drift["none"]), "<", 1.0, f"BN {d['BN']:.3f}, none {d['none']:.3f} (means)"),
     ]
     band_panels = [
-        records.panel("lines", f"{kind}: input to one sigmoid (15/50/85%)", "step", "value",
-                      series=[records.series("median", kind_steps, q[:, 1], q[:, 0], q[:, 2])])
+        records.panel("lines", f"{'without BN' if kind == 'none' else 'with BN'}: median, band 15–85%", "step",
+                      "input to the sigmoid", series=[records.series(kind, kind_steps, q[:, 1], q[:, 0], q[:, 2])])
         for kind, (kind_steps, q) in bands.items()
     ]
-    acc_panel = records.panel("lines", "test accuracy", "step", "accuracy",
+    acc_panel = records.panel("lines", "test accuracy during training", "step", "accuracy",
                               series=[records.series(k, steps, *m) for k, m in mean_acc.items()])
     return {
         "params": {"epochs": epochs, "seeds": list(seeds), "lr": lr, "batch_size": batch, "data": "digits (Z-Score)",
                    "model": "sigmoid MLP 64-100-100-100-10, Xavier init, BN before each sigmoid"},
         "checks": checks,
-        "figures": [records.figure("Ioffe & Szegedy Fig. 1 on digits", acc_panel, *band_panels)],
+        "figures": [
+            records.figure("Test accuracy with and without BN (mean ± std over random seeds; cf. Ioffe & Szegedy "
+                           "2015, Fig. 1a)", acc_panel,
+                           caption="If the claim holds, BN's curve rises sooner and ends higher."),
+            records.figure(f"The input to one sigmoid of the last hidden layer during training (random seed "
+                           f"{seeds[0]}; cf. Fig. 1b, c)", *band_panels, sharey=True,
+                           caption="The line is the median over the test set, the band the 15th to 85th percentile. "
+                                   "With BN the band should stay where it is; without BN it wanders as the layers "
+                                   "below it learn (internal covariate shift)."),
+        ],
         "tables": [records.table("Summary (mean over seeds)", ["model", "final test accuracy", "early test accuracy", "percentile drift"],
                                  [[k, final[k], early[k], d[k]] for k in acc_curves])],
     }
@@ -594,13 +621,17 @@ def _compare(cfg: Config) -> dict:
     for activation, by_norm in results.items():
         order = sorted(by_norm, key=lambda n: acc[activation, n], reverse=True)
         figures.append(records.figure(
-            f"{activation} MLP 64-{width}×{depth}-10, lr {tasks[activation]} (mean ± std over seeds)",
+            f"Every norm on a {activation} MLP 64-{width}×{depth}-10, lr {tasks[activation]} (mean ± std over random seeds)",
             _curves_panel("test accuracy", "accuracy", {n: [h.test_metric for h, _ in runs] for n, runs in by_norm.items()}),
             records.panel("bars", "final test accuracy", "", "accuracy", labels=order, values=[acc[activation, n] for n in order],
                           errors=[_std(h.test_metric[-1] for h, _ in by_norm[n]) for n in order]),
-            records.panel("lines", "Var(∂loss/∂layer output), last epoch", "layer", "variance", logy=True, series=[
-                records.series(n, range(1, depth + 2), [_mean(b[i] for _, b in runs) for i in range(depth + 1)])
-                for n, runs in by_norm.items()]),
+            records.panel("lines", "Var(∂loss/∂layer output), last epoch", "layer", "variance (log scale)", logy=True,
+                          series=[records.series(n, range(1, depth + 2), [_mean(b[i] for _, b in runs)
+                                                                          for i in range(depth + 1)])
+                                  for n, runs in by_norm.items()]),
+            caption="Left: test accuracy per epoch; middle: final accuracy, best first, ± std over seeds; right: "
+                    "how the gradient variance changes from layer to layer (flat is steady). Each norm has one "
+                    "colour and line style in every figure of this report.",
         ))
     return {
         "params": {"epochs": epochs, "seeds": list(seeds), "learning rates": tasks, "batch_size": batch, "data": "digits (Z-Score)",
@@ -692,8 +723,12 @@ def _batch_size(cfg: Config) -> dict:
                   "limits, so the batch statistics still dominate. BN→GN is the BN model passed through "
                   "normlab.convert.replace_norm(model, 'group') before training."],
         "checks": checks,
-        "figures": [records.figure("Test error vs batch size (cf. Wu & He 2018, Fig. 1)",
-                                   records.panel("lines", "test error", "batch size", "error", series=series, logx=True))],
+        "figures": [records.figure("Test error against the batch size (mean ± std over random seeds; cf. Wu & He "
+                                   "2018, Fig. 1)",
+                                   records.panel("lines", "test error after training", "batch size (log scale)",
+                                                 "error", series=series, logx=True),
+                                   caption="If the claim holds, BN's line climbs as the batch shrinks to 2 while "
+                                           "GN's and LN's stay flat.")],
         "tables": [records.table("Test error (mean over seeds)", ["norm", *[f"batch {s}" for s in sizes]],
                                  [[n, *[by.get(s, math.nan) for s in sizes]] for n, by in err.items()])],
     }
@@ -743,10 +778,12 @@ def _affine(cfg: Config) -> dict:
     return {
         "params": {"features": features, "examples": n, "eps": eps, "running statistics": "20 training batches of 32"},
         "checks": checks,
-        "figures": [records.figure("Relative error of the affine identities (float32)",
+        "figures": [records.figure("How far each affine identity is from exact, in float32 (log scale)",
                                    records.panel("bars", "max relative error", "", "error", logy=True,
                                                  labels=["affine map", "Z-Score case", "identity case"],
-                                                 values=[max(e, 1e-12) for _, e in cases]))],
+                                                 values=[max(e, 1e-12) for _, e in cases]),
+                                   caption="One dot per identity: max |difference| / max |reference|. float32 "
+                                           "rounds at about 1e-7, so dots near or below that mean exact.")],
         "tables": [records.table("Per-channel affine view of the trained BN", ["channel", "μ", "σ²", "scale γ/√(σ²+ε)", "shift β − γμ/√(σ²+ε)"],
                                  [[c, mu[c], var[c], scale[c], shift[c]] for c in range(features)])],
     }
@@ -817,11 +854,14 @@ def _train_eval(cfg: Config) -> dict:
                    "model": "ReLU MLP 64-64-64-64-10 with BN, lr 0.05", "data": "digits (Z-Score)"},
         "checks": checks,
         "figures": [records.figure(
-            "Running vs batch statistics",
-            records.panel("lines", "test accuracy by test batch size", "test batch size", "accuracy", logx=True,
-                          series=[records.series(k, test_batches, v) for k, v in acc.items()]),
-            records.panel("bars", "running-mean error vs population", "momentum", "relative error", labels=labels,
-                          values=[mom[m][0] for m in momenta]),
+            "BatchNorm at test time: running statistics (eval) vs the test batch's own (train mode)",
+            records.panel("lines", "test accuracy by test batch size", "test batch size (log scale)", "accuracy",
+                          logx=True, series=[records.series(k, test_batches, v) for k, v in acc.items()]),
+            records.panel("bars", "running mean's distance to the population mean", "momentum", "relative error",
+                          labels=labels, values=[mom[m][0] for m in momenta]),
+            caption="Left: in eval the accuracy is the same for any test batch size; forgetting model.eval() "
+                    "normalizes each test batch by itself, which costs accuracy at small batches. Right: a "
+                    "smaller momentum averages over more batches and ends nearer the population mean.",
         )],
         "tables": [
             records.table("Test accuracy (momentum 0.1)", ["mode", *[f"batch {b}" for b in test_batches]], [[k, *v] for k, v in acc.items()]),

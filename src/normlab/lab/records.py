@@ -23,7 +23,8 @@ check  = {"name": str, "value": float, "values": [float per random seed] | None 
           "ci": [lo, hi], "ci_method": str, "op": ">" | "<" | ">=" | "<=", "threshold": float,
           "status": "holds" | "fails" | "undecided", "passed": bool (status == "holds"), "detail": str}
 table  = {"title": str, "columns": [str, ...], "rows": [[scalar, ...], ...]}
-figure = {"title": str, "panels": [panel, ...]}   # panels side by side (wrapped at 3 per row)
+figure = {"title": str, "panels": [panel, ...],   # panels side by side (wrapped at 3 per row)
+          "caption": str, "sharey": bool}           # what to see in it; one y axis for all panels
 
 panel kinds (every panel has "kind", "title", "xlabel", "ylabel"; optional "logy": bool):
 
@@ -183,9 +184,13 @@ def panel(kind: str, title: str, xlabel: str = "", ylabel: str = "", logy: bool 
     return {"kind": kind, "title": title, "xlabel": xlabel, "ylabel": ylabel, "logy": logy, **data}
 
 
-def figure(title: str, *panels: dict) -> dict:
-    """Panels side by side under one title; one PNG in the report."""
-    return {"title": title, "panels": list(panels)}
+def figure(title: str, *panels: dict, caption: str = "", sharey: bool = False) -> dict:
+    """Panels side by side under one title (what the figure shows); one image in the report.
+
+    ``caption`` says what to see in it (shown under the image); ``sharey`` gives the panels one
+    y axis, for panels meant to be compared.
+    """
+    return {"title": title, "panels": list(panels), "caption": caption, "sharey": sharey}
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence]) -> dict:

@@ -67,9 +67,43 @@ CURVE_COLUMNS = ("figure", "panel", "series", "x", "y", "lo", "hi")
 _REQUIRED = ("name", "title", "claim", "checks", "verdict")
 _NAME = re.compile(r"[\w.-]+\Z")  # a record's name becomes a file name and an HTML id
 _CSV = re.compile(r"[\w.-]+-(\d+|curves)\.csv\Z")  # the names of the CSVs write_report writes
-_PANEL_INCHES = (4.2, 3.2)
-_DPI = 90  # small PNGs: a page with a few dozen figures stays a few MB
+_FIGURE_INCHES = 11.5  # the page's content width (1150 CSS px at 100 px per inch)...
+_PANEL_HEIGHT = 3.4
+_DPI = 192  # ...drawn at 2x, so the PNGs stay sharp on high-density screens
 _PANELS_PER_ROW = 3
+
+# One colour, line style and marker per method, the same in every figure of the report.
+_METHODS = {
+    "raw": ("#7f7f7f", "--", "s"), "zscore": ("#17becf", "-", "o"),
+    "none": ("#222222", ":", "x"), "batch": ("#d62728", "-", "o"), "layer": ("#1f77b4", "-", "s"),
+    "group": ("#2ca02c", "-.", "^"), "instance": ("#9467bd", "--", "v"), "rms": ("#ff7f0e", "-", "D"),
+    "weight": ("#8c564b", "--", "P"), "cosine": ("#e377c2", "-.", "*"), "batchrenorm": ("#bcbd22", ":", "h"),
+    "bn→gn": ("#98df8a", "--", "<"), "syncbn": ("#ff9896", "--", ">"),
+    "tanh/default": ("#6baed6", "--", "s"), "tanh/xavier": ("#08519c", "-", "o"),
+    "sigmoid/default": ("#fdae6b", "--", "s"), "sigmoid/xavier": ("#d94801", "-", "o"),
+    "eval()": ("#1f77b4", "-", "o"), "forgot eval()": ("#d62728", "--", "x"),
+}
+_ALIASES = {"bn": "batch", "zscore+bn": "batch", "gn": "group", "ln": "layer"}
+_OTHER_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1")
+
+
+def method_style(label: str) -> tuple[str, str, str]:
+    """``(colour, linestyle, marker)`` of a series or box group, by the method its label names.
+
+    ``"SyncBN ×2"`` is styled as SyncBN; a label that names no known method gets a colour of its
+    own, stable across figures.
+
+    >>> method_style("BN") == method_style("batch") == method_style("zscore+BN")
+    True
+    """
+    key = str(label).lower()
+    key = _ALIASES.get(key, key)
+    if key not in _METHODS:
+        key = next((k for k in _METHODS if key.startswith(k)), key)
+    if key in _METHODS:
+        return _METHODS[key]
+    i = sum(map(ord, key)) % len(_OTHER_COLOURS)  # stable: the same label, the same colour
+    return _OTHER_COLOURS[i], "-", "o"
 _ROTATE_OVER = 6  # more x tick labels than this are rotated so they do not overlap
 _BOX_STATS = ("whislo", "q1", "med", "q3", "whishi")
 
@@ -213,9 +247,12 @@ def _curve_rows(lines: Iterable[tuple[dict, dict]]) -> Iterator[list[Any]]:
 def render_figure(fig: dict) -> bytes:
     """Draw one figure dict (see :mod:`normlab.lab.records`) and return it as PNG bytes.
 
-    Panels sit side by side, 3 to a row, each about 4.2×3.2 inches at 90 dpi. NaN values are
-    left out of the drawing and infinite ones are treated as NaN; ``logy`` gives a log axis when
-    every drawn value is positive and a symmetric-log axis otherwise.
+    The figure spans the page's content width, its panels side by side, 3 to a row, at twice
+    the screen's resolution. Every method keeps its colour, line style and marker in every
+    figure (:func:`method_style`), and one legend for the whole figure sits to the right of the
+    panels, off the data. NaN values are left out of the drawing and infinite ones are treated
+    as NaN; ``logy`` gives a log axis when every drawn value is positive and a symmetric-log
+    axis otherwise (bars on a log axis are drawn as dots: a bar's length means nothing there).
 
     Raises:
         ValueError: the figure has no panels or a panel of unknown kind.
@@ -225,19 +262,26 @@ def render_figure(fig: dict) -> bytes:
         raise ValueError(f"figure {fig.get('title', '')!r} has no panels; give figure() at least one panel()")
     ncols = min(_PANELS_PER_ROW, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    width, height = _PANEL_INCHES
     # A bare Figure with its own Agg canvas, not pyplot: no global state to close, and the
     # figure is freed with its last reference.
-    mfig = Figure(figsize=(width * ncols, height * nrows), dpi=_DPI, layout="constrained")
+    mfig = Figure(figsize=(_FIGURE_INCHES, _PANEL_HEIGHT * nrows + 0.5), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(mfig)
-    axes = list(mfig.subplots(nrows, ncols, squeeze=False).flat)
+    axes = list(mfig.subplots(nrows, ncols, squeeze=False, sharey=bool(fig.get("sharey"))).flat)
     for ax, pan in zip(axes, panels):
         _draw_panel(ax, pan)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    handles: dict[str, Any] = {}
+    for ax in axes[: len(panels)]:
+        extra = getattr(ax, "normlab_handles", [])
+        for handle, label in [*zip(*ax.get_legend_handles_labels()), *((h, h.get_label()) for h in extra)]:
+            if label and not label.startswith("_"):
+                handles.setdefault(label, handle)
+    if len(handles) > 1 or any(pan.get("kind") == "boxes" for pan in panels) and handles:
+        mfig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small", frameon=False)
     if fig.get("title"):
         # ~11 characters per inch at the default font size; wrap rather than clip.
-        mfig.suptitle(textwrap.fill(fig["title"], max(30, int(11 * width * ncols))))
+        mfig.suptitle(textwrap.fill(fig["title"], int(10 * _FIGURE_INCHES)), fontsize="large")
     buf = io.BytesIO()
     mfig.savefig(buf, format="png", dpi=_DPI)
     return buf.getvalue()
@@ -261,14 +305,16 @@ def _draw_lines(ax: Axes, pan: dict) -> list[float]:
     series = pan.get("series", [])
     for s in series:
         x, y = _plottable(s["x"]), _plottable(s["y"])
-        (line,) = ax.plot(x, y, label=s.get("label", ""))
+        colour, style, marker = method_style(s.get("label", ""))
+        few = len(x) <= 12  # markers where points are few enough to see one by one
+        ax.plot(x, y, label=s.get("label", ""), color=colour, linestyle=style, linewidth=1.8,
+                marker=marker if few else None, markersize=5, markevery=None)
         drawn += y
         if s.get("lo") is not None:
             lo, hi = _plottable(s["lo"]), _plottable(s["hi"])
-            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
             drawn += lo + hi
-    if len(series) > 1:
-        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
     if pan.get("logx") and series:
         ax.set_xscale("log", base=2)  # e.g. batch sizes 2, 4, ..., 32: even steps
         ticks = sorted({v for s in series for v in _plottable(s["x"]) if v == v and v > 0})
@@ -280,7 +326,7 @@ def _draw_boxes(ax: Axes, pan: dict) -> list[float]:
     """Boxes from summary statistics; a box with a non-finite statistic leaves an empty slot."""
     boxes = pan.get("boxes", [])
     groups = list(dict.fromkeys(b.get("group") for b in boxes))  # in order of first appearance
-    colour = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    colour = {g: method_style(g)[0] if g is not None else "#9ecae1" for g in groups}
     stats, positions, colours = [], [], []
     for pos, b in enumerate(boxes, start=1):
         st = {key: float(b[key]) for key in _BOX_STATS}
@@ -295,10 +341,11 @@ def _draw_boxes(ax: Axes, pan: dict) -> list[float]:
         )
         for patch, c in zip(art["boxes"], colours):
             patch.set_facecolor(c)
+            patch.set_alpha(0.8)
     _label_ticks(ax, [b.get("label", "") for b in boxes])
-    named = [g for g in groups if g is not None]
-    if named:
-        ax.legend(handles=[Patch(facecolor=colour[g], label=g) for g in named], fontsize="small")
+    # legend entries for the figure's one legend (boxes have no handles of their own)
+    ax.normlab_handles = [Patch(facecolor=colour[g], label=g) for g in groups if g is not None]
+    ax.grid(axis="y", alpha=0.3)
     return [v for st in stats for v in st.values()]
 
 
@@ -307,8 +354,16 @@ def _draw_bars(ax: Axes, pan: dict) -> list[float]:
     values = _plottable(pan.get("values", []))
     errors = pan.get("errors")
     yerr = None if errors is None else _plottable(errors)
-    ax.bar(range(1, len(values) + 1), values, yerr=yerr, capsize=3, color="C0")
-    _label_ticks(ax, pan.get("labels", []))
+    labels = pan.get("labels", [])
+    colours = [method_style(lab)[0] for lab in labels] if labels else None
+    positions = range(1, len(values) + 1)
+    if pan.get("logy"):  # on a log axis a bar's length means nothing: dots instead
+        ax.errorbar(positions, values, yerr=yerr, fmt="none", ecolor="#555", capsize=3)
+        ax.scatter(positions, values, c=colours, s=40, zorder=3)
+    else:
+        ax.bar(positions, values, yerr=yerr, capsize=3, color=colours)
+    _label_ticks(ax, labels)
+    ax.grid(axis="y", alpha=0.3)
     return values
 
 
@@ -369,7 +424,7 @@ blockquote { border-left: 4px solid #bbb; margin: 1em 0; padding: .2em 1em; colo
 .source { color: #666; font-size: .9em; }
 code { background: #f4f4f4; padding: .1em .3em; border-radius: 3px; font-size: .85em; }
 figure { margin: 1.5em 0; }
-figure img { max-width: 100%; height: auto; }
+figure img { width: 100%; height: auto; }
 figcaption { color: #555; font-size: .9em; }
 figure.error p { color: #c62828; font-family: monospace; }
 """
@@ -451,7 +506,7 @@ def _section(rec: dict) -> str:
 
 
 def _figure_html(record_name: str, fig: dict) -> str:
-    caption = f"<figcaption>{_esc(fig.get('title', ''))}</figcaption>"
+    caption = f"<figcaption>{_esc(fig['caption'])}</figcaption>" if fig.get("caption") else ""
     try:
         png = render_figure(fig)
     except Exception as err:  # one bad figure (bad data, odd values) must not cost the whole page

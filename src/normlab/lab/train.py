@@ -259,20 +259,27 @@ class GradientRecorder:
     """
 
     def __init__(self, model: nn.Module, epochs: set[int]):
-        self.monitor = GlorotMonitor(model)
         self.epochs, self.epoch = set(epochs), 1
         self.values: dict[int, dict[str, list[torch.Tensor]]] = {e: {} for e in self.epochs}
+        # the monitor's hooks cost time on every step: attached only during the recorded epochs
+        self.monitor = GlorotMonitor(model) if 1 in self.epochs else None
 
     def on_step(self, step: int, model: nn.Module, loss) -> None:
-        if self.epoch in self.epochs:
+        if self.monitor is not None:
             for name, g in self.monitor.weight_grads().items():
                 self.values[self.epoch].setdefault(name, []).append(g)
 
     def on_epoch(self, epoch: int, model: nn.Module, history: History) -> None:
         self.epoch = epoch + 1
+        if self.epoch in self.epochs and self.monitor is None:
+            self.monitor = GlorotMonitor(model)
+        elif self.epoch not in self.epochs:
+            self.remove()
 
     def layers(self, epoch: int) -> dict[str, torch.Tensor]:
         return {name: torch.cat(gs) for name, gs in self.values[epoch].items()}
 
     def remove(self) -> None:
-        self.monitor.remove()
+        if self.monitor is not None:
+            self.monitor.remove()
+            self.monitor = None
