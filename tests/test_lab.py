@@ -410,7 +410,7 @@ def test_quick_may_be_inconclusive_where_full_decides_never_the_opposite(monkeyp
     @experiments.experiment("seedy", "Seedy", source="", claim="the difference is positive")
     def seedy(cfg):
         seeds = cfg.seeds_or(2)
-        return {"params": {"seeds": list(seeds)},
+        return {"params": {"random seeds": list(seeds)},
                 "checks": [records.check("difference", [per_seed[s] for s in seeds], ">", 0.0)]}
 
     quick, full = experiments.run("seedy"), experiments.run("seedy", experiments.Config(full=True))

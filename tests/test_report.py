@@ -124,7 +124,8 @@ def test_every_method_keeps_one_style_in_every_figure():
     styles = {report.method_style(n) for n in ("none", "batch", "layer", "group", "instance", "rms", "weight",
                                                  "cosine", "batchrenorm", "BN→GN")}
     assert len(styles) == 10 and len({c for c, _, _ in styles}) == 10  # ten methods, ten colours
-    assert report.method_style("my-norm") == report.method_style("my-norm")  # unknown: stable too
+    assert report.method_style("epoch 5") is None  # not a method: contrasting colours in order
+    assert len({c for c, _, _ in report._styles(["epoch 5", "epoch 40", "batch"])}) == 3
 
 
 @pytest.mark.parametrize(

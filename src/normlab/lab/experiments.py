@@ -256,7 +256,7 @@ def _zscore(cfg: Config) -> dict:
                      "sigmoid' ≤ 1/4 shrinks it layer by layer whatever the inputs — so centring the inputs shows in "
                      "the loss rather than in this spread.")
     return {
-        "params": {"epochs": epochs, "seeds": list(seeds), "lr": lr, "batch_size": batch, "model": "sigmoid MLP 2-4-4-4-1, Xavier",
+        "params": {"epochs": epochs, "random seeds": list(seeds), "lr": lr, "batch_size": batch, "model": "sigmoid MLP 2-4-4-4-1, Xavier",
                    "data": "regression y = 2·z₁ − z₂ + 1 + noise seen through inputs x = z + 5 (not zero-centred); "
                    "breast_cancer with a 30-16-16-2 sigmoid MLP, lr 0.1"},
         "notes": notes,
@@ -278,7 +278,7 @@ def _zscore(cfg: Config) -> dict:
                         "look alike from layer to layer; the gradient-spread check compares how unequal they are.",
             ),
         ],
-        "tables": [records.table("Summary (mean over seeds)", ["inputs", "final test MSE", "mean test MSE", "breast_cancer accuracy", "gradient spread"],
+        "tables": [records.table("Summary (mean over random seeds)", ["inputs", "final test MSE", "mean test MSE", "breast_cancer accuracy", "gradient spread"],
                                  [[k, final[k], auc[k], acc[k], spread[k]] for k in runs])],
     }
 
@@ -312,7 +312,7 @@ def _drift(cfg: Config) -> dict:
             for e in (early, late):
                 spread[(kind, e)].append(_grad_std_spread(rec.layers(e)))
                 if seed == seeds[0]:
-                    boxes.append((kind, e, _boxes(rec.layers(e), f"e{e}")))
+                    boxes.append((kind, e, _boxes(rec.layers(e), f"epoch {e}")))
     m = {k: _mean(v) for k, v in spread.items()}
     growth = {k: _diff(spread[(k, late)], spread[(k, early)]) for k in ("zscore", "zscore+BN")}  # per seed
     checks = [
@@ -336,7 +336,7 @@ def _drift(cfg: Config) -> dict:
         abs_panels.append(records.panel("boxes", {"zscore": "Z-Score only", "zscore+BN": "Z-Score + BN"}[kind],
                                         "epoch and layer", "∂loss/∂w", boxes=bx))
     return {
-        "params": {"epochs": [early, late], "seeds": list(seeds), "lr": lr, "batch_size": batch,
+        "params": {"epochs": [early, late], "random seeds": list(seeds), "lr": lr, "batch_size": batch,
                    "model": "tanh MLP 2-4-4-1 (the lesson's tanh_class2), Xavier; BN before each tanh"},
         "checks": checks,
         "notes": notes,
@@ -351,7 +351,7 @@ def _drift(cfg: Config) -> dict:
                            caption="Lower is better. Steadier gradients need not mean a lower error: the notes give "
                                    "the final errors."),
         ],
-        "tables": [records.table("Gradient spread across layers (log10 max/min of per-layer std), mean over seeds",
+        "tables": [records.table("Gradient spread across layers (log10 max/min of per-layer std), mean over random seeds",
                                  ["model", f"epoch {early}", f"epoch {late}"],
                                  [[k, m[(k, early)], m[(k, late)]] for k in ("zscore", "zscore+BN")])],
     }
@@ -419,7 +419,7 @@ def _glorot(cfg: Config) -> dict:
     rows = [[f"{a}/{i}", avg((a, i), "forward_per_layer"), avg((a, i), "backward_per_layer"), avg((a, i), "forward_ratio"),
              avg((a, i), "backward_ratio"), avg((a, i), "saturation")] for (a, i) in results]
     return {
-        "params": {"depth": depth, "width": width, "batch": n, "seeds": list(seeds), "input": "N(0, 1)", "biases": 0, "loss": "MSE to N(0, 1) targets"},
+        "params": {"depth": depth, "width": width, "batch": n, "random seeds": list(seeds), "input": "N(0, 1)", "biases": 0, "loss": "MSE to N(0, 1) targets"},
         "checks": checks,
         "figures": [records.figure(
             "Variance through the hidden layers at initialisation (mean over random seeds)", *panels,
@@ -532,7 +532,7 @@ def _batchnorm(cfg: Config) -> dict:
     acc_panel = records.panel("lines", "test accuracy during training", "step", "accuracy",
                               series=[records.series(k, steps, *m) for k, m in mean_acc.items()])
     return {
-        "params": {"epochs": epochs, "seeds": list(seeds), "lr": lr, "batch_size": batch, "data": "digits (Z-Score)",
+        "params": {"epochs": epochs, "random seeds": list(seeds), "lr": lr, "batch_size": batch, "data": "digits (Z-Score)",
                    "model": "sigmoid MLP 64-100-100-100-10, Xavier init, BN before each sigmoid"},
         "checks": checks,
         "figures": [
@@ -545,7 +545,7 @@ def _batchnorm(cfg: Config) -> dict:
                                    "With BN the band should stay where it is; without BN it wanders as the layers "
                                    "below it learn (internal covariate shift)."),
         ],
-        "tables": [records.table("Summary (mean over seeds)", ["model", "final test accuracy", "early test accuracy", "percentile drift"],
+        "tables": [records.table("Summary (mean over random seeds)", ["model", "final test accuracy", "early test accuracy", "percentile drift"],
                                  [[k, final[k], early[k], d[k]] for k in acc_curves])],
     }
 
@@ -634,11 +634,11 @@ def _compare(cfg: Config) -> dict:
                     "colour and line style in every figure of this report.",
         ))
     return {
-        "params": {"epochs": epochs, "seeds": list(seeds), "learning rates": tasks, "batch_size": batch, "data": "digits (Z-Score)",
+        "params": {"epochs": epochs, "random seeds": list(seeds), "learning rates": tasks, "batch_size": batch, "data": "digits (Z-Score)",
                    "model": f"MLP 64-{width}×{depth}-10, torch default init, norm before each activation"},
         "checks": checks,
         "figures": figures,
-        "tables": [records.table("Every norm (mean over seeds)", ["activation", "norm", "final test accuracy", "std",
+        "tables": [records.table("Every norm (mean over random seeds)", ["activation", "norm", "final test accuracy", "std",
                                                                   "mean accuracy over epochs", "gradient spread", "ms per epoch"], rows)],
     }
 
@@ -713,7 +713,7 @@ def _batch_size(cfg: Config) -> dict:
                              [by[s] - _std(errors[n][s]) for s in by], [by[s] + _std(errors[n][s]) for s in by])
               for n, by in err.items()]
     return {
-        "params": {"batch_sizes": list(sizes), "epochs": epochs, "seeds": list(seeds), "lr": f"{base_lr}·batch/32, SGD momentum 0.9",
+        "params": {"batch_sizes": list(sizes), "epochs": epochs, "random seeds": list(seeds), "lr": f"{base_lr}·batch/32, SGD momentum 0.9",
                    "data": "digits (Z-Score)", "model": "ReLU MLP 64-64-64-64-10, norm before each ReLU (GN: 4 groups of 16)"},
         "notes": notes + ["An MLP, not a CNN: a convolution's BN sees batch × height × width values per channel (128 at batch 2 "
                   "on 8×8 digits), so its statistics stay good; a fully-connected BN sees only the batch, which makes "
@@ -729,7 +729,7 @@ def _batch_size(cfg: Config) -> dict:
                                                  "error", series=series, logx=True),
                                    caption="If the claim holds, BN's line climbs as the batch shrinks to 2 while "
                                            "GN's and LN's stay flat.")],
-        "tables": [records.table("Test error (mean over seeds)", ["norm", *[f"batch {s}" for s in sizes]],
+        "tables": [records.table("Test error (mean over random seeds)", ["norm", *[f"batch {s}" for s in sizes]],
                                  [[n, *[by.get(s, math.nan) for s in sizes]] for n, by in err.items()])],
     }
 
@@ -850,7 +850,7 @@ def _train_eval(cfg: Config) -> dict:
     ]
     labels = ["0.01", "0.1", "0.5", "None (cumulative)"]
     return {
-        "params": {"epochs": epochs, "seeds": list(seeds), "momenta": labels, "test_batch_sizes": list(test_batches),
+        "params": {"epochs": epochs, "random seeds": list(seeds), "momenta": labels, "test_batch_sizes": list(test_batches),
                    "model": "ReLU MLP 64-64-64-64-10 with BN, lr 0.05", "data": "digits (Z-Score)"},
         "checks": checks,
         "figures": [records.figure(
@@ -860,8 +860,9 @@ def _train_eval(cfg: Config) -> dict:
             records.panel("bars", "running mean's distance to the population mean", "momentum", "relative error",
                           labels=labels, values=[mom[m][0] for m in momenta]),
             caption="Left: in eval the accuracy is the same for any test batch size; forgetting model.eval() "
-                    "normalizes each test batch by itself, which costs accuracy at small batches. Right: a "
-                    "smaller momentum averages over more batches and ends nearer the population mean.",
+                    "normalizes each test batch by itself, which the claim says costs accuracy at small batches. "
+                    "Right: how far each momentum's running mean ends from the mean of the whole training set "
+                    "(lower is nearer).",
         )],
         "tables": [
             records.table("Test accuracy (momentum 0.1)", ["mode", *[f"batch {b}" for b in test_batches]], [[k, *v] for k, v in acc.items()]),

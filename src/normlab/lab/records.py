@@ -10,7 +10,7 @@ Record::
       "title": "Raw vs Z-Score inputs",       # one line
       "source": "Lesson 14.1 §2",                # where the claim comes from
       "claim": "Z-Score inputs converge faster ...",   # the claim under test, in words
-      "params": {"epochs": 5, "seeds": [0, 1], ...},   # what was run (JSON scalars/lists)
+      "params": {"epochs": 5, "random seeds": [0, 1], ...},   # what was run (JSON scalars/lists)
       "checks": [check, ...],                 # the numbers behind the verdict
       "verdict": {"status": "supported" | "not supported" | "inconclusive", "summary": "why, in words"},
       "figures": [figure, ...],

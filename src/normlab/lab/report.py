@@ -84,26 +84,35 @@ _METHODS = {
     "eval()": ("#1f77b4", "-", "o"), "forgot eval()": ("#d62728", "--", "x"),
 }
 _ALIASES = {"bn": "batch", "zscore+bn": "batch", "gn": "group", "ln": "layer"}
-_OTHER_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1")
+# for labels that name no method (epochs, momenta): contrasting colours in the order they come
+_OTHER = (("#4c72b0", "-", "o"), ("#dd8452", "--", "s"), ("#55a868", "-.", "^"), ("#8172b3", ":", "D"),
+          ("#937860", "-", "v"), ("#da8bc3", "--", "P"))
+_NEUTRAL = "#4c72b0"
 
 
-def method_style(label: str) -> tuple[str, str, str]:
-    """``(colour, linestyle, marker)`` of a series or box group, by the method its label names.
+def method_style(label: str) -> tuple[str, str, str] | None:
+    """``(colour, linestyle, marker)`` of the method a series, box group or bar names, or None.
 
-    ``"SyncBN ×2"`` is styled as SyncBN; a label that names no known method gets a colour of its
-    own, stable across figures.
+    The same method has the same style in every figure: ``"SyncBN ×2"`` is styled as SyncBN,
+    ``"BN"`` and ``"zscore+BN"`` as ``"batch"``. Labels that name no method (epochs, momenta)
+    get None, and the figure gives them contrasting colours in order.
 
     >>> method_style("BN") == method_style("batch") == method_style("zscore+BN")
+    True
+    >>> method_style("epoch 5") is None
     True
     """
     key = str(label).lower()
     key = _ALIASES.get(key, key)
     if key not in _METHODS:
         key = next((k for k in _METHODS if key.startswith(k)), key)
-    if key in _METHODS:
-        return _METHODS[key]
-    i = sum(map(ord, key)) % len(_OTHER_COLOURS)  # stable: the same label, the same colour
-    return _OTHER_COLOURS[i], "-", "o"
+    return _METHODS.get(key)
+
+
+def _styles(labels: Sequence[str]) -> list[tuple[str, str, str]]:
+    """A style per label: its method's, else the next contrasting one not yet used in the panel."""
+    spare = iter(_OTHER * (1 + len(labels) // len(_OTHER)))
+    return [method_style(lab) or next(spare) for lab in labels]
 _ROTATE_OVER = 6  # more x tick labels than this are rotated so they do not overlap
 _BOX_STATS = ("whislo", "q1", "med", "q3", "whishi")
 
@@ -303,9 +312,8 @@ def _draw_lines(ax: Axes, pan: dict) -> list[float]:
     """One curve per series, its ``lo``–``hi`` band shaded in the curve's colour."""
     drawn: list[float] = []
     series = pan.get("series", [])
-    for s in series:
+    for s, (colour, style, marker) in zip(series, _styles([s.get("label", "") for s in series])):
         x, y = _plottable(s["x"]), _plottable(s["y"])
-        colour, style, marker = method_style(s.get("label", ""))
         few = len(x) <= 12  # markers where points are few enough to see one by one
         ax.plot(x, y, label=s.get("label", ""), color=colour, linestyle=style, linewidth=1.8,
                 marker=marker if few else None, markersize=5, markevery=None)
@@ -326,7 +334,7 @@ def _draw_boxes(ax: Axes, pan: dict) -> list[float]:
     """Boxes from summary statistics; a box with a non-finite statistic leaves an empty slot."""
     boxes = pan.get("boxes", [])
     groups = list(dict.fromkeys(b.get("group") for b in boxes))  # in order of first appearance
-    colour = {g: method_style(g)[0] if g is not None else "#9ecae1" for g in groups}
+    colour = {g: c for g, (c, _, _) in zip(groups, _styles([str(g) for g in groups]))}
     stats, positions, colours = [], [], []
     for pos, b in enumerate(boxes, start=1):
         st = {key: float(b[key]) for key in _BOX_STATS}
@@ -355,7 +363,8 @@ def _draw_bars(ax: Axes, pan: dict) -> list[float]:
     errors = pan.get("errors")
     yerr = None if errors is None else _plottable(errors)
     labels = pan.get("labels", [])
-    colours = [method_style(lab)[0] for lab in labels] if labels else None
+    # bars of methods in the methods' colours; other bars (momenta, identities) in one colour
+    colours = [(method_style(lab) or (_NEUTRAL,))[0] for lab in labels] if labels else None
     positions = range(1, len(values) + 1)
     if pan.get("logy"):  # on a log axis a bar's length means nothing: dots instead
         ax.errorbar(positions, values, yerr=yerr, fmt="none", ecolor="#555", capsize=3)
@@ -420,6 +429,7 @@ blockquote { border-left: 4px solid #bbb; margin: 1em 0; padding: .2em 1em; colo
 .ok { color: #1a7f37; font-weight: bold; }
 .bad { color: #c62828; font-weight: bold; }
 .open { color: #9a6700; font-weight: bold; }
+.ok, .bad, .open { white-space: nowrap; }
 .howto { background: #f7f7f4; border: 1px solid #e4e4dc; padding: .4em 1.2em; border-radius: 4px; }
 .source { color: #666; font-size: .9em; }
 code { background: #f4f4f4; padding: .1em .3em; border-radius: 3px; font-size: .85em; }
