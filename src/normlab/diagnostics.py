@@ -35,8 +35,18 @@ Every statistic pools *all elements* of a tensor (batch, features, positions) as
 scalar variable, as the lesson's box plots do, and every variance is unbiased (divisor
 ``count − 1``, ``torch.var``'s default). Statistics are merged with :class:`normlab.stats.Moments`
 (Chan et al.), in float64 (float32 on devices without float64), so many batches accumulate
-exactly. :meth:`~GlorotMonitor.summary` condenses the table into two ratios and two spreads: the
-condition holds when the ratios are near 1 and the spreads near 0.
+exactly. :meth:`~GlorotMonitor.summary` condenses the table of the *hidden* layers (the output
+layer is named apart) into end-to-end and per-layer ratios and two spreads: the condition holds
+when the per-layer ratios are near 1 and the spreads near 0. An activation is reported with the
+layer whose output it receives (directly, or through normalization, dropout or identity modules,
+listed in ``activation_via``), so a shared ``nn.ReLU`` or a norm in between pairs correctly.
+
+``DEFAULT_ACTIVATIONS`` (a tuple) lists the activation types watched when ``activations=None``:
+Sigmoid, Tanh, ReLU, LeakyReLU, ELU, GELU, SiLU, Softplus, Hardtanh and Mish of ``torch.nn``, and
+their subclasses (``nn.ReLU6`` is a Hardtanh). It decides which modules' outputs fill
+``activation_var`` and ``saturation``; saturation is defined for Tanh, Sigmoid, Hardtanh and ReLU,
+and is NaN for the others. To watch other activations, pass ``activations=`` a sequence of types
+(and/or module names), e.g. ``(*DEFAULT_ACTIVATIONS, MyActivation)``.
 
 >>> import torch
 >>> from torch import nn
@@ -48,9 +58,11 @@ condition holds when the ratios are near 1 and the spreads near 0.
 >>> [(r["name"], r["activation"]) for r in mon.stats()]
 [('0', 'Tanh'), ('2', 'Tanh'), ('4', 'Tanh'), ('6', 'Tanh')]
 >>> s = mon.summary()
->>> s["forward_ratio"] < 0.1    # default init: the signal shrinks ~3x per layer going up
+>>> s["hidden_layers"], s["output_layer"]
+(['0', '2', '4'], '6')
+>>> 0.2 < s["forward_per_layer"] < 0.6    # default init: the signal shrinks ~1/3 per layer going up
 True
->>> s["backward_ratio"] < 0.1   # ... and the gradient ~3x per layer going down (vanishes)
+>>> 0.2 < s["backward_per_layer"] < 0.6   # ... and the gradient likewise going down (vanishes)
 True
 >>> len(model[0]._forward_hooks)
 0
@@ -58,7 +70,9 @@ True
 
 from __future__ import annotations
 
+import collections
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -86,6 +100,18 @@ DEFAULT_ACTIVATIONS: tuple[type, ...] = (
 # every variance reported: torch.var's default divisor, count - 1
 _CORRECTION = 1
 _NAN = float("nan")
+
+
+def _pass_through() -> tuple[type, ...]:
+    """Modules between a layer and its activation that keep the pairing (conv → BN → ReLU):
+    torch's and normlab's norms, dropout, identity."""
+    from normlab import nn as nln
+
+    return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.dropout._DropoutNd,
+            nn.Identity, nln._NormBase, nln.LayerNorm, nln.GroupNorm, nln.RMSNorm)
+
+
+_ORIGINS_KEPT = 256  # outputs remembered (weakly) for pairing: an activation follows its layer soon
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -230,22 +256,47 @@ class _Record:
 class GlorotMonitor:
     r"""Record, per layer, the variance of outputs, of output gradients and of weight gradients.
 
+    A monitor of the Glorot condition (Glorot & Bengio 2010, "Understanding the difficulty of
+    training deep feedforward neural networks"; Lesson 14.1 §3.2): a deep network learns steadily
+    when each layer keeps the variance of the data on the way forward and of the gradient on the
+    way back,
+
+    .. math::
+
+        \mathrm{Var}[y_l] = \mathrm{Var}[y_{l-1}], \qquad
+        \mathrm{Var}\Big[\frac{\partial L}{\partial y_{l-1}}\Big]
+        = \mathrm{Var}\Big[\frac{\partial L}{\partial y_l}\Big],
+
+    which for a linear layer means ``n_in·Var[W] = 1`` and ``n_out·Var[W] = 1``, hence Xavier's
+    compromise ``Var[W] = 2 / (n_in + n_out)``. :meth:`summary` says how far a network is from it.
+
     Args:
-        model: the network to watch. Nothing in it is changed; hooks are added and
+        model (nn.Module): the network to watch. Nothing in it is changed; hooks are added and
             :meth:`remove` takes them all away again.
-        layers: which submodules are layers. ``None`` (default): every submodule that owns a
-            floating-point weight matrix (``weight`` Parameter with ndim ≥ 2, or the ``v`` of a
-            weight-normed ``weight``). Otherwise names as in ``model.named_modules()`` and/or
-            module types, e.g. ``["0", "fc.2"]`` or ``[nn.Linear, nn.LayerNorm]``. Layers are
-            always ordered as ``named_modules()`` lists them (registration order): "first" and
-            "last" below refer to that order.
-        activations: which submodules are activations, in the same forms. Default: every
-            instance of :data:`DEFAULT_ACTIVATIONS`. The first activation found after a layer
-            and before the next one (``named_modules()`` order) is reported with that layer.
-        saturation: threshold ``s`` in (0, 1) for ``stats()["saturation"]``: the fraction of
-            outputs with ``|y| ≥ s`` for Tanh (Hardtanh: within ``(1 − s)`` of a bound, in units
-            of the half range), ``y ≤ 1 − s`` or ``y ≥ s`` for Sigmoid, ``y == 0`` (dead) for
-            ReLU; NaN for the other activations, which have no flat region in that sense.
+        layers (str, type or sequence of them, optional): which submodules are layers. ``None``:
+            every submodule that owns a floating-point weight matrix (``weight`` Parameter with
+            ndim ≥ 2, or the ``v`` of a weight-normed ``weight``). Otherwise names as in
+            ``model.named_modules()`` and/or module types, e.g. ``["0", "fc.2"]`` or
+            ``[nn.Linear, nn.LayerNorm]``. Layers are always ordered as ``named_modules()`` lists
+            them (registration order): "first" and "last" below refer to that order.
+            Default: ``None``.
+        activations (str, type or sequence of them, optional): which submodules are
+            activations, in the same forms. ``None``: every instance of ``DEFAULT_ACTIVATIONS``
+            (see the module docstring). An activation is reported with the layer whose output it
+            receives, directly or through normalization, dropout and identity modules (their
+            class names in ``activation_via``); one that receives anything else (a residual sum,
+            the model's input) is reported with no layer. Default: ``None``.
+        saturation (float): threshold ``s`` in (0, 1) for ``stats()["saturation"]``: the
+            fraction of outputs with ``|y| ≥ s`` for Tanh (Hardtanh: within ``(1 − s)`` of a
+            bound, in units of the half range), ``y ≤ 1 − s`` or ``y ≥ s`` for Sigmoid,
+            ``y == 0`` (dead) for ReLU; NaN for the other activations, which have no flat region
+            in that sense. Default: ``0.99``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``layers``/``activations`` holds
+            something that is neither a name nor an ``nn.Module`` subclass.
+        ValueError: ``saturation`` is not in (0, 1), a name is not a submodule of ``model``, or
+            no layer was found.
 
     What is recorded (all accumulated until :meth:`reset`):
 
@@ -259,14 +310,28 @@ class GlorotMonitor:
 
     Hooks never change outputs or gradients. A module applied several times per forward (one
     shared ``nn.Tanh()`` instance, say) pools all its calls; activations called as functions
-    (``torch.tanh``) are invisible to module hooks.
-
-    Example::
+    (``torch.tanh``) are invisible to module hooks. Used as a context manager, the monitor
+    removes its hooks on exit. Typical use::
 
         with GlorotMonitor(model) as mon:
             for x, y in loader:
                 loss_fn(model(x), y).backward()
         print(mon.summary())
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        >>> with GlorotMonitor(model) as mon:
+        ...     model(torch.randn(32, 8)).square().mean().backward()
+        >>> [(r["name"], r["type"], r.get("activation"), r["calls"]) for r in mon.stats()]
+        [('0', 'Linear', 'ReLU', 1), ('2', 'Linear', None, 1)]
+        >>> mon.layers, mon.summary()["output_layer"]
+        (['0', '2'], '2')
+        >>> 0 <= mon.stats()[0]["saturation"] <= 1     # the fraction of dead ReLU outputs
+        True
+        >>> len(model[0]._forward_hooks)               # hooks removed on exit
+        0
     """
 
     def __init__(self, model: nn.Module, layers=None, activations=None, saturation: float = 0.99):
@@ -289,38 +354,57 @@ class GlorotMonitor:
                 f"(here: {_show([n for n, _ in named])}) or of module types, "
                 f"e.g. layers=[nn.LayerNorm]"
             )
-        act_names = set(_select(named, activations, _is_default_activation, "activations"))
+        act_names = _select(named, activations, _is_default_activation, "activations")
         modules = dict(named)
-
-        # attach each layer to the first activation that follows it, before the next layer
-        is_layer = set(layer_names)
-        self._activation_of: dict[str, str] = {}
-        current = None
-        for name, _ in named:
-            if name in is_layer:
-                current = name
-            elif name in act_names and current is not None and current not in self._activation_of:
-                self._activation_of[current] = name
 
         self.saturation = float(saturation)
         self._removed = False
-        self._modules = {n: modules[n] for n in (*layer_names, *self._activation_of.values())}
+        self._modules = {n: modules[n] for n in layer_names}
         self._layers = layer_names
-        self._records = {n: _Record() for n in self._modules}
+        self._records = {n: _Record() for n in layer_names}
+        # Activations are paired with the layer whose output they receive (data flow, not
+        # registration order), through normalization, dropout and identity modules in between.
+        self._act_records: dict[str, _Record] = {}
+        self._act_of: dict[str, tuple[str, tuple[str, ...]]] = {}  # layer -> (activation type, via)
+        self._origin: collections.OrderedDict[int, tuple[weakref.ref, str, tuple[str, ...]]] = collections.OrderedDict()
         self._handles = []
         for name in layer_names:
-            hook = self._layer_hook(self._records[name])
+            hook = self._layer_hook(name)
             self._handles.append(modules[name].register_forward_hook(hook))
-        for name in dict.fromkeys(self._activation_of.values()):
-            hook = self._activation_hook(self._records[name])
-            self._handles.append(modules[name].register_forward_hook(hook))
+        for name, m in named:
+            if name not in self._records and name not in act_names and isinstance(m, _pass_through()):
+                self._handles.append(m.register_forward_hook(self._pass_hook))
+        for name in act_names:
+            self._handles.append(modules[name].register_forward_hook(self._activation_hook))
 
     # -------------------------------------------------------------------------- hooks
-    def _layer_hook(self, rec: _Record):
+    def _remember(self, y: Tensor, layer: str, via: tuple[str, ...]) -> None:
+        """``y`` came from ``layer`` (through the ``via`` modules); kept weakly, the last few only."""
+        self._origin[id(y)] = (weakref.ref(y), layer, via)
+        while len(self._origin) > _ORIGINS_KEPT:
+            self._origin.popitem(last=False)
+
+    def _source(self, args) -> tuple[str, tuple[str, ...]] | None:
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        entry = self._origin.get(id(x)) if x is not None else None
+        if entry is None or entry[0]() is not x:
+            return None
+        return entry[1], entry[2]
+
+    def _pass_hook(self, module, args, output):
+        src = self._source(args)
+        y = _first_float_tensor(output)
+        if src is not None and y is not None and not self._removed:
+            self._remember(y, src[0], (*src[1], type(module).__name__))
+
+    def _layer_hook(self, name: str):
+        rec = self._records[name]
+
         def on_forward(module, args, output):
             y = _first_float_tensor(output)
             if y is None or self._removed:
                 return None
+            self._remember(y, name, ())
             rec.calls += 1
             rec.forward = _merge(rec.forward, _whole(y))
             if y.requires_grad:  # False under no_grad/inference_mode: then forward only
@@ -336,34 +420,39 @@ class GlorotMonitor:
 
         return on_forward
 
-    def _activation_hook(self, rec: _Record):
-        def on_forward(module, args, output):
-            y = _first_float_tensor(output)
-            if y is None or self._removed:
-                return None
-            y = y.detach()
-            rec.calls += 1
-            rec.forward = _merge(rec.forward, _whole(y))
-            mask = _saturated(module, y, self.saturation)
-            if mask is not None:
-                rec.saturated = _merge(rec.saturated, _whole(mask.float()))
+    def _activation_hook(self, module, args, output):
+        src = self._source(args)
+        y = _first_float_tensor(output)
+        if src is None or y is None or self._removed:
             return None
-
-        return on_forward
+        layer, via = src
+        self._act_of.setdefault(layer, (type(module).__name__, via))
+        rec = self._act_records.setdefault(layer, _Record())
+        y = y.detach()
+        rec.calls += 1
+        rec.forward = _merge(rec.forward, _whole(y))
+        mask = _saturated(module, y, self.saturation)
+        if mask is not None:
+            rec.saturated = _merge(rec.saturated, _whole(mask.float()))
+        return None
 
     # -------------------------------------------------------------------------- results
     def stats(self) -> list[dict]:
-        """One dict per layer, in ``named_modules()`` order.
+        """Return the recorded statistics as one dict per layer, in the order of named_modules().
 
         Keys: ``name``, ``type`` (class name), ``forward_mean``, ``forward_var``,
         ``backward_var``, ``weight_grad_var`` (floats, NaN where nothing was recorded, e.g.
         ``backward_var`` after forward passes under ``torch.no_grad()``, or
         ``weight_grad_var`` while ``.grad`` is None), ``calls`` (forward calls recorded); and,
-        when an activation module follows the layer, ``activation`` (class name),
-        ``activation_var`` and ``saturation`` (see the class docstring).
+        when an activation module received the layer's output, ``activation`` (class name),
+        ``activation_via`` (class names of the modules in between), ``activation_var`` and
+        ``saturation`` (see the class docstring).
 
         For a weight-normed layer ``weight_grad_var`` is that of the direction ``v``
         (``parametrizations.weight.original1``), the parameter the optimizer updates.
+
+        Returns:
+            list of dict: one per watched layer.
         """
         rows = []
         for name in self._layers:
@@ -378,47 +467,71 @@ class GlorotMonitor:
                 "weight_grad_var": _grad_var(_weight_source(module)),
                 "calls": rec.calls,
             }
-            act = self._activation_of.get(name)
-            if act is not None:
-                arec = self._records[act]
-                row["activation"] = type(self._modules[act]).__name__
+            if name in self._act_of:
+                arec = self._act_records[name]
+                row["activation"], via = self._act_of[name]
+                row["activation_via"] = list(via)
                 row["activation_var"] = _var(arec.forward)
                 row["saturation"] = _mean(arec.saturated)
             rows.append(row)
         return rows
 
     def summary(self) -> dict:
-        """The Glorot condition in four numbers (plus ``layers``, the number of layers).
+        """The Glorot condition of the hidden layers in six numbers, and which layers they are.
 
-        * ``forward_ratio = forward_var[last] / forward_var[first]``: the data flow first → last,
-          so > 1 means the signal grows on the way up, < 1 that it shrinks.
-        * ``backward_ratio = backward_var[first] / backward_var[last]``: the gradient flows
-          last → first, so this is again "arrival over departure": > 1 means the gradient grows
-          on the way back (explodes), < 1 that it vanishes.
+        The layers measured are the *hidden* layers: every watched layer but the last, which is
+        the output layer (its width and its variance are the task's, e.g. logits) and is named
+        in ``output_layer`` instead. With ``L`` hidden layers, first to last in order:
+
+        * ``forward_end_to_end = forward_var[last] / forward_var[first]``: how much the signal's
+          variance changes across the whole hidden stack (data flow first → last); < 1 shrinks.
+        * ``forward_per_layer = forward_end_to_end ** (1 / (L − 1))``: the same as a geometric
+          mean per layer, the number Glorot's condition sets to 1 (≈ 1/3 per tanh layer with
+          torch's default init).
+        * ``backward_end_to_end = backward_var[first] / backward_var[last]``: the gradient flows
+          last → first, so this is again arrival over departure; < 1 vanishes, > 1 explodes.
+        * ``backward_per_layer``: its geometric mean per layer.
         * ``forward_log_spread``, ``backward_log_spread``: ``max − min`` of ``log10`` of the
-          variance over all layers, i.e. how many orders of magnitude separate the loudest layer
-          from the quietest; it also catches a wobble that the end-to-end ratio hides.
-          A zero variance counts as ``-inf`` (spread ``inf``); layers with nothing recorded
-          are skipped.
+          variance over the hidden layers: how many orders of magnitude separate the loudest
+          layer from the quietest, which also catches a wobble the end-to-end ratio hides. A
+          zero variance counts as ``-inf`` (spread ``inf``); layers with nothing recorded are
+          skipped.
+        * ``hidden_layers`` (their names) and ``output_layer`` (None when only one layer is
+          watched: it is then measured as the only hidden layer).
 
-        The condition holds when both ratios are near 1 and both spreads near 0. NaN where the
-        needed variances were not recorded.
+        The condition holds when the per-layer ratios are near 1 and the spreads near 0. NaN
+        where the needed variances were not recorded (per-layer ratios need two hidden layers).
+
+        Returns:
+            dict: the eight entries above.
         """
         rows = self.stats()
-        fv = [r["forward_var"] for r in rows]
-        bv = [r["backward_var"] for r in rows]
+        hidden, output = (rows[:-1], rows[-1]["name"]) if len(rows) > 1 else (rows, None)
+        fv = [r["forward_var"] for r in hidden]
+        bv = [r["backward_var"] for r in hidden]
+        forward, backward = _ratio(fv[-1], fv[0]), _ratio(bv[0], bv[-1])
+        steps = len(hidden) - 1
         return {
-            "forward_ratio": _ratio(fv[-1], fv[0]),
-            "backward_ratio": _ratio(bv[0], bv[-1]),
+            "forward_end_to_end": forward,
+            "forward_per_layer": _per_layer(forward, steps),
+            "backward_end_to_end": backward,
+            "backward_per_layer": _per_layer(backward, steps),
             "forward_log_spread": _log_spread(fv),
             "backward_log_spread": _log_spread(bv),
-            "layers": len(rows),
+            "hidden_layers": [r["name"] for r in hidden],
+            "output_layer": output,
         }
 
     def weight_grads(self) -> dict[str, Tensor]:
-        """``{layer name: flattened weight gradient}`` as detached float32 CPU copies, for the
-        per-layer box plots of Lesson 14.1 (its ``weights_vp(model, att="grad")``). Layers whose weight
-        has no ``.grad`` yet are left out; weight-normed layers give the gradient of ``v``."""
+        """Return each layer's flattened weight gradient, as a detached float32 CPU copy.
+
+        For the per-layer box plots of Lesson 14.1 (its ``weights_vp(model, att="grad")``).
+        Layers whose weight has no ``.grad`` yet are left out; weight-normed layers give the
+        gradient of ``v``.
+
+        Returns:
+            dict: ``{layer name: 1-D float32 Tensor}``.
+        """
         out = {}
         for name in self._layers:
             w = _weight_source(self._modules[name])
@@ -428,14 +541,18 @@ class GlorotMonitor:
 
     # -------------------------------------------------------------------------- lifecycle
     def reset(self) -> None:
-        """Forget everything recorded so far; hooks stay. A gradient that arrives later, even one
-        from a forward pass made before ``reset()``, is recorded."""
-        for rec in self._records.values():
+        """Forget everything recorded so far; the hooks stay.
+
+        A gradient that arrives later, even one from a forward pass made before ``reset()``, is
+        recorded."""
+        for rec in (*self._records.values(), *self._act_records.values()):
             rec.clear()
 
     def remove(self) -> None:
-        """Remove every hook (module hooks now; tensor hooks still pending on live outputs go
-        quiet). The model is left as it was before. Statistics remain readable. Idempotent."""
+        """Remove every hook, leaving the model as it was; the statistics remain readable.
+
+        Module hooks are removed now; tensor hooks still pending on live outputs go quiet.
+        Idempotent."""
         self._removed = True
         for handle in self._handles:
             handle.remove()
@@ -455,9 +572,16 @@ class GlorotMonitor:
     def __repr__(self) -> str:
         state = "removed" if self._removed else "active"
         return (
-            f"GlorotMonitor(layers={len(self._layers)}, activations={len(set(self._activation_of.values()))}, "
+            f"GlorotMonitor(layers={len(self._layers)}, paired activations={len(self._act_of)}, "
             f"saturation={self.saturation}, {state})"
         )
+
+
+def _per_layer(ratio: float, steps: int) -> float:
+    """The geometric mean per layer of an end-to-end ratio over ``steps`` layer-to-layer steps."""
+    if steps < 1 or not ratio >= 0:
+        return _NAN
+    return ratio ** (1.0 / steps)
 
 
 def _grad_var(w: Tensor | None) -> float:

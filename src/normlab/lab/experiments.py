@@ -383,9 +383,11 @@ def _glorot(cfg: Config) -> dict:
                 x, target = torch.randn(n, width, generator=g), torch.randn(n, 1, generator=g)
                 with GlorotMonitor(model, layers=[nn.Linear]) as mon:
                     nn.functional.mse_loss(model(x), target).backward()
-                    stats = mon.stats()[:-1]  # hidden layers; the output layer has another width
+                summary = mon.summary()  # the hidden layers; the output layer has another width
+                stats = [r for r in mon.stats() if r["name"] in summary["hidden_layers"]]
                 results.setdefault((activation, init), []).append(stats)
-                summaries.setdefault((activation, init), []).append(_variance_ratios(stats))
+                summary["saturation"] = _mean(r["saturation"] for r in stats if not math.isnan(r.get("saturation", math.nan)))
+                summaries.setdefault((activation, init), []).append(summary)
 
     def per_seed(key, field_):
         return [s[field_] for s in summaries[key]]
@@ -416,8 +418,9 @@ def _glorot(cfg: Config) -> dict:
                         "sigmoid' ≤ 1/4: the gradient variance shrinks by ≥ 16·n·Var(W)× per layer")
           for init in ("default", "xavier")],
     ]
-    rows = [[f"{a}/{i}", avg((a, i), "forward_per_layer"), avg((a, i), "backward_per_layer"), avg((a, i), "forward_ratio"),
-             avg((a, i), "backward_ratio"), avg((a, i), "saturation")] for (a, i) in results]
+    rows = [[f"{a}/{i}", avg((a, i), "forward_per_layer"), avg((a, i), "backward_per_layer"),
+             avg((a, i), "forward_end_to_end"), avg((a, i), "backward_end_to_end"), avg((a, i), "saturation")]
+            for (a, i) in results]
     return {
         "params": {"depth": depth, "width": width, "batch": n, "random seeds": list(seeds), "input": "N(0, 1)", "biases": 0, "loss": "MSE to N(0, 1) targets"},
         "checks": checks,
@@ -427,11 +430,15 @@ def _glorot(cfg: Config) -> dict:
                     "With torch's default init the tanh lines fall by about a third per layer; Xavier's fall "
                     "far less. Sigmoid's backward lines fall steeply whatever the init (its slope is at most 1/4).")],
         "tables": [records.table(
-            "Per-layer ratios (geometric mean over layers; 1 = the Glorot condition holds)",
-            ["activation/init", "forward ratio per layer", "backward ratio per layer", "forward last/first", "backward first/last", "saturated fraction"],
+            "Variance ratios of the hidden layers (GlorotMonitor.summary; mean over random seeds)",
+            ["activation/init", "forward per layer", "backward per layer", "forward end to end",
+             "backward end to end", "saturated fraction"],
             rows)],
-        "notes": ["Backward ratio per layer = (Var(grad at layer l) / Var(grad at layer l+1)) averaged geometrically: "
-                  "below 1 the gradient shrinks as it flows back towards the input (vanishing)."],
+        "notes": ["Per layer = the geometric mean of the layer-to-layer ratio, (end to end)^(1/(L−1)) over the "
+                  f"L = {depth} hidden layers; 1 is Glorot's condition. End to end = last hidden layer over the first "
+                  "(forward) or first over last (backward: the gradient flows back): below 1 it shrinks. The output "
+                  "layer (width 1) is left out. Saturated fraction: tanh/sigmoid outputs in their flat part, "
+                  "averaged over the hidden layers' activations."],
     }
 
 
@@ -440,21 +447,6 @@ def _zero_biases(model: nn.Module) -> None:
         for m in model.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.zero_()
-
-
-def _variance_ratios(stats: list[dict]) -> dict:
-    """Geometric-mean per-layer forward and backward variance ratios of a monitored stack."""
-    fwd = [s["forward_var"] for s in stats]
-    bwd = [s["backward_var"] for s in stats]
-    layers = len(stats) - 1
-    sat = [s.get("saturation", math.nan) for s in stats]
-    return {
-        "forward_per_layer": (fwd[-1] / fwd[0]) ** (1 / layers),
-        "backward_per_layer": (bwd[0] / bwd[-1]) ** (1 / layers),
-        "forward_ratio": fwd[-1] / fwd[0],
-        "backward_ratio": bwd[0] / bwd[-1],
-        "saturation": _mean(v for v in sat if not math.isnan(v)),
-    }
 
 
 # ----------------------------------------------------------------------------- batchnorm
