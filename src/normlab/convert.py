@@ -46,7 +46,25 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def is_batchnorm(m: nn.Module) -> bool:
-    """A BatchNorm of torch.nn or normlab.nn (anything with BatchNorm's buffers and arithmetic)."""
+    """Tell whether a module is a BatchNorm of torch.nn or normlab.nn.
+
+    True for anything with BatchNorm's buffers and arithmetic: torch.nn's BatchNorm1d/2d/3d and
+    SyncBatchNorm, normlab.nn's BatchNorm and BatchRenorm layers,
+    :class:`normlab.distributed.SyncBatchNorm`, and their subclasses; False for every other module
+    (InstanceNorm, LayerNorm, GroupNorm, ...). Every function of this module that acts on
+    BatchNorms finds them with it.
+
+    Args:
+        m (nn.Module): the module to test.
+
+    Returns:
+        bool: whether ``m`` is a BatchNorm.
+
+    Example::
+
+        >>> is_batchnorm(nn.BatchNorm2d(3)), is_batchnorm(nn.LayerNorm(3))
+        (True, False)
+    """
     from . import nn as nln
 
     return isinstance(m, (nn.modules.batchnorm._BatchNorm, nln._BatchNorm))
@@ -61,10 +79,51 @@ def _norm_modules() -> tuple[type, ...]:
 
 @torch.no_grad()
 def batchnorm_as_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` per channel of ``bn`` in eval mode: ``bn(x) = x·scale + shift``.
+    r"""Return the scale and shift per channel of the affine map a BatchNorm computes in eval mode.
 
-    ``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale`` from the running statistics (γ = 1, β = 0
-    without affine parameters), in float64 for exact folding.
+    In eval mode BatchNorm normalizes with its running statistics, so it is one affine map per
+    channel, ``bn(x) = x·scale + shift`` (Lesson 14.1 §2.2):
+
+    .. math::
+
+        \text{scale} = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \qquad
+        \text{shift} = \beta - \mu \cdot \text{scale}
+
+    with μ = ``running_mean``, σ² = ``running_var``, ε = ``eps``, and γ = 1, β = 0 without affine
+    parameters. Both are computed in float64, for exact folding (:func:`fold_batchnorm` uses
+    them). The layer's current mode is not looked at: the map is the one of eval mode.
+
+    Source: Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by
+    Reducing Internal Covariate Shift", §3.1 (inference with the population statistics).
+
+    Args:
+        bn (nn.Module): a BatchNorm of torch.nn or normlab.nn (see :func:`is_batchnorm`) with
+            running statistics.
+
+    Returns:
+        tuple of two float64 Tensors: ``(scale, shift)``.
+
+    Raises:
+        TypeError: ``bn`` is not a BatchNorm.
+        ValueError: ``bn`` has no running statistics (``track_running_stats=False``): in eval it
+            still normalizes with batch statistics, which is not an affine map.
+
+    Shape:
+        - Input of ``bn``: :math:`(N, C, *)`
+        - ``scale``, ``shift``: :math:`(C,)`, to broadcast along dim 1, e.g.
+          ``x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)`` for :math:`(N, C, H, W)`
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> bn = nn.BatchNorm1d(3)
+        >>> _ = bn(torch.randn(16, 3) * 2 + 1)       # training: the running statistics move
+        >>> scale, shift = batchnorm_as_affine(bn.eval())
+        >>> scale.shape, scale.dtype
+        (torch.Size([3]), torch.float64)
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(bn(x).double(), x.double() * scale + shift, atol=1e-6)
+        True
     """
     if not is_batchnorm(bn):
         raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
@@ -619,16 +678,57 @@ def _scaler_affine(scaler) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: Iterable, num_batches: int | None = None) -> list[dict]:
-    """Precise BN: set every BatchNorm's running statistics to the exact statistics of its input
-    over ``data`` (not an exponential moving average).
+    r"""Set every BatchNorm's running statistics to the exact statistics of its input over data.
 
-    ``data`` yields batches (tensors, or tuples/lists whose first element is the input). One pass
-    runs the model in training mode, as during training, while each BN's input is accumulated
-    per channel with :class:`normlab.stats.Moments` (exact, mergeable); then ``running_mean``
-    becomes the mean and ``running_var`` the unbiased variance over all the values seen, and
-    ``num_batches_tracked`` the number of batches. Modes, momenta and every other buffer and
-    parameter are restored. Returns per layer ``{"name", "mean_shift", "var_ratio"}``: how far the
-    old running statistics were (``‖μ_old − μ‖/√mean(σ²)``, ``mean(σ²_old/σ²)``).
+    Precise BN: instead of the exponential moving average accumulated during training,
+    ``running_mean`` and ``running_var`` become the mean and the unbiased variance of all the
+    ``n`` values each channel receives over ``data``,
+
+    .. math::
+
+        \mu = \frac{1}{n}\sum_i x_i, \qquad \sigma^2 = \frac{1}{n - 1}\sum_i (x_i - \mu)^2,
+
+    the statistics that eval mode then normalizes with (Lesson 14.1 §2.3, training vs testing).
+
+    One pass runs the model in training mode, as during training, while each BN's input is
+    accumulated per channel with :class:`normlab.stats.Moments` (exact, mergeable, in float64);
+    ``num_batches_tracked`` becomes the number of batches. Modes, momenta and every other buffer
+    and parameter are restored (the pass's own moving-average updates, spectral norm's ``u``, ...).
+    A BatchNorm the forward never reached is left as it was. Runs under ``torch.no_grad()``.
+
+    Args:
+        model (nn.Module): the model; each of its BatchNorms with running statistics is
+            recalibrated.
+        data (iterable): batches of input: tensors, or tuples/lists whose first element is the
+            input (a DataLoader of ``(x, y)`` works as it is).
+        num_batches (int, optional): use at most this many batches of ``data``. Default: ``None``
+            (all of them).
+
+    Returns:
+        list of dict: per BatchNorm, ``{"name", "mean_shift", "var_ratio", "reached"}``, saying how
+        far the old running statistics were: ``mean_shift = ‖μ_old − μ‖/√(C·mean(σ²))`` (the RMS
+        shift of the mean, in units of the RMS σ), ``var_ratio = mean(σ²_old/σ²)``;
+        ``"reached"`` is False, and both numbers NaN, for a BatchNorm the forward never took.
+
+    Raises:
+        ValueError: the model has no BatchNorm with running statistics, or ``data`` gave no batch.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> data = [torch.randn(16, 4) for _ in range(4)]
+        >>> report = recalibrate_bn(model, data)
+        >>> [(r["name"], r["reached"]) for r in report]
+        [('1', True)]
+        >>> with torch.no_grad():
+        ...     h = model[0](torch.cat(data))          # what the BatchNorm saw, all at once
+        >>> torch.allclose(model[1].running_mean, h.mean(0), atol=1e-6)
+        True
+        >>> torch.allclose(model[1].running_var, h.var(0), atol=1e-6)
+        True
+        >>> int(model[1].num_batches_tracked), model.training
+        (4, True)
     """
     bns = [(n, m) for n, m in model.named_modules() if is_batchnorm(m) and m.running_mean is not None]
     if not bns:
@@ -693,10 +793,29 @@ def _frozen_pre_hook(module: nn.Module, args) -> None:
 
 
 def freeze_norm(model: nn.Module) -> nn.Module:
-    """Freeze every normalization layer: running statistics stop updating and γ, β stop receiving
-    gradients, whatever ``model.train()`` says afterwards (a forward pre-hook puts the layer back
-    in eval mode before each call, so ``.training`` reads False again from the next forward on).
-    Survives ``deepcopy`` and pickling. Returns ``model``."""
+    """Freeze every normalization layer, so that training no longer changes it.
+
+    Running statistics stop updating and γ, β stop receiving gradients (``requires_grad=False``),
+    whatever ``model.train()`` says afterwards: a forward pre-hook puts the layer back in eval mode
+    before each call, so ``.training`` reads False again from the next forward on. A frozen
+    BatchNorm thus always behaves as at test time, normalizing with its running statistics
+    (Lesson 14.1 §2.3). Applies to the BatchNorm, InstanceNorm, LayerNorm, GroupNorm and RMSNorm
+    layers of torch.nn and normlab.nn; a layer already frozen is left as it is. Survives
+    ``deepcopy`` and pickling. :func:`unfreeze_norm` undoes it, and :func:`audit` reports it.
+
+    Args:
+        model (nn.Module): the model (a norm layer passed itself is frozen too).
+
+    Returns:
+        nn.Module: ``model`` itself, frozen in place.
+
+    Example::
+
+        >>> model = freeze_norm(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))).train()
+        >>> _ = model(torch.randn(4, 2))
+        >>> model[1].training, model[1].weight.requires_grad, int(model[1].num_batches_tracked)
+        (False, False, 0)
+    """
     for m in model.modules():
         if isinstance(m, _norm_modules()) and not getattr(m, "_normlab_frozen", None):
             grads = {n: p.requires_grad for n, p in m.named_parameters(recurse=False)}
@@ -708,8 +827,25 @@ def freeze_norm(model: nn.Module) -> nn.Module:
 
 
 def unfreeze_norm(model: nn.Module) -> nn.Module:
-    """Undo :func:`freeze_norm`: parameters get their ``requires_grad`` back and the layers follow
-    ``model.train()``/``eval()`` again (call one of them to set the mode). Returns ``model``."""
+    """Undo freeze_norm, so that the norm layers train and follow the model's mode again.
+
+    The parameters get back the ``requires_grad`` they had before :func:`freeze_norm` and the
+    forward pre-hook is removed; the layers stay in eval mode until ``model.train()`` or
+    ``model.eval()`` sets the mode (call one of them). Layers that are not frozen are left alone.
+
+    Args:
+        model (nn.Module): the model (a norm layer passed itself is unfrozen too).
+
+    Returns:
+        nn.Module: ``model`` itself, unfrozen in place.
+
+    Example::
+
+        >>> model = freeze_norm(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+        >>> model = unfreeze_norm(model).train()
+        >>> model[1].training, model[1].weight.requires_grad
+        (True, True)
+    """
     for m in model.modules():
         frozen = getattr(m, "_normlab_frozen", None)
         if frozen:
@@ -739,12 +875,32 @@ def _guard_post(module: nn.Module, args, output) -> None:
 
 
 def guard_finite(model: nn.Module) -> nn.Module:
-    """Make every BatchNorm skip a running-statistics update whose batch statistics are not
-    finite (a NaN/inf batch, an fp16 overflow), counting the skips in ``bn.nonfinite_skips``.
+    """Make every BatchNorm skip a running-statistics update whose batch statistics are not finite.
 
-    Without it one bad batch turns ``running_var`` into NaN silently, and the damage only shows
-    in eval. The output of that batch is still NaN — the guard protects the model's state, not
-    the step. Works for torch.nn and normlab.nn BatchNorm; survives deepcopy and pickling.
+    Without it one bad batch (NaN/inf values, an fp16 overflow) turns ``running_var`` into NaN
+    silently, and the damage only shows in eval. With it, in training mode, each BatchNorm keeps a
+    copy of ``running_mean``, ``running_var`` and ``num_batches_tracked`` before the call and
+    restores all three when the update left them non-finite, counting the skips in
+    ``bn.nonfinite_skips``. The output of that batch is still NaN — the guard protects the model's
+    state, not the step. Statistics already non-finite before a batch are left alone
+    (:func:`recalibrate_bn` rebuilds them). Works for torch.nn and normlab.nn BatchNorm; a layer
+    already guarded is left as it is; survives deepcopy and pickling. :func:`unguard_finite`
+    removes the guard.
+
+    Args:
+        model (nn.Module): the model (a BatchNorm passed itself is guarded too).
+
+    Returns:
+        nn.Module: ``model`` itself, guarded in place.
+
+    Example::
+
+        >>> bn = guard_finite(nn.BatchNorm1d(2))
+        >>> y = bn(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]))
+        >>> bn.nonfinite_skips, bool(torch.isfinite(bn.running_var).all()), int(bn.num_batches_tracked)
+        (1, True, 0)
+        >>> bool(y.isnan().any())      # the output of the bad batch itself is not repaired
+        True
     """
     for m in model.modules():
         if is_batchnorm(m) and not getattr(m, "_normlab_guard", None):
@@ -754,7 +910,22 @@ def guard_finite(model: nn.Module) -> nn.Module:
 
 
 def unguard_finite(model: nn.Module) -> nn.Module:
-    """Remove :func:`guard_finite`'s hooks (the skip counters stay for inspection)."""
+    """Remove the hooks of guard_finite; the skip counters stay for inspection.
+
+    Args:
+        model (nn.Module): a model guarded with :func:`guard_finite` (unguarded layers are left
+            alone).
+
+    Returns:
+        nn.Module: ``model`` itself, without the guard.
+
+    Example::
+
+        >>> bn = unguard_finite(guard_finite(nn.BatchNorm1d(2)))
+        >>> _ = bn(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]))
+        >>> bn.nonfinite_skips, bool(torch.isfinite(bn.running_var).all())
+        (0, False)
+    """
     for m in model.modules():
         handles = getattr(m, "_normlab_guard", None)
         if handles:
@@ -765,8 +936,26 @@ def unguard_finite(model: nn.Module) -> nn.Module:
 
 
 def suggest_groups(channels: int, values_per_channel: int = 64) -> int:
-    """A GroupNorm group count: Wu & He's 32, fewer when a group would hold fewer than 2 channels
-    or fewer than 16 values per sample (``values_per_channel`` is the spatial size; 1 for an MLP)."""
+    """Suggest a GroupNorm group count for a number of channels: 32 where the channels allow it.
+
+    Wu & He's default of 32 groups (Wu & He 2018, "Group Normalization"), fewer when a group would
+    hold fewer than 2 channels or fewer than 16 values per sample: the largest
+    ``G ≤ min(32, C // 2)`` that divides ``C`` with ``(C / G) · values_per_channel ≥ 16``, or 1
+    (LayerNorm over the channels) when there is none.
+
+    Args:
+        channels (int): the number of channels ``C``.
+        values_per_channel (int): the values one channel holds per sample: the spatial size
+            (``H·W`` for images; 1 for an MLP). Default: ``64``.
+
+    Returns:
+        int: the number of groups, a divisor of ``channels``.
+
+    Example::
+
+        >>> suggest_groups(64), suggest_groups(64, values_per_channel=1), suggest_groups(3)
+        (32, 4, 1)
+    """
     for g in range(min(32, channels // 2), 1, -1):
         if channels % g == 0 and (channels // g) * values_per_channel >= 16:
             return g
@@ -778,14 +967,54 @@ _TARGETS = ("group", "layer", "instance", "batchrenorm")
 
 def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None = None, *,
                  inplace: bool = False) -> nn.Module:
-    """Swap every BatchNorm for a norm that does not depend on the batch (the survey “Norm相关总结”: BN needs
-    batches that are not too small).
+    """Replace every BatchNorm by a GroupNorm, LayerNorm, InstanceNorm or BatchRenorm, for small batches.
 
-    ``target``: ``"group"`` (GroupNorm, ``num_groups`` or :func:`suggest_groups`), ``"layer"``
-    (GroupNorm with one group: LayerNorm over (C, *spatial)), ``"instance"`` (GroupNorm with one
-    channel per group: InstanceNorm with affine parameters; needs spatial dims) or
-    ``"batchrenorm"`` (:class:`normlab.nn.BatchRenorm2d` & co., keeping the running statistics).
-    γ and β are carried over, so a trained model starts from its BatchNorm's affine map.
+    BatchNorm needs batches that are not too small (the survey “Norm相关总结”); GroupNorm and its
+    special cases do not depend on the batch at all (Wu & He 2018, "Group Normalization"), and
+    Batch Renormalization keeps the running statistics but corrects small batches towards them
+    (Ioffe 2017, "Batch Renormalization"). ``target`` chooses the replacement:
+
+    * ``"group"``: :class:`normlab.nn.GroupNorm` with ``num_groups`` groups, or
+      :func:`suggest_groups` of the channels (values per channel 1 for a BatchNorm1d, else 64);
+    * ``"layer"``: GroupNorm with one group: LayerNorm over ``(C, *spatial)``;
+    * ``"instance"``: GroupNorm with one channel per group: InstanceNorm with affine parameters;
+      needs spatial dims, so a BatchNorm1d is refused;
+    * ``"batchrenorm"``: :class:`normlab.nn.BatchRenorm1d`/``2d``/``3d`` of the same rank,
+      keeping the running statistics (the whole ``state_dict``) and ``rmax``, ``dmax``,
+      ``warmup_steps`` where the BatchNorm has them.
+
+    ``eps``, ``affine``, the mode, device and dtype are carried over, and γ and β too, so a
+    trained model starts from its BatchNorm's affine map. Every replacement is built (and
+    checked) before any is put in place, so an error leaves an ``inplace`` model as it was; a
+    BatchNorm shared by several parents stays shared.
+
+    Args:
+        model (nn.Module): the model whose BatchNorms (torch.nn or normlab.nn) are replaced.
+        target (str): ``"group"``, ``"layer"``, ``"instance"`` or ``"batchrenorm"``.
+            Default: ``"group"``.
+        num_groups (int, optional): the number of groups for ``target="group"``; must divide the
+            channels of every BatchNorm. Default: ``None`` (:func:`suggest_groups`, per layer).
+        inplace (bool, keyword-only): change ``model`` itself instead of a deep copy.
+            Default: ``False``.
+
+    Returns:
+        nn.Module: the model with its BatchNorms replaced (``model`` itself if ``inplace``).
+
+    Raises:
+        ValueError: an unknown ``target``; ``num_groups`` does not divide a layer's channels;
+            ``"instance"`` for a BatchNorm1d; ``"batchrenorm"`` for a BatchNorm whose class does
+            not say its input rank.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> gn = replace_norm(model)
+        >>> type(gn[1]).__name__, gn[1].num_groups, type(model[1]).__name__
+        ('GroupNorm', 4, 'BatchNorm2d')
+        >>> replace_norm(model, "layer")[1].num_groups
+        1
+        >>> type(replace_norm(model, "batchrenorm")[1]).__name__
+        'BatchRenorm2d'
     """
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
@@ -861,13 +1090,41 @@ def _spatial_size(shape) -> int:
 
 @torch.no_grad()
 def audit(model: nn.Module, batch_size: int | None = None, input_shape: tuple[int, ...] | None = None) -> dict:
-    """Inspect every normalization layer; plain-language recommendations for what is wrong.
+    """Inspect every normalization layer and recommend, in plain words, what to fix.
 
     Per layer: type, train/eval mode, frozen (:func:`freeze_norm`), parameters that do not train
     while the statistics still update ("frozen but updating"), non-finite running statistics, and
-    — given ``batch_size`` and ``input_shape`` (one example, without the batch dim), by running
-    one dummy batch in eval mode — the number of values a batch gives each statistic.
-    Returns ``{"layers": [...], "recommendations": [...]}``.
+    — given ``batch_size`` and ``input_shape``, by running one dummy batch of zeros in eval mode
+    (the modes are restored afterwards) — the number of values a batch gives each statistic.
+    Nothing in the model is changed.
+
+    Args:
+        model (nn.Module): the model to inspect.
+        batch_size (int, optional): the batch size of training, for the dummy batch.
+            Default: ``None`` (no dummy batch).
+        input_shape (tuple of int, optional): the shape of one example, without the batch dim.
+            Default: ``None`` (no dummy batch).
+
+    Returns:
+        dict: ``{"layers": [...], "recommendations": [...]}``. Each layer is a dict with
+        ``"name"``, ``"type"``, ``"training"``, ``"frozen"``; for a BatchNorm with running
+        statistics ``"finite_stats"``, and ``"frozen_but_updating": True`` when γ, β do not train
+        but the statistics still update in training mode; with the dummy batch
+        ``"values_per_statistic"``: ``N·spatial`` for BatchNorm, ``(C/G)·spatial`` for GroupNorm,
+        the product of ``normalized_shape`` for LayerNorm and RMSNorm, ``spatial`` for
+        InstanceNorm. Each recommendation is a string that names the layer and the fix:
+        non-finite running statistics (:func:`recalibrate_bn`, :func:`guard_finite`), frozen but
+        updating (:func:`freeze_norm`), a BatchNorm that sees fewer than 32 values per channel
+        (:func:`replace_norm` to GroupNorm or BatchRenorm, or a larger batch).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> report = audit(model, batch_size=2, input_shape=(3, 4, 4))
+        >>> [(r["name"], r["values_per_statistic"]) for r in report["layers"]]
+        [('1', 8)]
+        >>> report["recommendations"][0].split(":")[0]
+        '1 sees 8 values per channel at batch 2'
     """
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, _norm_modules())]
     shapes: dict[str, tuple] = {}
@@ -929,24 +1186,66 @@ _ORIGIN = "_normlab_from"  # the class a converted third-party module had (to_to
 
 
 def register_conversion(cls, convert) -> None:
-    """Teach :func:`to_normlab` a norm: ``convert(module)`` returns the normlab module that
-    replaces ``module`` (see :func:`retype`), or ``None`` to leave it (say why by raising
-    ``ValueError``). ``cls`` is a class or, for code normlab should not import, a class name.
+    """Teach to_normlab to convert one more norm class.
 
-    >>> import torch
-    >>> class MyRMSNorm(torch.nn.Module):
-    ...     def __init__(self, n):
-    ...         super().__init__()
-    ...         self.scale, self.eps = torch.nn.Parameter(torch.ones(n)), 1e-6
-    >>> from normlab import nn as nln
-    >>> register_conversion(MyRMSNorm, lambda m: None)  # (a real one would build an nln.RMSNorm)
+    ``convert(module)`` returns the normlab module that replaces ``module`` (usually built with
+    :func:`retype`, so that its parameters and buffers stay the same objects), or ``None`` to
+    leave it; it says why a module cannot be converted by raising ``ValueError``, whose message
+    the report of :func:`to_normlab` lists under ``"left"``. ``cls`` is a class, matched exactly
+    (not its subclasses), or, for code normlab should not import, a class name; registering it
+    again replaces its conversion. Built in, by name: transformers' Llama/Qwen2/Qwen3/Mistral/
+    Mixtral/Phi3-style RMSNorms and T5LayerNorm, and ConvNextLayerNorm and ConvNextV2LayerNorm.
+
+    Args:
+        cls (type or str): the class to convert, or its ``__name__``.
+        convert (callable): ``convert(module)`` → the replacing ``nn.Module``, or ``None``.
+
+    Example::
+
+        >>> from normlab import nn as nln
+        >>> class MyLayerNorm(nn.LayerNorm):      # a subclass: to_normlab leaves it alone ...
+        ...     pass
+        >>> to_normlab(MyLayerNorm(4), report=True)[1]["converted"]
+        []
+        >>> register_conversion(MyLayerNorm, lambda m: retype(m, nln.LayerNorm))  # ... until taught
+        >>> to_normlab(MyLayerNorm(4), report=True)[1]["converted"]
+        [('', 'MyLayerNorm', 'normlab.nn.LayerNorm')]
     """
     _TO_NORMLAB[cls] = convert
 
 
 def retype(module: nn.Module, cls: type, **attributes) -> nn.Module:
-    """``module`` as an instance of ``cls``: the same parameters, buffers, submodules and hooks
-    (fresh containers holding the same objects), plus ``attributes``."""
+    """Re-type a module as an instance of another class, keeping its parameters, buffers and hooks.
+
+    The new module gets the old one's attributes: the same Parameter, buffer and submodule
+    objects and the same hooks, in fresh containers (so registering a parameter on one does not
+    change the other), plus ``attributes``; only the class, and so the forward, changes.
+    Optimizers, tied weights and ``state_dict`` keys are unaffected, and ``cls.__init__`` is not
+    called. This is how :func:`to_normlab` and :func:`to_torch` convert.
+
+    Args:
+        module (nn.Module): the module to re-type; it is left as it was.
+        cls (type): the new class, an ``nn.Module`` subclass whose forward works on the
+            attributes of ``module``.
+        **attributes: extra attributes of the new module, set as plain attributes (without
+            ``nn.Module.__setattr__``).
+
+    Returns:
+        nn.Module: a new instance of ``cls``.
+
+    Example::
+
+        >>> class Doubled(nn.Linear):
+        ...     def forward(self, x):
+        ...         return 2 * super().forward(x)
+        >>> lin = nn.Linear(3, 2)
+        >>> twice = retype(lin, Doubled, note="times two")
+        >>> type(twice).__name__, twice.weight is lin.weight, twice.note
+        ('Doubled', True, 'times two')
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(twice(x), 2 * lin(x))
+        True
+    """
     new = cls.__new__(cls)
     new.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     for k, v in attributes.items():
@@ -1014,28 +1313,38 @@ def _swap(model: nn.Module, choose, inplace: bool) -> tuple[nn.Module, dict]:
 
 
 def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False):
-    """Every norm of ``model`` as normlab's: torch.nn's BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d,
-    LayerNorm, GroupNorm and RMSNorm, and the third-party norms of the registry
-    (:func:`register_conversion`; built in: transformers' Llama/Qwen2/Mistral-style RMSNorms and
-    ConvNextLayerNorm). Parameters and buffers are the same objects, so ``state_dict`` keys,
-    optimizers and tied weights are unchanged; subclasses of those norms and anything else are
-    left alone. :func:`to_torch` goes back.
+    """Convert every norm of a model to normlab's implementation, keeping its parameters.
+
+    Converted: torch.nn's BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, LayerNorm, GroupNorm and
+    RMSNorm, and the third-party norms of the registry (:func:`register_conversion`; built in:
+    transformers' Llama/Qwen2/Mistral-style RMSNorms and ConvNextLayerNorm). Each module is
+    re-typed (:func:`retype`): parameters and buffers are the same objects, so ``state_dict``
+    keys, optimizers and tied weights are unchanged; a module shared by several parents stays
+    shared. Subclasses of those norms and anything else are left alone. :func:`to_torch` goes
+    back.
 
     Args:
-        model: any module (a norm itself is converted too).
-        inplace: change ``model`` itself instead of a deep copy.
-        report: also return ``{"converted": [(name, from, to)], "left": [(name, class, why)]}``,
-            ``left`` listing every module whose class name says it normalizes but that was not
-            converted.
+        model (nn.Module): any module (a norm itself is converted too).
+        inplace (bool, keyword-only): change ``model`` itself instead of a deep copy.
+            Default: ``False``.
+        report (bool, keyword-only): also return
+            ``{"converted": [(name, from, to)], "left": [(name, class, why)]}``, ``left`` listing
+            every module whose class name says it normalizes but that was not converted.
+            Default: ``False``.
 
-    >>> import torch
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
-    >>> fast, done = to_normlab(model, report=True)
-    >>> done["converted"]
-    [('1', 'LayerNorm', 'normlab.nn.LayerNorm')]
-    >>> x = torch.randn(3, 4)
-    >>> torch.allclose(fast(x), model(x), atol=1e-6)
-    True
+    Returns:
+        nn.Module, or ``(nn.Module, dict)`` with ``report=True``: the converted model.
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+        >>> fast, done = to_normlab(model, report=True)
+        >>> done["converted"]
+        [('1', 'LayerNorm', 'normlab.nn.LayerNorm')]
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(fast(x), model(x), atol=1e-6)
+        True
     """
     pairs = _torch_pairs()
     targets = tuple(set(pairs.values()))
@@ -1070,13 +1379,29 @@ def _is_normlab(m: nn.Module) -> bool:
 
 
 def to_torch(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Undo :func:`to_normlab`: normlab's norms back to torch.nn's (and converted third-party
-    norms back to their own classes), parameters and buffers the same objects.
+    """Convert normlab's norms back to torch.nn's, undoing to_normlab.
 
-    >>> import torch
-    >>> back = to_torch(to_normlab(torch.nn.BatchNorm2d(3)))
-    >>> type(back)
-    <class 'torch.nn.modules.batchnorm.BatchNorm2d'>
+    normlab.nn's BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, LayerNorm, GroupNorm and RMSNorm become
+    torch.nn's again, and third-party norms converted by :func:`to_normlab` their own classes;
+    parameters and buffers stay the same objects (:func:`retype`). Other modules are left alone.
+
+    Args:
+        model (nn.Module): any module (a norm itself is converted too).
+        inplace (bool, keyword-only): change ``model`` itself instead of a deep copy.
+            Default: ``False``.
+
+    Returns:
+        nn.Module: the converted model.
+
+    Example::
+
+        >>> import torch
+        >>> bn = torch.nn.BatchNorm2d(3)
+        >>> back = to_torch(to_normlab(bn))
+        >>> type(back)
+        <class 'torch.nn.modules.batchnorm.BatchNorm2d'>
+        >>> torch.equal(back.weight, bn.weight)
+        True
     """
     back = {v: k for k, v in _torch_pairs().items()}
 

@@ -1,4 +1,4 @@
-r"""Normalization across processes, on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+r"""Normalization across processes, on torch.distributed (gloo on CPU, NCCL on GPU).
 
 Every statistic travels as the mergeable triple ``(count, mean, M2)`` of
 :class:`normlab.stats.Moments` and is merged with Chan's formula in rank order, so ranks may hold
@@ -35,7 +35,49 @@ def _world(group) -> int:
 
 
 def all_reduce_moments(m: Moments, group=None) -> Moments:
-    """Merge every rank's ``(count, mean, M2)`` (same shape on every rank) in rank order."""
+    r"""Merge the moments of every rank, in rank order, into the moments of all their data.
+
+    Each rank passes the triple ``(count, mean, M2)`` of its own data — the same shape on every
+    rank, any counts, none included. The triples are gathered in float64 and merged in rank order
+    with Chan's formula,
+
+    .. math::
+
+        n = n_a + n_b, \quad \delta = \bar x_b - \bar x_a, \quad
+        \bar x = \bar x_a + \delta\,\frac{n_b}{n}, \quad
+        M_2 = M_{2,a} + M_{2,b} + \delta^2\,\frac{n_a n_b}{n},
+
+    so every rank gets the same triple, equal to that of the concatenated data up to rounding and
+    with no ``E[x²] − E[x]²`` cancellation (Chan, Golub & LeVeque 1979, "Updating formulae and a
+    pairwise algorithm for computing sample variances"). It is a collective: every rank of
+    ``group`` must call it. Outside an initialized process group, or with one process, ``m`` is
+    returned as it is.
+
+    Args:
+        m (Moments): this rank's :class:`normlab.stats.Moments`.
+        group (ProcessGroup, optional): the ranks to merge over. Default: ``None`` (the default
+            process group).
+
+    Returns:
+        Moments: the merged triple (in float64 when merged across ranks), the same on every rank.
+
+    Shape:
+        - ``m.count``, ``m.mean``, ``m.m2``: any shape, the same on every rank
+        - Output: the same shape
+
+    Example::
+
+        >>> from normlab.stats import Moments
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(100, 3)
+        >>> m = Moments.from_data(x, (0,))
+        >>> all_reduce_moments(m) is m             # no process group: the local moments
+        True
+        >>> shards = Moments.from_data(x[:30], (0,)), Moments.from_data(x[30:], (0,))
+        >>> merged = shards[0].merge(shards[1])    # what two ranks holding these shards get
+        >>> torch.allclose(merged.var(correction=1), x.var(0))
+        True
+    """
     if _world(group) == 1:
         return m
     packed = torch.stack([m.count, m.mean, m.m2]).to(torch.float64)
@@ -115,13 +157,69 @@ class _SyncBN(torch.autograd.Function):
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the batch of every rank of ``process_group`` (``torch.nn.SyncBatchNorm``'s
-    arguments, buffers and ``state_dict``). In eval mode it is BatchNorm with running statistics.
+    r"""Batch Normalization over the batches of all ranks of a process group, as torch.nn.SyncBatchNorm.
 
-    Batch statistics are the merged ``(count, mean, M2)`` of all ranks, so uneven and empty
-    shards are exact; ``running_var`` stores the unbiased global variance. Parameter gradients
-    are local (DistributedDataParallel averages them, as with torch's SyncBatchNorm). Every rank
-    must call it in step (the statistics are a collective).
+    ``torch.nn.SyncBatchNorm``'s arguments, buffers and ``state_dict``; in training
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    with the mean and the biased variance taken per channel over the global batch: the batches of
+    every rank of ``process_group``, as if concatenated. They are the merged ``(count, mean, M2)``
+    of all ranks (:func:`all_reduce_moments`), so uneven and empty shards are exact;
+    ``running_var`` stores the unbiased global variance, updated with ``momentum`` as BatchNorm
+    does. The backward uses the global sums of the survey “Norm相关总结” eq. (5)–(7),
+
+    .. math::
+
+        \frac{\partial l}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}
+        \Big(\frac{\partial l}{\partial y} - \frac{1}{n}\sum \frac{\partial l}{\partial y}
+        - \hat x \cdot \frac{1}{n}\sum \frac{\partial l}{\partial y}\,\hat x\Big),
+
+    both sums all-reduced over the ranks and ``n`` the global count per channel (no double
+    backward). Parameter gradients are local (DistributedDataParallel averages them, as with
+    torch's SyncBatchNorm). In training every rank must call it in step (the statistics are a
+    collective); each rank's input is checked before any statistic travels, and ranks whose
+    channel counts disagree all raise, naming every rank's count, so none is left waiting.
+    Training on at most one value per channel over all ranks raises a ``ValueError``.
+
+    In eval mode it is BatchNorm with running statistics (or, with
+    ``track_running_stats=False``, with this rank's own batch statistics), and no collective runs.
+    Outside an initialized process group, or with one process, it is BatchNorm on the local batch.
+
+    Source: Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by
+    Reducing Internal Covariate Shift", Algorithm 1; the survey “Norm相关总结” eq. (5)–(7) for the
+    backward.
+
+    Args:
+        num_features (int): ``C``, the number of channels (dim 1 of the input).
+        eps (float): the value added to the variance, ε. Default: ``1e-5``.
+        momentum (float or None): the weight of a new batch in the running statistics; ``None``
+            for the cumulative average. Default: ``0.1``.
+        affine (bool): learn the per-channel γ and β. Default: ``True``.
+        track_running_stats (bool): keep running statistics for eval mode. Default: ``True``.
+        process_group (ProcessGroup, optional): the ranks whose batches are pooled.
+            Default: ``None`` (the default process group).
+        device (torch.device, optional): the device of the parameters and buffers.
+            Default: ``None``.
+        dtype (torch.dtype, optional): the dtype of the parameters and buffers. Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, *)`, at least 2-D, floating point
+        - Output: :math:`(N, C, *)`, the same shape as the input
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> sync, bn = SyncBatchNorm(4), nn.BatchNorm2d(4)
+        >>> x = torch.randn(8, 4, 5, 5) * 3 + 1
+        >>> torch.allclose(sync(x), bn(x), atol=1e-5)    # no process group: the local batch
+        True
+        >>> torch.allclose(sync.running_var, bn.running_var, atol=1e-6)
+        True
+        >>> sync.eval()(x[:1]).shape                      # eval: the running statistics
+        torch.Size([1, 4, 5, 5])
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
@@ -190,10 +288,38 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """A copy of ``module`` with every BatchNorm (torch.nn or normlab.nn) replaced by
-    :class:`SyncBatchNorm`: parameters (with their ``requires_grad``), running statistics and
-    mode carried over. BatchRenorm and frozen layers (:func:`normlab.convert.freeze_norm`) are
-    refused rather than silently turned into plain, updating SyncBatchNorm."""
+    """Return a copy of a module with every BatchNorm replaced by a SyncBatchNorm.
+
+    Every BatchNorm of torch.nn or normlab.nn in ``module`` (``module`` itself included) becomes a
+    :class:`SyncBatchNorm` on ``process_group``: parameters (with their ``requires_grad``),
+    running statistics and mode carried over, on the same device and dtype. A SyncBatchNorm
+    already there is kept, and a BatchNorm shared by several parents stays shared. ``module``
+    itself is left unchanged (the result is a deep copy). BatchRenorm and frozen layers
+    (:func:`normlab.convert.freeze_norm`) are refused rather than silently turned into plain,
+    updating SyncBatchNorm. No process group is needed to convert.
+
+    Args:
+        module (nn.Module): the model, or a single BatchNorm.
+        process_group (ProcessGroup, optional): the ranks each SyncBatchNorm pools over.
+            Default: ``None`` (the default process group).
+
+    Returns:
+        nn.Module: the converted copy.
+
+    Raises:
+        ValueError: ``module`` holds a BatchRenorm or a frozen norm layer.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> synced = convert_sync_batchnorm(model)
+        >>> type(synced[1]).__name__, type(model[1]).__name__
+        ('SyncBatchNorm', 'BatchNorm2d')
+        >>> x = torch.randn(2, 3, 6, 6)
+        >>> torch.allclose(synced(x), model(x), atol=1e-5)   # one process: the same as BatchNorm
+        True
+    """
     from . import nn as nln
     from .convert import is_batchnorm
 
@@ -226,9 +352,42 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
 
 def all_reduce_scaler(scaler, group=None):
-    """Give every rank the scaler fitted on all ranks' data: each rank ``partial_fit`` its shard
-    (or nothing), then this merges the sufficient statistics in rank order — the same fitted
-    state as one ``fit`` on the concatenated data, for MinMax and Z-Score alike. Returns ``scaler``."""
+    """Give every rank the scaler fitted on the data of all ranks.
+
+    Each rank calls ``partial_fit`` on its own shard (a rank without data need not), then this
+    gathers the sufficient statistics and merges them in rank order — the same fitted state as
+    one ``fit`` on the concatenated data, for MinMax and Z-Score alike (``(count, mean, M2)``
+    merged by Chan's formula for the StandardScaler, minima and maxima for the MinMaxScaler). A
+    rank that saw no data gets the fitted state, number of features and feature names too. It is
+    a collective: every rank of ``group`` must call it. Outside an initialized process group, or
+    with one process, ``scaler`` is returned as it is.
+
+    Args:
+        scaler (StandardScaler or MinMaxScaler): a scaler of :mod:`normlab.preprocessing`, fitted
+            on this rank's shard or not fitted at all.
+        group (ProcessGroup, optional): the ranks to merge over. Default: ``None`` (the default
+            process group).
+
+    Returns:
+        the same ``scaler``, fitted on the data of all ranks.
+
+    Raises:
+        TypeError: ``scaler`` is not a scaler of normlab.preprocessing (mergeable statistics).
+        ValueError: no rank has fitted data, or the ranks disagree on the features (count,
+            names).
+
+    Example::
+
+        >>> import numpy as np
+        >>> from normlab.preprocessing import StandardScaler
+        >>> _ = torch.manual_seed(0)
+        >>> X = torch.randn(100, 3) * 4 + 2
+        >>> shard = StandardScaler().partial_fit(X[:60]).partial_fit(X[60:])
+        >>> all_reduce_scaler(shard) is shard        # no process group: this rank's data is all
+        True
+        >>> bool(np.allclose(shard.scale_, StandardScaler().fit(X).scale_))
+        True
+    """
     from sklearn.exceptions import NotFittedError
     from sklearn.utils.validation import check_is_fitted
 
