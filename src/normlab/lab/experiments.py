@@ -621,7 +621,7 @@ def _compare(cfg: Config) -> dict:
                           series=[records.series(n, range(1, depth + 2), [_mean(b[i] for _, b in runs)
                                                                           for i in range(depth + 1)])
                                   for n, runs in by_norm.items()]),
-            caption="Left: test accuracy per epoch; middle: final accuracy, best first, ± std over seeds; right: "
+            caption="Left: test accuracy per epoch; middle: final accuracy, best first, ± std over random seeds; right: "
                     "how the gradient variance changes from layer to layer (flat is steady). Each norm has one "
                     "colour and line style in every figure of this report.",
         ))
