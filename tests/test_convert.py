@@ -512,3 +512,46 @@ def test_fold_scaler_into_the_first_layer_of_a_model():
         fold_scaler(scaler, Skip().double())
     with pytest.raises(TypeError, match="nn.Linear or a model"):
         fold_scaler(scaler, "first")
+
+
+def test_folding_never_rewrites_a_weight_something_else_uses():
+    class Tied(nn.Module):  # a tied autoencoder: the decoder reads the encoder's weight
+        def __init__(self):
+            super().__init__()
+            self.enc, self.bn = nn.Linear(8, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.relu(self.bn(self.enc(x))), self.enc.weight.t())
+
+    class StdConv(nn.Conv2d):  # weight standardization: a forward of its own
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+            return nn.functional.conv2d(x, w, self.bias)
+
+    class Outer(nn.Module):  # a traceable block whose conv the untraceable parent also calls alone
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            if x.sum() > -1e9:
+                return self.block(x) + self.block[0](x)
+            return x
+
+    shared = nn.Conv2d(3, 3, 1)
+    cases = [(Tied(), (4, 8), "tied"), (nn.Sequential(StdConv(3, 4, 3), nn.BatchNorm2d(4)), (2, 3, 6, 6), None),
+             (nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)), (2, 3, 6, 6),
+              "parametrized"),
+             (nn.Sequential(shared, nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)), (2, 3, 6, 6), None),
+             (Outer(), (2, 3, 6, 6), "another use")]
+    cases[3][0][2].weight = shared.weight  # two convs, one Parameter
+    for model, shape, reason in cases:
+        model = _trained(model, shape, steps=2)
+        x = torch.randn(shape)
+        with pytest.warns(UserWarning, match="left in place"):
+            folded = fold_batchnorm(model, example_input=x)
+        assert all("reason" in r for r in folded.normlab_fold_report), folded.normlab_fold_report
+        assert reason is None or reason in folded.normlab_fold_report[0]["reason"]
+        assert_rel(folded(x), model(x), tol=1e-6)
+    with pytest.raises(ValueError, match="the model is a BatchNorm itself"):
+        fold_batchnorm(nn.BatchNorm2d(3).eval())

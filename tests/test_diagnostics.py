@@ -383,3 +383,13 @@ def test_activations_pair_with_the_layer_that_feeds_them():
     assert "activation" not in rows["conv2"] and "activation" not in rows["head"]
     s = mon.summary()
     assert s["hidden_layers"] == ["conv1", "conv2"] and s["output_layer"] == "head"
+
+
+def test_layers_never_called_are_not_the_first_hidden_layer():
+    model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2),
+                          nn.Linear(16, 4))
+    with GlorotMonitor(model) as mon:
+        model(torch.randn(3, 5, 16)).square().mean().backward()
+    s = mon.summary()
+    assert not any("out_proj" in n for n in s["hidden_layers"]) and s["output_layer"] == "1"
+    assert math.isfinite(s["forward_per_layer"]) and math.isfinite(s["backward_per_layer"])

@@ -446,3 +446,11 @@ def test_sharded_training_needs_batches_that_split_evenly():
     split = data.make_regression(num_examples=12, seed=0)  # 9 training examples
     with pytest.raises(ValueError, match="split evenly"):
         train.fit(models.mlp(2, 1), split, epochs=1, batch_size=4, shard=(0, 2))
+
+
+def test_checks_take_tensors_arrays_and_identical_seeds():
+    assert records.check("t", torch.tensor(0.5), ">", 0)["status"] == "holds"  # 0-d: one exact number
+    assert records.check("a", np.array([0.2, 0.3, 0.25]), ">", 0)["status"] == "holds"
+    same = records.check("s", [1.0, 1.0, 1.0], ">", 1.0)  # no spread: more seeds cannot move it
+    assert same["status"] == "fails" and same["ci"] == [1.0, 1.0]
+    assert "1.001" in records.explain(records.check("r", [1.0004, 1.0005, 1.0006], ">", 1))  # digits to see it

@@ -236,7 +236,10 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
         True
     """
     model = model if inplace else copy.deepcopy(model)
-    pairs, found_by, unseen = _find_pairs(model, example_input)
+    if is_batchnorm(model):
+        raise ValueError("fold_batchnorm: the model is a BatchNorm itself, with no layer next to it to fold into; "
+                         "pass the model that contains it")
+    pairs, found_by, why = _find_pairs(model, example_input)
     report: list[dict] = []
     for name, m in model.named_modules():
         if not is_batchnorm(m):
@@ -254,7 +257,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
             if reason is None:
                 report.append({"name": name, "folded_into": other, "found_by": found_by[name]})
                 continue
-        report.append({"name": name, "reason": reason or unseen.get(name)
+        report.append({"name": name, "reason": reason or why.get(name)
                        or "no Linear/Conv feeding only it, nor a Linear fed only by it"})
     for r in report:
         if "folded_into" in r:
@@ -295,9 +298,10 @@ def _find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]
     opaque = {n: why for n in sorted(ancestors) if (why := _untraceable(model.get_submodule(n)))}
     pairs: dict[str, tuple[str, str]] = {}
     found_by: dict[str, str] = {}
-    roots = []
+    roots, attrs = [], set()
     for root, graph in _graphs(model, opaque, ancestors):
         roots.append(root)
+        attrs |= {f"{root}.{n.target}" if root else n.target for n in graph.nodes if n.op == "get_attr"}
         for bn, (kind, other) in _graph_pairs(model, root, graph, names).items():
             pairs[bn], found_by[bn] = (kind, other), "trace"
     traced_parents = {p for p in parents if p not in opaque
@@ -305,15 +309,21 @@ def _find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]
     hidden = [bn for bn in bns if bn.rpartition(".")[0] not in traced_parents
               and _why_not(model.get_submodule(bn)) is None]
     seen = _observe(model, example_input) if example_input is not None else None
+    why: dict[str, str] = {}
     if seen is not None:
         observed = seen.pairs(names)
         for bn in hidden:
             if bn in observed:
                 pairs[bn], found_by[bn] = observed[bn], "observation"
-        for bn, (kind, other) in list(pairs.items()):  # shapes from the run: BN1d ↔ Linear only on (N, C)
+        for bn, (kind, other) in list(pairs.items()):
             one_d_linear = isinstance(model.get_submodule(other), nn.Linear) and _is_bn1d(model.get_submodule(bn))
-            if one_d_linear and seen.ndim.get(bn, 2) != 2:
+            if one_d_linear and seen.ndim.get(bn, 2) != 2:  # shapes from the run: BN1d ↔ Linear only on (N, C)
                 del pairs[bn]
+                why[bn] = f"a BatchNorm1d on {seen.ndim[bn]}-D input normalizes another axis than the Linear's"
+            elif any(a in opaque for a in _prefixes(bn)[:-1]) and observed.get(bn) != (kind, other):
+                # traced inside a block that a forward fx cannot trace calls: the run must agree
+                del pairs[bn]
+                why[bn] = "the run of example_input shows another use of it or of its layer"
     elif hidden:
         where = sorted({bn.rpartition(".")[0] for bn in hidden})
         raise ValueError(
@@ -322,9 +332,41 @@ def _find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]
                         f"({opaque.get(w, 'not traced')})" for w in where)
             + ". Pass example_input= (one batch the model accepts) so they are found by running it once."
         )
-    unseen = {bn: "not called in the forward pass of example_input" for bn in hidden
-              if seen is not None and bn not in seen.calls}
-    return pairs, found_by, unseen
+    for bn in hidden:
+        if seen is not None and bn not in seen.calls:
+            why[bn] = "not called in the forward pass of example_input"
+    for bn, (kind, other) in list(pairs.items()):
+        reason = _unfoldable_layer(model, other, attrs, seen)
+        if reason:
+            del pairs[bn]
+            why[bn] = f"{other} {reason}"
+    return pairs, found_by, why
+
+
+def _unfoldable_layer(model: nn.Module, name: str, attrs: set[str], seen) -> str | None:
+    """Why folding into the layer ``name`` would change something else, or None.
+
+    Folding rewrites the layer's weight in place, so it must be the layer's own plain weight,
+    used by the layer's plain forward and by nothing else."""
+    from torch.nn.utils import parametrize
+
+    layer = model.get_submodule(name)
+    base = next(b for b in _LAYERS if isinstance(layer, b))
+    if type(layer).forward is not base.forward:
+        return f"is a {type(layer).__name__} with a forward of its own (folding assumes {base.__name__}'s)"
+    if parametrize.is_parametrized(layer) or any(hasattr(layer, a) for a in ("weight_orig", "weight_v", "weight_g")):
+        return "has a parametrized weight (weight norm, pruning, ...)"
+    own = {id(p) for p in layer.parameters(recurse=False)}
+    uses = sum(id(p) in own for _, p in model.named_parameters(remove_duplicate=False))
+    if uses > len(own):
+        return "shares a parameter with another module (tied weights)"
+    if {f"{name}.weight", f"{name}.bias"} & attrs:
+        return "has its weight read outside its forward (tied weights)"
+    if seen is not None:
+        for p in layer.parameters(recurse=False):
+            if not seen.reads.get(id(p), set()) <= {name}:
+                return "has its weight read outside its forward (tied weights)"
+    return None
 
 
 def _prefixes(name: str) -> list[str]:
@@ -539,6 +581,10 @@ def _observe(model: nn.Module, example_input) -> _Observer:
     seen.modules = dict(model.named_modules())
     for a in torch.utils._pytree.tree_leaves(args):
         seen.watch(a)
+    for m in model.modules():  # a layer's weights, to see whether anything but the layer reads them
+        if isinstance(m, _LAYERS):
+            for p in m.parameters(recurse=False):
+                seen.watch(p)
     modes = {m: m.training for m in model.modules()}
     hooks = [nn.modules.module.register_module_forward_pre_hook(seen.pre),
              nn.modules.module.register_module_forward_hook(seen.post)]
@@ -612,24 +658,35 @@ def _first_linear(model: nn.Module, example_input) -> str:
         users = list(x.users)
         hit = [u.target for u in users if u.op == "call_module"]
         calls = [n.target for n in graph.nodes if n.op == "call_module"]
+        attrs = {n.target for n in graph.nodes if n.op == "get_attr"}
         if (len(users) == 1 and hit and isinstance(model.get_submodule(hit[0]), nn.Linear)
                 and calls.count(hit[0]) == 1 and id(model.get_submodule(hit[0])) in names):
-            return hit[0]
+            return _checked_first(model, hit[0], attrs, None)
         found = ", ".join(str(u.target) for u in users)
     elif example_input is None:
         raise ValueError(f"fold_scaler: torch.fx cannot trace {type(model).__name__} ({why}); pass "
                          "example_input= (one batch the model accepts) to find its first layer by running it once")
     else:
         seen = _observe(model, example_input)
-        x = example_input[0] if isinstance(example_input, tuple) else example_input
+        x = next((t for t in torch.utils._pytree.tree_leaves(example_input) if isinstance(t, Tensor)), None)
+        if x is None:
+            raise TypeError(f"fold_scaler: example_input holds no tensor, got {type(example_input).__name__}")
         for name, inp in seen.inputs.items():
             if (inp is x and isinstance(seen.modules[name], nn.Linear) and seen.calls[name] == 1
                     and name in names.values() and seen.only_read_by(x, name)):
-                return name
+                return _checked_first(model, name, set(), seen)
         found = ", ".join(sorted(str(r) for r in seen.reads[id(x)] | seen.receipts[id(x)]))
     raise ValueError(f"fold_scaler: the input of {type(model).__name__} is not read by one nn.Linear alone "
                      f"(read by: {found or 'nothing'}); fold the scaler into the Linear itself: "
                      "fold_scaler(scaler, model.<first linear>)")
+
+
+def _checked_first(model: nn.Module, name: str, attrs: set[str], seen) -> str:
+    reason = _unfoldable_layer(model, name, attrs, seen)
+    if reason:
+        raise ValueError(f"fold_scaler: the first Linear, {name}, {reason}; fold the scaler by hand or into "
+                         "a plain nn.Linear")
+    return name
 
 
 @torch.no_grad()

@@ -111,7 +111,7 @@ def _pass_through() -> tuple[type, ...]:
             nn.Identity, nln._NormBase, nln.LayerNorm, nln.GroupNorm, nln.RMSNorm)
 
 
-_ORIGINS_KEPT = 256  # outputs remembered (weakly) for pairing: an activation follows its layer soon
+_ORIGINS_KEPT = 4096  # live outputs remembered (weakly) for pairing an activation with its layer
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -381,6 +381,10 @@ class GlorotMonitor:
     def _remember(self, y: Tensor, layer: str, via: tuple[str, ...]) -> None:
         """``y`` came from ``layer`` (through the ``via`` modules); kept weakly, the last few only."""
         self._origin[id(y)] = (weakref.ref(y), layer, via)
+        self._origin.move_to_end(id(y))
+        if len(self._origin) > _ORIGINS_KEPT:  # forget the outputs that no longer exist first
+            for key in [k for k, (ref, _, _) in self._origin.items() if ref() is None]:
+                del self._origin[key]
         while len(self._origin) > _ORIGINS_KEPT:
             self._origin.popitem(last=False)
 
@@ -497,7 +501,9 @@ class GlorotMonitor:
           zero variance counts as ``-inf`` (spread ``inf``); layers with nothing recorded are
           skipped.
         * ``hidden_layers`` (their names) and ``output_layer`` (None when only one layer is
-          watched: it is then measured as the only hidden layer).
+          watched: it is then measured as the only hidden layer). Layers whose forward was never
+          called (a module whose weight another module reads, as ``nn.MultiheadAttention`` does
+          with its ``out_proj``) are left out of both.
 
         The condition holds when the per-layer ratios are near 1 and the spreads near 0. NaN
         where the needed variances were not recorded (per-layer ratios need two hidden layers).
@@ -505,8 +511,12 @@ class GlorotMonitor:
         Returns:
             dict: the eight entries above.
         """
-        rows = self.stats()
+        rows = [r for r in self.stats() if r["calls"]]  # layers never called (MHA's out_proj) do not count
         hidden, output = (rows[:-1], rows[-1]["name"]) if len(rows) > 1 else (rows, None)
+        if not rows:
+            return {k: _NAN for k in ("forward_end_to_end", "forward_per_layer", "backward_end_to_end",
+                                      "backward_per_layer", "forward_log_spread", "backward_log_spread")} | {
+                "hidden_layers": [], "output_layer": None}
         fv = [r["forward_var"] for r in hidden]
         bv = [r["backward_var"] for r in hidden]
         forward, backward = _ratio(fv[-1], fv[0]), _ratio(bv[0], bv[-1])

@@ -42,6 +42,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 import torch
 
 __all__ = ["check", "verdict", "explain", "box", "series", "panel", "figure", "table", "to_json"]
@@ -63,7 +65,9 @@ def check(name: str, value, op: str, threshold: float, detail: str = "") -> dict
     """
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
-    per_seed = isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and not isinstance(value, str))
+    if not isinstance(value, (int, float)) and not hasattr(value, "__len__") and hasattr(value, "__iter__"):
+        value = list(value)  # a generator of per-seed values
+    per_seed = isinstance(value, (list, tuple)) or (not isinstance(value, str) and np.ndim(value) >= 1)
     values = [float(v) for v in value] if per_seed else [float(value)]
     if not values:
         raise ValueError(f"check {name!r} got no values")
@@ -83,6 +87,10 @@ def check(name: str, value, op: str, threshold: float, detail: str = "") -> dict
     elif len(values) < 2:
         lo = hi = math.nan
         method, status = "one random seed: no interval", "undecided"
+    elif max(values) == min(values):  # every seed gave the same number: more seeds cannot move it
+        lo = hi = values[0]
+        method = f"the same value in all {len(values)} random seeds"
+        status = "holds" if good(values[0], threshold) else "fails"
     else:
         lo, hi = _t_interval(values)
         method = f"95% t-interval over {len(values)} random seeds"
@@ -133,7 +141,8 @@ def explain(c: dict) -> str:
     elif math.isnan(lo):
         where = f"{c['name']} is {_fmt(c['value'])} ({c['ci_method']})"
     else:
-        label = "95% CI" if c["ci_method"].startswith("95%") else "range over seeds"
+        label = "95% CI" if c["ci_method"].startswith("95%") else "range over seeds" if c["ci"][0] != c["ci"][1] \
+            else "in every seed"
         where = f"{c['name']} is {_fmt(c['value'])} ({label} {_fmt(lo, True)} to {_fmt(hi, True)})"
     if c["status"] == "holds":
         return f"{where}: {side} {_fmt(c['threshold'])}, as claimed"
@@ -144,7 +153,7 @@ def explain(c: dict) -> str:
 
 
 def _fmt(v: float, signed: bool = False) -> str:
-    return f"{v:+.3g}" if signed and v and math.isfinite(v) else f"{v:.3g}"
+    return f"{v:+.4g}" if signed and v and math.isfinite(v) else f"{v:.4g}"
 
 
 def box(label: str, values, group: str | None = None, whiskers: tuple[float, float] = (5.0, 95.0)) -> dict:
