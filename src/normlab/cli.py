@@ -61,11 +61,11 @@ def _list(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _lab_missing(command: str, modules: tuple[str, ...] = ("matplotlib", "rich")) -> bool:
-    """Print the one line that says how to get the lab extra, if it is missing."""
-    from ._extras import lab_message
+def _lab_missing(command: str, modules: tuple[str, ...] | None = None) -> bool:
+    """Print the one line that says how to get the lab extra (``modules``: all of it), if missing."""
+    from ._extras import LAB, lab_message
 
-    why = lab_message(command, modules)
+    why = lab_message(command, modules or LAB)
     if why:
         print(why, file=sys.stderr)
     return why is not None

@@ -279,10 +279,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def _find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]:
     """The BatchNorms of ``model`` that sit next to a layer they can be folded into.
 
-    Returns ``(pairs, found_by, unseen)``: ``pairs[bn] = ("after", layer)`` for a Linear/Conv
+    Returns ``(pairs, found_by, why)``: ``pairs[bn] = ("after", layer)`` for a Linear/Conv
     whose output only the BN reads, or ``("before", linear)`` for a BatchNorm1d whose output only
     a Linear reads (module names as in ``named_modules``); ``found_by[bn]`` is ``"trace"`` or
-    ``"observation"``; ``unseen[bn]`` says why a BN could not be looked at.
+    ``"observation"``; ``why[bn]`` says why a BN was looked at and not paired, where that is known.
 
     Every module whose own forward ``torch.fx`` cannot trace (its children kept as calls) is
     opaque: the model is traced from the top with the opaque modules as leaves, and each child of
@@ -493,7 +493,8 @@ class _Observer(torch.overrides.TorchFunctionMode):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.names = {id(m): n for n, m in model.named_modules()}
+        self.modules = dict(model.named_modules())
+        self.names = {id(m): n for n, m in self.modules.items()}
         self.stack: list[str] = []
         self.calls: dict[str, int] = {}
         self.inputs: dict[str, object] = {}
@@ -578,7 +579,6 @@ def _observe(model: nn.Module, example_input) -> _Observer:
     flow (:class:`_Observer`); the model's modes are restored, its state is not touched."""
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     seen = _Observer(model)
-    seen.modules = dict(model.named_modules())
     for a in torch.utils._pytree.tree_leaves(args):
         seen.watch(a)
     for m in model.modules():  # a layer's weights, to see whether anything but the layer reads them
