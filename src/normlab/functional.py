@@ -41,7 +41,7 @@ from torch import Tensor
 from . import kernels
 from .autograd import normalize_affine
 from .errors import ShapeError
-from .stats import accumulation_dtype, extrema, moments, update_running
+from .stats import accumulation_dtype, check_writable, extrema, moments, update_running
 
 kernels.load_core()  # built at first use, then loaded from the cache (kernels.build)
 
@@ -267,11 +267,14 @@ def instance_norm(
 
 
 def _torch_channel_norm(op, input, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
-    """torch's op with normlab's promises kept: the output in the input's memory format (torch's
-    instance_norm returns channels_last input contiguous), and a graph built on the running
-    statistics keeps copies of them, so a later training step that updates them in place does
-    not invalidate it."""
+    """torch's op with normlab's promises kept: running statistics updated all or nothing, the
+    output in the input's memory format (torch's instance_norm returns channels_last input
+    contiguous), and a graph built on the running statistics keeps copies of them, so a later
+    training step that updates them in place does not invalidate it."""
     fn = torch.nn.functional.batch_norm if op == "batch_norm" else torch.nn.functional.instance_norm
+    if batch_stats:  # torch writes running_mean before it finds running_var unwritable: refuse first
+        check_writable(running_mean, "running_mean")
+        check_writable(running_var, "running_var")
     if not batch_stats and torch.is_grad_enabled():
         running_mean, running_var = running_mean.clone(), running_var.clone()
     return _keep_format(fn(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps), input)

@@ -51,6 +51,7 @@ __all__ = [
     "extrema",
     "momentum_factor",
     "update_running",
+    "check_writable",
 ]
 
 Dims = Sequence[int]
@@ -308,15 +309,19 @@ def update_running(running_mean: Tensor | None, running_var: Tensor | None, mean
     """
     pairs = [(t, b) for t, b in ((running_mean, mean), (running_var, var)) if t is not None]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_writable(t, name)
+        check_writable(t, name)
     new = [(t.double() * (1 - momentum) + b.double().reshape(t.shape) * momentum).to(t.dtype) for t, b in pairs]
     for (t, _), v in zip(pairs, new):
         t.copy_(v)
 
 
-def _check_writable(t: Tensor | None, name: str) -> None:
+def check_writable(t: Tensor | None, name: str) -> None:
     """Refuse, before either buffer is written, a running statistic that an in-place update
-    cannot write (the compiled core says the same)."""
+    cannot write: an expanded tensor or one made under ``torch.inference_mode()``. The compiled
+    core says the same; the fallback on torch's own ops calls this before torch writes.
+
+    >>> check_writable(torch.zeros(3), "running_mean")   # a plain buffer: fine
+    """
     if t is None:
         return
     why = None
