@@ -30,3 +30,10 @@ def assert_rel(a, b, dtype=torch.float32, tol=None, what=""):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# timm (and transformers, where torchvision is installed) import torchvision, whose wheel's
+# compiled operators do not load beside a CPU build of torch: its Python part is enough here
+from normlab.bench_models import load_torchvision  # noqa: E402
+
+load_torchvision()

@@ -78,19 +78,27 @@ def test_unknown_norms_are_left_and_listed_and_the_registry_extends():
             super().__init__()
             self.weight, self.variance_epsilon = nn.Parameter(torch.randn(n)), 1e-6
 
-        def forward(self, x):
-            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        def forward(self, x):  # in the input's dtype, as normlab's RMSNorm
+            return (self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
 
-    model = nn.Sequential(ScaleNorm(), MyRMSNorm(4))
+    class PromotingRMSNorm(MyRMSNorm):  # in the promoted dtype: a float32 weight makes bfloat16 input float32
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    model = nn.Sequential(ScaleNorm(), MyRMSNorm(4), PromotingRMSNorm(4))
     _, rep = to_normlab(model, report=True)
-    assert [r[:2] for r in rep["left"]] == [("0", "ScaleNorm"), ("1", "MyRMSNorm")]
+    assert [r[:2] for r in rep["left"]] == [("0", "ScaleNorm"), ("1", "MyRMSNorm"), ("2", "PromotingRMSNorm")]
 
     def convert(m):
         return retype(m, nln.RMSNorm, normalized_shape=tuple(m.weight.shape), eps=m.variance_epsilon,
                       elementwise_affine=True)
     register_conversion(MyRMSNorm, convert)
+    register_conversion(PromotingRMSNorm, convert)  # wrong in bfloat16: the probe refuses it
     fast, rep = to_normlab(model, report=True)
     assert [r[1] for r in rep["converted"]] == ["MyRMSNorm"]
+    assert rep["left"][1][:2] == ("2", "PromotingRMSNorm") and "bfloat16" in rep["left"][1][2], rep["left"]
+    assert isinstance(fast[1], MyRMSNorm) and isinstance(fast[1], nln.RMSNorm)
+    assert type(to_torch(fast)[1]) is MyRMSNorm and "normalized_shape" not in to_torch(fast)[1].__dict__
     x = torch.randn(3, 4)
     assert_rel(fast(x), model(x))
 

@@ -16,7 +16,10 @@ compared. Reported: median milliseconds of each and the speed-up (torch's time /
 from __future__ import annotations
 
 import copy
+import importlib.util
+import pathlib
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -24,7 +27,32 @@ import torch
 
 from .convert import to_normlab
 
-__all__ = ["MODELS", "run"]
+__all__ = ["MODELS", "run", "load_torchvision"]
+
+
+def load_torchvision() -> None:
+    """Make torchvision's Python part importable where its compiled operators do not load.
+
+    timm imports torchvision, and transformers does where it is installed; the torchvision wheel
+    on the package index is built for CUDA, and on a CPU-only build of torch its ``_C`` library
+    does not load, so ``import torchvision`` fails at its first fake-kernel registration
+    ("operator torchvision::nms does not exist"). The models normlab builds need only the
+    Python part (layers, model definitions), so where the library is missing this declares the
+    two operators that import registers on, with torchvision's schemas and no kernel: calling
+    them raises, everything else imports. Does nothing where torchvision is absent or loads.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or "torchvision" in sys.modules or hasattr(load_torchvision, "lib"):
+        return
+    try:
+        torch.ops.load_library(str(pathlib.Path(spec.origin).parent / "_C.so"))
+        return
+    except (OSError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    load_torchvision.lib = lib  # kept alive: the definitions go with the Library object
 
 
 def _lm(config_cls, model_cls, **cfg):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .nn import _ORIGIN, retype
 from .stats import Moments
 
 __all__ = ["batchnorm_as_affine", "fold_batchnorm", "fold_scaler", "recalibrate_bn", "freeze_norm",
@@ -45,36 +46,83 @@ __all__ = ["batchnorm_as_affine", "fold_batchnorm", "fold_scaler", "recalibrate_
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def is_batchnorm(m: nn.Module) -> bool:
-    """Tell whether a module is a BatchNorm of torch.nn or normlab.nn.
+def _plain_bn_forwards() -> set:
+    """The forwards that compute BatchNorm and nothing else: torch.nn's and normlab's."""
+    from . import distributed, nn as nln
 
-    True for anything with BatchNorm's buffers and arithmetic: torch.nn's BatchNorm1d/2d/3d and
-    SyncBatchNorm, normlab.nn's BatchNorm and BatchRenorm layers,
-    :class:`normlab.distributed.SyncBatchNorm`, and their subclasses; False for every other module
-    (InstanceNorm, LayerNorm, GroupNorm, ...). Every function of this module that acts on
-    BatchNorms finds them with it.
+    return {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, nln._BatchNorm.forward,
+            nln._BatchRenorm.forward, distributed.SyncBatchNorm.forward}
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _defines_forward(cls: type) -> type:
+    """The class of ``cls``'s MRO whose ``forward`` ``cls`` runs."""
+    return next(c for c in cls.__mro__ if "forward" in c.__dict__)
+
+
+class _Unknown(str):
+    """Why a norm subclass is not known: its forward is its own."""
+
+
+def _bn_role(m: nn.Module):
+    """How normlab knows a module as a BatchNorm: ``None`` (not a BatchNorm), ``"plain"``, a
+    function giving what its forward applies after the normalization (``thirdparty.BN_THEN``), or a string
+    saying why a BatchNorm subclass is not known (an ``_Unknown``: its forward is its own)."""
+    if not isinstance(m, nn.modules.batchnorm._NormBase) or isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        return None
+    cls = type(m)
+    if cls.forward in _plain_bn_forwards():
+        return "plain"
+    from .thirdparty import BN_THEN
+
+    then = BN_THEN.get(_dotted(_defines_forward(cls)))
+    if then is not None:
+        return then
+    base = next(c for c in cls.__mro__[1:] if c.__module__.startswith("torch.nn."))
+    return _Unknown(f"{_dotted(cls)} subclasses {base.__name__} with a forward of its own, which normlab does "
+                    f"not know (it may compute more than BatchNorm); register_conversion teaches it")
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """Tell whether a module is a BatchNorm whose forward normlab knows.
+
+    True for torch.nn's BatchNorm1d/2d/3d and SyncBatchNorm, normlab.nn's BatchNorm and
+    BatchRenorm layers, :class:`normlab.distributed.SyncBatchNorm`, subclasses of these that keep
+    their forward, and BatchNorms that apply a known activation after the normalization (timm's
+    ``BatchNormAct2d``: the normalization is folded, the dropout and activation stay). False for
+    every other module, and for a BatchNorm subclass with a forward of its own: normlab cannot
+    know what that forward computes, so no function of this module treats it as a BatchNorm
+    (each one that acts on BatchNorms finds them with this one, and says which it left and why).
 
     Args:
         m (nn.Module): the module to test.
 
     Returns:
-        bool: whether ``m`` is a BatchNorm.
+        bool: whether ``m`` is a BatchNorm normlab knows.
 
     Example::
 
-        >>> is_batchnorm(nn.BatchNorm2d(3)), is_batchnorm(nn.LayerNorm(3))
-        (True, False)
+        >>> class Scaled(nn.BatchNorm2d):            # a forward of its own: not a known BatchNorm
+        ...     def forward(self, x):
+        ...         return 2 * super().forward(x)
+        >>> is_batchnorm(nn.BatchNorm2d(3)), is_batchnorm(Scaled(3)), is_batchnorm(nn.LayerNorm(3))
+        (True, False, False)
     """
-    from . import nn as nln
+    role = _bn_role(m)
+    return role is not None and not isinstance(role, _Unknown)
 
-    return isinstance(m, (nn.modules.batchnorm._BatchNorm, nln._BatchNorm))
+
+def _unknown_bns(model: nn.Module) -> dict[str, str]:
+    """The BatchNorm subclasses of ``model`` whose forward normlab does not know, with the reason."""
+    return {n: role for n, m in model.named_modules() if isinstance(role := _bn_role(m), _Unknown)}
 
 
 def _norm_modules() -> tuple[type, ...]:
-    from . import nn as nln
-
-    return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nln._NormBase, nln.LayerNorm,
-            nln.GroupNorm, nln.RMSNorm)
+    # normlab.nn's layers subclass these
+    return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 @torch.no_grad()
@@ -186,7 +234,10 @@ def _channels_out(layer: nn.Module) -> int:
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Tensor | None = None) -> nn.Module:
     """Fold every eval-mode BatchNorm into the Linear/Conv next to it; returns the folded model.
 
-    Two patterns are folded, and the BN becomes ``nn.Identity``:
+    Two patterns are folded, and the BN becomes ``nn.Identity`` (or, for a BatchNorm that applies
+    more after normalizing, such as timm's ``BatchNormAct2d``, what it applies: its dropout and
+    activation); a BatchNorm subclass with a forward of its own is left, with the reason
+    (:func:`is_batchnorm`):
 
     * ``layer → BN``: a Linear or Conv1d/2d/3d over the BN's channels, whose output feeds only
       the BN; folded into the layer's weight and bias.
@@ -214,8 +265,11 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
     Args:
         model: the model, in eval mode for the BNs to fold.
         inplace: fold into ``model`` itself instead of a deep copy. Default: ``False``.
-        example_input: one input the model accepts (a tensor, or a tuple of positional
-            arguments); needed only where fx cannot trace. Default: ``None``.
+        example_input: one input the model accepts (a tensor, a tuple of positional arguments
+            or a dict of keyword arguments); needed where fx cannot trace. With it, the folded
+            model is also run against the original, and an output that differs beyond rounding
+            (see :func:`to_normlab`) puts everything back and raises a ``ValueError`` naming the
+            BatchNorm. Default: ``None``.
 
     Example::
 
@@ -240,8 +294,16 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
         raise ValueError("fold_batchnorm: the model is a BatchNorm itself, with no layer next to it to fold into; "
                          "pass the model that contains it")
     pairs, found_by, why = _find_pairs(model, example_input)
+    unknown = _unknown_bns(model)
+    before = None if example_input is None else _outputs(model, example_input, list(pairs))
+    saved = {}  # the layers' weights and biases before folding, to put back if a check fails
+    for other in {other for _, other in pairs.values()}:
+        layer = model.get_submodule(other)
+        saved[other] = (layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
     report: list[dict] = []
     for name, m in model.named_modules():
+        if name in unknown:
+            report.append({"name": name, "reason": unknown[name]})
         if not is_batchnorm(m):
             continue
         reason = _why_not(m)
@@ -259,15 +321,32 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
                 continue
         report.append({"name": name, "reason": reason or why.get(name)
                        or "no Linear/Conv feeding only it, nor a Linear fed only by it"})
-    for r in report:
-        if "folded_into" in r:
-            _set_submodule(model, r["name"], nn.Identity())
-    left = [r for r in report if "reason" in r]
+    bns = {r["name"]: model.get_submodule(r["name"]) for r in report if "folded_into" in r}
+    for name, bn in bns.items():
+        _set_submodule(model, name, _after_normalization(bn))
+    if before is not None and (where := _first_difference(before, _outputs(model, example_input, list(bns)))):
+        with torch.no_grad():
+            for other, (weight, bias) in saved.items():
+                layer = model.get_submodule(other)
+                layer.weight.copy_(weight)
+                if bias is None:
+                    layer.bias = None
+                else:
+                    layer.bias.copy_(bias)
+        for name, bn in bns.items():
+            _set_submodule(model, name, bn)
+        raise ValueError(f"fold_batchnorm: {where}; the model is left as it was")
+    left = {r["name"]: r["reason"] for r in report if "reason" in r}
     if left:
-        warnings.warn("fold_batchnorm left in place: " + "; ".join(f"{r['name']} ({r['reason']})" for r in left),
-                      stacklevel=2)
+        warnings.warn(_left_in_place("fold_batchnorm", left), stacklevel=2)
     model.normlab_fold_report = report
     return model
+
+
+def _after_normalization(bn: nn.Module) -> nn.Module:
+    """What stays of a known BatchNorm once its normalization is folded away or replaced."""
+    role = _bn_role(bn)
+    return nn.Identity() if role == "plain" else role(bn)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -385,7 +464,8 @@ def _names_of(model: nn.Module) -> dict[int, str]:
 
 
 def _is_bn1d(m: nn.Module) -> bool:
-    return isinstance(m, (nn.BatchNorm1d, _bn1d()))
+    # only a plain BatchNorm folds into the Linear after it: an activation after it would be skipped
+    return isinstance(m, (nn.BatchNorm1d, _bn1d())) and _bn_role(m) == "plain"
 
 
 class _Tracer(torch.fx.Tracer):
@@ -577,9 +657,8 @@ class _Observer(torch.overrides.TorchFunctionMode):
 def _observe(model: nn.Module, example_input) -> _Observer:
     """Run ``example_input`` through ``model`` once in eval mode and no_grad, recording the data
     flow (:class:`_Observer`); the model's modes are restored, its state is not touched."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     seen = _Observer(model)
-    for a in torch.utils._pytree.tree_leaves(args):
+    for a in torch.utils._pytree.tree_leaves(example_input):
         seen.watch(a)
     for m in model.modules():  # a layer's weights, to see whether anything but the layer reads them
         if isinstance(m, _LAYERS):
@@ -591,7 +670,7 @@ def _observe(model: nn.Module, example_input) -> _Observer:
     try:
         model.eval()
         with torch.no_grad(), seen:
-            out = model(*args)
+            out = _call(model, example_input)
         seen._mark(seen.reads, out, "<output>")  # what the model returns is read by its caller
     finally:
         for h in hooks:
@@ -788,6 +867,7 @@ def recalibrate_bn(model: nn.Module, data: Iterable, num_batches: int | None = N
         (4, True)
     """
     bns = [(n, m) for n, m in model.named_modules() if is_batchnorm(m) and m.running_mean is not None]
+    _warn_unknown("recalibrate_bn", model)
     if not bns:
         raise ValueError("the model has no BatchNorm with running statistics to recalibrate")
     acc: dict[str, Moments] = {}
@@ -873,8 +953,9 @@ def freeze_norm(model: nn.Module) -> nn.Module:
         >>> model[1].training, model[1].weight.requires_grad, int(model[1].num_batches_tracked)
         (False, False, 0)
     """
+    _warn_unknown("freeze_norm", model)
     for m in model.modules():
-        if isinstance(m, _norm_modules()) and not getattr(m, "_normlab_frozen", None):
+        if isinstance(m, _norm_modules()) and not isinstance(_bn_role(m), _Unknown) and not getattr(m, "_normlab_frozen", None):
             grads = {n: p.requires_grad for n, p in m.named_parameters(recurse=False)}
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
@@ -959,6 +1040,7 @@ def guard_finite(model: nn.Module) -> nn.Module:
         >>> bool(y.isnan().any())      # the output of the bad batch itself is not repaired
         True
     """
+    _warn_unknown("guard_finite", model)
     for m in model.modules():
         if is_batchnorm(m) and not getattr(m, "_normlab_guard", None):
             m._normlab_guard = (m.register_forward_pre_hook(_guard_pre), m.register_forward_hook(_guard_post))
@@ -1084,11 +1166,32 @@ def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None
         for child_name, bn in list(parent._modules.items()):  # every name, even two for one module
             if bn is not None and is_batchnorm(bn):
                 if id(bn) not in built:
-                    built[id(bn)] = _replacement(bn, f"{parent_name}.{child_name}".lstrip("."), target, num_groups)
+                    new = _replacement(bn, f"{parent_name}.{child_name}".lstrip("."), target, num_groups)
+                    if _bn_role(bn) != "plain":  # BN + activation: the activation stays after the new norm
+                        new = nn.Sequential(new, _after_normalization(bn))
+                    built[id(bn)] = new
                 sites.append((parent, child_name, built[id(bn)]))
     for parent, child_name, new in sites:
         setattr(parent, child_name, new)
+    _warn_unknown("replace_norm", model)
     return model
+
+
+def _warn_unknown(tool: str, model: nn.Module) -> None:
+    if unknown := _unknown_bns(model):
+        warnings.warn(_left_in_place(tool, unknown), stacklevel=3)
+
+
+def _left_in_place(tool: str, why: dict[str, str]) -> str:
+    """One line per reason, naming the modules (the first five, and how many more)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in why.items():
+        by_reason.setdefault(reason, []).append(name or "the model")
+    lines = []
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        lines.append(f"{', '.join(names[:5])}{more} ({reason})")
+    return f"{tool} left in place {len(why)} BatchNorm(s):\n  " + "\n  ".join(lines)
 
 
 def _replacement(bn: nn.Module, where: str, target: str, num_groups: int | None) -> nn.Module:
@@ -1236,10 +1339,10 @@ def audit(model: nn.Module, batch_size: int | None = None, input_shape: tuple[in
 # ------------------------------------------------------------------------ one-call adoption
 # A module is converted by re-typing it: the new module gets the old one's attributes, with
 # the same Parameter and buffer objects (optimizers, tied weights and state_dict keys stay as
-# they are) and its hooks; only the class, and so the forward, changes.
+# they are) and its hooks; only the class, and so the forward, changes, and the old class stays
+# a base of the new one (normlab.nn.adopted_class).
 
-_TO_NORMLAB: dict = {}  # class, or class name for third-party code normlab does not import
-_ORIGIN = "_normlab_from"  # the class a converted third-party module had (to_torch restores it)
+_TO_NORMLAB: dict = {}  # class, or class name for code normlab does not import
 
 
 def register_conversion(cls, convert) -> None:
@@ -1250,8 +1353,10 @@ def register_conversion(cls, convert) -> None:
     leave it; it says why a module cannot be converted by raising ``ValueError``, whose message
     the report of :func:`to_normlab` lists under ``"left"``. ``cls`` is a class, matched exactly
     (not its subclasses), or, for code normlab should not import, a class name; registering it
-    again replaces its conversion. Built in, by name: transformers' Llama/Qwen2/Qwen3/Mistral/
-    Mixtral/Phi3-style RMSNorms and T5LayerNorm, and ConvNextLayerNorm and ConvNextV2LayerNorm.
+    again replaces its conversion, and a registration comes before the built-in ones (the
+    README lists those). The converted module stays an instance of ``cls``, :func:`to_torch`
+    gives it its class back, and :func:`to_normlab` keeps it only when it computes what the
+    original did on a probe input.
 
     Args:
         cls (type or str): the class to convert, or its ``__name__``.
@@ -1260,54 +1365,17 @@ def register_conversion(cls, convert) -> None:
     Example::
 
         >>> from normlab import nn as nln
-        >>> class MyLayerNorm(nn.LayerNorm):      # a subclass: to_normlab leaves it alone ...
-        ...     pass
-        >>> to_normlab(MyLayerNorm(4), report=True)[1]["converted"]
-        []
+        >>> class MyLayerNorm(nn.LayerNorm):      # a forward of its own: to_normlab leaves it ...
+        ...     def forward(self, x):
+        ...         return super().forward(x)
+        >>> to_normlab(MyLayerNorm(4), report=True)[1]["left"]
+        [('', 'MyLayerNorm', 'subclass of LayerNorm with a forward of its own, which normlab does not know')]
         >>> register_conversion(MyLayerNorm, lambda m: retype(m, nln.LayerNorm))  # ... until taught
-        >>> to_normlab(MyLayerNorm(4), report=True)[1]["converted"]
-        [('', 'MyLayerNorm', 'normlab.nn.LayerNorm')]
+        >>> converted = to_normlab(MyLayerNorm(4))
+        >>> isinstance(converted, MyLayerNorm), type(to_torch(converted)) is MyLayerNorm
+        (True, True)
     """
     _TO_NORMLAB[cls] = convert
-
-
-def retype(module: nn.Module, cls: type, **attributes) -> nn.Module:
-    """Re-type a module as an instance of another class, keeping its parameters, buffers and hooks.
-
-    The new module gets the old one's attributes: the same Parameter, buffer and submodule
-    objects and the same hooks, in fresh containers (so registering a parameter on one does not
-    change the other), plus ``attributes``; only the class, and so the forward, changes.
-    Optimizers, tied weights and ``state_dict`` keys are unaffected, and ``cls.__init__`` is not
-    called. This is how :func:`to_normlab` and :func:`to_torch` convert.
-
-    Args:
-        module (nn.Module): the module to re-type; it is left as it was.
-        cls (type): the new class, an ``nn.Module`` subclass whose forward works on the
-            attributes of ``module``.
-        **attributes: extra attributes of the new module, set as plain attributes (without
-            ``nn.Module.__setattr__``).
-
-    Returns:
-        nn.Module: a new instance of ``cls``.
-
-    Example::
-
-        >>> class Doubled(nn.Linear):
-        ...     def forward(self, x):
-        ...         return 2 * super().forward(x)
-        >>> lin = nn.Linear(3, 2)
-        >>> twice = retype(lin, Doubled, note="times two")
-        >>> type(twice).__name__, twice.weight is lin.weight, twice.note
-        ('Doubled', True, 'times two')
-        >>> x = torch.randn(4, 3)
-        >>> torch.allclose(twice(x), 2 * lin(x))
-        True
-    """
-    new = cls.__new__(cls)
-    new.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
-    for k, v in attributes.items():
-        object.__setattr__(new, k, v)
-    return new
 
 
 def _torch_pairs() -> dict:
@@ -1319,66 +1387,105 @@ def _torch_pairs() -> dict:
             nn.RMSNorm: nln.RMSNorm}
 
 
-def _weight_only_rmsnorm(m: nn.Module) -> nn.Module:
-    """transformers' Llama/Qwen2/Mistral-style RMSNorm: ``weight · x̂`` with ``variance_epsilon``."""
-    from . import nn as nln
+def _conversion(cls: type):
+    """How to_normlab converts a class: torch.nn's own, a registered one, a built-in one, or None."""
+    from . import thirdparty
 
-    w = getattr(m, "weight", None)
-    if not isinstance(w, nn.Parameter) or not hasattr(m, "variance_epsilon"):
-        raise ValueError("expected a `weight` Parameter and a `variance_epsilon`")
-    return retype(m, nln._WeightOnlyRMSNorm, normalized_shape=tuple(w.shape), eps=float(m.variance_epsilon),
-                  elementwise_affine=True, **{_ORIGIN: type(m)})
-
-
-def _convnext_layernorm(m: nn.Module) -> nn.Module:
-    """transformers' ConvNextLayerNorm: LayerNorm over the last dim, or over dim 1 (channels_first)."""
-    from . import nn as nln
-
-    cls = {"channels_last": nln.LayerNorm, "channels_first": nln._ChannelsFirstLayerNorm}.get(m.data_format)
-    if cls is None:
-        raise ValueError(f"data_format {m.data_format!r} is neither channels_last nor channels_first")
-    return retype(m, cls, **{_ORIGIN: type(m)})
+    pairs = _torch_pairs()
+    if cls in pairs:
+        return lambda m: retype(m, pairs[cls])
+    return _TO_NORMLAB.get(cls) or _TO_NORMLAB.get(cls.__name__) or thirdparty.conversion_for(cls)
 
 
-for _name in ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Phi3RMSNorm",
-              "T5LayerNorm"):
-    register_conversion(_name, _weight_only_rmsnorm)
-register_conversion("ConvNextLayerNorm", _convnext_layernorm)
-register_conversion("ConvNextV2LayerNorm", _convnext_layernorm)
+def _is_norm(m: nn.Module) -> bool:
+    """A module whose class says it normalizes and that holds no such module (not a container)."""
+    def says(mod):
+        return "norm" in type(mod).__name__.lower()
+    return says(m) and not any(says(c) for c in m.modules() if c is not m)
 
 
-def _swap(model: nn.Module, choose, inplace: bool) -> tuple[nn.Module, dict]:
+def _not_known(m: nn.Module) -> str:
+    base = next((c for c in type(m).__mro__[1:] if c.__module__.startswith("torch.nn.modules.")
+                 and c.__name__[0] != "_" and c is not nn.Module), None)
+    if base is not None:
+        return f"subclass of {base.__name__} with a forward of its own, which normlab does not know"
+    return "no conversion is registered for this class"
+
+
+@torch.no_grad()
+def _probe(original: nn.Module, new: nn.Module) -> str | None:
+    """How ``new`` differs from ``original`` on a probe input, in eval mode, float32 and bfloat16
+    (and the parameters' dtype), or None; neither module's state changes."""
+    from . import thirdparty
+
+    x = thirdparty.probe_input(new)
+    like = next(iter(original.parameters()), None)
+    if x is None or (like is not None and like.device.type == "meta"):
+        return None
+    dtypes = [torch.float32, torch.bfloat16] + ([like.dtype] if like is not None and like.is_floating_point() else [])
+    modes = [(m, m.training) for m in (*original.modules(), *new.modules())]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for dtype in dict.fromkeys(dtypes):
+            xd = x.to(device=like.device if like is not None else None, dtype=dtype)
+            try:
+                want = original.forward(xd)
+            except Exception:  # noqa: BLE001 - the original does not take this dtype: nothing to match
+                continue
+            if (why := _difference([new.forward(xd)], [want])) is not None:
+                return f"it would compute something else than the original on a {dtype} probe input: {why}"
+    finally:
+        for m, was in modes:
+            m.training = was
+    return None
+
+
+def _swap(tool: str, model: nn.Module, choose, inplace: bool, example_input) -> tuple[nn.Module, dict]:
     """Replace every module ``choose`` returns a replacement for; a module shared by several
-    parents stays shared, and every replacement is built before any is put in place."""
+    parents stays shared, and every replacement is built before any is put in place. With
+    ``example_input`` the new model is run against the old one, and a replaced module whose
+    output differs beyond rounding puts every module back and raises, naming it."""
     model = model if inplace else copy.deepcopy(model)
     report = {"converted": [], "left": []}
-    if (new := choose(model, "", report)) is not None:  # the model itself is a norm
-        return new, report
+    top = choose(model, "", report)  # the model itself is a norm
     built: dict[int, nn.Module | None] = {}
     sites = []
-    for parent_name, parent in list(model.named_modules()):
+    for parent_name, parent in ([] if top is not None else list(model.named_modules())):
         for child_name, child in list(parent._modules.items()):
             if child is None:
                 continue
             if id(child) not in built:
                 built[id(child)] = choose(child, f"{parent_name}.{child_name}".lstrip("."), report)
             if built[id(child)] is not None:
-                sites.append((parent, child_name, built[id(child)]))
-    for parent, child_name, new in sites:
+                sites.append((parent, child_name, child, built[id(child)]))
+    names = [name for name, *_ in report["converted"]]
+    before = _outputs(model, example_input, names) if example_input is not None and names else None
+    for parent, child_name, _, new in sites:
         parent._modules[child_name] = new
-    return model, report
+    result = top if top is not None else model
+    if before is not None and (where := _first_difference(before, _outputs(result, example_input, names))):
+        for parent, child_name, old, _ in sites:
+            parent._modules[child_name] = old
+        raise ValueError(f"{tool}: {where}; the model is left as it was")
+    return result, report
 
 
-def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False):
+def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False, example_input=None):
     """Convert every norm of a model to normlab's implementation, keeping its parameters.
 
     Converted: torch.nn's BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, LayerNorm, GroupNorm and
-    RMSNorm, and the third-party norms of the registry (:func:`register_conversion`; built in:
-    transformers' Llama/Qwen2/Mistral-style RMSNorms and ConvNextLayerNorm). Each module is
-    re-typed (:func:`retype`): parameters and buffers are the same objects, so ``state_dict``
-    keys, optimizers and tied weights are unchanged; a module shared by several parents stays
-    shared. Subclasses of those norms and anything else are left alone. :func:`to_torch` goes
-    back.
+    RMSNorm, subclasses of them that keep their forward, and the norms of timm, torchvision,
+    transformers and diffusers that the README lists, each with its original's dtype rules
+    (:mod:`normlab.thirdparty`), plus those of the registry (:func:`register_conversion`). A
+    module is converted only where normlab knows what its forward computes: a subclass with a
+    forward of its own is left, and so is a third-party conversion that does not reproduce the
+    original on a probe input (float32 and bfloat16, eval mode), which guards against an upstream
+    change of that class. Each module is re-typed (:func:`retype`): parameters and buffers are
+    the same objects, so ``state_dict`` keys, optimizers and tied weights are unchanged; a module
+    shared by several parents stays shared; and the converted module is still an instance of its
+    original class (:func:`normlab.nn.adopted_class`), so ``isinstance`` checks elsewhere find it.
+    :func:`to_torch` goes back.
 
     Args:
         model (nn.Module): any module (a norm itself is converted too).
@@ -1386,8 +1493,14 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False)
             Default: ``False``.
         report (bool, keyword-only): also return
             ``{"converted": [(name, from, to)], "left": [(name, class, why)]}``, ``left`` listing
-            every module whose class name says it normalizes but that was not converted.
-            Default: ``False``.
+            every norm module (a module whose class name says it normalizes and that holds no
+            such module) that was not converted, with the reason. Default: ``False``.
+        example_input (optional, keyword-only): an input of the model (a tensor, a tuple of
+            positional arguments or a dict of keyword arguments): the converted model is run
+            against the original on it, in the model's mode, and a converted module whose output
+            differs beyond rounding (1e-3 of the output's scale in float32, 5e-2 in bfloat16)
+            makes the call raise a ``ValueError`` naming it, with the model left as it was.
+            Default: ``None``.
 
     Returns:
         nn.Module, or ``(nn.Module, dict)`` with ``report=True``: the converted model.
@@ -1396,56 +1509,78 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False)
 
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
-        >>> fast, done = to_normlab(model, report=True)
+        >>> fast, done = to_normlab(model, report=True, example_input=torch.randn(3, 4))
         >>> done["converted"]
         [('1', 'LayerNorm', 'normlab.nn.LayerNorm')]
-        >>> x = torch.randn(3, 4)
-        >>> torch.allclose(fast(x), model(x), atol=1e-6)
+        >>> isinstance(fast[1], torch.nn.LayerNorm)
         True
     """
+    from . import nn as nln
+
     pairs = _torch_pairs()
-    targets = tuple(set(pairs.values()))
 
     def choose(m, name, rep):
-        convert = None
-        if type(m) in pairs:
-            cls = pairs[type(m)]
-            convert = lambda m: retype(m, cls)  # noqa: E731
-        else:
-            convert = _TO_NORMLAB.get(type(m)) or _TO_NORMLAB.get(type(m).__name__)
+        if _is_normlab(m):
+            return None
+        convert = _conversion(type(m))
+        base = next((c for c in type(m).__mro__ if c in pairs), None)
+        if convert is None and base is not None and type(m).forward is base.forward:
+            convert = _conversion(base)  # a subclass that keeps torch.nn's forward
         if convert is None:
-            if "norm" in type(m).__name__.lower() and not isinstance(m, targets) and not _is_normlab(m):
-                rep["left"].append((name, type(m).__name__, "no conversion is registered for this class"))
+            if _is_norm(m):
+                rep["left"].append((name, type(m).__name__, _not_known(m)))
             return None
         try:
             new = convert(m)
-        except ValueError as err:
+        except (ValueError, AttributeError, TypeError) as err:
             rep["left"].append((name, type(m).__name__, str(err)))
             return None
-        if new is not None:
-            public = next(c for c in type(new).__mro__ if not c.__name__.startswith("_"))
-            rep["converted"].append((name, type(m).__name__, f"normlab.nn.{public.__name__}"))
+        if new is None:
+            return None
+        impl = type(new)
+        try:
+            new.__class__ = nln.adopted_class(impl, type(m))
+        except TypeError as err:  # no class can derive from both
+            rep["left"].append((name, type(m).__name__, f"its class cannot be kept as a base: {err}"))
+            return None
+        added = tuple(k for k in new.__dict__ if k not in m.__dict__)
+        if added:
+            new.__dict__[nln._ADDED] = added
+        if base is None and (why := _probe(m, new)) is not None:  # torch.nn's: tested in normlab's suite
+            rep["left"].append((name, type(m).__name__, why))
+            return None
+        public = next(c for c in impl.__mro__ if not c.__name__.startswith("_") and _is_normlab_class(c))
+        how = "" if impl is public else f" ({(impl.__doc__ or '').strip().splitlines()[0].rstrip('.')})"
+        rep["converted"].append((name, type(m).__name__, f"normlab.nn.{public.__name__}{how}"))
         return new
 
-    model, rep = _swap(model, choose, inplace)
+    model, rep = _swap("to_normlab", model, choose, inplace, example_input)
     return (model, rep) if report else model
 
 
+def _is_normlab_class(cls: type) -> bool:
+    return cls.__module__ in ("normlab.nn", "normlab.thirdparty", "normlab.distributed")
+
+
 def _is_normlab(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("normlab.")
+    """A module that computes with normlab already (its forward is normlab's)."""
+    return _is_normlab_class(_defines_forward(type(m)))
 
 
-def to_torch(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def to_torch(model: nn.Module, *, inplace: bool = False, example_input=None) -> nn.Module:
     """Convert normlab's norms back to torch.nn's, undoing to_normlab.
 
     normlab.nn's BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, LayerNorm, GroupNorm and RMSNorm become
-    torch.nn's again, and third-party norms converted by :func:`to_normlab` their own classes;
-    parameters and buffers stay the same objects (:func:`retype`). Other modules are left alone.
+    torch.nn's again, and every module :func:`to_normlab` converted gets its own class back
+    (third-party and registered classes included); parameters and buffers stay the same objects
+    (:func:`retype`). Other modules are left alone.
 
     Args:
         model (nn.Module): any module (a norm itself is converted too).
         inplace (bool, keyword-only): change ``model`` itself instead of a deep copy.
             Default: ``False``.
+        example_input (optional, keyword-only): as for :func:`to_normlab`: the result is run
+            against the model on it, and a difference beyond rounding raises. Default: ``None``.
 
     Returns:
         nn.Module: the converted model.
@@ -1460,14 +1595,95 @@ def to_torch(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         >>> torch.equal(back.weight, bn.weight)
         True
     """
-    back = {v: k for k, v in _torch_pairs().items()}
+    from . import nn as nln
+
+    back = set(_torch_pairs().values())
 
     def choose(m, name, rep):
-        origin = m.__dict__.get(_ORIGIN)
-        if origin is not None:
-            new = retype(m, origin)
-            del new.__dict__[_ORIGIN]
-            return new
-        return retype(m, back[type(m)]) if type(m) in back else None
+        if getattr(type(m), nln._ORIGIN, None) is None and type(m) not in back:
+            return None
+        new = nln._as_original(m)
+        rep["converted"].append((name, type(m).__name__, type(new).__name__))
+        return new
 
-    return _swap(model, choose, inplace)[0]
+    return _swap("to_torch", model, choose, inplace, example_input)[0]
+
+
+# ------------------------------------------------------------- the same function, checked
+# relative to the largest value of the original's output: rounding, not a different function
+_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def _call(model: nn.Module, example_input):
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    return model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+
+
+def _tensors(out) -> list[Tensor]:
+    return [t.detach().clone() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)]
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, example_input, names=()) -> dict[str, list[Tensor]]:
+    """The tensors each module of ``names`` returns at its first call, in the order they ran,
+    and the model's under ``""``, for one run of ``example_input`` in the model's modes, with
+    a fixed random seed (dropout draws the same masks every run); every buffer is restored."""
+    got: dict[str, list[Tensor]] = {}
+
+    def record(name):
+        def hook(module, args, out) -> None:  # returns None: the output stays as it is
+            if name not in got:
+                got[name] = _tensors(out)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names if n]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            got[""] = _tensors(_call(model, example_input))
+    finally:
+        for h in handles:
+            h.remove()
+        for b, saved in buffers:
+            b.copy_(saved)
+    return got
+
+
+def _difference(new: list[Tensor], old: list[Tensor]) -> str | None:
+    """How ``new`` differs from ``old`` beyond rounding, in words, or None."""
+    if len(new) != len(old):
+        return f"{len(new)} output tensors where the original gave {len(old)}"
+    for x, y in zip(new, old):
+        dtype = y.dtype
+        if x.shape != y.shape:
+            return f"an output of shape {tuple(x.shape)} where the original's is {tuple(y.shape)}"
+        if x.dtype != y.dtype:
+            return f"a {x.dtype} output where the original's is {y.dtype}"
+        if not y.is_floating_point():
+            if not torch.equal(x, y):
+                return "other values"
+            continue
+        x, y = x.double(), y.double()
+        finite = torch.isfinite(y)
+        if not torch.equal(finite, torch.isfinite(x)) or not torch.equal(x[~finite].nan_to_num(), y[~finite].nan_to_num()):
+            return "NaN or infinity where the original has other values"
+        if finite.any():
+            err, scale = float((x - y)[finite].abs().max()), float(y[finite].abs().max())
+            tol = _TOLERANCE.get(dtype, 1e-3)
+            if err > tol * scale:
+                return (f"values that differ by up to {err:.3g} ({err / max(scale, 1e-300):.2g} of the largest, "
+                        f"{scale:.3g}; rounding in {dtype} stays under {tol:g})")
+    return None
+
+
+def _first_difference(before: dict, after: dict) -> str | None:
+    """Where the second run first departs from the first: the module, in the order they ran."""
+    for name in after:
+        if name not in before:
+            return f"{name!r} ran where it did not before"
+        if (why := _difference(after[name], before[name])) is not None:
+            return f"the output of {name or 'the model'!r} changed: {why}"
+    return None

@@ -275,7 +275,7 @@ def _torch_channel_norm(op, input, running_mean, running_var, weight, bias, batc
     if batch_stats:  # torch writes running_mean before it finds running_var unwritable: refuse first
         check_writable(running_mean, "running_mean")
         check_writable(running_var, "running_var")
-    if not batch_stats and torch.is_grad_enabled():
+    if not batch_stats and (torch.is_grad_enabled() or torch.jit.is_tracing()):  # one graph for jit.trace
         running_mean, running_var = running_mean.clone(), running_var.clone()
     return _keep_format(fn(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps), input)
 

@@ -208,6 +208,115 @@ def _shape_error(module: nn.Module, expected: str, x: Tensor) -> ValueError:
     )
 
 
+_ORIGIN = "_normlab_from"  # the class a converted module had, which to_torch and scripting give back
+
+
+def retype(module: nn.Module, cls: type, **attributes) -> nn.Module:
+    """Re-type a module as an instance of another class, keeping its parameters, buffers and hooks.
+
+    The new module gets the old one's attributes: the same Parameter, buffer and submodule
+    objects and the same hooks, in fresh containers (so registering a parameter on one does not
+    change the other), plus ``attributes``; only the class, and so the forward, changes.
+    Optimizers, tied weights and ``state_dict`` keys are unaffected, and ``cls.__init__`` is not
+    called. This is how :func:`normlab.convert.to_normlab` and :func:`normlab.convert.to_torch`
+    convert.
+
+    Args:
+        module (nn.Module): the module to re-type; it is left as it was.
+        cls (type): the new class, an ``nn.Module`` subclass whose forward works on the
+            attributes of ``module``.
+        **attributes: extra attributes of the new module, set as plain attributes (without
+            ``nn.Module.__setattr__``).
+
+    Returns:
+        nn.Module: a new instance of ``cls``.
+
+    Example::
+
+        >>> class Doubled(torch.nn.Linear):
+        ...     def forward(self, x):
+        ...         return 2 * super().forward(x)
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> twice = retype(lin, Doubled, note="times two")
+        >>> type(twice).__name__, twice.weight is lin.weight, twice.note
+        ('Doubled', True, 'times two')
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(twice(x), 2 * lin(x))
+        True
+    """
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    for k, v in attributes.items():
+        object.__setattr__(new, k, v)
+    return new
+
+
+_ADDED = "_normlab_added"  # the attributes a conversion gave a module, which going back removes
+_ADOPTED: dict[tuple[type, type], type] = {}
+
+
+def adopted_class(impl: type, origin: type) -> type:
+    """The class of a module converted from ``origin``: ``impl``'s forward, ``origin`` still its base.
+
+    ``isinstance(m, origin)`` keeps holding for the converted module, so code that looks for
+    the original class (weight-decay groups, freezing helpers, SyncBatchNorm conversion) still
+    finds it; the class has ``origin``'s name, is built once per pair, and survives ``copy``,
+    ``pickle`` and ``torch.save``. :func:`normlab.convert.to_torch` and ``torch.jit.script``
+    give the module its ``origin`` class back.
+
+    Args:
+        impl (type): the normlab class that computes.
+        origin (type): the class the module had.
+
+    Returns:
+        type: ``impl`` itself where it already subclasses ``origin``, else a subclass of both.
+
+    Example::
+
+        >>> class MyNorm(torch.nn.LayerNorm):
+        ...     pass
+        >>> cls = adopted_class(LayerNorm, MyNorm)
+        >>> cls.__name__, issubclass(cls, MyNorm), cls.forward is LayerNorm.forward
+        ('MyNorm', True, True)
+    """
+    if issubclass(impl, origin):
+        return impl
+    if (impl, origin) not in _ADOPTED:
+        def __reduce_ex__(self, protocol):
+            return _rebuild_adopted, (impl, origin, self.__getstate__())
+
+        _ADOPTED[impl, origin] = type(origin.__name__, (impl, origin), {
+            "__reduce_ex__": __reduce_ex__, "__module__": impl.__module__, "__qualname__": origin.__qualname__,
+            "__doc__": f"{origin.__name__} computed by {impl.__module__}.{impl.__qualname__}.", _ORIGIN: origin})
+    return _ADOPTED[impl, origin]
+
+
+def _rebuild_adopted(impl: type, origin: type, state: dict) -> nn.Module:
+    cls = adopted_class(impl, origin)
+    obj = cls.__new__(cls)
+    obj.__setstate__(state)
+    return obj
+
+
+def _as_original(module: nn.Module) -> nn.Module:
+    """The module as the class it stands in for: the one it was converted from, else its torch.nn
+    base, with the same Parameter and buffer objects and without the attributes the conversion added."""
+    cls = getattr(type(module), _ORIGIN, None)
+    if cls is None:
+        cls = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+    new = retype(module, cls)
+    for key in (*module.__dict__.get(_ADDED, ()), _ADDED):
+        new.__dict__.pop(key, None)
+    return new
+
+
+def _prepare_scriptable(self) -> nn.Module:
+    # torch.jit.script compiles what this returns: the class this layer stands in for, holding
+    # the same Parameter and buffer objects (normlab's forward is Python, which TorchScript
+    # cannot compile), so scripting a converted model gives the model it was converted from
+    return _as_original(self)
+
+
 class _NormBase(nn.Module):
     """Parameters, running buffers and their bookkeeping, shared by BatchNorm and InstanceNorm.
 
@@ -217,6 +326,7 @@ class _NormBase(nn.Module):
 
     _version = 2
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+    __prepare_scriptable__ = _prepare_scriptable
     _ndims: tuple[int, ...] = ()
     _layout: str = ""
 
@@ -232,7 +342,7 @@ class _NormBase(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the torch.nn base's: this one sets the same attributes
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
         factory = {"device": device, "dtype": dtype}
@@ -354,7 +464,7 @@ class _BatchNorm(_NormBase):
         return out
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     __doc__ = _fill(_BN_DOC,
                     name="BatchNorm1d", layout="(N, C) or (N, C, L) input", shape="(N, C) or (N, C, L)",
                     over="N (and L)", example="8, 4", one="1, 4")
@@ -362,7 +472,7 @@ class BatchNorm1d(_BatchNorm):
     _ndims, _layout = (2, 3), "2-D (N, C) or 3-D (N, C, L) input"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     __doc__ = _fill(_BN_DOC,
                     name="BatchNorm2d", layout="(N, C, H, W) input", shape="(N, C, H, W)", over="(N, H, W)",
                     example="8, 4, 5, 5", one="1, 4, 5, 5")
@@ -370,7 +480,7 @@ class BatchNorm2d(_BatchNorm):
     _ndims, _layout = (4,), "4-D (N, C, H, W) input"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     __doc__ = _fill(_BN_DOC,
                     name="BatchNorm3d", layout="(N, C, D, H, W) input", shape="(N, C, D, H, W)",
                     over="(N, D, H, W)", example="8, 4, 3, 3, 3", one="1, 4, 3, 3, 3")
@@ -424,28 +534,22 @@ class _BatchRenorm(_BatchNorm):
         return out
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
     __doc__ = _fill(_BRN_DOC,
                     name="BatchRenorm1d", layout="(N, C) or (N, C, L) input", shape="(N, C) or (N, C, L)",
                     example="2, 4", full="2, 4")
 
-    _ndims, _layout = BatchNorm1d._ndims, BatchNorm1d._layout
 
-
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
     __doc__ = _fill(_BRN_DOC,
                     name="BatchRenorm2d", layout="(N, C, H, W) input", shape="(N, C, H, W)",
                     example="2, 4, 5, 5", full="2, 4, 5, 5")
 
-    _ndims, _layout = BatchNorm2d._ndims, BatchNorm2d._layout
 
-
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
     __doc__ = _fill(_BRN_DOC,
                     name="BatchRenorm3d", layout="(N, C, D, H, W) input", shape="(N, C, D, H, W)",
                     example="2, 4, 3, 3, 3", full="2, 4, 3, 3, 3")
-
-    _ndims, _layout = BatchNorm3d._ndims, BatchNorm3d._layout
 
 
 _IN_DEFAULTS = {"affine": "False", "track": "False", "tracking": "so that eval mode normalizes with\n"
@@ -500,7 +604,7 @@ class _InstanceNorm(_NormBase):
         return out if batched else out.squeeze(0)
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     __doc__ = _fill(_IN_DOC,
                     name="InstanceNorm1d", layout="(N, C, L) input", shape="(N, C, L)", unbatched="(C, L)",
                     over="L", example="2, 4, 10", arg_defaults=_IN_DEFAULTS)
@@ -508,7 +612,7 @@ class InstanceNorm1d(_InstanceNorm):
     _ndims, _layout = (2, 3), "3-D (N, C, L) or 2-D unbatched (C, L) input"
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     __doc__ = _fill(_IN_DOC,
                     name="InstanceNorm2d", layout="(N, C, H, W) input", shape="(N, C, H, W)",
                     unbatched="(C, H, W)", over="(H, W)", example="2, 4, 5, 5", arg_defaults=_IN_DEFAULTS)
@@ -516,7 +620,7 @@ class InstanceNorm2d(_InstanceNorm):
     _ndims, _layout = (3, 4), "4-D (N, C, H, W) or 3-D unbatched (C, H, W) input"
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     __doc__ = _fill(_IN_DOC,
                     name="InstanceNorm3d", layout="(N, C, D, H, W) input", shape="(N, C, D, H, W)",
                     unbatched="(C, D, H, W)", over="(D, H, W)", example="2, 4, 3, 3, 3",
@@ -531,7 +635,7 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
     return tuple(int(s) for s in normalized_shape)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(nn.LayerNorm):
     r"""Layer Normalization over the last dims of the input, each sample with its own mean and variance.
 
     Drop-in for ``torch.nn.LayerNorm``: the same arguments, defaults and ``state_dict`` keys.
@@ -572,6 +676,7 @@ class LayerNorm(nn.Module):
     """
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    __prepare_scriptable__ = _prepare_scriptable
 
     def __init__(
         self,
@@ -582,7 +687,7 @@ class LayerNorm(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the torch.nn base's: this one sets the same attributes
         factory = {"device": device, "dtype": dtype}
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
@@ -611,7 +716,7 @@ class LayerNorm(nn.Module):
         )
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.RMSNorm):
     r"""Root Mean Square Layer Normalization: LayerNorm without the centering, over the last dims.
 
     Drop-in for ``torch.nn.RMSNorm``: the same arguments, defaults and ``state_dict`` keys.
@@ -649,6 +754,7 @@ class RMSNorm(nn.Module):
     """
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    __prepare_scriptable__ = _prepare_scriptable
 
     def __init__(
         self,
@@ -658,7 +764,7 @@ class RMSNorm(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the torch.nn base's: this one sets the same attributes
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
@@ -679,7 +785,7 @@ class RMSNorm(nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(nn.GroupNorm):
     r"""Group Normalization: the channels split into groups, each group of each sample normalized alone.
 
     Drop-in for ``torch.nn.GroupNorm``: the same arguments, defaults and ``state_dict`` keys.
@@ -721,6 +827,7 @@ class GroupNorm(nn.Module):
     """
 
     __constants__ = ["num_groups", "num_channels", "eps", "affine"]
+    __prepare_scriptable__ = _prepare_scriptable
 
     def __init__(
         self,
@@ -733,7 +840,7 @@ class GroupNorm(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the torch.nn base's: this one sets the same attributes
         if num_groups <= 0 or num_channels % num_groups:
             divisors = [d for d in range(1, num_channels + 1) if num_channels % d == 0]
             raise ValueError(
@@ -994,24 +1101,3 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
         module.__class__ = type(module)._normlab_base
     module.register_parameter(name, Parameter(w))
     return module
-
-
-class _WeightOnlyRMSNorm(RMSNorm):
-    """What :func:`normlab.convert.to_normlab` makes of transformers' Llama-style RMSNorm
-    (``weight · x̂`` with ``variance_epsilon``): :class:`RMSNorm`, whose output takes the dtype
-    of ``weight · x`` as the original's does when the weight is in another dtype."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        y = F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
-        dtype = torch.promote_types(input.dtype, self.weight.dtype)
-        return y if y.dtype == dtype else y.to(dtype)
-
-
-class _ChannelsFirstLayerNorm(LayerNorm):
-    """LayerNorm over dim 1 of ``(N, C, *S)`` (ConvNext's ``data_format="channels_first"``),
-    as :func:`normlab.convert.to_normlab` converts it: the norm over a channels-last view."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        nd = input.dim()
-        y = F.layer_norm(input.permute(0, *range(2, nd), 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return y.permute(0, nd - 1, *range(1, nd - 1))
