@@ -1524,7 +1524,8 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False,
             return None
         convert = _conversion(type(m))
         base = next((c for c in type(m).__mro__ if c in pairs), None)
-        if convert is None and base is not None and type(m).forward is base.forward:
+        torchs = base is not None and type(m).forward is base.forward  # torch.nn's forward: tested in normlab's suite
+        if convert is None and torchs:
             convert = _conversion(base)  # a subclass that keeps torch.nn's forward
         if convert is None:
             if _is_norm(m):
@@ -1546,7 +1547,7 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False,
         added = tuple(k for k in new.__dict__ if k not in m.__dict__)
         if added:
             new.__dict__[nln._ADDED] = added
-        if base is None and (why := _probe(m, new)) is not None:  # torch.nn's: tested in normlab's suite
+        if not torchs and (why := _probe(m, new)) is not None:
             rep["left"].append((name, type(m).__name__, why))
             return None
         public = next(c for c in impl.__mro__ if not c.__name__.startswith("_") and _is_normlab_class(c))
