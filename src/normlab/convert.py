@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .nn import _ORIGIN, retype
+from .nn import retype
 from .stats import Moments
 
 __all__ = ["batchnorm_as_affine", "fold_batchnorm", "fold_scaler", "recalibrate_bn", "freeze_norm",
@@ -83,7 +83,7 @@ def _bn_role(m: nn.Module):
         return then
     base = next(c for c in cls.__mro__[1:] if c.__module__.startswith("torch.nn."))
     return _Unknown(f"{_dotted(cls)} subclasses {base.__name__} with a forward of its own, which normlab does "
-                    f"not know (it may compute more than BatchNorm); register_conversion teaches it")
+                    f"not know (it may compute more than BatchNorm); register_conversion, then to_normlab, teaches it")
 
 
 def is_batchnorm(m: nn.Module) -> bool:
@@ -296,8 +296,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
     pairs, found_by, why = _find_pairs(model, example_input)
     unknown = _unknown_bns(model)
     before = None if example_input is None else _outputs(model, example_input, list(pairs))
-    saved = {}  # the layers' weights and biases before folding, to put back if a check fails
-    for other in {other for _, other in pairs.values()}:
+    saved = {}  # the layers' weights and biases before folding, to put back if the check fails
+    for other in {other for _, other in pairs.values()} if before is not None else ():
         layer = model.get_submodule(other)
         saved[other] = (layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
     report: list[dict] = []
