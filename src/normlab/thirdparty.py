@@ -40,10 +40,14 @@ def _same_as_input(x: torch.dtype, w: torch.dtype | None) -> torch.dtype:
     return x
 
 
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 class _Casting:
     """A norm whose output dtype follows the converted class's rule ``_out(input, weight)``;
-    computed in the wider of the input's and the output's dtype (statistics in float32 or wider
-    whatever the dtype, as every normlab norm)."""
+    computed in the wider of the input's and the output's dtype, parameters included (statistics
+    in float32 or wider whatever the dtype, as every normlab norm)."""
 
     _out: Callable
 
@@ -51,8 +55,13 @@ class _Casting:
         w = self.weight
         out = self._out(input.dtype, None if w is None else w.dtype)
         compute = torch.promote_types(input.dtype, out)
-        y = super().forward(input if input.dtype == compute else input.to(compute))
+        y = self._normalize(_cast(input, compute), _cast(w, compute), _cast(getattr(self, "bias", None), compute))
         return y if y.dtype == out else y.to(out)
+
+
+class _CastingRMSNorm(_Casting, nln.RMSNorm):
+    def _normalize(self, x: Tensor, weight: Tensor | None, bias: None) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
 class _ChannelsFirst:
@@ -77,13 +86,13 @@ class _RMSNormPromote(nln.RMSNorm):
         return w * F.rms_norm(input, self.normalized_shape, None, self.eps)
 
 
-class _RMSNormT5(_Casting, nln.RMSNorm):
+class _RMSNormT5(_CastingRMSNorm):
     """RMSNorm returning in the weight's dtype when it is half, else in float32 (T5, diffusers)."""
 
     _out = staticmethod(_t5)
 
 
-class _RMSNormAsInput(_Casting, nln.RMSNorm):
+class _RMSNormAsInput(_CastingRMSNorm):
     """RMSNorm returning in the input's dtype (OLMo 2)."""
 
     _out = staticmethod(_same_as_input)
@@ -100,6 +109,9 @@ class _LayerNormAsInput(_Casting, nln.LayerNorm):
     """LayerNorm computed in float32 or wider, returning in the input's dtype (Cohere, OLMo, diffusers)."""
 
     _out = staticmethod(_same_as_input)
+
+    def _normalize(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 class _ChannelsFirstLayerNorm(_ChannelsFirst, nln.LayerNorm):
