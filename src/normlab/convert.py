@@ -465,7 +465,7 @@ def _names_of(model: nn.Module) -> dict[int, str]:
 
 def _is_bn1d(m: nn.Module) -> bool:
     # only a plain BatchNorm folds into the Linear after it: an activation after it would be skipped
-    return isinstance(m, (nn.BatchNorm1d, _bn1d())) and _bn_role(m) == "plain"
+    return isinstance(m, nn.BatchNorm1d) and _bn_role(m) == "plain"
 
 
 class _Tracer(torch.fx.Tracer):
@@ -678,12 +678,6 @@ def _observe(model: nn.Module, example_input) -> _Observer:
         for m, mode in modes.items():
             m.training = mode
     return seen
-
-
-def _bn1d():
-    from . import nn as nln
-
-    return nln.BatchNorm1d
 
 
 def fold_scaler(scaler, layer: nn.Module, *, example_input=None) -> nn.Module:
@@ -1234,12 +1228,8 @@ def _replacement(bn: nn.Module, where: str, target: str, num_groups: int | None)
 
 def _bn_dims(bn: nn.Module) -> int | None:
     """1, 2 or 3 for BatchNorm1d/2d/3d of torch.nn or normlab.nn (and their subclasses)."""
-    from . import nn as nln
-
-    for dims, classes in ((1, (nn.BatchNorm1d, nln.BatchNorm1d, nln.BatchRenorm1d)),
-                          (2, (nn.BatchNorm2d, nln.BatchNorm2d, nln.BatchRenorm2d)),
-                          (3, (nn.BatchNorm3d, nln.BatchNorm3d, nln.BatchRenorm3d))):
-        if isinstance(bn, classes):
+    for dims, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
+        if isinstance(bn, cls):  # normlab.nn's subclass torch.nn's
             return dims
     return None
 

@@ -104,11 +104,9 @@ _NAN = float("nan")
 
 def _pass_through() -> tuple[type, ...]:
     """Modules between a layer and its activation that keep the pairing (conv → BN → ReLU):
-    torch's and normlab's norms, dropout, identity."""
-    from normlab import nn as nln
-
+    torch's and normlab's norms (normlab.nn's subclass torch.nn's), dropout, identity."""
     return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.dropout._DropoutNd,
-            nn.Identity, nln._NormBase, nln.LayerNorm, nln.GroupNorm, nln.RMSNorm)
+            nn.Identity)
 
 
 _ORIGINS_KEPT = 4096  # live outputs remembered (weakly) for pairing an activation with its layer
