@@ -420,3 +420,52 @@ def test_a_rejected_state_dict_writes_nothing(key, value):
 def test_what_is_not_a_tensor_or_a_module_is_a_type_error_that_says_so(call):
     with pytest.raises(TypeError, match="expect"):
         call()
+
+
+# ------------------------------------------------------------------ zero-centred γ (offset)
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_offset_scales_by_offset_plus_gamma_added_in_float32(kind, dtype):
+    import normlab.functional as NF
+
+    x = torch.randn(3, 5, 16) * 3 + 1
+    w = torch.randn(16) * 1e-3  # near 0: 1 + w rounds to 1 in half precision, not in float32
+    fn = NF.rms_norm if kind == "rms" else NF.layer_norm
+    y = fn(x.to(dtype), (16,), w.to(dtype), eps=1e-6, offset=1.0)
+    xd = x.to(dtype).double()
+    xhat = (xd if kind == "rms" else xd - xd.mean(-1, keepdim=True))
+    xhat = xhat * torch.rsqrt(xhat.square().mean(-1, keepdim=True) + 1e-6)
+    want = xhat * (1 + w.to(dtype).double())
+    assert y.dtype == dtype
+    assert_rel(y, want, dtype)
+    layer = (N.RMSNorm(16, eps=1e-6, offset=1.0) if kind == "rms" else N.LayerNorm(16, eps=1e-6, offset=1.0))
+    assert torch.equal(layer.weight, torch.zeros(16))  # starts as the layer without γ
+    assert_rel(layer(x), fn(x, (16,), eps=1e-6))
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_offset_gradients_match_float64_gradcheck(kind):
+    import normlab.functional as NF
+
+    fn = NF.rms_norm if kind == "rms" else NF.layer_norm
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(6, dtype=torch.float64) * 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: fn(x, (6,), w, eps=1e-6, offset=0.5), (x, w))
+
+
+def test_offset_is_refused_where_it_cannot_hold():
+    import normlab.functional as NF
+    from normlab.convert import to_torch
+
+    with pytest.raises(ValueError, match="weight is None"):
+        NF.rms_norm(torch.randn(2, 4), (4,), None, offset=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        NF.layer_norm(torch.randn(2, 4), (4,), torch.ones(4), offset=float("inf"))
+    with pytest.raises(ValueError, match="elementwise_affine=False"):
+        N.RMSNorm(4, elementwise_affine=False, offset=1.0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), N.RMSNorm(4, offset=1.0))
+    with pytest.raises(ValueError, match="to_torch: 1: .*offset"):  # torch.nn.RMSNorm has no offset
+        to_torch(model, inplace=True)
+    assert type(model[1]) is N.RMSNorm
+    with pytest.raises(ValueError, match="offset"):
+        torch.jit.script(model)

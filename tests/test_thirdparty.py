@@ -80,6 +80,9 @@ MODELS = {
     "tf-olmo2": lambda: _tf("Olmo2Model", "Olmo2Config"),             # Olmo2RMSNorm
     "tf-cohere": lambda: _tf("CohereModel", "CohereConfig"),          # CohereLayerNorm
     "tf-mistral": lambda: _tf("MistralModel", "MistralConfig", num_key_value_heads=2),  # Llama-style RMSNorm
+    "tf-gemma": lambda: _tf("GemmaModel", "GemmaConfig", num_key_value_heads=2, head_dim=16),  # x̂·(1 + w)
+    "tf-gemma2": lambda: _tf("Gemma2Model", "Gemma2Config", num_key_value_heads=2, head_dim=16),
+    "tf-gemma3": lambda: _tf("Gemma3TextModel", "Gemma3TextConfig", num_key_value_heads=2, head_dim=16),
     "d-unet": _unet,                                                  # GroupNorm
     "d-dit": _dit,                                                    # LayerNorm inside AdaLayerNormZero
 }
@@ -137,7 +140,7 @@ def test_every_norm_converts_and_computes_the_same(name):
 
 
 @pytest.mark.parametrize("name", ["timm-regnetx_002", "timm-convnext_atto", "tf-t5", "tf-olmo2", "tf-mistral",
-                                  "tf-cohere", "d-dit"])
+                                  "tf-cohere", "tf-gemma3", "d-dit"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_keeps_the_originals_dtypes(name, dtype):
     model, x = _build(name)

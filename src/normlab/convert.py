@@ -1593,7 +1593,10 @@ def to_torch(model: nn.Module, *, inplace: bool = False, example_input=None) -> 
     def choose(m, name, rep):
         if getattr(type(m), nln._ORIGIN, None) is None and type(m) not in back:
             return None
-        new = nln._as_original(m)
+        try:
+            new = nln._as_original(m)
+        except ValueError as err:  # raised before any module is replaced: the model is as it was
+            raise ValueError(f"to_torch: {name or 'the model'}: {err}") from None
         rep["converted"].append((name, type(m).__name__, type(new).__name__))
         return new
 

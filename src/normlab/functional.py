@@ -351,15 +351,18 @@ def layer_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    offset: float = 0.0,
 ) -> Tensor:
     r"""Layer Normalization over the last dims of the input: each sample with its own mean and variance.
 
     .. math::
 
-        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot (o + \gamma) + \beta
 
     The mean and biased variance over the trailing ``normalized_shape`` dims; γ and β have that
-    shape. The layer is :class:`normlab.nn.LayerNorm`.
+    shape, and the offset ``o`` (0 by default) makes γ zero-centred: the scale is ``o + γ``, added
+    in float32 or wider (see :func:`rms_norm`). The layer is :class:`normlab.nn.LayerNorm`.
 
     Source: Ba, Kiros & Hinton 2016, "Layer Normalization"; the survey “Norm相关总结” eq. (14)–(15).
 
@@ -368,6 +371,7 @@ def layer_norm(
         normalized_shape (int or sequence of ints): the trailing dims to normalize over.
         weight, bias (Tensor or None): γ and β of shape ``normalized_shape``. Default: ``None``.
         eps (float): ε inside the square root. Default: ``1e-5``.
+        offset (float, keyword-only): ``o``, added to γ; needs a weight. Default: ``0.0``.
 
     Shape:
         - Input: ``(*, *normalized_shape)``
@@ -380,6 +384,7 @@ def layer_norm(
         >>> torch.allclose(F.layer_norm(x, (10,)), torch.nn.functional.layer_norm(x, (10,)), atol=1e-5)
         True
     """
+    weight = _offset_weight(weight, offset, "layer_norm")
     core = kernels.core()
     if core is not None:
         return core.layer_norm(input, normalized_shape, weight, bias, eps)
@@ -394,21 +399,37 @@ def layer_norm(
     return _normalize(op, input, dims, weight, bias, eps)[0]
 
 
+def _offset_weight(weight: Tensor | None, offset: float, op: str) -> Tensor | None:
+    """``offset + weight`` in float32 or wider: the scale of a zero-centred γ."""
+    if offset == 0:
+        return weight
+    if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
+        raise ValueError(f"{op}: offset must be a finite number, got {offset!r}")
+    if weight is None:
+        raise ValueError(f"{op}: offset={offset} is added to weight, but weight is None; pass a weight "
+                         f"(zeros for a scale of {offset})")
+    return weight.to(torch.promote_types(weight.dtype, torch.float32)) + offset
+
+
 def rms_norm(
     input: Tensor,
     normalized_shape: Sequence[int] | int,
     weight: Tensor | None = None,
     eps: float | None = None,
+    *,
+    offset: float = 0.0,
 ) -> Tensor:
     r"""Root Mean Square Normalization over the last dims: LayerNorm without the centering.
 
     .. math::
 
-        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot (o + \gamma)
 
     The mean of squares over the trailing ``normalized_shape`` dims. ``eps=None`` means the
     machine epsilon of the dtype the statistics are computed in (float32 for fp16/bf16 input), as
-    torch does. The layer is :class:`normlab.nn.RMSNorm`.
+    torch does. The offset ``o`` makes γ zero-centred (Gemma's ``x̂·(1 + w)``, Transformer
+    Engine's ``zero_centered_gamma``): it is added to γ in float32 or wider, once per call on the
+    γ-sized vector. The layer is :class:`normlab.nn.RMSNorm`.
 
     Source: Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
 
@@ -417,6 +438,7 @@ def rms_norm(
         normalized_shape (int or sequence of ints): the trailing dims to normalize over.
         weight (Tensor or None): γ of shape ``normalized_shape``. Default: ``None``.
         eps (float or None): ε inside the square root. Default: ``None``.
+        offset (float, keyword-only): ``o``, added to γ; needs a weight. Default: ``0.0``.
 
     Shape:
         - Input: ``(*, *normalized_shape)``
@@ -428,7 +450,11 @@ def rms_norm(
         >>> x = torch.randn(4, 10) * 3
         >>> torch.allclose(F.rms_norm(x, (10,)), torch.nn.functional.rms_norm(x, (10,)), atol=1e-5)
         True
+        >>> w = torch.zeros(10)                        # zero-centred γ: a scale of 1 + 0
+        >>> torch.allclose(F.rms_norm(x, (10,), w, offset=1.0), F.rms_norm(x, (10,)))
+        True
     """
+    weight = _offset_weight(weight, offset, "rms_norm")
     core = kernels.core()
     if core is not None:
         return core.rms_norm(input, normalized_shape, weight, eps)

@@ -304,6 +304,9 @@ def _as_original(module: nn.Module) -> nn.Module:
     cls = getattr(type(module), _ORIGIN, None)
     if cls is None:
         cls = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+        if getattr(module, "offset", 0.0):
+            raise ValueError(f"{type(module).__name__}(offset={module.offset}) scales by offset + γ, which "
+                             f"torch.nn.{cls.__name__} cannot: it has no torch.nn form (nor a TorchScript one)")
     new = retype(module, cls)
     for key in (*module.__dict__.get(_ADDED, ()), _ADDED):
         new.__dict__.pop(key, None)
@@ -642,12 +645,13 @@ class LayerNorm(nn.LayerNorm):
 
     .. math::
 
-        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot (o + \gamma) + \beta
 
     The mean and biased variance are taken over the last ``len(normalized_shape)`` dims of each
     sample (a token, in a transformer); γ and β have the shape ``normalized_shape``. Nothing
     depends on the batch, so training and eval compute the same and there are no running
-    statistics.
+    statistics. The offset ``o`` (0, torch's layer) makes γ zero-centred: γ starts at ``1 − o``
+    and the scale is ``o + γ``, added in float32 (:func:`normlab.functional.rms_norm`).
 
     Source: Ba, Kiros & Hinton 2016, "Layer Normalization"; the survey “Norm相关总结” eq. (14)–(15).
 
@@ -659,6 +663,7 @@ class LayerNorm(nn.LayerNorm):
             ``normalized_shape``. Default: ``True``.
         bias (bool): with ``elementwise_affine``, learn β too. Default: ``True``.
         device, dtype: where and in which floating dtype to create the parameters.
+        offset (float, keyword-only): ``o``, added to γ; needs ``elementwise_affine``. Default: ``0.0``.
 
     Shape:
         - Input: ``(*, *normalized_shape)``
@@ -677,6 +682,7 @@ class LayerNorm(nn.LayerNorm):
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
     __prepare_scriptable__ = _prepare_scriptable
+    offset = 0.0  # a class default: modules re-typed from torch.nn's have none of their own
 
     def __init__(
         self,
@@ -686,12 +692,15 @@ class LayerNorm(nn.LayerNorm):
         bias: bool = True,
         device=None,
         dtype=None,
+        *,
+        offset: float = 0.0,
     ) -> None:
         nn.Module.__init__(self)  # not the torch.nn base's: this one sets the same attributes
         factory = {"device": device, "dtype": dtype}
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
+        self.offset = _check_offset(offset, elementwise_affine)
         if elementwise_affine:
             self.weight = Parameter(torch.empty(self.normalized_shape, **factory))
             self.bias = Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
@@ -702,17 +711,17 @@ class LayerNorm(nn.LayerNorm):
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
-            init.ones_(self.weight)
+            init.constant_(self.weight, 1.0 - self.offset)
         if self.bias is not None:
             init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, offset=self.offset)
 
     def extra_repr(self) -> str:
         return (
             f"{self.normalized_shape}, eps={self.eps}, "
-            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
+            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}" + _offset_repr(self)
         )
 
 
@@ -723,10 +732,12 @@ class RMSNorm(nn.RMSNorm):
 
     .. math::
 
-        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot (o + \gamma)
 
     The mean of squares is taken over the last ``len(normalized_shape)`` dims of each sample;
-    there is no mean to subtract and no β (the norm of Llama-style transformers).
+    there is no mean to subtract and no β (the norm of Llama-style transformers). The offset
+    ``o`` (0, torch's layer) makes γ zero-centred, as Gemma's ``x̂·(1 + w)``: γ starts at
+    ``1 − o`` and the scale is ``o + γ``, added in float32 (:func:`normlab.functional.rms_norm`).
 
     Source: Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
 
@@ -735,8 +746,9 @@ class RMSNorm(nn.RMSNorm):
         eps (float or None): ε inside the square root; ``None`` means the machine epsilon of the
             dtype the statistics are computed in, ``torch.finfo(...).eps`` (float32 for fp16/bf16
             input), as torch. Default: ``None``.
-        elementwise_affine (bool): learn γ (initially ones). Default: ``True``.
+        elementwise_affine (bool): learn γ (initially ``1 − offset``). Default: ``True``.
         device, dtype: where and in which floating dtype to create the parameter.
+        offset (float, keyword-only): ``o``, added to γ; needs ``elementwise_affine``. Default: ``0.0``.
 
     Shape:
         - Input: ``(*, *normalized_shape)``
@@ -755,6 +767,7 @@ class RMSNorm(nn.RMSNorm):
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
     __prepare_scriptable__ = _prepare_scriptable
+    offset = 0.0  # a class default: modules re-typed from torch.nn's have none of their own
 
     def __init__(
         self,
@@ -763,11 +776,14 @@ class RMSNorm(nn.RMSNorm):
         elementwise_affine: bool = True,
         device=None,
         dtype=None,
+        *,
+        offset: float = 0.0,
     ) -> None:
         nn.Module.__init__(self)  # not the torch.nn base's: this one sets the same attributes
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
+        self.offset = _check_offset(offset, elementwise_affine)
         if elementwise_affine:
             self.weight = Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -776,13 +792,27 @@ class RMSNorm(nn.RMSNorm):
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
-            init.ones_(self.weight)
+            init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, offset=self.offset)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}" + _offset_repr(
+            self)
+
+
+def _check_offset(offset: float, elementwise_affine: bool) -> float:
+    if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
+    if offset and not elementwise_affine:
+        raise ValueError(f"offset={offset} is added to the learned γ, which elementwise_affine=False has not; "
+                         "drop the offset or learn γ")
+    return float(offset)
+
+
+def _offset_repr(module: nn.Module) -> str:
+    return f", offset={module.offset}" if module.offset else ""
 
 
 class GroupNorm(nn.GroupNorm):

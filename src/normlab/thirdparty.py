@@ -161,8 +161,9 @@ def _eps(m: nn.Module, *names: str) -> float:
     raise ValueError(f"expected a float attribute {' or '.join(names)}")
 
 
-def _rms(cls: type, *eps_names: str) -> Callable:
-    """An RMSNorm with a 1-D ``weight`` (or none), ε under one of ``eps_names``."""
+def _rms(cls: type, *eps_names: str, offset: float = 0.0) -> Callable:
+    """An RMSNorm with a 1-D ``weight`` (or none), ε under one of ``eps_names``, scaled by
+    ``offset + weight``."""
     def convert(m: nn.Module) -> nn.Module:
         if getattr(m, "bias", None) is not None:
             raise ValueError("it adds a bias after the RMS norm, which normlab's RMSNorm has not")
@@ -170,7 +171,8 @@ def _rms(cls: type, *eps_names: str) -> Callable:
         shape = tuple(w.shape) if w is not None else tuple(getattr(m, "normalized_shape", getattr(m, "dim", ())))
         if len(shape) != 1:
             raise ValueError(f"it normalizes over the last dim only, but its shape is {shape}")
-        return retype(m, cls, normalized_shape=shape, eps=_eps(m, *eps_names), elementwise_affine=w is not None)
+        return retype(m, cls, normalized_shape=shape, eps=_eps(m, *eps_names), elementwise_affine=w is not None,
+                      offset=offset)
     return convert
 
 
@@ -218,12 +220,17 @@ def _convnext_layernorm(m: nn.Module) -> nn.Module:
 _LLAMA_STYLE = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "MistralRMSNorm",
                 "MixtralRMSNorm", "Phi3RMSNorm", "Llama4TextRMSNorm", "GraniteRMSNorm", "Starcoder2RMSNorm")
 
+_GEMMA_STYLE = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "T5GemmaRMSNorm", "VaultGemmaRMSNorm",
+                "Qwen3NextRMSNorm")
+
 # class -> conversion: a dotted name matches the class defined there, a bare name any class so
 # named (transformers' copies); each conversion returns the normlab module (made with retype, so
 # parameters and buffers stay the same objects) or raises ValueError saying why it cannot
 CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **{name: _rms(_RMSNormPromote, "variance_epsilon") for name in _LLAMA_STYLE},
     "T5LayerNorm": _rms(_RMSNormT5, "variance_epsilon"),
+    # x̂·(1 + w) in float32, returned in the input's dtype: normlab's RMSNorm with offset 1
+    **{name: _rms(nln.RMSNorm, "eps", offset=1.0) for name in _GEMMA_STYLE},
     "Olmo2RMSNorm": _rms(_RMSNormAsInput, "variance_epsilon"),
     "OlmoLayerNorm": _olmo_layer_norm,
     "CohereLayerNorm": _layer_norm_last_dim(_LayerNormAsInput),
