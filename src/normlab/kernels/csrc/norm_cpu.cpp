@@ -147,20 +147,25 @@ Tensor out_contiguous(const Tensor& x) {
   return fresh(at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)));
 }
 
-// γ or β flat and contiguous in x's dtype; absent: a constant vector of `fill` (kept per
-// thread for the last size and dtype asked: an RMSNorm layer asks for the same zeros each call)
+// γ and β are read in x's compute precision (float for fp16/bf16 input): a float32 γ scales x̂
+// as it is, as torch's mixed-precision norms do (a zero-centred 1 + γ keeps its digits)
+template <typename T>
+using param_t = at::opmath_type<T>;
+
+// γ or β flat and contiguous in param_t of x's dtype; absent: a constant vector of `fill` (kept
+// per thread for the last size and dtype asked: an RMSNorm layer asks for the same zeros each call)
 Tensor param(const c10::optional<Tensor>& t, int64_t n, double fill, const Tensor& x) {
+  const auto dtype = at::toOpMathType(x.scalar_type());
+  const auto options = x.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous);
   if (t.has_value() && t->defined()) {
     TORCH_CHECK_VALUE(t->numel() == n, "normlab: expected a parameter of ", n, " elements, got ", t->numel());
-    if (t->dim() == 1 && t->scalar_type() == x.scalar_type() && t->is_contiguous()) return *t;
-    return t->reshape({n}).to(x.scalar_type()).contiguous();
+    if (t->dim() == 1 && t->scalar_type() == dtype && t->is_contiguous()) return *t;
+    return t->reshape({n}).to(dtype).contiguous();
   }
   thread_local Tensor cached[2];
   Tensor& c = cached[fill == 0.0 ? 0 : 1];
-  if (!x.device().is_cpu() || g_poison.load(std::memory_order_relaxed))
-    return at::full({n}, fill, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (!c.defined() || c.numel() != n || c.scalar_type() != x.scalar_type())
-    c = at::full({n}, fill, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (!x.device().is_cpu() || g_poison.load(std::memory_order_relaxed)) return at::full({n}, fill, options);
+  if (!c.defined() || c.numel() != n || c.scalar_type() != dtype) c = at::full({n}, fill, options);
   return c;
 }
 
@@ -279,7 +284,7 @@ std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shif
 
 // (Σg, Σg·x̂), g = γ·dy (γ = 1 where w is null), x̂ = (x − m₀)·r₀ − c₀
 template <typename scalar_t, typename opmath_t>
-std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const scalar_t* w, int64_t n,
+std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const param_t<scalar_t>* w, int64_t n,
                                     opmath_t m0, opmath_t rs0, opmath_t c0) {
   double sg = 0.0, sgx = 0.0;
   int64_t j = 0;
@@ -306,7 +311,7 @@ std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const
 // ------------------------------------------------------------------------------------ rows
 
 template <typename scalar_t>
-void rows_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, double eps, bool center,
+void rows_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const param_t<scalar_t>* b, double eps, bool center,
                          int64_t R, int64_t D, int64_t groups, int64_t seg, scalar_t* y, double* mean,
                          double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -322,8 +327,8 @@ void rows_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b
       var[r] = st.var;
       const opmath_t m0 = static_cast<opmath_t>(static_cast<scalar_t>(st.mean));
       if (seg == 1) {  // γ, β per column: row r uses their slice (r % groups)·D
-        const scalar_t* wr = w + (r % groups) * D;
-        const scalar_t* br = b + (r % groups) * D;
+        const param_t<scalar_t>* wr = w + (r % groups) * D;
+        const param_t<scalar_t>* br = b + (r % groups) * D;
         const opmath_t rs0 = static_cast<opmath_t>(st.rstd);
         const opmath_t c0 = static_cast<opmath_t>((st.mean - static_cast<double>(m0)) * st.rstd);
 #pragma omp simd
@@ -409,7 +414,7 @@ void rows_dx_float(const float* const* xr, const float* const* gr, float* const*
 // dx = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·dy (RMS: no mean(g)); dγ = Σ dy·x̂, dβ = Σ dy
 template <typename scalar_t>
 void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                          const scalar_t* w, double eps, bool center, int64_t R, int64_t D, int64_t groups,
+                          const param_t<scalar_t>* w, double eps, bool center, int64_t R, int64_t D, int64_t groups,
                           int64_t seg, scalar_t* dx, scalar_t* dw, scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t K = D / seg, P = groups * K;
@@ -483,7 +488,7 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
         if (elem) {  // dx, and the block's partial dγ, dβ in the same pass
           opmath_t* dwlp = dwl.data() + p0;
           opmath_t* dblp = dbl.data() + p0;
-          const scalar_t* wr = w + p0;
+          const param_t<scalar_t>* wr = w + p0;
 #pragma omp simd
           for (int64_t j = 0; j < D; ++j) {
             opmath_t xh = (static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0;
@@ -521,7 +526,7 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
 
 // BN training on (N, C, S), S > 1: statistics per channel over (N, S)
 template <typename scalar_t>
-void channels_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, double eps, int64_t N,
+void channels_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const param_t<scalar_t>* b, double eps, int64_t N,
                              int64_t C, int64_t S, scalar_t* y, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
@@ -567,7 +572,7 @@ void columns_affine(const scalar_t* x, const coef_t* m, const coef_t* a, const c
 // BN training on (M, C): per block of rows a two-pass mean and M2 per column (the block is in
 // cache), merged across blocks with Chan's formula, then the affine map
 template <typename scalar_t>
-void columns_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, double eps, int64_t M,
+void columns_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const param_t<scalar_t>* b, double eps, int64_t M,
                             int64_t C, scalar_t* y, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t nblk = blocks(M), per = (M + nblk - 1) / nblk;
@@ -631,7 +636,7 @@ void columns_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t
 
 template <typename scalar_t>
 void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                              const scalar_t* w, double eps, int64_t N, int64_t C, int64_t S, scalar_t* dx,
+                              const param_t<scalar_t>* w, double eps, int64_t N, int64_t C, int64_t S, scalar_t* dx,
                               scalar_t* dw, scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(N * S);
@@ -665,7 +670,7 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
 
 template <typename scalar_t>
 void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                             const scalar_t* w, double eps, int64_t M, int64_t C, scalar_t* dx, scalar_t* dw,
+                             const param_t<scalar_t>* w, double eps, int64_t M, int64_t C, scalar_t* dx, scalar_t* dw,
                              scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::vector<opmath_t> m0(C), rs0(C), c0(C), a(C), mg(C), mgx(C);
@@ -820,7 +825,7 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
 // GN/IN on channels_last (N, S, C): per-channel shifted sums over S, merged per group of cg
 // channels (Chan et al.); parallel over samples, channels innermost (contiguous)
 template <typename scalar_t>
-void groups_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, double eps, int64_t N,
+void groups_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const param_t<scalar_t>* b, double eps, int64_t N,
                            int64_t S, int64_t C, int64_t G, scalar_t* y, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t cg = C / G;
@@ -877,7 +882,7 @@ void groups_forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t*
 
 template <typename scalar_t>
 void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                            const scalar_t* w, double eps, int64_t N, int64_t S, int64_t C, int64_t G,
+                            const param_t<scalar_t>* w, double eps, int64_t N, int64_t S, int64_t C, int64_t G,
                             scalar_t* dx, scalar_t* dw, scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t cg = C / G;
@@ -991,8 +996,8 @@ std::tuple<Tensor, Tensor, Tensor> rows_forward(const Tensor& x, const c10::opti
   Tensor xv = canon(x, shape, {}), yv = y.view(shape);
   Tensor w = param(weight, P, 1.0, x), b = param(bias, P, 0.0, x);
   NORMLAB_DISPATCH(x, "rows_forward", [&] {
-    rows_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                  b.const_data_ptr<scalar_t>(), eps, center, R, D, groups, seg,
+    rows_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<param_t<scalar_t>>(),
+                                  b.const_data_ptr<param_t<scalar_t>>(), eps, center, R, D, groups, seg,
                                   yv.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
                                   var.mutable_data_ptr<double>());
   });
@@ -1020,7 +1025,7 @@ std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& dy, const Tensor&
   NORMLAB_DISPATCH(x, "rows_backward", [&] {
     rows_backward_kernel<scalar_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
                                    m.const_data_ptr<double>(), v.const_data_ptr<double>(),
-                                   w.const_data_ptr<scalar_t>(), eps, center, R, D, groups, seg,
+                                   w.const_data_ptr<param_t<scalar_t>>(), eps, center, R, D, groups, seg,
                                    dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
                                    db.mutable_data_ptr<scalar_t>());
   });
@@ -1040,8 +1045,8 @@ std::tuple<Tensor, Tensor, Tensor> channels_forward(const Tensor& x, const c10::
   Tensor w = param(weight, C, 1.0, x), b = param(bias, C, 0.0, x);
   NORMLAB_DISPATCH(x, "channels_forward", [&] {
     auto* px = xv.const_data_ptr<scalar_t>();
-    auto* pw = w.const_data_ptr<scalar_t>();
-    auto* pb = b.const_data_ptr<scalar_t>();
+    auto* pw = w.const_data_ptr<param_t<scalar_t>>();
+    auto* pb = b.const_data_ptr<param_t<scalar_t>>();
     auto* py = yv.mutable_data_ptr<scalar_t>();
     if (S > 1)
       channels_forward_kernel<scalar_t>(px, pw, pb, eps, N, C, S, py, mean.mutable_data_ptr<double>(),
@@ -1070,7 +1075,7 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Ten
   Tensor w = param(weight, C, 1.0, x), m = f64(mean), v = f64(var);
   NORMLAB_DISPATCH(x, "channels_backward", [&] {
     auto args = std::make_tuple(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
-                                m.const_data_ptr<double>(), v.const_data_ptr<double>(), w.const_data_ptr<scalar_t>());
+                                m.const_data_ptr<double>(), v.const_data_ptr<double>(), w.const_data_ptr<param_t<scalar_t>>());
     if (S > 1)
       channels_backward_kernel<scalar_t>(std::get<0>(args), std::get<1>(args), std::get<2>(args), std::get<3>(args),
                                          std::get<4>(args), eps, N, C, S, dxv.mutable_data_ptr<scalar_t>(),
@@ -1189,8 +1194,8 @@ std::tuple<Tensor, Tensor, Tensor> groups_forward(const Tensor& x, const c10::op
   Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
   Tensor w = param(weight, C, 1.0, x), b = param(bias, C, 0.0, x);
   NORMLAB_DISPATCH(x, "groups_forward", [&] {
-    groups_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                    b.const_data_ptr<scalar_t>(), eps, N, S, C, groups,
+    groups_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<param_t<scalar_t>>(),
+                                    b.const_data_ptr<param_t<scalar_t>>(), eps, N, S, C, groups,
                                     yv.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
                                     var.mutable_data_ptr<double>());
   });
@@ -1217,7 +1222,7 @@ std::tuple<Tensor, Tensor, Tensor> groups_backward(const Tensor& dy, const Tenso
   NORMLAB_DISPATCH(x, "groups_backward", [&] {
     groups_backward_kernel<scalar_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
                                      m.const_data_ptr<double>(), v.const_data_ptr<double>(),
-                                     w.const_data_ptr<scalar_t>(), eps, N, S, C, groups,
+                                     w.const_data_ptr<param_t<scalar_t>>(), eps, N, S, C, groups,
                                      dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
                                      db.mutable_data_ptr<scalar_t>());
   });
