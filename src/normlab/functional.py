@@ -429,7 +429,8 @@ def rms_norm(
     machine epsilon of the dtype the statistics are computed in (float32 for fp16/bf16 input), as
     torch does. The offset ``o`` makes γ zero-centred (Gemma's ``x̂·(1 + w)``, Transformer
     Engine's ``zero_centered_gamma``): it is added to γ in float32 or wider, once per call on the
-    γ-sized vector. The layer is :class:`normlab.nn.RMSNorm`.
+    γ-sized vector, and the sum scales x̂ in float32 before the one rounding to the input's dtype
+    (a γ near 0 in bfloat16 keeps its digits). The layer is :class:`normlab.nn.RMSNorm`.
 
     Source: Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
 
