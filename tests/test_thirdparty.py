@@ -83,6 +83,9 @@ MODELS = {
     "tf-gemma": lambda: _tf("GemmaModel", "GemmaConfig", num_key_value_heads=2, head_dim=16),  # x̂·(1 + w)
     "tf-gemma2": lambda: _tf("Gemma2Model", "Gemma2Config", num_key_value_heads=2, head_dim=16),
     "tf-gemma3": lambda: _tf("Gemma3TextModel", "Gemma3TextConfig", num_key_value_heads=2, head_dim=16),
+    "tf-mamba": lambda: _tf("MambaModel", "MambaConfig", state_size=4),  # MambaRMSNorm (Llama-style)
+    "tf-mamba2": lambda: _tf("Mamba2Model", "Mamba2Config", num_heads=4, head_dim=32, n_groups=2, state_size=8,
+                             chunk_size=4),                   # Mamba2RMSNormGated
     "d-unet": _unet,                                                  # GroupNorm
     "d-dit": _dit,                                                    # LayerNorm inside AdaLayerNormZero
 }
@@ -140,7 +143,7 @@ def test_every_norm_converts_and_computes_the_same(name):
 
 
 @pytest.mark.parametrize("name", ["timm-regnetx_002", "timm-convnext_atto", "tf-t5", "tf-olmo2", "tf-mistral",
-                                  "tf-cohere", "tf-gemma3", "d-dit"])
+                                  "tf-cohere", "tf-gemma3", "tf-mamba2", "d-dit"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_keeps_the_originals_dtypes(name, dtype):
     model, x = _build(name)

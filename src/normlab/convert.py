@@ -1541,7 +1541,7 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False,
             rep["left"].append((name, type(m).__name__, why))
             return None
         public = next(c for c in impl.__mro__ if not c.__name__.startswith("_") and _is_normlab_class(c))
-        how = "" if impl is public else f" ({(impl.__doc__ or '').strip().splitlines()[0].rstrip('.')})"
+        how = "" if impl is public else f" ({' '.join((impl.__doc__ or '').split()).split('. ')[0].rstrip('.')})"
         rep["converted"].append((name, type(m).__name__, f"normlab.nn.{public.__name__}{how}"))
         return new
 

@@ -122,6 +122,18 @@ class _ChannelsFirstRMSNorm(_ChannelsFirst, _RMSNormPromote):
     """RMSNorm over dim 1, returning in the promoted dtype (timm's RmsNorm2d)."""
 
 
+class _GatedRMSNorm(nln.RMSNorm):
+    """transformers' Mamba 2 gated RMSNorm: x·silu(gate) in float32, RMSNorm over groups of
+    ``group_size`` values of the last dim, rounded to the input's dtype, then scaled by γ."""
+
+    def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
+        h = hidden_states.float()
+        if gate is not None:
+            h = h * torch.nn.functional.silu(gate.float())
+        y = F.rms_norm(h.view(*h.shape[:-1], -1, self.group_size), (self.group_size,), None, self.eps)
+        return self.weight * y.view(h.shape).to(hidden_states.dtype)
+
+
 class _BatchNormAct2d(nln.BatchNorm2d):
     """timm's BatchNormAct2d: BatchNorm2d, then its ``drop``, then its ``act``."""
 
@@ -193,6 +205,15 @@ def _olmo_layer_norm(m: nn.Module) -> nn.Module:
     return retype(m, _LayerNormAsInput, eps=1e-5, elementwise_affine=False, weight=None, bias=None)
 
 
+def _gated_rms(m: nn.Module) -> nn.Module:
+    w = _weight(m)
+    group = getattr(m, "group_size", None)
+    if not isinstance(group, int) or group <= 0 or w.numel() % group:
+        raise ValueError(f"expected a group_size that divides the {w.numel()} channels, got {group!r}")
+    return retype(m, _GatedRMSNorm, normalized_shape=tuple(w.shape), eps=_eps(m, "variance_epsilon"),
+                  elementwise_affine=True)
+
+
 def _weightless_rms(m: nn.Module) -> nn.Module:
     return retype(m, _LastDimRMSNorm, normalized_shape=(), eps=_eps(m, "variance_epsilon"),
                   elementwise_affine=False, weight=None)
@@ -218,7 +239,8 @@ def _convnext_layernorm(m: nn.Module) -> nn.Module:
 
 
 _LLAMA_STYLE = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "MistralRMSNorm",
-                "MixtralRMSNorm", "Phi3RMSNorm", "Llama4TextRMSNorm", "GraniteRMSNorm", "Starcoder2RMSNorm")
+                "MixtralRMSNorm", "Phi3RMSNorm", "Llama4TextRMSNorm", "GraniteRMSNorm", "Starcoder2RMSNorm",
+                "MambaRMSNorm", "Mamba2RMSNorm")
 
 _GEMMA_STYLE = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "T5GemmaRMSNorm", "VaultGemmaRMSNorm",
                 "Qwen3NextRMSNorm")
@@ -233,6 +255,7 @@ CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **{name: _rms(nln.RMSNorm, "eps", offset=1.0) for name in _GEMMA_STYLE},
     "Olmo2RMSNorm": _rms(_RMSNormAsInput, "variance_epsilon"),
     "OlmoLayerNorm": _olmo_layer_norm,
+    "Mamba2RMSNormGated": _gated_rms,
     "CohereLayerNorm": _layer_norm_last_dim(_LayerNormAsInput),
     "Llama4TextWeightlessRMSNorm": _weightless_rms,
     "ConvNextLayerNorm": _convnext_layernorm,
