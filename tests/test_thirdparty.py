@@ -266,3 +266,31 @@ def test_adopted_classes_survive_copy_and_pickle(tmp_path):
 def _roundtrip(model, tmp_path):
     torch.save(model, tmp_path / "m.pt")
     return torch.load(tmp_path / "m.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["tv-frozen-resnet18", "timm-frozen-regnetx_002"])
+def test_frozen_batchnorms_fold(name):
+    if name.startswith("tv"):
+        tvm = pytest.importorskip("torchvision.models")
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        model = tvm.resnet18(norm_layer=FrozenBatchNorm2d)
+    else:
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("regnetx_002")
+    with torch.no_grad():  # statistics and affine maps away from the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) or "Frozen" in type(m).__name__:
+                for t in (m.running_mean, m.weight, m.bias):
+                    t.copy_(torch.randn_like(t) * 0.1 + (1 if t is m.weight else 0))
+                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+    if name.startswith("timm"):
+        model = pytest.importorskip("timm").layers.freeze_batch_norm_2d(model)
+    model = model.train()  # frozen: running statistics whatever the mode
+    x = _img()
+    folded = fold_batchnorm(model, example_input=x)
+    frozen = [n for n, m in model.named_modules() if "Frozen" in type(m).__name__]
+    assert frozen and all(any(r["name"] == n and "folded_into" in r for r in folded.normlab_fold_report)
+                          for n in frozen)
+    assert _activations(folded) == _activations(model)
+    assert_rel(_call(folded.eval(), x), _call(model.eval(), x), tol=1e-4)

@@ -115,6 +115,19 @@ def is_batchnorm(m: nn.Module) -> bool:
     return role is not None and not isinstance(role, _Unknown)
 
 
+def _frozen_rest(m: nn.Module):
+    """For a frozen BatchNorm (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d): what
+    stays when it is folded; None for any other module."""
+    from .thirdparty import FROZEN_BN
+
+    return FROZEN_BN.get(_dotted(_defines_forward(type(m))))
+
+
+def _foldable(m: nn.Module) -> bool:
+    """A known BatchNorm, or a frozen one: an affine map per channel in eval mode."""
+    return is_batchnorm(m) or _frozen_rest(m) is not None
+
+
 def _unknown_bns(model: nn.Module) -> dict[str, str]:
     """The BatchNorm subclasses of ``model`` whose forward normlab does not know, with the reason."""
     return {n: role for n, m in model.named_modules() if isinstance(role := _bn_role(m), _Unknown)}
@@ -146,7 +159,7 @@ def batchnorm_as_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
     Args:
         bn (nn.Module): a BatchNorm of torch.nn or normlab.nn (see :func:`is_batchnorm`) with
-            running statistics.
+            running statistics, or a frozen one (torchvision's ``FrozenBatchNorm2d``).
 
     Returns:
         tuple of two float64 Tensors: ``(scale, shift)``.
@@ -173,7 +186,7 @@ def batchnorm_as_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
         >>> torch.allclose(bn(x).double(), x.double() * scale + shift, atol=1e-6)
         True
     """
-    if not is_batchnorm(bn):
+    if not _foldable(bn):
         raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
@@ -190,7 +203,7 @@ def batchnorm_as_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _why_not(bn: nn.Module) -> str | None:
-    if bn.training:
+    if bn.training and _frozen_rest(bn) is None:  # a frozen one uses its running statistics in training too
         return "in training mode (it normalizes with batch statistics); call model.eval() first"
     if bn.running_mean is None:
         return "no running statistics (track_running_stats=False)"
@@ -237,7 +250,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
     Two patterns are folded, and the BN becomes ``nn.Identity`` (or, for a BatchNorm that applies
     more after normalizing, such as timm's ``BatchNormAct2d``, what it applies: its dropout and
     activation); a BatchNorm subclass with a forward of its own is left, with the reason
-    (:func:`is_batchnorm`):
+    (:func:`is_batchnorm`). Frozen BatchNorms (torchvision's ``FrozenBatchNorm2d``, timm's
+    ``FrozenBatchNormAct2d``) fold too, in either mode: they always use their running statistics.
 
     * ``layer → BN``: a Linear or Conv1d/2d/3d over the BN's channels, whose output feeds only
       the BN; folded into the layer's weight and bias.
@@ -304,15 +318,15 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
     for name, m in model.named_modules():
         if name in unknown:
             report.append({"name": name, "reason": unknown[name]})
-        if not is_batchnorm(m):
+        if not _foldable(m):
             continue
         reason = _why_not(m)
         if reason is None and name in pairs:
             kind, other = pairs[name]
             target = model.get_submodule(other)
-            if kind == "after" and _channels_out(target) == m.num_features:
+            if kind == "after" and _channels_out(target) == m.running_mean.numel():
                 _fold_after(target, m)
-            elif kind == "before" and target.in_features == m.num_features:
+            elif kind == "before" and target.in_features == m.running_mean.numel():
                 _fold_before(m, target)
             else:
                 reason = "the adjacent layer has another number of channels"
@@ -345,7 +359,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
 
 def _after_normalization(bn: nn.Module) -> nn.Module:
     """What stays of a known BatchNorm once its normalization is folded away or replaced."""
-    role = _bn_role(bn)
+    role = _bn_role(bn) or _frozen_rest(bn)
     return nn.Identity() if role == "plain" else role(bn)
 
 
@@ -371,7 +385,7 @@ def _find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]
     reads it (the model's modes and state are left as they were).
     """
     names = _names_of(model)
-    bns = [n for n, m in model.named_modules() if is_batchnorm(m)]
+    bns = [n for n, m in model.named_modules() if _foldable(m)]
     parents = {n.rpartition(".")[0] for n in bns}
     ancestors = {a for p in parents for a in _prefixes(p)}
     opaque = {n: why for n in sorted(ancestors) if (why := _untraceable(model.get_submodule(n)))}
@@ -479,7 +493,8 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
         if self.shallow is not None:
             return m is not self.shallow
-        return id(m) in self.leaves or isinstance(m, _norm_modules()) or super().is_leaf_module(m, qualname)
+        return (id(m) in self.leaves or isinstance(m, _norm_modules()) or _frozen_rest(m) is not None
+                or super().is_leaf_module(m, qualname))
 
 
 def _why(e: Exception) -> str:
@@ -536,7 +551,7 @@ def _graph_pairs(model: nn.Module, root: str, graph, names: dict[int, str]) -> d
 
     pairs: dict[str, tuple[str, str]] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not is_batchnorm(mods.get(full[node.target])) or not once(node):
+        if node.op != "call_module" or not _foldable(mods.get(full[node.target])) or not once(node):
             continue
         one_d = _is_bn1d(mods[full[node.target]])
         src = node.args[0] if node.args else None
@@ -637,7 +652,7 @@ class _Observer(torch.overrides.TorchFunctionMode):
         mods = self.modules
         pairs: dict[str, tuple[str, str]] = {}
         for bn, x in self.inputs.items():
-            if not (is_batchnorm(mods[bn]) and single(bn) and isinstance(x, Tensor)):
+            if not (_foldable(mods[bn]) and single(bn) and isinstance(x, Tensor)):
                 continue
             src = by_output.get(id(x))
             if (src is not None and isinstance(mods[src], _LAYERS) and single(src)

@@ -155,6 +155,14 @@ BN_THEN: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
+# BatchNorms frozen into a fixed affine map (buffers, no training mode), by the dotted name of the
+# class: what stays when fold_batchnorm folds them (the only tool that acts on them)
+FROZEN_BN: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "torchvision.ops.misc.FrozenBatchNorm2d": lambda m: nn.Identity(),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": _drop_act,
+}
+
+
 # ------------------------------------------------------------------------------ conversions
 def _weight(m: nn.Module, required: bool = True) -> Tensor | None:
     w = getattr(m, "weight", None)
