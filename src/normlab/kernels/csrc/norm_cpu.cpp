@@ -225,6 +225,36 @@ inline Saved<opmath_t> saved(double m, double v, double eps) {
 
 constexpr int64_t kChunk = 256;  // 32 values per float lane: the float error stays ~1e-6 of the chunk
 
+// fp16 and bf16 are computed in float lanes as float is: each value converts exactly
+template <typename T>
+constexpr bool kReduced = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+template <typename T>
+constexpr bool kFloatLanes = std::is_same_v<T, float> || kReduced<T>;
+
+// the Vectorized<float>::size() values at p, as floats
+template <typename scalar_t>
+inline at::vec::Vectorized<float> load_f(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return at::vec::Vectorized<float>::loadu(p);
+  } else {
+    at::vec::Vectorized<float> v;
+    at::vec::load_to_float<scalar_t>(p, v);
+    return v;
+  }
+}
+
+// two float vectors stored as 2·Vectorized<float>::size() values of scalar_t at p, rounded to nearest
+// even as static_cast does
+template <typename scalar_t>
+inline void store_f2(scalar_t* p, const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a.store(p);
+    b.store(p + at::vec::Vectorized<float>::size());
+  } else {
+    at::vec::convert_from_float<scalar_t>(a, b).store(p);
+  }
+}
+
 // the pairs of sums (s, ss) += Σ f over the whole vectors of [0, n); returns where they end.
 // f(k, a, c) adds the vector at k into the accumulators a and c
 template <typename F>
@@ -264,11 +294,11 @@ template <typename scalar_t>
 std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shift) {
   double s = 0.0, ss = 0.0;
   int64_t j = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kFloatLanes<scalar_t>) {
     using V = at::vec::Vectorized<float>;
-    const V vs(static_cast<float>(shift));  // exact: shift is a float of x
+    const V vs(static_cast<float>(shift));  // exact: shift is a value of x
     j = vec_pair_sums(n, s, ss, [&](int64_t k, V& a, V& c) {
-      V d = V::loadu(x + k) - vs;
+      V d = load_f(x + k) - vs;
       a = a + d;
       c = c + d * d;
     });
@@ -288,12 +318,12 @@ std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const
                                     opmath_t m0, opmath_t rs0, opmath_t c0) {
   double sg = 0.0, sgx = 0.0;
   int64_t j = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kFloatLanes<scalar_t>) {
     using V = at::vec::Vectorized<float>;
     const V vm(m0), vr(rs0), vc(c0);
     j = vec_pair_sums(n, sg, sgx, [&](int64_t k, V& a, V& c) {
-      V xh = at::vec::fmsub(V::loadu(x + k) - vm, vr, vc);
-      V g = w ? V::loadu(dy + k) * V::loadu(w + k) : V::loadu(dy + k);
+      V xh = at::vec::fmsub(load_f(x + k) - vm, vr, vc);
+      V g = w ? load_f(dy + k) * V::loadu(w + k) : load_f(dy + k);
       a = a + g;
       c = at::vec::fmadd(g, xh, c);
     });
@@ -331,8 +361,19 @@ void rows_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const pa
         const param_t<scalar_t>* br = b + (r % groups) * D;
         const opmath_t rs0 = static_cast<opmath_t>(st.rstd);
         const opmath_t c0 = static_cast<opmath_t>((st.mean - static_cast<double>(m0)) * st.rstd);
+        int64_t j0 = 0;
+        if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
+          using V = at::vec::Vectorized<float>;
+          constexpr int64_t L = V::size();
+          const V vm(m0), vr(rs0), vc(c0);
+          for (; j0 + 2 * L <= D; j0 += 2 * L) {
+            V a = ((load_f(xr + j0) - vm) * vr - vc) * V::loadu(wr + j0) + V::loadu(br + j0);
+            V b = ((load_f(xr + j0 + L) - vm) * vr - vc) * V::loadu(wr + j0 + L) + V::loadu(br + j0 + L);
+            store_f2(yr + j0, a, b);
+          }
+        }
 #pragma omp simd
-        for (int64_t j = 0; j < D; ++j) {
+        for (int64_t j = j0; j < D; ++j) {
           opmath_t v = ((static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0) * static_cast<opmath_t>(wr[j]) +
                        static_cast<opmath_t>(br[j]);
           yr[j] = static_cast<scalar_t>(v);
@@ -489,8 +530,26 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
           opmath_t* dwlp = dwl.data() + p0;
           opmath_t* dblp = dbl.data() + p0;
           const param_t<scalar_t>* wr = w + p0;
+          int64_t j0 = 0;
+          if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
+            using V = at::vec::Vectorized<float>;
+            constexpr int64_t L = V::size();
+            const V vm(m0), vr(rs0), vc(c0), vmg(mg), vmgx(mgx);
+            V d[2];
+            for (; j0 + 2 * L <= D; j0 += 2 * L) {
+              for (int h = 0; h < 2; ++h) {
+                const int64_t j = j0 + h * L;
+                V xh = (load_f(xr + j) - vm) * vr - vc;
+                V g0 = load_f(gr + j);
+                (V::loadu(dwlp + j) + g0 * xh).store(dwlp + j);
+                (V::loadu(dblp + j) + g0).store(dblp + j);
+                d[h] = vr * (g0 * V::loadu(wr + j) - vmg - xh * vmgx);
+              }
+              store_f2(dxr + j0, d[0], d[1]);
+            }
+          }
 #pragma omp simd
-          for (int64_t j = 0; j < D; ++j) {
+          for (int64_t j = j0; j < D; ++j) {
             opmath_t xh = (static_cast<opmath_t>(xr[j]) - m0) * rs0 - c0;
             opmath_t g0 = static_cast<opmath_t>(gr[j]);
             dwlp[j] += g0 * xh;
