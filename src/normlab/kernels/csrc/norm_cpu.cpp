@@ -231,15 +231,19 @@ constexpr bool kReduced = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, a
 template <typename T>
 constexpr bool kFloatLanes = std::is_same_v<T, float> || kReduced<T>;
 
-// the Vectorized<float>::size() values at p, as floats
+using VF = at::vec::Vectorized<float>;
+
+// the VF::size() values at p, as floats (float and fp16/bf16 only: other types never get here)
 template <typename scalar_t>
-inline at::vec::Vectorized<float> load_f(const scalar_t* p) {
+inline VF load_f(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return at::vec::Vectorized<float>::loadu(p);
-  } else {
-    at::vec::Vectorized<float> v;
+    return VF::loadu(p);
+  } else if constexpr (kReduced<scalar_t>) {
+    VF v;
     at::vec::load_to_float<scalar_t>(p, v);
     return v;
+  } else {
+    return VF(0.f);
   }
 }
 
@@ -252,6 +256,21 @@ inline void store_f2(scalar_t* p, const at::vec::Vectorized<float>& a, const at:
     b.store(p + at::vec::Vectorized<float>::size());
   } else {
     at::vec::convert_from_float<scalar_t>(a, b).store(p);
+  }
+}
+
+// y[k] = f(k) for the whole pairs of float vectors of [0, n) where y is fp16/bf16 (f(k) computes
+// the vector at k with the operations of the scalar loop that finishes the rest); returns where
+// that loop starts: 0 for float and double, whose scalar loops the compiler vectorizes itself
+template <typename scalar_t, typename F>
+inline int64_t vec_map(int64_t n, scalar_t* y, F f) {
+  if constexpr (kReduced<scalar_t>) {
+    constexpr int64_t L = VF::size();
+    int64_t k = 0;
+    for (; k + 2 * L <= n; k += 2 * L) store_f2(y + k, f(k), f(k + L));
+    return k;
+  } else {
+    return 0;
   }
 }
 
@@ -387,8 +406,9 @@ void rows_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const pa
               static_cast<opmath_t>(static_cast<double>(b[p0 + k]) - (st.mean - static_cast<double>(m0)) * scale);
           const scalar_t* xs = xr + k * seg;
           scalar_t* ys = yr + k * seg;
+          const int64_t j0 = vec_map(seg, ys, [&](int64_t j) { return (load_f(xs + j) - VF(m0)) * VF(s0) + VF(h0); });
 #pragma omp simd
-          for (int64_t j = 0; j < seg; ++j) ys[j] = static_cast<scalar_t>((static_cast<opmath_t>(xs[j]) - m0) * s0 + h0);
+          for (int64_t j = j0; j < seg; ++j) ys[j] = static_cast<scalar_t>((static_cast<opmath_t>(xs[j]) - m0) * s0 + h0);
         }
       }
     }
@@ -562,8 +582,12 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
             const scalar_t* xs = xr + k * seg;
             const scalar_t* gs = gr + k * seg;
             scalar_t* dxs = dxr + k * seg;
+            const int64_t j0 = vec_map(seg, dxs, [&](int64_t j) {
+              VF xh = (load_f(xs + j) - VF(m0)) * VF(rs0) - VF(c0);
+              return VF(rs0) * (load_f(gs + j) * VF(wk) - VF(mg) - xh * VF(mgx));
+            });
 #pragma omp simd
-            for (int64_t j = 0; j < seg; ++j) {
+            for (int64_t j = j0; j < seg; ++j) {
               opmath_t xh = (static_cast<opmath_t>(xs[j]) - m0) * rs0 - c0;
               dxs[j] = static_cast<scalar_t>(rs0 * (static_cast<opmath_t>(gs[j]) * wk - mg - xh * mgx));
             }
@@ -607,8 +631,9 @@ void channels_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, cons
       for (int64_t i = 0; i < N; ++i) {
         const scalar_t* xs = x + (i * C + c) * S;
         scalar_t* ys = y + (i * C + c) * S;
+        const int64_t k0 = vec_map(S, ys, [&](int64_t k) { return (load_f(xs + k) - VF(m0)) * VF(s0) + VF(h0); });
 #pragma omp simd
-        for (int64_t k = 0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<opmath_t>(xs[k]) - m0) * s0 + h0);
+        for (int64_t k = k0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<opmath_t>(xs[k]) - m0) * s0 + h0);
       }
     }
   });
@@ -622,8 +647,11 @@ void columns_affine(const scalar_t* x, const coef_t* m, const coef_t* a, const c
     for (int64_t i = lo; i < hi; ++i) {
       const scalar_t* xi = x + i * C;
       scalar_t* yi = y + i * C;
+      const int64_t c0 = vec_map(C, yi, [&](int64_t c) {
+        return (load_f(xi + c) - VF::loadu(m + c)) * VF::loadu(a + c) + VF::loadu(h + c);
+      });
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yi[c] = static_cast<scalar_t>((static_cast<coef_t>(xi[c]) - m[c]) * a[c] + h[c]);
+      for (int64_t c = c0; c < C; ++c) yi[c] = static_cast<scalar_t>((static_cast<coef_t>(xi[c]) - m[c]) * a[c] + h[c]);
     }
   });
 }
@@ -717,8 +745,12 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
         const scalar_t* xs = x + (i * C + c) * S;
         const scalar_t* gs = dy + (i * C + c) * S;
         scalar_t* dxs = dx + (i * C + c) * S;
+        const int64_t k0 = vec_map(S, dxs, [&](int64_t k) {
+          VF xh = (load_f(xs + k) - VF(m0)) * VF(rs0) - VF(c0);
+          return VF(a) * (load_f(gs + k) - VF(mg) - xh * VF(mgx));
+        });
 #pragma omp simd
-        for (int64_t k = 0; k < S; ++k) {
+        for (int64_t k = k0; k < S; ++k) {
           opmath_t xh = (static_cast<opmath_t>(xs[k]) - m0) * rs0 - c0;
           dxs[k] = static_cast<scalar_t>(a * (static_cast<opmath_t>(gs[k]) - mg - xh * mgx));
         }
@@ -781,8 +813,12 @@ void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double
       const scalar_t* xi = x + i * C;
       const scalar_t* gi = dy + i * C;
       scalar_t* dxi = dx + i * C;
+      const int64_t cv = vec_map(C, dxi, [&](int64_t c) {
+        VF xh = (load_f(xi + c) - VF::loadu(m0.data() + c)) * VF::loadu(rs0.data() + c) - VF::loadu(c0.data() + c);
+        return VF::loadu(a.data() + c) * (load_f(gi + c) - VF::loadu(mg.data() + c) - xh * VF::loadu(mgx.data() + c));
+      });
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = cv; c < C; ++c) {
         opmath_t xh = (static_cast<opmath_t>(xi[c]) - m0[c]) * rs0[c] - c0[c];
         dxi[c] = static_cast<scalar_t>(a[c] * (static_cast<opmath_t>(gi[c]) - mg[c] - xh * mgx[c]));
       }
@@ -801,8 +837,9 @@ void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a,
       const coef_t m0 = m[c], a0 = a[c], h0 = h[c];
       const scalar_t* xs = x + ic * S;
       scalar_t* ys = y + ic * S;
+      const int64_t k0 = vec_map(S, ys, [&](int64_t k) { return (load_f(xs + k) - VF(m0)) * VF(a0) + VF(h0); });
 #pragma omp simd
-      for (int64_t k = 0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<coef_t>(xs[k]) - m0) * a0 + h0);
+      for (int64_t k = k0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<coef_t>(xs[k]) - m0) * a0 + h0);
     }
   });
 }
@@ -932,8 +969,11 @@ void groups_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const 
       for (int64_t k = 0; k < S; ++k) {
         const scalar_t* xk = xn + k * C;
         scalar_t* yk = yn + k * C;
+        const int64_t cv = vec_map(C, yk, [&](int64_t c) {
+          return (load_f(xk + c) - VF::loadu(m0.data() + c)) * VF::loadu(a0.data() + c) + VF::loadu(h0.data() + c);
+        });
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yk[c] = static_cast<scalar_t>((static_cast<opmath_t>(xk[c]) - m0[c]) * a0[c] + h0[c]);
+        for (int64_t c = cv; c < C; ++c) yk[c] = static_cast<scalar_t>((static_cast<opmath_t>(xk[c]) - m0[c]) * a0[c] + h0[c]);
       }
     }
   });
