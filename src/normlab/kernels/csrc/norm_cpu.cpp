@@ -863,15 +863,18 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
           const scalar_t* gs = dy + (i * C + c) * S;
           scalar_t* dxs = dx + (i * C + c) * S;
           int64_t k = 0;
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            using V = at::vec::Vectorized<float>;
-            const V vm(m0), va(a0);
-            k = vec_pair_sums(S, sb, sa, [&](int64_t j, V& p, V& q) {
-              const V g = V::loadu(gs + j);
+          if constexpr (kFloatLanes<scalar_t>) {
+            const VF vm(m0), va(a0);
+            k = vec_pair_sums(S, sb, sa, [&](int64_t j, VF& p, VF& q) {
+              const VF g = load_f(gs + j);
               p = p + g;
-              q = at::vec::fmadd(g, V::loadu(xs + j) - vm, q);
-              (g * va).store(dxs + j);
+              q = at::vec::fmadd(g, load_f(xs + j) - vm, q);
+              if constexpr (std::is_same_v<scalar_t, float>) (g * va).store(dxs + j);
             });
+            if constexpr (kReduced<scalar_t>) {  // dx stored in pairs of vectors, over what the sums covered
+              const int64_t k2 = vec_map(k, dxs, [&](int64_t j) { return load_f(gs + j) * va; });
+              for (int64_t j = k2; j < k; ++j) dxs[j] = static_cast<scalar_t>(static_cast<opmath_t>(gs[j]) * a0);
+            }
           }
           for (; k < S; ++k) {
             const opmath_t g = static_cast<opmath_t>(gs[k]);
@@ -899,8 +902,23 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
         const scalar_t* xi = x + i * C;
         const scalar_t* gi = dy + i * C;
         scalar_t* dxi = dx + i * C;
+        int64_t c0 = 0;
+        if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
+          constexpr int64_t L = VF::size();
+          VF d[2];
+          for (; c0 + 2 * L <= C; c0 += 2 * L) {
+            for (int h = 0; h < 2; ++h) {
+              const int64_t c = c0 + h * L;
+              const VF g = load_f(gi + c);
+              (VF::loadu(lap + c) + g * (load_f(xi + c) - VF::loadu(m + c))).store(lap + c);
+              (VF::loadu(lbp + c) + g).store(lbp + c);
+              d[h] = g * VF::loadu(a + c);
+            }
+            store_f2(dxi + c0, d[0], d[1]);
+          }
+        }
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = c0; c < C; ++c) {
           const opmath_t g = static_cast<opmath_t>(gi[c]);
           lap[c] += g * (static_cast<opmath_t>(xi[c]) - m[c]);
           lbp[c] += g;
