@@ -555,3 +555,85 @@ def test_folding_never_rewrites_a_weight_something_else_uses():
         assert_rel(folded(x), model(x), tol=1e-6)
     with pytest.raises(ValueError, match="the model is a BatchNorm itself"):
         fold_batchnorm(nn.BatchNorm2d(3).eval())
+
+
+# ------------------------------------------------- a tool never returns a silently different model
+def test_torchs_own_sync_conversion_leaves_batchrenorm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nln.BatchRenorm2d(4), nln.BatchNorm2d(4))
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(synced[1], nln.BatchRenorm2d) and isinstance(synced[2], nn.SyncBatchNorm)
+
+
+def test_a_subclass_that_overrides_what_torchs_forward_calls_is_not_known():
+    class TwiceInstanceNorm(nn.InstanceNorm2d):  # torch's forward, calling a helper of its own
+        def _apply_instance_norm(self, x):
+            return 2 * super()._apply_instance_norm(x)
+
+    class AnyRankBatchNorm(nn.BatchNorm1d):
+        def _check_input_dim(self, x):
+            pass
+
+    from normlab.convert import to_normlab
+
+    _, rep = to_normlab(nn.Sequential(TwiceInstanceNorm(4), AnyRankBatchNorm(4)), report=True)
+    assert rep["converted"] == []
+    assert [r[:2] for r in rep["left"]] == [("0", "TwiceInstanceNorm"), ("1", "AnyRankBatchNorm")]
+    assert all("methods of its own" in r[2] for r in rep["left"])
+
+
+def test_a_registered_conversion_is_probed_even_where_the_class_keeps_torchs_forward():
+    from normlab.convert import register_conversion, retype, to_normlab
+
+    class PlainLN(nn.LayerNorm):
+        pass
+
+    register_conversion(PlainLN, lambda m: retype(m, nln.RMSNorm))  # wrong: no centring
+    (name, cls, why), = to_normlab(nn.Sequential(PlainLN(8)), report=True)[1]["left"]
+    assert cls == "PlainLN" and "probe" in why
+
+
+def test_a_change_that_raises_on_example_input_is_undone():
+    from normlab.convert import register_conversion, retype, to_normlab
+
+    class Picky(nln.LayerNorm):  # passes the probe (batch of 2), raises on a batch of 3
+        def forward(self, x):
+            if x.shape[0] == 3:
+                raise RuntimeError("picky")
+            return super().forward(x)
+
+    class MyLN(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x)
+
+    register_conversion(MyLN, lambda m: retype(m, Picky))
+    model = nn.Sequential(nn.Linear(4, 4), MyLN(4))
+    with pytest.raises(ValueError, match="to_normlab: the changed model raised RuntimeError: picky; the model is left"):
+        to_normlab(model, inplace=True, example_input=torch.randn(3, 4))
+    assert type(model[1]) is MyLN
+
+
+def test_freezing_and_guarding_survive_conversion_both_ways():
+    from normlab.convert import guard_finite, to_normlab, to_torch, unfreeze_norm, unguard_finite
+
+    model = guard_finite(freeze_norm(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))))
+    for converted in (to_normlab(model), to_torch(to_normlab(model))):
+        copy.deepcopy(converted)
+        pickle.loads(pickle.dumps(converted))
+        unguard_finite(unfreeze_norm(converted)).train()
+        converted(torch.randn(4, 2))
+        bn = converted[1]
+        assert bn.training and int(bn.num_batches_tracked) == 1 and bn.weight.requires_grad
+        assert not bn._forward_pre_hooks and not bn._forward_hooks
+
+
+def test_folding_leaves_a_batchnorm_with_hooks_and_keeps_requires_grad():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, bias=False),
+                          nn.BatchNorm2d(4)).eval()
+    model[1].register_forward_hook(lambda mod, args, out: out * 2)
+    model[2].weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match="hooks"):
+        folded = fold_batchnorm(model)
+    assert isinstance(folded[1], nn.BatchNorm2d) and isinstance(folded[3], nn.Identity)
+    assert folded[2].bias.requires_grad is False
+    x = torch.randn(2, 3, 8, 8)
+    assert_rel(folded(x), model(x), tol=1e-5)

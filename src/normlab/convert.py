@@ -46,12 +46,12 @@ __all__ = ["batchnorm_as_affine", "fold_batchnorm", "fold_scaler", "recalibrate_
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _plain_bn_forwards() -> set:
-    """The forwards that compute BatchNorm and nothing else: torch.nn's and normlab's."""
+def _plain_bns() -> tuple[type, ...]:
+    """The classes whose forward computes BatchNorm and nothing else: torch.nn's and normlab's."""
     from . import distributed, nn as nln
 
-    return {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, nln._BatchNorm.forward,
-            nln._BatchRenorm.forward, distributed.SyncBatchNorm.forward}
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nln.BatchNorm1d, nln.BatchNorm2d,
+            nln.BatchNorm3d, nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d, distributed.SyncBatchNorm)
 
 
 def _dotted(cls: type) -> str:
@@ -63,27 +63,57 @@ def _defines_forward(cls: type) -> type:
     return next(c for c in cls.__mro__ if "forward" in c.__dict__)
 
 
+# what a subclass may define and still compute what its base does
+_HARMLESS = frozenset({"__init__", "extra_repr", "reset_parameters", "reset_running_stats", "__repr__",
+                       "__reduce_ex__", "__init_subclass__"})
+
+
+def _keeps(cls: type, known: type) -> bool:
+    """``cls`` computes what ``known`` (a base of it) does: the classes between them define no
+    method but harmless ones, so neither the forward nor anything it calls (``_check_input_dim``,
+    ``_apply_instance_norm``, ...) is their own."""
+    for c in cls.__mro__:
+        if c is known:
+            return True
+        if any(callable(v) and k not in _HARMLESS for k, v in vars(c).items() if not isinstance(v, type)):
+            return False
+    return False
+
+
 class _Unknown(str):
-    """Why a norm subclass is not known: its forward is its own."""
+    """Why a norm subclass is not known: a method of its own (the forward, or one it calls)."""
 
 
 def _bn_role(m: nn.Module):
     """How normlab knows a module as a BatchNorm: ``None`` (not a BatchNorm), ``"plain"``, a
     function giving what its forward applies after the normalization (``thirdparty.BN_THEN``), or a string
-    saying why a BatchNorm subclass is not known (an ``_Unknown``: its forward is its own)."""
-    if not isinstance(m, nn.modules.batchnorm._NormBase) or isinstance(m, nn.modules.instancenorm._InstanceNorm):
-        return None
-    cls = type(m)
-    if cls.forward in _plain_bn_forwards():
-        return "plain"
+    saying why a BatchNorm subclass is not known (an ``_Unknown``: methods of its own)."""
+    from . import nn as nln
     from .thirdparty import BN_THEN
 
-    then = BN_THEN.get(_dotted(_defines_forward(cls)))
-    if then is not None:
+    if (not isinstance(m, (nn.modules.batchnorm._NormBase, nln._NormBase))
+            or isinstance(m, (nn.modules.instancenorm._InstanceNorm, nln._InstanceNorm))):
+        return None
+    cls = type(m)
+    known = next((c for c in cls.__mro__ if c in _plain_bns()), None)
+    if known is not None and _keeps(cls, known):
+        return "plain"
+    impl = _defines_forward(cls)
+    then = BN_THEN.get(_dotted(impl))
+    if then is not None and _keeps(cls, impl):
         return then
-    base = next(c for c in cls.__mro__[1:] if c.__module__.startswith("torch.nn."))
-    return _Unknown(f"{_dotted(cls)} subclasses {base.__name__} with a forward of its own, which normlab does "
-                    f"not know (it may compute more than BatchNorm); register_conversion, then to_normlab, teaches it")
+    return _Unknown(_not_known(m, "BatchNorm"))
+
+
+def _not_known(m: nn.Module, what: str = "the class it subclasses") -> str:
+    from .nn import torch_base
+
+    base = torch_base(type(m))
+    if base is not None:
+        return (f"{_dotted(type(m))} subclasses {base.__name__} with methods of its own (its forward, or one it "
+                f"calls), so normlab cannot know that it computes {what}; register_conversion, then to_normlab, "
+                "teaches it")
+    return "no conversion is registered for this class; register_conversion teaches one"
 
 
 def is_batchnorm(m: nn.Module) -> bool:
@@ -93,8 +123,8 @@ def is_batchnorm(m: nn.Module) -> bool:
     BatchRenorm layers, :class:`normlab.distributed.SyncBatchNorm`, subclasses of these that keep
     their forward, and BatchNorms that apply a known activation after the normalization (timm's
     ``BatchNormAct2d``: the normalization is folded, the dropout and activation stay). False for
-    every other module, and for a BatchNorm subclass with a forward of its own: normlab cannot
-    know what that forward computes, so no function of this module treats it as a BatchNorm
+    every other module, and for a BatchNorm subclass with methods of its own (its forward, or
+    one that forward calls, such as ``_check_input_dim``): normlab cannot know what it computes, so no function of this module treats it as a BatchNorm
     (each one that acts on BatchNorms finds them with this one, and says which it left and why).
 
     Args:
@@ -134,8 +164,10 @@ def _unknown_bns(model: nn.Module) -> dict[str, str]:
 
 
 def _norm_modules() -> tuple[type, ...]:
-    # normlab.nn's layers subclass these
-    return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+    from . import nn as nln
+
+    # normlab.nn's layers subclass these, but BatchRenorm (not torch's BatchNorm: it trains otherwise)
+    return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nln._NormBase)
 
 
 @torch.no_grad()
@@ -143,7 +175,8 @@ def batchnorm_as_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     r"""Return the scale and shift per channel of the affine map a BatchNorm computes in eval mode.
 
     In eval mode BatchNorm normalizes with its running statistics, so it is one affine map per
-    channel, ``bn(x) = x·scale + shift`` (Lesson 14.1 §2.2):
+    channel, ``bn(x) = x·scale + shift`` (Lesson 14.1 §2.2; for a BatchNorm followed by an
+    activation, timm's ``BatchNormAct2d``, the map of its normalization, before the activation):
 
     .. math::
 
@@ -203,6 +236,9 @@ def batchnorm_as_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _why_not(bn: nn.Module) -> str | None:
+    ours = (_frozen_pre_hook, _guard_pre, _guard_post)
+    if any(h not in ours for h in (*bn._forward_pre_hooks.values(), *bn._forward_hooks.values())):
+        return "it has forward hooks of its own, which folding it away would drop"
     if bn.training and _frozen_rest(bn) is None:  # a frozen one uses its running statistics in training too
         return "in training mode (it normalizes with batch statistics); call model.eval() first"
     if bn.running_mean is None:
@@ -220,7 +256,7 @@ def _fold_after(layer: nn.Module, bn: nn.Module) -> None:
     layer.weight.copy_((w * a.view(view)).to(layer.weight.dtype))
     new_bias = (b * a + s).to(layer.weight.dtype)
     if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias)
+        layer.bias = nn.Parameter(new_bias, requires_grad=layer.weight.requires_grad)
     else:
         layer.bias.copy_(new_bias)
 
@@ -235,7 +271,7 @@ def _fold_before(bn: nn.Module, linear: nn.Linear) -> None:
     new_bias = (b + w @ s).to(linear.weight.dtype)
     linear.weight.copy_((w * a.view(1, -1)).to(linear.weight.dtype))
     if linear.bias is None:
-        linear.bias = nn.Parameter(new_bias)
+        linear.bias = nn.Parameter(new_bias, requires_grad=linear.weight.requires_grad)
     else:
         linear.bias.copy_(new_bias)
 
@@ -249,7 +285,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
 
     Two patterns are folded, and the BN becomes ``nn.Identity`` (or, for a BatchNorm that applies
     more after normalizing, such as timm's ``BatchNormAct2d``, what it applies: its dropout and
-    activation); a BatchNorm subclass with a forward of its own is left, with the reason
+    activation); a BatchNorm subclass with methods of its own is left, with the reason
     (:func:`is_batchnorm`). Frozen BatchNorms (torchvision's ``FrozenBatchNorm2d``, timm's
     ``FrozenBatchNormAct2d``) fold too, in either mode: they always use their running statistics.
 
@@ -338,7 +374,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_input: Te
     bns = {r["name"]: model.get_submodule(r["name"]) for r in report if "folded_into" in r}
     for name, bn in bns.items():
         _set_submodule(model, name, _after_normalization(bn))
-    if before is not None and (where := _first_difference(before, _outputs(model, example_input, list(bns)))):
+    if before is not None and (where := _check(model, example_input, list(bns), before)):
         with torch.no_grad():
             for other, (weight, bias) in saved.items():
                 layer = model.get_submodule(other)
@@ -964,11 +1000,15 @@ def freeze_norm(model: nn.Module) -> nn.Module:
     """
     _warn_unknown("freeze_norm", model)
     for m in model.modules():
-        if isinstance(m, _norm_modules()) and not isinstance(_bn_role(m), _Unknown) and not getattr(m, "_normlab_frozen", None):
+        if (isinstance(m, _norm_modules()) and not isinstance(_bn_role(m), _Unknown)
+                and not getattr(m, "_normlab_frozen", None)):
             grads = {n: p.requires_grad for n, p in m.named_parameters(recurse=False)}
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
-            m._normlab_frozen = (m.register_forward_pre_hook(_frozen_pre_hook), grads)
+            # no hook handle is kept: it would point at this module object, not at one that
+            # to_normlab/to_torch re-types from it (unfreeze_norm finds the hook itself)
+            m.register_forward_pre_hook(_frozen_pre_hook)
+            m._normlab_frozen = (grads,)
             m.training = False
     return model
 
@@ -996,12 +1036,19 @@ def unfreeze_norm(model: nn.Module) -> nn.Module:
     for m in model.modules():
         frozen = getattr(m, "_normlab_frozen", None)
         if frozen:
-            handle, grads = frozen
-            handle.remove()
+            (grads,) = frozen
+            _remove_hooks(m, _frozen_pre_hook)
             for n, p in m.named_parameters(recurse=False):
                 p.requires_grad_(grads.get(n, True))
             del m._normlab_frozen
     return model
+
+
+def _remove_hooks(m: nn.Module, *hooks) -> None:
+    """Remove the forward (pre-)hooks ``hooks`` from ``m``, found by identity in its own hook dicts."""
+    for table in (m._forward_pre_hooks, m._forward_hooks):
+        for key in [k for k, h in table.items() if h in hooks]:
+            del table[key]
 
 
 def _guard_pre(module: nn.Module, args) -> None:
@@ -1052,7 +1099,9 @@ def guard_finite(model: nn.Module) -> nn.Module:
     _warn_unknown("guard_finite", model)
     for m in model.modules():
         if is_batchnorm(m) and not getattr(m, "_normlab_guard", None):
-            m._normlab_guard = (m.register_forward_pre_hook(_guard_pre), m.register_forward_hook(_guard_post))
+            m.register_forward_pre_hook(_guard_pre)
+            m.register_forward_hook(_guard_post)
+            m._normlab_guard = True
             m.nonfinite_skips = getattr(m, "nonfinite_skips", 0)
     return model
 
@@ -1075,10 +1124,8 @@ def unguard_finite(model: nn.Module) -> nn.Module:
         (0, False)
     """
     for m in model.modules():
-        handles = getattr(m, "_normlab_guard", None)
-        if handles:
-            for h in handles:
-                h.remove()
+        if getattr(m, "_normlab_guard", None):
+            _remove_hooks(m, _guard_pre, _guard_post)
             del m._normlab_guard
     return model
 
@@ -1243,8 +1290,11 @@ def _replacement(bn: nn.Module, where: str, target: str, num_groups: int | None)
 
 def _bn_dims(bn: nn.Module) -> int | None:
     """1, 2 or 3 for BatchNorm1d/2d/3d of torch.nn or normlab.nn (and their subclasses)."""
-    for dims, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
-        if isinstance(bn, cls):  # normlab.nn's subclass torch.nn's
+    from . import nn as nln
+
+    for dims, classes in ((1, (nn.BatchNorm1d, nln.BatchRenorm1d)), (2, (nn.BatchNorm2d, nln.BatchRenorm2d)),
+                          (3, (nn.BatchNorm3d, nln.BatchRenorm3d))):
+        if isinstance(bn, classes):  # normlab.nn's BatchNorms subclass torch.nn's
             return dims
     return None
 
@@ -1373,8 +1423,8 @@ def register_conversion(cls, convert) -> None:
         >>> class MyLayerNorm(nn.LayerNorm):      # a forward of its own: to_normlab leaves it ...
         ...     def forward(self, x):
         ...         return super().forward(x)
-        >>> to_normlab(MyLayerNorm(4), report=True)[1]["left"]
-        [('', 'MyLayerNorm', 'subclass of LayerNorm with a forward of its own, which normlab does not know')]
+        >>> print(to_normlab(MyLayerNorm(4), report=True)[1]["left"][0][2])
+        normlab.convert.MyLayerNorm subclasses LayerNorm with methods of its own (its forward, or one it calls), so normlab cannot know that it computes the class it subclasses; register_conversion, then to_normlab, teaches it
         >>> register_conversion(MyLayerNorm, lambda m: retype(m, nln.LayerNorm))  # ... until taught
         >>> converted = to_normlab(MyLayerNorm(4))
         >>> isinstance(converted, MyLayerNorm), type(to_torch(converted)) is MyLayerNorm
@@ -1393,13 +1443,19 @@ def _torch_pairs() -> dict:
 
 
 def _conversion(cls: type):
-    """How to_normlab converts a class: torch.nn's own, a registered one, a built-in one, or None."""
+    """How to_normlab converts a class, and whether the result needs no probe: a registered
+    conversion, torch.nn's own (for a subclass only where it keeps every method), a built-in one,
+    or ``(None, False)``."""
     from . import thirdparty
 
+    registered = _TO_NORMLAB.get(cls) or _TO_NORMLAB.get(cls.__name__)
+    if registered is not None:
+        return registered, False
     pairs = _torch_pairs()
-    if cls in pairs:
-        return lambda m: retype(m, pairs[cls])
-    return _TO_NORMLAB.get(cls) or _TO_NORMLAB.get(cls.__name__) or thirdparty.conversion_for(cls)
+    base = next((c for c in cls.__mro__ if c in pairs), None)
+    if base is not None and _keeps(cls, base):  # torch.nn's forward and all it calls: normlab's suite tests those
+        return (lambda m: retype(m, pairs[base])), True
+    return thirdparty.conversion_for(cls), False
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -1407,14 +1463,6 @@ def _is_norm(m: nn.Module) -> bool:
     def says(mod):
         return "norm" in type(mod).__name__.lower()
     return says(m) and not any(says(c) for c in m.modules() if c is not m)
-
-
-def _not_known(m: nn.Module) -> str:
-    base = next((c for c in type(m).__mro__[1:] if c.__module__.startswith("torch.nn.modules.")
-                 and c.__name__[0] != "_" and c is not nn.Module), None)
-    if base is not None:
-        return f"subclass of {base.__name__} with a forward of its own, which normlab does not know"
-    return "no conversion is registered for this class"
 
 
 @torch.no_grad()
@@ -1438,7 +1486,11 @@ def _probe(original: nn.Module, new: nn.Module) -> str | None:
                 want = original.forward(xd)
             except Exception:  # noqa: BLE001 - the original does not take this dtype: nothing to match
                 continue
-            if (why := _difference([new.forward(xd)], [want])) is not None:
+            try:
+                got = new.forward(xd)
+            except Exception as err:  # noqa: BLE001 - the original took this input, the conversion must too
+                return f"it raises {type(err).__name__} on a {dtype} probe input the original takes: {err}"
+            if (why := _difference([got], [want], floor=dtype)) is not None:
                 return f"it would compute something else than the original on a {dtype} probe input: {why}"
     finally:
         for m, was in modes:
@@ -1469,11 +1521,21 @@ def _swap(tool: str, model: nn.Module, choose, inplace: bool, example_input) -> 
     for parent, child_name, _, new in sites:
         parent._modules[child_name] = new
     result = top if top is not None else model
-    if before is not None and (where := _first_difference(before, _outputs(result, example_input, names))):
+    if before is not None and (where := _check(result, example_input, names, before)):
         for parent, child_name, old, _ in sites:
             parent._modules[child_name] = old
         raise ValueError(f"{tool}: {where}; the model is left as it was")
     return result, report
+
+
+def _check(model: nn.Module, example_input, names, before: dict) -> str | None:
+    """Where the changed model departs from ``before`` on ``example_input``, or why it could not
+    run it, in words; None where it computes the same."""
+    try:
+        after = _outputs(model, example_input, names)
+    except Exception as err:  # noqa: BLE001 - whatever the changed model raises, the change is undone
+        return f"the changed model raised {type(err).__name__}: {err}"
+    return _first_difference(before, after)
 
 
 def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False, example_input=None):
@@ -1484,7 +1546,7 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False,
     transformers and diffusers that the README lists, each with its original's dtype rules
     (:mod:`normlab.thirdparty`), plus those of the registry (:func:`register_conversion`). A
     module is converted only where normlab knows what its forward computes: a subclass with a
-    forward of its own is left, and so is a third-party conversion that does not reproduce the
+    method of its own is left, and so is a third-party conversion that does not reproduce the
     original on a probe input (float32 and bfloat16, eval mode), which guards against an upstream
     change of that class. Each module is re-typed (:func:`retype`): parameters and buffers are
     the same objects, so ``state_dict`` keys, optimizers and tied weights are unchanged; a module
@@ -1522,16 +1584,10 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False,
     """
     from . import nn as nln
 
-    pairs = _torch_pairs()
-
     def choose(m, name, rep):
         if _is_normlab(m):
             return None
-        convert = _conversion(type(m))
-        base = next((c for c in type(m).__mro__ if c in pairs), None)
-        torchs = base is not None and type(m).forward is base.forward  # torch.nn's forward: tested in normlab's suite
-        if convert is None and torchs:
-            convert = _conversion(base)  # a subclass that keeps torch.nn's forward
+        convert, trusted = _conversion(type(m))
         if convert is None:
             if _is_norm(m):
                 rep["left"].append((name, type(m).__name__, _not_known(m)))
@@ -1552,11 +1608,12 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False,
         added = tuple(k for k in new.__dict__ if k not in m.__dict__)
         if added:
             new.__dict__[nln._ADDED] = added
-        if not torchs and (why := _probe(m, new)) is not None:
+        if not trusted and (why := _probe(m, new)) is not None:
             rep["left"].append((name, type(m).__name__, why))
             return None
         public = next(c for c in impl.__mro__ if not c.__name__.startswith("_") and _is_normlab_class(c))
-        how = "" if impl is public else f" ({' '.join((impl.__doc__ or '').split()).split('. ')[0].rstrip('.')})"
+        summary = " ".join((impl.__doc__ or "").replace("``", "").split()).split(". ")[0].rstrip(".")
+        how = "" if impl is public else f" ({summary})"
         rep["converted"].append((name, type(m).__name__, f"normlab.nn.{public.__name__}{how}"))
         return new
 
@@ -1661,8 +1718,10 @@ def _outputs(model: nn.Module, example_input, names=()) -> dict[str, list[Tensor
     return got
 
 
-def _difference(new: list[Tensor], old: list[Tensor]) -> str | None:
-    """How ``new`` differs from ``old`` beyond rounding, in words, or None."""
+def _difference(new: list[Tensor], old: list[Tensor], floor: torch.dtype | None = None) -> str | None:
+    """How ``new`` differs from ``old`` beyond rounding, in words, or None; rounding in the output's
+    dtype, or in ``floor`` (the input's) where that is coarser: a float32 output computed from
+    bfloat16 values is exact to bfloat16's rounding only."""
     if len(new) != len(old):
         return f"{len(new)} output tensors where the original gave {len(old)}"
     for x, y in zip(new, old):
@@ -1681,10 +1740,10 @@ def _difference(new: list[Tensor], old: list[Tensor]) -> str | None:
             return "NaN or infinity where the original has other values"
         if finite.any():
             err, scale = float((x - y)[finite].abs().max()), float(y[finite].abs().max())
-            tol = _TOLERANCE.get(dtype, 1e-3)
+            tol = max(_TOLERANCE.get(dtype, 1e-3), _TOLERANCE.get(floor, 0.0))
             if err > tol * scale:
                 return (f"values that differ by up to {err:.3g} ({err / max(scale, 1e-300):.2g} of the largest, "
-                        f"{scale:.3g}; rounding in {dtype} stays under {tol:g})")
+                        f"{scale:.3g}; rounding stays under {tol:g})")
     return None
 
 

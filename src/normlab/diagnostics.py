@@ -104,9 +104,11 @@ _NAN = float("nan")
 
 def _pass_through() -> tuple[type, ...]:
     """Modules between a layer and its activation that keep the pairing (conv → BN → ReLU):
-    torch's and normlab's norms (normlab.nn's subclass torch.nn's), dropout, identity."""
+    torch's and normlab's norms (normlab.nn's subclass torch.nn's, BatchRenorm aside), dropout, identity."""
+    from normlab import nn as nln
+
     return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.dropout._DropoutNd,
-            nn.Identity)
+            nn.Identity, nln._NormBase)
 
 
 _ORIGINS_KEPT = 4096  # live outputs remembered (weakly) for pairing an activation with its layer

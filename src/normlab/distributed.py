@@ -321,13 +321,17 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         True
     """
     from . import nn as nln
-    from .convert import is_batchnorm
+    from .convert import _bn_role, is_batchnorm
 
     def sync_of(child: nn.Module, where: str) -> nn.Module:
         if isinstance(child, nln._BatchRenorm) or getattr(child, "_normlab_frozen", None):
             kind = "BatchRenorm" if isinstance(child, nln._BatchRenorm) else "a frozen norm layer"
             raise ValueError(f"convert_sync_batchnorm: {where or 'the model'} is {kind}, which SyncBatchNorm "
                              "would not preserve; unfreeze_norm it first, or keep it unsynced")
+        if _bn_role(child) != "plain":
+            raise ValueError(f"convert_sync_batchnorm: {where or 'the model'} ({type(child).__name__}) applies more "
+                             "after normalizing (an activation), which SyncBatchNorm would drop; convert it with "
+                             "its library's own function (timm.layers.convert_sync_batchnorm)")
         like = next(iter(child.parameters()), child.running_mean)
         factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
         sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,

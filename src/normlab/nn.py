@@ -28,6 +28,7 @@ statistics normalize, so a single test sample gets the same output whatever batc
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -245,7 +246,7 @@ def retype(module: nn.Module, cls: type, **attributes) -> nn.Module:
         True
     """
     new = cls.__new__(cls)
-    new.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    new.__dict__.update({k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     for k, v in attributes.items():
         object.__setattr__(new, k, v)
     return new
@@ -261,8 +262,8 @@ def adopted_class(impl: type, origin: type) -> type:
     ``isinstance(m, origin)`` keeps holding for the converted module, so code that looks for
     the original class (weight-decay groups, freezing helpers, SyncBatchNorm conversion) still
     finds it; the class has ``origin``'s name, is built once per pair, and survives ``copy``,
-    ``pickle`` and ``torch.save``. :func:`normlab.convert.to_torch` and ``torch.jit.script``
-    give the module its ``origin`` class back.
+    ``pickle`` and ``torch.save``. :func:`normlab.convert.to_torch` gives the module its ``origin``
+    class back.
 
     Args:
         impl (type): the normlab class that computes.
@@ -282,8 +283,8 @@ def adopted_class(impl: type, origin: type) -> type:
     if issubclass(impl, origin):
         return impl
     if (impl, origin) not in _ADOPTED:
-        def __reduce_ex__(self, protocol):
-            return _rebuild_adopted, (impl, origin, self.__getstate__())
+        def __reduce_ex__(self, protocol):  # state apart: a module that refers to itself copies too
+            return _new_adopted, (impl, origin), self.__getstate__()
 
         _ADOPTED[impl, origin] = type(origin.__name__, (impl, origin), {
             "__reduce_ex__": __reduce_ex__, "__module__": impl.__module__, "__qualname__": origin.__qualname__,
@@ -291,33 +292,44 @@ def adopted_class(impl: type, origin: type) -> type:
     return _ADOPTED[impl, origin]
 
 
-def _rebuild_adopted(impl: type, origin: type, state: dict) -> nn.Module:
+def _new_adopted(impl: type, origin: type) -> nn.Module:
     cls = adopted_class(impl, origin)
-    obj = cls.__new__(cls)
-    obj.__setstate__(state)
-    return obj
+    return cls.__new__(cls)
+
+
+def torch_base(cls: type) -> type | None:
+    """The first public torch.nn class of ``cls``'s MRO other than ``Module`` (``LayerNorm`` for
+    normlab's LayerNorm and for timm's), or None."""
+    return next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules.")
+                 and not c.__name__.startswith("_") and c is not nn.Module), None)
 
 
 def _as_original(module: nn.Module) -> nn.Module:
     """The module as the class it stands in for: the one it was converted from, else its torch.nn
     base, with the same Parameter and buffer objects and without the attributes the conversion added."""
     cls = getattr(type(module), _ORIGIN, None)
+    added = module.__dict__.get(_ADDED, ())
     if cls is None:
-        cls = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+        cls = torch_base(type(module))
         if getattr(module, "offset", 0.0):
             raise ValueError(f"{type(module).__name__}(offset={module.offset}) scales by offset + γ, which "
-                             f"torch.nn.{cls.__name__} cannot: it has no torch.nn form (nor a TorchScript one)")
+                             f"torch.nn.{cls.__name__} cannot; fold the offset into γ first "
+                             f"(weight.data += {module.offset}, then offset = 0)")
+        added = (*added, "offset")
     new = retype(module, cls)
-    for key in (*module.__dict__.get(_ADDED, ()), _ADDED):
+    for key in (*added, _ADDED):
         new.__dict__.pop(key, None)
     return new
 
 
 def _prepare_scriptable(self) -> nn.Module:
-    # torch.jit.script compiles what this returns: the class this layer stands in for, holding
-    # the same Parameter and buffer objects (normlab's forward is Python, which TorchScript
-    # cannot compile), so scripting a converted model gives the model it was converted from
-    return _as_original(self)
+    # torch.jit.script calls this on every submodule and puts what it returns into the parent's
+    # _modules in place: returning torch's class here would change the user's eager model, so
+    # scripting is refused before anything is touched, with the way that works
+    raise RuntimeError(
+        f"torch.jit.script cannot compile normlab's {type(self).__name__} (its forward is Python): script "
+        "normlab.convert.to_torch(model) instead, which gives every layer its torch.nn (or original) class "
+        "back with the same parameters; the model itself is unchanged")
 
 
 class _NormBase(nn.Module):
@@ -537,22 +549,28 @@ class _BatchRenorm(_BatchNorm):
         return out
 
 
-class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
+class BatchRenorm1d(_BatchRenorm):
     __doc__ = _fill(_BRN_DOC,
                     name="BatchRenorm1d", layout="(N, C) or (N, C, L) input", shape="(N, C) or (N, C, L)",
                     example="2, 4", full="2, 4")
 
+    _ndims, _layout = BatchNorm1d._ndims, BatchNorm1d._layout
 
-class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
+
+class BatchRenorm2d(_BatchRenorm):
     __doc__ = _fill(_BRN_DOC,
                     name="BatchRenorm2d", layout="(N, C, H, W) input", shape="(N, C, H, W)",
                     example="2, 4, 5, 5", full="2, 4, 5, 5")
 
+    _ndims, _layout = BatchNorm2d._ndims, BatchNorm2d._layout
 
-class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
+
+class BatchRenorm3d(_BatchRenorm):
     __doc__ = _fill(_BRN_DOC,
                     name="BatchRenorm3d", layout="(N, C, D, H, W) input", shape="(N, C, D, H, W)",
                     example="2, 4, 3, 3, 3", full="2, 4, 3, 3, 3")
+
+    _ndims, _layout = BatchNorm3d._ndims, BatchNorm3d._layout
 
 
 _IN_DEFAULTS = {"affine": "False", "track": "False", "tracking": "so that eval mode normalizes with\n"
@@ -1021,8 +1039,8 @@ def _weight_normed_class(base: type) -> type:
                 return wn._modules[name]()
             return base.__getattr__(self, name)
 
-        def __reduce_ex__(self, protocol):
-            return _rebuild_weight_normed, (base, self.__getstate__())
+        def __reduce_ex__(self, protocol):  # state apart: a module that refers to itself copies too
+            return _new_weight_normed, (base,), self.__getstate__()
 
         _WN_CLASSES[base] = type(
             f"WeightNorm{base.__name__}",
@@ -1037,11 +1055,9 @@ def _weight_normed_class(base: type) -> type:
     return _WN_CLASSES[base]
 
 
-def _rebuild_weight_normed(base: type, state: dict) -> nn.Module:
-    obj = base.__new__(base)
-    obj.__setstate__(state)
-    obj.__class__ = _weight_normed_class(base)
-    return obj
+def _new_weight_normed(base: type) -> nn.Module:
+    cls = _weight_normed_class(base)
+    return cls.__new__(cls)
 
 
 def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) -> nn.Module:

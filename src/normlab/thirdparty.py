@@ -29,11 +29,13 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _t5(x: torch.dtype, w: torch.dtype | None) -> torch.dtype:
-    # x·rsqrt(var) is float32 (var is), cast to the weight's dtype only when that is half
+    # x·rsqrt(var) is float32 (var is), cast to the weight's dtype only when that is half;
+    # without a weight (diffusers' RMSNorm(elementwise_affine=False)) back to the input's
+    if w is None:
+        return x
     if w in _HALF:
         return w
-    x = torch.promote_types(x, torch.float32)
-    return x if w is None else torch.promote_types(x, w)
+    return torch.promote_types(torch.promote_types(x, torch.float32), w)
 
 
 def _same_as_input(x: torch.dtype, w: torch.dtype | None) -> torch.dtype:
@@ -55,7 +57,9 @@ class _Casting:
         w = self.weight
         out = self._out(input.dtype, None if w is None else w.dtype)
         compute = torch.promote_types(input.dtype, out)
-        y = self._normalize(_cast(input, compute), _cast(w, compute), _cast(getattr(self, "bias", None), compute))
+        # parameters in float32 or wider: a float32 γ scales fp16/bf16 input as it is (every route takes that)
+        pdtype = torch.promote_types(compute, torch.float32)
+        y = self._normalize(_cast(input, compute), _cast(w, pdtype), _cast(getattr(self, "bias", None), pdtype))
         return y if y.dtype == out else y.to(out)
 
 
@@ -75,7 +79,7 @@ class _ChannelsFirst:
 
 
 class _RMSNormPromote(nln.RMSNorm):
-    """RMSNorm returning ``weight · x̂`` with x̂ in the input's dtype (transformers' Llama family, timm)."""
+    """RMSNorm returning ``weight · x̂`` with x̂ in the input's dtype (transformers' Llama family)."""
 
     def forward(self, input: Tensor) -> Tensor:
         w = self.weight
@@ -247,8 +251,8 @@ def _convnext_layernorm(m: nn.Module) -> nn.Module:
 
 
 _LLAMA_STYLE = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "MistralRMSNorm",
-                "MixtralRMSNorm", "Phi3RMSNorm", "Llama4TextRMSNorm", "GraniteRMSNorm", "Starcoder2RMSNorm",
-                "MambaRMSNorm", "Mamba2RMSNorm")
+                "MixtralRMSNorm", "Phi3RMSNorm", "Llama4TextRMSNorm", "GraniteRMSNorm", "MambaRMSNorm",
+                "Mamba2RMSNorm")
 
 _GEMMA_STYLE = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "T5GemmaRMSNorm", "VaultGemmaRMSNorm",
                 "Qwen3NextRMSNorm")
@@ -276,7 +280,7 @@ CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.norm.LayerNorm2d": _as(_ChannelsFirstLayerNorm),
     "timm.layers.norm.GroupNorm": _as(nln.GroupNorm),
     "timm.layers.norm.GroupNorm1": _as(nln.GroupNorm),
-    "timm.layers.norm.RmsNorm": _as(_RMSNormPromote),
+    "timm.layers.norm.RmsNorm": _as(nln.RMSNorm),  # torch's rms_norm where torch has it: the input's dtype
     "timm.layers.norm.RmsNorm2d": _as(_ChannelsFirstRMSNorm),
     "timm.layers.norm_act.BatchNormAct2d": _as(_BatchNormAct2d),
     # torchvision
