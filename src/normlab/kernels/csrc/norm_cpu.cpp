@@ -259,22 +259,6 @@ inline void store_f2(scalar_t* p, const at::vec::Vectorized<float>& a, const at:
   }
 }
 
-// n values at x as a type whose loops the compiler vectorizes: x itself for float and double;
-// for fp16/bf16 their float values (exact), converted in float vectors into buf
-template <typename scalar_t>
-inline auto lanes(const scalar_t* x, int64_t n, std::vector<float>& buf) {
-  if constexpr (kReduced<scalar_t>) {
-    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-    constexpr int64_t L = VF::size();
-    int64_t k = 0;
-    for (; k + L <= n; k += L) load_f(x + k).store(buf.data() + k);
-    for (; k < n; ++k) buf[k] = static_cast<float>(x[k]);
-    return static_cast<const float*>(buf.data());
-  } else {
-    return x;
-  }
-}
-
 // y[k] = f(k) for the whole pairs of float vectors of [0, n) where y is fp16/bf16 (f(k) computes
 // the vector at k with the operations of the scalar loop that finishes the rest); returns where
 // that loop starts: 0 for float and double, whose scalar loops the compiler vectorizes itself
@@ -682,7 +666,6 @@ void columns_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const
   std::vector<double> pn(nblk, 0.0), pmean(nblk * C, 0.0), pm2(nblk * C, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
     std::vector<double> acc(C), m2(C), cs(C);
-    std::vector<float> buf;
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t lo = blk * per, hi = std::min(M, (blk + 1) * per), cnt = hi - lo;
       pn[blk] = static_cast<double>(std::max<int64_t>(cnt, 0));
@@ -692,7 +675,7 @@ void columns_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const
       std::fill(cs.begin(), cs.end(), 0.0);
       double* accp = acc.data();
       for (int64_t i = lo; i < hi; ++i) {
-        const auto* xi = lanes(x + i * C, C, buf);
+        const scalar_t* xi = x + i * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) accp[c] += static_cast<double>(xi[c]);
       }
@@ -700,7 +683,7 @@ void columns_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const
       double* m2p = m2.data();
       double* csp = cs.data();
       for (int64_t i = lo; i < hi; ++i) {
-        const auto* xi = lanes(x + i * C, C, buf);
+        const scalar_t* xi = x + i * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           double d = static_cast<double>(xi[c]) - accp[c];
@@ -793,15 +776,14 @@ void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double
   std::vector<double> pd(nblk * C, 0.0), pdx(nblk * C, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
     std::vector<opmath_t> lb(C), lbx(C);  // a block's partial sums in x's precision (≤ 256 rows)
-    std::vector<float> bx, bg;
     for (int64_t blk = blo; blk < bhi; ++blk) {
       std::fill(lb.begin(), lb.end(), opmath_t(0));
       std::fill(lbx.begin(), lbx.end(), opmath_t(0));
       opmath_t* pb = lb.data();
       opmath_t* pbx = lbx.data();
       for (int64_t i = blk * per; i < std::min(M, (blk + 1) * per); ++i) {
-        const auto* xi = lanes(x + i * C, C, bx);
-        const auto* gi = lanes(dy + i * C, C, bg);
+        const scalar_t* xi = x + i * C;
+        const scalar_t* gi = dy + i * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           opmath_t xh = (static_cast<opmath_t>(xi[c]) - m0[c]) * rs0[c] - c0[c];
@@ -964,7 +946,6 @@ void groups_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const 
   at::parallel_for(0, N, grain(S * C), [&](int64_t lo, int64_t hi) {
     std::vector<double> s(C), ss(C), x0(C);
     std::vector<opmath_t> m0(C), a0(C), h0(C);
-    std::vector<float> buf;
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* xn = x + n * S * C;
       scalar_t* yn = y + n * S * C;
@@ -973,7 +954,7 @@ void groups_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const 
       double *sp = s.data(), *ssp = ss.data(), *x0p = x0.data();
       for (int64_t c = 0; c < C; ++c) x0p[c] = shift_of(static_cast<double>(xn[c]));
       for (int64_t k = 0; k < S; ++k) {
-        const auto* xk = lanes(xn + k * C, C, buf);
+        const scalar_t* xk = xn + k * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           double d = static_cast<double>(xk[c]) - x0p[c];
@@ -1026,7 +1007,6 @@ void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double*
   at::parallel_for(0, N, grain(S * C), [&](int64_t lo, int64_t hi) {
     std::vector<opmath_t> m0(C), rs0(C), c0(C), b0(C), b1(C);
     std::vector<double> mg(G), mgx(G);
-    std::vector<float> bx, bg;
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* xn = x + n * S * C;
       const scalar_t* gn = dy + n * S * C;
@@ -1041,8 +1021,8 @@ void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double*
       double* sd = dbp.data() + n * C;
       double* sdx = dwp.data() + n * C;
       for (int64_t k = 0; k < S; ++k) {
-        const auto* xk = lanes(xn + k * C, C, bx);
-        const auto* gk = lanes(gn + k * C, C, bg);
+        const scalar_t* xk = xn + k * C;
+        const scalar_t* gk = gn + k * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           opmath_t xh = (static_cast<opmath_t>(xk[c]) - m0[c]) * rs0[c] - c0[c];
