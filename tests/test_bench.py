@@ -1,11 +1,13 @@
 """`normlab bench`: the rows it reports and the files it writes (no timing is asserted)."""
 
+import importlib.util
 import json
 import platform
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from normlab import bench
 from normlab.cli import main
@@ -61,3 +63,16 @@ def test_retaining_freed_memory_works_on_glibc():
     code = "from normlab.bench import _retain_freed_memory; print(_retain_freed_memory())"
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert got == str(platform.libc_ver()[0] == "glibc")
+
+
+def test_model_bench_runs_models_of_each_library_in_a_dtype():
+    from normlab import bench_models
+
+    pytest.importorskip("diffusers")
+    names = ["gpt2", "diffusers-unet"] + (["timm-convnext"] if importlib.util.find_spec("timm") else [])
+    rows = bench_models.run(names, sizes=("small",), reps=1, dtype=torch.bfloat16)
+    assert [(r["model"], r["step"]) for r in rows] == [(n, s) for n in names for s in ("train", "eval")]
+    assert all(r["dtype"] == "bfloat16" and r["converted"] > 0 and r["speed-up"] > 0 for r in rows)
+    assert "| bfloat16 |" in bench_models.table(rows)
+    with pytest.raises(ValueError, match="unknown model"):
+        bench_models.run(["nope"])

@@ -300,8 +300,10 @@ def _models(args, console, malloc: str) -> int:
 
     try:
         with console.status("benchmarking models") as status:
-            rows = bench_models.run(args.models or None, compile=args.compile,
-                                    progress=lambda s: status.update(f"benchmarking {s}"))
+            rows = []
+            for dtype in args.dtype:
+                rows += bench_models.run(args.models or None, compile=args.compile, dtype=getattr(torch, dtype),
+                                         progress=lambda s: status.update(f"benchmarking {s} {dtype}"))
     except ValueError as e:
         console.print(f"normlab bench: {e}")
         return 2

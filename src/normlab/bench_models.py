@@ -63,6 +63,33 @@ def _lm(config_cls, model_cls, **cfg):
     return build
 
 
+def _timm(name, **cfg):
+    def build():
+        load_torchvision()
+        import timm
+
+        return timm.create_model(name, **cfg)
+    return build
+
+
+def _unet(channels, per_block):
+    def build():
+        import diffusers
+
+        return diffusers.UNet2DModel(sample_size=32, block_out_channels=channels, layers_per_block=per_block,
+                                     norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                     up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    return build
+
+
+def _image(batch, size):
+    return lambda g: torch.randn(batch, 3, size, size, generator=g)
+
+
+def _noisy(batch, size):
+    return lambda g: (torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g))
+
+
 def _tokens(batch, seq, vocab):
     return lambda g: {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)}
 
@@ -113,7 +140,36 @@ MODELS: dict[str, dict[str, tuple[Callable, Callable]]] = {
         "base": (_lm("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[64, 128, 256, 512],
                      depths=[2, 2, 2, 2], num_labels=10), _pixels(8, 96)),
     },
+    # timm (needs timm, and torchvision's Python part): BatchNormAct2d, LayerNorm2d, timm's LayerNorm
+    "timm-efficientnet": {
+        "small": (_timm("efficientnet_b0", num_classes=10), _image(8, 64)),
+        "base": (_timm("efficientnet_b0", num_classes=10), _image(8, 128)),
+    },
+    "timm-convnext": {
+        "small": (_timm("convnext_atto", num_classes=10), _image(8, 64)),
+        "base": (_timm("convnext_nano", num_classes=10), _image(8, 96)),
+    },
+    "timm-vit": {
+        "small": (_timm("vit_tiny_patch16_224", img_size=64, num_classes=10), _image(8, 64)),
+        "base": (_timm("vit_small_patch16_224", img_size=96, num_classes=10), _image(8, 96)),
+    },
+    # diffusers: GroupNorm in every resnet and attention block
+    "diffusers-unet": {
+        "small": (_unet((32, 64), 1), _noisy(4, 32)),
+        "base": (_unet((64, 128), 2), _noisy(4, 32)),
+    },
 }
+
+
+def _forward(model, inputs) -> torch.Tensor:
+    """The model's main output for keyword (transformers), positional or single inputs."""
+    if isinstance(inputs, dict):
+        out = model(**inputs)
+    else:
+        out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    for key in ("logits", "sample"):
+        out = getattr(out, key, out)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _steps(model, inputs) -> dict[str, Callable[[], None]]:
@@ -121,15 +177,20 @@ def _steps(model, inputs) -> dict[str, Callable[[], None]]:
         model.train()
         for p in model.parameters():
             p.grad = None
-        out = model(**inputs).logits
-        out.float().square().mean().backward()
+        _forward(model, inputs).float().square().mean().backward()
 
     def evaluate():
         model.eval()
         with torch.no_grad():
-            model(**inputs)
+            _forward(model, inputs)
 
     return {"train": train, "eval": evaluate}
+
+
+def _to(inputs, dtype: torch.dtype):
+    """The floating tensors of ``inputs`` in ``dtype`` (token ids and timesteps stay)."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)
 
 
 def _median(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
@@ -145,26 +206,31 @@ def _median(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _library(name: str) -> str:
+    return {"timm": "timm", "diffusers": "diffusers"}.get(name.split("-")[0], "transformers")
+
+
 def run(models=None, sizes=("small", "base"), compile: bool = False, reps: int = 10,
-        progress: Callable[[str], None] | None = None) -> list[dict]:
-    """One row per model × size × step: ``{"model", "size", "step", "torch ms", "normlab ms",
-    "speed-up", "converted"}``."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError as err:
-        raise ValueError("the model benchmark needs transformers: pip install 'normlab[bench]'") from err
-    names = list(models or MODELS)
+        progress: Callable[[str], None] | None = None, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One row per model × size × step: ``{"model", "size", "step", "dtype", "torch ms", "normlab ms",
+    "speed-up", "converted"}``; models and inputs in ``dtype``. Without ``models``, every model
+    whose library is installed (transformers, timm, diffusers)."""
+    names = list(models or [n for n in MODELS if importlib.util.find_spec(_library(n))])
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    missing = sorted({_library(n) for n in names if importlib.util.find_spec(_library(n)) is None})
+    if missing or not names:
+        raise ValueError(f"the model benchmark needs {', '.join(missing) or 'transformers'}: pip install "
+                         f"'normlab[bench]' (transformers); timm and diffusers for their models")
     rows = []
     for name in names:
         for size in sizes:
             build, make_inputs = MODELS[name][size]
             torch.manual_seed(0)
-            model = build()
+            model = build().to(dtype)
             fast, report = to_normlab(copy.deepcopy(model), report=True)
-            inputs = make_inputs(torch.Generator().manual_seed(0))
+            inputs = _to(make_inputs(torch.Generator().manual_seed(0)), dtype)
             if compile:
                 torch._dynamo.reset()
                 model, fast = torch.compile(model), torch.compile(fast)
@@ -173,7 +239,7 @@ def run(models=None, sizes=("small", "base"), compile: bool = False, reps: int =
                 if progress:
                     progress(f"{name} {size} {step}{' compiled' if compile else ''}")
                 t = _median({"torch": theirs[step], "normlab": ours[step]}, reps)
-                rows.append({"model": name, "size": size, "step": step, "compiled": compile,
+                rows.append({"model": name, "size": size, "step": step, "compiled": compile, "dtype": str(dtype)[6:],
                              "torch ms": t["torch"] * 1e3, "normlab ms": t["normlab"] * 1e3,
                              "speed-up": t["torch"] / t["normlab"], "converted": len(report["converted"])})
     return rows
@@ -181,8 +247,10 @@ def run(models=None, sizes=("small", "base"), compile: bool = False, reps: int =
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table (what the README's performance section shows)."""
-    lines = ["| model | size | step | torch.nn ms | normlab ms | speed-up | norms converted |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | size | step | dtype | torch.nn ms | normlab ms | speed-up | norms converted |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} | {r['step']}{' (compiled)' if r['compiled'] else ''} | "
-                     f"{r['torch ms']:.1f} | {r['normlab ms']:.1f} | {r['speed-up']:.2f} | {r['converted']} |")
+                     f"{r['dtype']} | {r['torch ms']:.1f} | {r['normlab ms']:.1f} | {r['speed-up']:.2f} | "
+                     f"{r['converted']} |")
     return "\n".join(lines)

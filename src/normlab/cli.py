@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write every row and a summary as JSON")
     p.add_argument("--plot", metavar="FILE", help="write the speed-ups vs torch as a PNG")
     p.add_argument("--models", nargs="*", metavar="MODEL",
-                   help="time train steps and eval of transformers models (gpt2, bert, llama, qwen2, resnet, "
-                        "convnext; default: all) as written and after to_normlab (needs normlab[bench])")
+                   help="time train steps and eval of real models (transformers: gpt2, bert, llama, qwen2, resnet, "
+                        "convnext; timm-efficientnet, timm-convnext, timm-vit; diffusers-unet; default: all whose "
+                        "library is installed) as written and after to_normlab, in each --dtype (needs normlab[bench])")
     p.add_argument("--compile", action="store_true", help="with --models: compare the torch.compile-d models")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's malloc defaults (by default the bench asks it to retain freed memory, "
