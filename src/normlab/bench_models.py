@@ -65,7 +65,6 @@ def _lm(config_cls, model_cls, **cfg):
 
 def _timm(name, **cfg):
     def build():
-        load_torchvision()
         import timm
 
         return timm.create_model(name, **cfg)
@@ -223,6 +222,7 @@ def run(models=None, sizes=("small", "base"), compile: bool = False, reps: int =
     if missing or not names:
         raise ValueError(f"the model benchmark needs {', '.join(missing) or 'transformers'}: pip install "
                          f"'normlab[bench]' (transformers); timm and diffusers for their models")
+    load_torchvision()  # before transformers or timm import it
     rows = []
     for name in names:
         for size in sizes:
