@@ -147,15 +147,15 @@ Tensor out_contiguous(const Tensor& x) {
   return fresh(at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)));
 }
 
-// γ and β are read in x's compute precision (float for fp16/bf16 input): a float32 γ scales x̂
-// as it is, as torch's mixed-precision norms do (a zero-centred 1 + γ keeps its digits)
+// γ and β are read as they are where they are in x's dtype, else in x's compute precision (float
+// for fp16/bf16 input): a float32 γ scales x̂ unrounded, as in torch's mixed-precision norms (a
+// zero-centred 1 + γ keeps its digits), and a bf16 γ for bf16 input is read without a copy
 template <typename T>
 using param_t = at::opmath_type<T>;
 
-// γ or β flat and contiguous in param_t of x's dtype; absent: a constant vector of `fill` (kept
-// per thread for the last size and dtype asked: an RMSNorm layer asks for the same zeros each call)
-Tensor param(const c10::optional<Tensor>& t, int64_t n, double fill, const Tensor& x) {
-  const auto dtype = at::toOpMathType(x.scalar_type());
+// γ or β flat and contiguous in `dtype`; absent: a constant vector of `fill` (kept per thread for
+// the last size and dtype asked: an RMSNorm layer asks for the same zeros each call)
+Tensor param(const c10::optional<Tensor>& t, int64_t n, double fill, const Tensor& x, at::ScalarType dtype) {
   const auto options = x.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous);
   if (t.has_value() && t->defined()) {
     TORCH_CHECK_VALUE(t->numel() == n, "normlab: expected a parameter of ", n, " elements, got ", t->numel());
@@ -167,6 +167,28 @@ Tensor param(const c10::optional<Tensor>& t, int64_t n, double fill, const Tenso
   if (!x.device().is_cpu() || g_poison.load(std::memory_order_relaxed)) return at::full({n}, fill, options);
   if (!c.defined() || c.numel() != n || c.scalar_type() != dtype) c = at::full({n}, fill, options);
   return c;
+}
+
+// (γ, β) for a kernel on x, in one dtype: x's where every given one is in it, else x's compute dtype
+std::pair<Tensor, Tensor> params(const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t n,
+                                 const Tensor& x) {
+  auto in_x = [&](const c10::optional<Tensor>& t) {
+    return !(t.has_value() && t->defined()) || t->scalar_type() == x.scalar_type();
+  };
+  const auto dtype = in_x(weight) && in_x(bias) ? x.scalar_type() : at::toOpMathType(x.scalar_type());
+  return {param(weight, n, 1.0, x, dtype), param(bias, n, 0.0, x, dtype)};
+}
+
+// f(w_t{}) with w_t the C++ type of the parameters `w` (from params): scalar_t or param_t<scalar_t>
+template <typename scalar_t, typename F>
+void with_param_type(const Tensor& w, F f) {
+  if constexpr (std::is_same_v<scalar_t, param_t<scalar_t>>) {
+    f(scalar_t{});
+  } else if (w.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(scalar_t{});
+  } else {
+    f(param_t<scalar_t>{});
+  }
 }
 
 int64_t blocks(int64_t rows) {
@@ -332,8 +354,8 @@ std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shif
 }
 
 // (Σg, Σg·x̂), g = γ·dy (γ = 1 where w is null), x̂ = (x − m₀)·r₀ − c₀
-template <typename scalar_t, typename opmath_t>
-std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const param_t<scalar_t>* w, int64_t n,
+template <typename scalar_t, typename opmath_t, typename w_t>
+std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const w_t* w, int64_t n,
                                     opmath_t m0, opmath_t rs0, opmath_t c0) {
   double sg = 0.0, sgx = 0.0;
   int64_t j = 0;
@@ -342,7 +364,7 @@ std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const
     const V vm(m0), vr(rs0), vc(c0);
     j = vec_pair_sums(n, sg, sgx, [&](int64_t k, V& a, V& c) {
       V xh = at::vec::fmsub(load_f(x + k) - vm, vr, vc);
-      V g = w ? load_f(dy + k) * V::loadu(w + k) : load_f(dy + k);
+      V g = w ? load_f(dy + k) * load_f(w + k) : load_f(dy + k);
       a = a + g;
       c = at::vec::fmadd(g, xh, c);
     });
@@ -359,8 +381,8 @@ std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const
 
 // ------------------------------------------------------------------------------------ rows
 
-template <typename scalar_t>
-void rows_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const param_t<scalar_t>* b, double eps, bool center,
+template <typename scalar_t, typename w_t>
+void rows_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, bool center,
                          int64_t R, int64_t D, int64_t groups, int64_t seg, scalar_t* y, double* mean,
                          double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -376,8 +398,8 @@ void rows_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const pa
       var[r] = st.var;
       const opmath_t m0 = static_cast<opmath_t>(static_cast<scalar_t>(st.mean));
       if (seg == 1) {  // γ, β per column: row r uses their slice (r % groups)·D
-        const param_t<scalar_t>* wr = w + (r % groups) * D;
-        const param_t<scalar_t>* br = b + (r % groups) * D;
+        const w_t* wr = w + (r % groups) * D;
+        const w_t* br = b + (r % groups) * D;
         const opmath_t rs0 = static_cast<opmath_t>(st.rstd);
         const opmath_t c0 = static_cast<opmath_t>((st.mean - static_cast<double>(m0)) * st.rstd);
         int64_t j0 = 0;
@@ -386,8 +408,8 @@ void rows_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const pa
           constexpr int64_t L = V::size();
           const V vm(m0), vr(rs0), vc(c0);
           for (; j0 + 2 * L <= D; j0 += 2 * L) {
-            V a = ((load_f(xr + j0) - vm) * vr - vc) * V::loadu(wr + j0) + V::loadu(br + j0);
-            V b = ((load_f(xr + j0 + L) - vm) * vr - vc) * V::loadu(wr + j0 + L) + V::loadu(br + j0 + L);
+            V a = ((load_f(xr + j0) - vm) * vr - vc) * load_f(wr + j0) + load_f(br + j0);
+            V b = ((load_f(xr + j0 + L) - vm) * vr - vc) * load_f(wr + j0 + L) + load_f(br + j0 + L);
             store_f2(yr + j0, a, b);
           }
         }
@@ -473,9 +495,9 @@ void rows_dx_float(const float* const* xr, const float* const* gr, float* const*
 }
 
 // dx = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·dy (RMS: no mean(g)); dγ = Σ dy·x̂, dβ = Σ dy
-template <typename scalar_t>
+template <typename scalar_t, typename w_t>
 void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                          const param_t<scalar_t>* w, double eps, bool center, int64_t R, int64_t D, int64_t groups,
+                          const w_t* w, double eps, bool center, int64_t R, int64_t D, int64_t groups,
                           int64_t seg, scalar_t* dx, scalar_t* dw, scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t K = D / seg, P = groups * K;
@@ -536,7 +558,7 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
           for (int64_t k = 0; k < K; ++k) {
             const scalar_t* xs = xr + k * seg;
             const scalar_t* gs = gr + k * seg;
-            auto [sd, sdx] = grad_sums<scalar_t, opmath_t>(xs, gs, nullptr, seg, m0, rs0, c0);
+            auto [sd, sdx] = grad_sums<scalar_t, opmath_t, float>(xs, gs, nullptr, seg, m0, rs0, c0);
             dwb[p0 + k] += sdx;
             dbb[p0 + k] += sd;
             const double wk = static_cast<double>(w[p0 + k]);
@@ -549,7 +571,7 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
         if (elem) {  // dx, and the block's partial dγ, dβ in the same pass
           opmath_t* dwlp = dwl.data() + p0;
           opmath_t* dblp = dbl.data() + p0;
-          const param_t<scalar_t>* wr = w + p0;
+          const w_t* wr = w + p0;
           int64_t j0 = 0;
           if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
             using V = at::vec::Vectorized<float>;
@@ -563,7 +585,7 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
                 V g0 = load_f(gr + j);
                 (V::loadu(dwlp + j) + g0 * xh).store(dwlp + j);
                 (V::loadu(dblp + j) + g0).store(dblp + j);
-                d[h] = vr * (g0 * V::loadu(wr + j) - vmg - xh * vmgx);
+                d[h] = vr * (g0 * load_f(wr + j) - vmg - xh * vmgx);
               }
               store_f2(dxr + j0, d[0], d[1]);
             }
@@ -608,8 +630,8 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
 // -------------------------------------------------------------------------------- channels
 
 // BN training on (N, C, S), S > 1: statistics per channel over (N, S)
-template <typename scalar_t>
-void channels_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const param_t<scalar_t>* b, double eps, int64_t N,
+template <typename scalar_t, typename w_t>
+void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, int64_t N,
                              int64_t C, int64_t S, scalar_t* y, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
@@ -658,8 +680,8 @@ void columns_affine(const scalar_t* x, const coef_t* m, const coef_t* a, const c
 
 // BN training on (M, C): per block of rows a two-pass mean and M2 per column (the block is in
 // cache), merged across blocks with Chan's formula, then the affine map
-template <typename scalar_t>
-void columns_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const param_t<scalar_t>* b, double eps, int64_t M,
+template <typename scalar_t, typename w_t>
+void columns_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, int64_t M,
                             int64_t C, scalar_t* y, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t nblk = blocks(M), per = (M + nblk - 1) / nblk;
@@ -721,9 +743,9 @@ void columns_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const
   columns_affine(x, m0.data(), s0.data(), h0.data(), M, C, y);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename w_t>
 void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                              const param_t<scalar_t>* w, double eps, int64_t N, int64_t C, int64_t S, scalar_t* dx,
+                              const w_t* w, double eps, int64_t N, int64_t C, int64_t S, scalar_t* dx,
                               scalar_t* dw, scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(N * S);
@@ -733,7 +755,7 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
       const opmath_t m0 = sv.m0, rs0 = sv.rs0, c0 = sv.c0;
       double sd = 0.0, sdx = 0.0;
       for (int64_t i = 0; i < N; ++i) {
-        auto [a, b] = grad_sums<scalar_t, opmath_t>(x + (i * C + c) * S, dy + (i * C + c) * S, nullptr, S, m0, rs0, c0);
+        auto [a, b] = grad_sums<scalar_t, opmath_t, float>(x + (i * C + c) * S, dy + (i * C + c) * S, nullptr, S, m0, rs0, c0);
         sd += a;
         sdx += b;
       }
@@ -759,9 +781,9 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename w_t>
 void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                             const param_t<scalar_t>* w, double eps, int64_t M, int64_t C, scalar_t* dx, scalar_t* dw,
+                             const w_t* w, double eps, int64_t M, int64_t C, scalar_t* dx, scalar_t* dw,
                              scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::vector<opmath_t> m0(C), rs0(C), c0(C), a(C), mg(C), mgx(C);
@@ -938,8 +960,8 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
 
 // GN/IN on channels_last (N, S, C): per-channel shifted sums over S, merged per group of cg
 // channels (Chan et al.); parallel over samples, channels innermost (contiguous)
-template <typename scalar_t>
-void groups_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const param_t<scalar_t>* b, double eps, int64_t N,
+template <typename scalar_t, typename w_t>
+void groups_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, int64_t N,
                            int64_t S, int64_t C, int64_t G, scalar_t* y, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t cg = C / G;
@@ -997,9 +1019,9 @@ void groups_forward_kernel(const scalar_t* x, const param_t<scalar_t>* w, const 
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename w_t>
 void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                            const param_t<scalar_t>* w, double eps, int64_t N, int64_t S, int64_t C, int64_t G,
+                            const w_t* w, double eps, int64_t N, int64_t S, int64_t C, int64_t G,
                             scalar_t* dx, scalar_t* dw, scalar_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t cg = C / G;
@@ -1111,12 +1133,15 @@ std::tuple<Tensor, Tensor, Tensor> rows_forward(const Tensor& x, const c10::opti
   Tensor mean = vec(x, R, at::kDouble), var = vec(x, R, at::kDouble);
   if (x.numel() == 0) return {y, mean, var};
   Tensor xv = canon(x, shape, {}), yv = y.view(shape);
-  Tensor w = param(weight, P, 1.0, x), b = param(bias, P, 0.0, x);
+  auto [w, b] = params(weight, bias, P, x);
   NORMLAB_DISPATCH(x, "rows_forward", [&] {
-    rows_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<param_t<scalar_t>>(),
-                                  b.const_data_ptr<param_t<scalar_t>>(), eps, center, R, D, groups, seg,
-                                  yv.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
-                                  var.mutable_data_ptr<double>());
+    with_param_type<scalar_t>(w, [&](auto tag) {
+      using w_t = decltype(tag);
+      rows_forward_kernel<scalar_t, w_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<w_t>(),
+                                         b.const_data_ptr<w_t>(), eps, center, R, D, groups, seg,
+                                         yv.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
+                                         var.mutable_data_ptr<double>());
+    });
   });
   return {y, mean, var};
 }
@@ -1138,13 +1163,16 @@ std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& dy, const Tensor&
   Tensor dw = vec(x, P, x.scalar_type()), db = vec(x, P, x.scalar_type());
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
   Tensor xv = canon(x, shape, {}), dyv = canon(dy.to(x.scalar_type()), shape, {}), dxv = dx.view(shape);
-  Tensor w = param(weight, P, 1.0, x), m = f64(mean), v = f64(var);
+  Tensor w = params(weight, c10::nullopt, P, x).first, m = f64(mean), v = f64(var);
   NORMLAB_DISPATCH(x, "rows_backward", [&] {
-    rows_backward_kernel<scalar_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
-                                   m.const_data_ptr<double>(), v.const_data_ptr<double>(),
-                                   w.const_data_ptr<param_t<scalar_t>>(), eps, center, R, D, groups, seg,
-                                   dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
-                                   db.mutable_data_ptr<scalar_t>());
+    with_param_type<scalar_t>(w, [&](auto tag) {
+      using w_t = decltype(tag);
+      rows_backward_kernel<scalar_t, w_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
+                                          m.const_data_ptr<double>(), v.const_data_ptr<double>(),
+                                          w.const_data_ptr<w_t>(), eps, center, R, D, groups, seg,
+                                          dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
+                                          db.mutable_data_ptr<scalar_t>());
+    });
   });
   return {dx, dw, db};
 }
@@ -1159,18 +1187,21 @@ std::tuple<Tensor, Tensor, Tensor> channels_forward(const Tensor& x, const c10::
   Tensor mean = vec(x, C, at::kDouble), var = vec(x, C, at::kDouble);
   if (x.numel() == 0) return {y, mean, var};
   Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
-  Tensor w = param(weight, C, 1.0, x), b = param(bias, C, 0.0, x);
+  auto [w, b] = params(weight, bias, C, x);
   NORMLAB_DISPATCH(x, "channels_forward", [&] {
-    auto* px = xv.const_data_ptr<scalar_t>();
-    auto* pw = w.const_data_ptr<param_t<scalar_t>>();
-    auto* pb = b.const_data_ptr<param_t<scalar_t>>();
-    auto* py = yv.mutable_data_ptr<scalar_t>();
-    if (S > 1)
-      channels_forward_kernel<scalar_t>(px, pw, pb, eps, N, C, S, py, mean.mutable_data_ptr<double>(),
-                                        var.mutable_data_ptr<double>());
-    else
-      columns_forward_kernel<scalar_t>(px, pw, pb, eps, N, C, py, mean.mutable_data_ptr<double>(),
-                                       var.mutable_data_ptr<double>());
+    with_param_type<scalar_t>(w, [&](auto tag) {
+      using w_t = decltype(tag);
+      auto* px = xv.const_data_ptr<scalar_t>();
+      auto* pw = w.const_data_ptr<w_t>();
+      auto* pb = b.const_data_ptr<w_t>();
+      auto* py = yv.mutable_data_ptr<scalar_t>();
+      if (S > 1)
+        channels_forward_kernel<scalar_t, w_t>(px, pw, pb, eps, N, C, S, py, mean.mutable_data_ptr<double>(),
+                                               var.mutable_data_ptr<double>());
+      else
+        columns_forward_kernel<scalar_t, w_t>(px, pw, pb, eps, N, C, py, mean.mutable_data_ptr<double>(),
+                                              var.mutable_data_ptr<double>());
+    });
   });
   return {y, mean, var};
 }
@@ -1189,18 +1220,22 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Ten
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
   Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
   Tensor dxv = canon(dx, shape, permute);
-  Tensor w = param(weight, C, 1.0, x), m = f64(mean), v = f64(var);
+  Tensor w = params(weight, c10::nullopt, C, x).first, m = f64(mean), v = f64(var);
   NORMLAB_DISPATCH(x, "channels_backward", [&] {
-    auto args = std::make_tuple(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
-                                m.const_data_ptr<double>(), v.const_data_ptr<double>(), w.const_data_ptr<param_t<scalar_t>>());
-    if (S > 1)
-      channels_backward_kernel<scalar_t>(std::get<0>(args), std::get<1>(args), std::get<2>(args), std::get<3>(args),
-                                         std::get<4>(args), eps, N, C, S, dxv.mutable_data_ptr<scalar_t>(),
-                                         dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
-    else
-      columns_backward_kernel<scalar_t>(std::get<0>(args), std::get<1>(args), std::get<2>(args), std::get<3>(args),
-                                        std::get<4>(args), eps, N, C, dxv.mutable_data_ptr<scalar_t>(),
-                                        dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+    with_param_type<scalar_t>(w, [&](auto tag) {
+      using w_t = decltype(tag);
+      auto* pg = dyv.const_data_ptr<scalar_t>();
+      auto* px = xv.const_data_ptr<scalar_t>();
+      auto* pm = m.const_data_ptr<double>();
+      auto* pv = v.const_data_ptr<double>();
+      auto* pw = w.const_data_ptr<w_t>();
+      if (S > 1)
+        channels_backward_kernel<scalar_t, w_t>(pg, px, pm, pv, pw, eps, N, C, S, dxv.mutable_data_ptr<scalar_t>(),
+                                                dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+      else
+        columns_backward_kernel<scalar_t, w_t>(pg, px, pm, pv, pw, eps, N, C, dxv.mutable_data_ptr<scalar_t>(),
+                                               dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+    });
   });
   return {dx, dw, db};
 }
@@ -1309,12 +1344,15 @@ std::tuple<Tensor, Tensor, Tensor> groups_forward(const Tensor& x, const c10::op
   Tensor mean = vec(x, N * groups, at::kDouble), var = vec(x, N * groups, at::kDouble);
   if (x.numel() == 0) return {y, mean, var};
   Tensor xv = canon(x, shape, permute), yv = canon(y, shape, permute);
-  Tensor w = param(weight, C, 1.0, x), b = param(bias, C, 0.0, x);
+  auto [w, b] = params(weight, bias, C, x);
   NORMLAB_DISPATCH(x, "groups_forward", [&] {
-    groups_forward_kernel<scalar_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<param_t<scalar_t>>(),
-                                    b.const_data_ptr<param_t<scalar_t>>(), eps, N, S, C, groups,
-                                    yv.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
-                                    var.mutable_data_ptr<double>());
+    with_param_type<scalar_t>(w, [&](auto tag) {
+      using w_t = decltype(tag);
+      groups_forward_kernel<scalar_t, w_t>(xv.const_data_ptr<scalar_t>(), w.const_data_ptr<w_t>(),
+                                           b.const_data_ptr<w_t>(), eps, N, S, C, groups,
+                                           yv.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
+                                           var.mutable_data_ptr<double>());
+    });
   });
   return {y, mean, var};
 }
@@ -1335,13 +1373,16 @@ std::tuple<Tensor, Tensor, Tensor> groups_backward(const Tensor& dy, const Tenso
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
   Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
   Tensor dxv = canon(dx, shape, permute);
-  Tensor w = param(weight, C, 1.0, x), m = f64(mean), v = f64(var);
+  Tensor w = params(weight, c10::nullopt, C, x).first, m = f64(mean), v = f64(var);
   NORMLAB_DISPATCH(x, "groups_backward", [&] {
-    groups_backward_kernel<scalar_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
-                                     m.const_data_ptr<double>(), v.const_data_ptr<double>(),
-                                     w.const_data_ptr<param_t<scalar_t>>(), eps, N, S, C, groups,
-                                     dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
-                                     db.mutable_data_ptr<scalar_t>());
+    with_param_type<scalar_t>(w, [&](auto tag) {
+      using w_t = decltype(tag);
+      groups_backward_kernel<scalar_t, w_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
+                                            m.const_data_ptr<double>(), v.const_data_ptr<double>(),
+                                            w.const_data_ptr<w_t>(), eps, N, S, C, groups,
+                                            dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
+                                            db.mutable_data_ptr<scalar_t>());
+    });
   });
   return {dx, dw, db};
 }
