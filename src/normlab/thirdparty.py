@@ -46,6 +46,14 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _param(t: Tensor | None, compute: torch.dtype) -> Tensor | None:
+    """γ or β for input in ``compute``: as it is in that dtype or a wider float one (a float32 γ
+    scales fp16/bf16 input unrounded, on every route), else widened to it."""
+    if t is None or t.dtype == compute or (compute in _HALF and t.dtype == torch.float32):
+        return t
+    return t.to(torch.promote_types(compute, torch.float32))
+
+
 class _Casting:
     """A norm whose output dtype follows the converted class's rule ``_out(input, weight)``;
     computed in the wider of the input's and the output's dtype, parameters included (statistics
@@ -57,9 +65,7 @@ class _Casting:
         w = self.weight
         out = self._out(input.dtype, None if w is None else w.dtype)
         compute = torch.promote_types(input.dtype, out)
-        # parameters in float32 or wider: a float32 γ scales fp16/bf16 input as it is (every route takes that)
-        pdtype = torch.promote_types(compute, torch.float32)
-        y = self._normalize(_cast(input, compute), _cast(w, pdtype), _cast(getattr(self, "bias", None), pdtype))
+        y = self._normalize(_cast(input, compute), _param(w, compute), _param(getattr(self, "bias", None), compute))
         return y if y.dtype == out else y.to(out)
 
 
