@@ -340,7 +340,7 @@ def test_a_converted_module_that_refers_to_itself_copies_and_pickles():
 
 
 def test_a_float32_weight_scales_half_precision_input_unrounded():
-    t = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.cohere.modeling_cohere import CohereLayerNorm
 
     m = CohereLayerNorm(64)
