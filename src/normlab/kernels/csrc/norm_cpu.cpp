@@ -296,24 +296,20 @@ inline int64_t vec_map(int64_t n, scalar_t* y, F f) {
   }
 }
 
-// the pairs of sums (s, ss) += Σ f over the whole vectors of [0, n); returns where they end.
-// f(k, a, c) adds the vector at k into the accumulators a and c
+// the pairs of sums (s, ss) += Σ f over the whole vectors of R runs of n values each, run r at
+// offset r·stride (BatchNorm's N runs of a channel's S values: the float lanes carry on from one
+// run to the next, each chunk of kChunk values then added in float64); returns the length of a
+// run's whole vectors, the caller sums the tails. f(base, k, a, c) adds the vector at base + k
+// into the accumulators a and c
 template <typename F>
-int64_t vec_pair_sums(int64_t n, double& s, double& ss, F f) {
+int64_t vec_pair_sums(int64_t R, int64_t n, int64_t stride, double& s, double& ss, F f) {
   using V = at::vec::Vectorized<float>;
   constexpr int64_t L = V::size();
   const int64_t whole = n - n % L;
   double ds[L] = {}, dss[L] = {};
-  int64_t j = 0;
-  while (j < whole) {
-    const int64_t end = std::min(whole, j + kChunk);
-    V a0(0.f), a1(0.f), c0(0.f), c1(0.f);
-    int64_t k = j;
-    for (; k + 2 * L <= end; k += 2 * L) {
-      f(k, a0, c0);
-      f(k + L, a1, c1);
-    }
-    if (k < end) f(k, a0, c0);
+  V a0(0.f), a1(0.f), c0(0.f), c1(0.f);
+  int64_t since = 0;  // values in the float lanes since they were last added in float64
+  auto flush = [&] {
     float ta[L], tc[L];
     (a0 + a1).store(ta);
     (c0 + c1).store(tc);
@@ -321,8 +317,25 @@ int64_t vec_pair_sums(int64_t n, double& s, double& ss, F f) {
       ds[l] += ta[l];
       dss[l] += tc[l];
     }
-    j = end;
+    a0 = a1 = c0 = c1 = V(0.f);
+    since = 0;
+  };
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t base = r * stride;
+    for (int64_t j = 0; j < whole;) {
+      const int64_t end = std::min(whole, j + (kChunk - since));
+      int64_t k = j;
+      for (; k + 2 * L <= end; k += 2 * L) {
+        f(base, k, a0, c0);
+        f(base, k + L, a1, c1);
+      }
+      if (k < end) f(base, k, a0, c0);
+      since += end - j;
+      if (since >= kChunk) flush();
+      j = end;
+    }
   }
+  if (since > 0) flush();
   for (int64_t l = 0; l < L; ++l) {
     s += ds[l];
     ss += dss[l];
@@ -330,52 +343,57 @@ int64_t vec_pair_sums(int64_t n, double& s, double& ss, F f) {
   return whole;
 }
 
-// (Σd, Σd²), d = x − shift (shift a value of x: a large common offset cancels first)
+// (Σd, Σd²), d = x − shift (shift a value of x: a large common offset cancels first), over R runs
+// of n values at stride `stride`
 template <typename scalar_t>
-std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shift) {
+std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shift, int64_t R = 1, int64_t stride = 0) {
   double s = 0.0, ss = 0.0;
-  int64_t j = 0;
+  int64_t j0 = 0;
   if constexpr (kFloatLanes<scalar_t>) {
     using V = at::vec::Vectorized<float>;
     const V vs(static_cast<float>(shift));  // exact: shift is a value of x
-    j = vec_pair_sums(n, s, ss, [&](int64_t k, V& a, V& c) {
-      V d = load_f(x + k) - vs;
+    j0 = vec_pair_sums(R, n, stride, s, ss, [&](int64_t base, int64_t k, V& a, V& c) {
+      V d = load_f(x + base + k) - vs;
       a = a + d;
       c = c + d * d;
     });
-    if (!std::isfinite(s + ss)) s = ss = 0.0, j = 0;  // float squares overflow past ~1e19: again in float64
+    if (!std::isfinite(s + ss)) s = ss = 0.0, j0 = 0;  // float squares overflow past ~1e19: again in float64
   }
-  for (; j < n; ++j) {
-    double d = static_cast<double>(x[j]) - shift;
-    s += d;
-    ss += d * d;
-  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = j0; j < n; ++j) {
+      double d = static_cast<double>(x[r * stride + j]) - shift;
+      s += d;
+      ss += d * d;
+    }
   return {s, ss};
 }
 
-// (Σg, Σg·x̂), g = γ·dy (γ = 1 where w is null), x̂ = (x − m₀)·r₀ − c₀
+// (Σg, Σg·x̂), g = γ·dy (γ = 1 where w is null; else γ[k] for the k-th value of a run),
+// x̂ = (x − m₀)·r₀ − c₀, over R runs of n values at stride `stride`
 template <typename scalar_t, typename opmath_t, typename w_t>
 std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const w_t* w, int64_t n,
-                                    opmath_t m0, opmath_t rs0, opmath_t c0) {
+                                    opmath_t m0, opmath_t rs0, opmath_t c0, int64_t R = 1, int64_t stride = 0) {
   double sg = 0.0, sgx = 0.0;
-  int64_t j = 0;
+  int64_t j0 = 0;
   if constexpr (kFloatLanes<scalar_t>) {
     using V = at::vec::Vectorized<float>;
     const V vm(m0), vr(rs0), vc(c0);
-    j = vec_pair_sums(n, sg, sgx, [&](int64_t k, V& a, V& c) {
-      V xh = at::vec::fmsub(load_f(x + k) - vm, vr, vc);
-      V g = w ? load_f(dy + k) * load_f(w + k) : load_f(dy + k);
+    j0 = vec_pair_sums(R, n, stride, sg, sgx, [&](int64_t base, int64_t k, V& a, V& c) {
+      V xh = at::vec::fmsub(load_f(x + base + k) - vm, vr, vc);
+      V g = w ? load_f(dy + base + k) * load_f(w + k) : load_f(dy + base + k);
       a = a + g;
       c = at::vec::fmadd(g, xh, c);
     });
-    if (!std::isfinite(sg + sgx)) sg = sgx = 0.0, j = 0;  // a float overflow: again in float64
+    if (!std::isfinite(sg + sgx)) sg = sgx = 0.0, j0 = 0;  // a float overflow: again in float64
   }
-  for (; j < n; ++j) {
-    opmath_t xh = (static_cast<opmath_t>(x[j]) - m0) * rs0 - c0;
-    opmath_t g = static_cast<opmath_t>(dy[j]) * (w ? static_cast<opmath_t>(w[j]) : opmath_t(1));
-    sg += g;
-    sgx += g * xh;
-  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = j0; j < n; ++j) {
+      const int64_t i = r * stride + j;
+      opmath_t xh = (static_cast<opmath_t>(x[i]) - m0) * rs0 - c0;
+      opmath_t g = static_cast<opmath_t>(dy[i]) * (w ? static_cast<opmath_t>(w[j]) : opmath_t(1));
+      sg += g;
+      sgx += g * xh;
+    }
   return {sg, sgx};
 }
 
@@ -637,12 +655,7 @@ void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doub
   at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const double shift = shift_of(static_cast<double>(x[c * S]));
-      double s = 0.0, ss = 0.0;
-      for (int64_t i = 0; i < N; ++i) {
-        auto [a, b] = shifted_sums(x + (i * C + c) * S, S, shift);
-        s += a;
-        ss += b;
-      }
+      auto [s, ss] = shifted_sums(x + c * S, S, shift, N, C * S);
       Stats st = finish(static_cast<double>(N * S), shift, s, ss, true, eps);
       mean[c] = st.mean;
       var[c] = st.var;
@@ -678,6 +691,80 @@ void columns_affine(const scalar_t* x, const coef_t* m, const coef_t* a, const c
   });
 }
 
+// one block of rows [lo, hi) of x (M, C), per column: its mean and M2 = Σ(x − mean)², two passes
+// over the block in cache. Float and fp16/bf16: NV float vectors of
+// columns at once, summed down the rows in registers (≤ 256 rows: the float error stays ~1e-6),
+// the mean then corrected by Σd/n in float64; columns whose float sums are not finite (an inf or
+// a square past ~1e19) and the tail of fewer than a vector: again in float64
+template <int NV, typename scalar_t>
+inline void column_lanes(const scalar_t* x, int64_t lo, int64_t hi, int64_t C, int64_t c0, double* mean,
+                         double* m2) {
+  constexpr int64_t L = VF::size();
+  const float inv = 1.0f / static_cast<float>(hi - lo);
+  VF s[NV], q[NV], d1[NV];
+  for (int v = 0; v < NV; ++v) s[v] = q[v] = d1[v] = VF(0.f);
+  for (int64_t i = lo; i < hi; ++i)
+    for (int v = 0; v < NV; ++v) s[v] = s[v] + load_f(x + i * C + c0 + v * L);
+  for (int v = 0; v < NV; ++v) s[v] = s[v] * VF(inv);
+  for (int64_t i = lo; i < hi; ++i)
+    for (int v = 0; v < NV; ++v) {
+      const VF d = load_f(x + i * C + c0 + v * L) - s[v];
+      d1[v] = d1[v] + d;
+      q[v] = q[v] + d * d;
+    }
+  const double n = static_cast<double>(hi - lo);
+  for (int v = 0; v < NV; ++v) {
+    float ts[L], tq[L], td[L];
+    s[v].store(ts);
+    q[v].store(tq);
+    d1[v].store(td);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t c = c0 + v * L + l;
+      mean[c] = static_cast<double>(ts[l]) + static_cast<double>(td[l]) / n;
+      m2[c] = static_cast<double>(tq[l]) - static_cast<double>(td[l]) * static_cast<double>(td[l]) / n;
+    }
+  }
+}
+
+template <typename scalar_t>
+void column_block_stats(const scalar_t* x, int64_t lo, int64_t hi, int64_t C, double* mean, double* m2) {
+  const double cnt = static_cast<double>(hi - lo);
+  int64_t c0 = 0;
+  if constexpr (kFloatLanes<scalar_t>) {
+    constexpr int64_t L = VF::size();
+    for (; c0 + 4 * L <= C; c0 += 4 * L) column_lanes<4>(x, lo, hi, C, c0, mean, m2);
+    for (; c0 + L <= C; c0 += L) column_lanes<1>(x, lo, hi, C, c0, mean, m2);
+  }
+  // float64: the tail, and any column the float lanes could not sum
+  auto exact = [&](int64_t c) {
+    double a = 0.0;
+    for (int64_t i = lo; i < hi; ++i) a += static_cast<double>(x[i * C + c]);
+    a /= cnt;
+    double q = 0.0, d1 = 0.0;
+    for (int64_t i = lo; i < hi; ++i) {
+      const double d = static_cast<double>(x[i * C + c]) - a;
+      q += d * d;
+      d1 += d;
+    }
+    mean[c] = a;
+    m2[c] = q - d1 * d1 / cnt;
+  };
+  for (int64_t c = 0; c < c0; ++c)
+    if (!std::isfinite(mean[c]) || !std::isfinite(m2[c])) exact(c);
+  for (int64_t c = c0; c < C; ++c) exact(c);
+}
+
+// (n, m, q) += a block of nb values with mean mb and M2 qb (Chan et al.); plain += nb·mb, the
+// mean's fallback where the data hold an inf
+inline void chan_merge(double& n, double& m, double& q, double& plain, double nb, double mb, double qb) {
+  if (nb <= 0) return;
+  const double d = mb - m, tot = n + nb;
+  m += d * nb / tot;
+  q += (qb > 0.0 ? qb : 0.0) + d * d * n * nb / tot;
+  n = tot;
+  plain += mb * nb;
+}
+
 // BN training on (M, C): per block of rows a two-pass mean and M2 per column (the block is in
 // cache), merged across blocks with Chan's formula, then the affine map
 template <typename scalar_t, typename w_t>
@@ -687,51 +774,22 @@ void columns_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doubl
   const int64_t nblk = blocks(M), per = (M + nblk - 1) / nblk;
   std::vector<double> pn(nblk, 0.0), pmean(nblk * C, 0.0), pm2(nblk * C, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
-    std::vector<double> acc(C), m2(C), cs(C);
+    std::vector<double> bm(C), m2(C);
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t lo = blk * per, hi = std::min(M, (blk + 1) * per), cnt = hi - lo;
       pn[blk] = static_cast<double>(std::max<int64_t>(cnt, 0));
       if (cnt <= 0) continue;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      std::fill(m2.begin(), m2.end(), 0.0);
-      std::fill(cs.begin(), cs.end(), 0.0);
-      double* accp = acc.data();
-      for (int64_t i = lo; i < hi; ++i) {
-        const scalar_t* xi = x + i * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) accp[c] += static_cast<double>(xi[c]);
-      }
-      for (int64_t c = 0; c < C; ++c) acc[c] /= static_cast<double>(cnt);
-      double* m2p = m2.data();
-      double* csp = cs.data();
-      for (int64_t i = lo; i < hi; ++i) {
-        const scalar_t* xi = x + i * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          double d = static_cast<double>(xi[c]) - accp[c];
-          m2p[c] += d * d;
-          csp[c] += d;
-        }
-      }
+      column_block_stats(x, lo, hi, C, bm.data(), m2.data());
       for (int64_t c = 0; c < C; ++c) {
-        pmean[blk * C + c] = acc[c];
-        double v = m2[c] - cs[c] * cs[c] / static_cast<double>(cnt);
-        pm2[blk * C + c] = v > 0.0 ? v : 0.0;
+        pmean[blk * C + c] = bm[c];
+        pm2[blk * C + c] = m2[c];
       }
     }
   });
   std::vector<opmath_t> m0(C), s0(C), h0(C);
   for (int64_t c = 0; c < C; ++c) {
     double n = 0.0, m = 0.0, q = 0.0, plain = 0.0;
-    for (int64_t blk = 0; blk < nblk; ++blk) {
-      const double nb = pn[blk];
-      if (nb <= 0) continue;
-      const double d = pmean[blk * C + c] - m, tot = n + nb;
-      m += d * nb / tot;
-      q += pm2[blk * C + c] + d * d * n * nb / tot;
-      n = tot;
-      plain += pmean[blk * C + c] * nb;
-    }
+    for (int64_t blk = 0; blk < nblk; ++blk) chan_merge(n, m, q, plain, pn[blk], pmean[blk * C + c], pm2[blk * C + c]);
     if (!std::isfinite(m)) m = plain / n;  // an inf in the data: the mean is that inf, as in torch
     mean[c] = m;
     var[c] = q / n;
@@ -753,12 +811,7 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
     for (int64_t c = lo; c < hi; ++c) {
       const auto sv = saved<scalar_t, opmath_t>(mean[c], var[c], eps);
       const opmath_t m0 = sv.m0, rs0 = sv.rs0, c0 = sv.c0;
-      double sd = 0.0, sdx = 0.0;
-      for (int64_t i = 0; i < N; ++i) {
-        auto [a, b] = grad_sums<scalar_t, opmath_t, float>(x + (i * C + c) * S, dy + (i * C + c) * S, nullptr, S, m0, rs0, c0);
-        sd += a;
-        sdx += b;
-      }
+      auto [sd, sdx] = grad_sums<scalar_t, opmath_t, float>(x + c * S, dy + c * S, nullptr, S, m0, rs0, c0, N, C * S);
       dw[c] = static_cast<scalar_t>(sdx);
       db[c] = static_cast<scalar_t>(sd);
       const opmath_t a = static_cast<opmath_t>(static_cast<double>(w[c]) * sv.rs);
@@ -879,32 +932,37 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
     at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
         const opmath_t m0 = m[c], a0 = a[c];
+        const int64_t stride = C * S;
+        const scalar_t* xc = x + c * S;
+        const scalar_t* gc = dy + c * S;
+        scalar_t* dxc = dx + c * S;
         double sb = 0.0, sa = 0.0;
-        for (int64_t i = 0; i < N; ++i) {
-          const scalar_t* xs = x + (i * C + c) * S;
-          const scalar_t* gs = dy + (i * C + c) * S;
-          scalar_t* dxs = dx + (i * C + c) * S;
-          int64_t k = 0;
-          if constexpr (kFloatLanes<scalar_t>) {
-            const VF vm(m0), va(a0);
-            k = vec_pair_sums(S, sb, sa, [&](int64_t j, VF& p, VF& q) {
-              const VF g = load_f(gs + j);
-              p = p + g;
-              q = at::vec::fmadd(g, load_f(xs + j) - vm, q);
-              if constexpr (std::is_same_v<scalar_t, float>) (g * va).store(dxs + j);
-            });
-            if constexpr (kReduced<scalar_t>) {  // dx stored in pairs of vectors, over what the sums covered
-              const int64_t k2 = vec_map(k, dxs, [&](int64_t j) { return load_f(gs + j) * va; });
-              for (int64_t j = k2; j < k; ++j) dxs[j] = static_cast<scalar_t>(static_cast<opmath_t>(gs[j]) * a0);
+        int64_t k0 = 0;
+        if constexpr (kFloatLanes<scalar_t>) {
+          const VF vm(m0), va(a0);
+          k0 = vec_pair_sums(N, S, stride, sb, sa, [&](int64_t base, int64_t j, VF& p, VF& q) {
+            const VF g = load_f(gc + base + j);
+            p = p + g;
+            q = at::vec::fmadd(g, load_f(xc + base + j) - vm, q);
+            if constexpr (std::is_same_v<scalar_t, float>) (g * va).store(dxc + base + j);
+          });
+          if constexpr (kReduced<scalar_t>) {  // dx stored in pairs of vectors, over what the sums covered
+            for (int64_t i = 0; i < N; ++i) {
+              const scalar_t* gs = gc + i * stride;
+              scalar_t* dxs = dxc + i * stride;
+              const int64_t k2 = vec_map(k0, dxs, [&](int64_t j) { return load_f(gs + j) * va; });
+              for (int64_t j = k2; j < k0; ++j) dxs[j] = static_cast<scalar_t>(static_cast<opmath_t>(gs[j]) * a0);
             }
           }
-          for (; k < S; ++k) {
-            const opmath_t g = static_cast<opmath_t>(gs[k]);
-            sb += g;
-            sa += static_cast<double>(g) * (static_cast<double>(xs[k]) - static_cast<double>(m0));
-            dxs[k] = static_cast<scalar_t>(g * a0);
-          }
         }
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t k = k0; k < S; ++k) {
+            const int64_t o = i * stride + k;
+            const opmath_t g = static_cast<opmath_t>(gc[o]);
+            sb += g;
+            sa += static_cast<double>(g) * (static_cast<double>(xc[o]) - static_cast<double>(m0));
+            dxc[o] = static_cast<scalar_t>(g * a0);
+          }
         sx[c] = sa;
         sg[c] = sb;
       }
@@ -958,41 +1016,34 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
 
 // ---------------------------------------------------------------------------------- groups
 
-// GN/IN on channels_last (N, S, C): per-channel shifted sums over S, merged per group of cg
-// channels (Chan et al.); parallel over samples, channels innermost (contiguous)
+// GN/IN on channels_last (N, S, C): per channel a mean and M2 per block of ≤ 256 positions,
+// merged over the blocks and then per group of cg channels (Chan et al.); parallel over samples,
+// channels innermost (contiguous)
 template <typename scalar_t, typename w_t>
 void groups_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, int64_t N,
                            int64_t S, int64_t C, int64_t G, scalar_t* y, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t cg = C / G;
   at::parallel_for(0, N, grain(S * C), [&](int64_t lo, int64_t hi) {
-    std::vector<double> s(C), ss(C), x0(C);
+    std::vector<double> bm(C), b2(C), cn(C), cm(C), cq(C), cp(C);
     std::vector<opmath_t> m0(C), a0(C), h0(C);
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* xn = x + n * S * C;
       scalar_t* yn = y + n * S * C;
-      std::fill(s.begin(), s.end(), 0.0);
-      std::fill(ss.begin(), ss.end(), 0.0);
-      double *sp = s.data(), *ssp = ss.data(), *x0p = x0.data();
-      for (int64_t c = 0; c < C; ++c) x0p[c] = shift_of(static_cast<double>(xn[c]));
-      for (int64_t k = 0; k < S; ++k) {
-        const scalar_t* xk = xn + k * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          double d = static_cast<double>(xk[c]) - x0p[c];
-          sp[c] += d;
-          ssp[c] += d * d;
-        }
+      for (auto* v : {&cn, &cm, &cq, &cp}) std::fill(v->begin(), v->end(), 0.0);
+      for (int64_t k0 = 0; k0 < S; k0 += kChunk) {
+        const int64_t k1 = std::min(S, k0 + kChunk);
+        column_block_stats(xn, k0, k1, C, bm.data(), b2.data());
+        for (int64_t c = 0; c < C; ++c) chan_merge(cn[c], cm[c], cq[c], cp[c], static_cast<double>(k1 - k0), bm[c], b2[c]);
       }
+      for (int64_t c = 0; c < C; ++c)
+        if (!std::isfinite(cm[c])) cm[c] = cp[c] / S;  // an inf in the data: the mean is that inf, as in torch
       for (int64_t g = 0; g < G; ++g) {
         double m = 0.0;
-        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) m += x0p[c] + sp[c] / S;
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) m += cm[c];
         m /= cg;
         double q = 0.0;
-        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-          double mc = x0p[c] + sp[c] / S;
-          q += (ssp[c] - sp[c] * sp[c] / S) + S * (mc - m) * (mc - m);
-        }
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) q += cq[c] + S * (cm[c] - m) * (cm[c] - m);
         double v = q / static_cast<double>(S * cg);
         if (v < 0.0) v = 0.0;
         const double rs = 1.0 / std::sqrt(v + eps);
