@@ -12,7 +12,7 @@ from torch import nn
 
 import normlab.nn as nln
 from normlab.convert import (batchnorm_as_affine, fold_batchnorm, fold_scaler, freeze_norm, recalibrate_bn,
-                             unfreeze_norm)
+                             to_normlab, to_torch, unfreeze_norm)
 from normlab.preprocessing import MinMaxScaler, StandardScaler
 
 from conftest import assert_rel
@@ -637,3 +637,22 @@ def test_folding_leaves_a_batchnorm_with_hooks_and_keeps_requires_grad():
     assert folded[2].bias.requires_grad is False
     x = torch.randn(2, 3, 8, 8)
     assert_rel(folded(x), model(x), tol=1e-5)
+
+
+def test_fx_symbolic_trace_names_the_way_out_and_normlab_layers_trace_as_leaves():
+    import torch.fx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LayerNorm(64)).eval()
+    fast = to_normlab(model)
+    with pytest.raises(TypeError, match="to_torch"):
+        torch.fx.symbolic_trace(fast)
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return type(m).__module__.startswith("normlab") or super().is_leaf_module(m, name)
+
+    graph = torch.fx.GraphModule(fast, Leaves().trace(fast))
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(graph(x), fast(x))
+    assert type(graph.get_submodule("1")) is type(fast[1])  # normlab's layer runs inside the graph
+    assert torch.fx.symbolic_trace(to_torch(fast))(x).shape == (2, 64)

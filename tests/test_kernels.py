@@ -450,15 +450,34 @@ def test_compiled_training_updates_the_running_statistics_as_eager():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_parameters_in_another_dtype_get_gradients_in_theirs(dtype):
-    x = (torch.randn(6, 16) * 2).to(dtype).requires_grad_()
-    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
-    y = F.layer_norm(x, (16,), w, b)
-    y.float().sum().backward()
+@pytest.mark.parametrize("form", ["rows", "channels", "columns", "groups rows", "groups"])
+def test_parameters_in_another_dtype_get_gradients_in_theirs(form, dtype):
+    # a float32 γ, β with half input (mixed precision): their gradients are summed and returned in
+    # float32, as precise as float32's, not rounded to the input's dtype on the way
+    call = {"rows": lambda x, w, b: F.layer_norm(x, (16,), w, b),
+            "channels": lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+            "columns": lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+            "groups rows": lambda x, w, b: F.group_norm(x, 4, w, b),
+            "groups": lambda x, w, b: F.group_norm(x, 4, w, b)}[form]
+    torch_call = {"rows": lambda x, w, b: torch.nn.functional.layer_norm(x, (16,), w, b),
+                  "channels": lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, training=True),
+                  "groups": lambda x, w, b: torch.nn.functional.group_norm(x, 4, w, b)}
+    torch_call["columns"], torch_call["groups rows"] = torch_call["channels"], torch_call["groups"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, generator=g) * 2 if form == "rows" else torch.randn(4, 16, 5, 3, generator=g) * 2
+    if form in ("columns", "groups"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(dtype).requires_grad_()
+    w, b = torch.randn(16, generator=g, requires_grad=True), torch.randn(16, generator=g, requires_grad=True)
+    y = call(x, w, b)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(dy)
     assert y.dtype == dtype and w.grad.dtype == b.grad.dtype == torch.float32
-    xs, ws, bs = x.detach().double().requires_grad_(), w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    torch.nn.functional.layer_norm(xs, (16,), ws, bs).sum().backward()
-    assert_rel(w.grad, ws.grad, dtype) and assert_rel(x.grad, xs.grad, dtype)
+    xs, ws, bs = (t.detach().double().requires_grad_() for t in (x, w, b))
+    torch_call[form](xs, ws, bs).backward(dy.double())
+    assert_rel(x.grad, xs.grad, dtype)
+    for got, want in ((w.grad, ws.grad), (b.grad, bs.grad)):
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_fixed_statistics_of_another_layout_are_broadcast_by_the_reference():

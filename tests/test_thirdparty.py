@@ -65,6 +65,14 @@ def _dit():
                      "class_labels": torch.tensor([1, 3])})
 
 
+def _ada_resnet():
+    pytest.importorskip("diffusers")
+    from diffusers.models.resnet import ResnetBlockCondNorm2D
+
+    return (lambda: ResnetBlockCondNorm2D(in_channels=32, out_channels=64, temb_channels=24, groups=8),
+            lambda: (torch.randn(2, 32, 6, 6), torch.randn(2, 24)))
+
+
 # name -> () -> (build, inputs); the norms each family brings are in the comment
 MODELS = {
     "timm-resnet18": lambda: _timm("resnet18"),                       # BatchNorm2d
@@ -89,6 +97,7 @@ MODELS = {
                              chunk_size=4),                   # Mamba2RMSNormGated
     "d-unet": _unet,                                                  # GroupNorm
     "d-dit": _dit,                                                    # LayerNorm inside AdaLayerNormZero
+    "d-resnet-ada": _ada_resnet,                                      # AdaGroupNorm (norm + timestep scale)
 }
 
 

@@ -1471,9 +1471,9 @@ def _probe(original: nn.Module, new: nn.Module) -> str | None:
     (and the parameters' dtype), or None; neither module's state changes."""
     from . import thirdparty
 
-    x = thirdparty.probe_input(new)
+    xs = thirdparty.probe_input(new)
     like = next(iter(original.parameters()), None)
-    if x is None or (like is not None and like.device.type == "meta"):
+    if xs is None or (like is not None and like.device.type == "meta"):
         return None
     dtypes = [torch.float32, torch.bfloat16] + ([like.dtype] if like is not None and like.is_floating_point() else [])
     modes = [(m, m.training) for m in (*original.modules(), *new.modules())]
@@ -1481,13 +1481,13 @@ def _probe(original: nn.Module, new: nn.Module) -> str | None:
         for m, _ in modes:
             m.training = False
         for dtype in dict.fromkeys(dtypes):
-            xd = x.to(device=like.device if like is not None else None, dtype=dtype)
+            xd = [x.to(device=like.device if like is not None else None, dtype=dtype) for x in xs]
             try:
-                want = original.forward(xd)
+                want = original.forward(*xd)
             except Exception:  # noqa: BLE001 - the original does not take this dtype: nothing to match
                 continue
             try:
-                got = new.forward(xd)
+                got = new.forward(*xd)
             except Exception as err:  # noqa: BLE001 - the original took this input, the conversion must too
                 return f"it raises {type(err).__name__} on a {dtype} probe input the original takes: {err}"
             if (why := _difference([got], [want], floor=dtype)) is not None:

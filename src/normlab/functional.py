@@ -59,9 +59,19 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------- checks
+def _not_a_tensor(x, who: str) -> TypeError:
+    """The error for an input that is not a tensor; torch.fx's symbolic tracing is named."""
+    if isinstance(x, torch.fx.Proxy):
+        return TypeError(f"{who}: torch.fx.symbolic_trace cannot trace through normlab's layers; trace "
+                         "normlab.convert.to_torch(model) instead, or use a torch.fx.Tracer whose is_leaf_module "
+                         "returns True for them (where type(m).__module__ starts with 'normlab')")
+    return TypeError(f"{who}: expected a torch.Tensor, got {type(x).__name__}; convert it first, e.g. "
+                     "torch.as_tensor(x, dtype=torch.float32)")
+
+
 def _check_input(x: Tensor, op: str, min_ndim: int = 1) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
+        raise _not_a_tensor(x, op)
     if not x.is_floating_point():
         raise TypeError(
             f"{op}: expected a floating-point tensor, got dtype {x.dtype}; "

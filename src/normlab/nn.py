@@ -403,8 +403,7 @@ class _NormBase(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}; "
-                            "convert it first, e.g. torch.as_tensor(x, dtype=torch.float32)")
+            raise F._not_a_tensor(x, type(self).__name__)
         if x.dim() not in self._ndims:
             raise _shape_error(self, self._layout, x)
 

@@ -151,6 +151,24 @@ class _BatchNormAct2d(nln.BatchNorm2d):
         return self.act(self.drop(super().forward(input)))
 
 
+class _AdaGroupNorm(nln.GroupNorm):
+    """diffusers' AdaGroupNorm: GroupNorm without γ, β, then ``x·(1 + scale) + shift`` with
+    ``(scale, shift) = linear(act(emb))`` per sample and channel (a timestep embedding)."""
+
+    def forward(self, input: Tensor, emb: Tensor) -> Tensor:
+        if self.act:
+            emb = self.act(emb)
+        scale, shift = self.linear(emb)[:, :, None, None].chunk(2, dim=1)
+        return super().forward(input) * (1 + scale) + shift
+
+
+def _ada_group_norm(m: nn.Module) -> nn.Module:
+    linear = getattr(m, "linear", None)
+    if not isinstance(linear, nn.Linear) or linear.out_features % 2 or linear.out_features // 2 % m.num_groups:
+        raise ValueError(f"expected a Linear of 2·C outputs, C divisible by num_groups={m.num_groups}, got {linear}")
+    return retype(m, _AdaGroupNorm, num_channels=linear.out_features // 2, affine=False, weight=None, bias=None)
+
+
 def _drop_act(m: nn.Module) -> nn.Module:
     return nn.Sequential(m.drop, m.act)
 
@@ -281,6 +299,7 @@ CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {
     # diffusers
     "diffusers.models.normalization.RMSNorm": _rms(_RMSNormT5, "eps"),
     "diffusers.models.normalization.FP32LayerNorm": _as(_LayerNormAsInput),
+    "diffusers.models.normalization.AdaGroupNorm": _ada_group_norm,
     # timm
     "timm.layers.norm.LayerNorm": _as(nln.LayerNorm),
     "timm.layers.norm.LayerNorm2d": _as(_ChannelsFirstLayerNorm),
@@ -301,9 +320,12 @@ def conversion_for(cls: type) -> Callable | None:
 
 
 # ------------------------------------------------------------------------------ probe inputs
-def probe_input(new: nn.Module) -> Tensor | None:
-    """A float32 input of the shape a converted norm takes, or None where normlab cannot tell."""
+def probe_input(new: nn.Module) -> tuple[Tensor, ...] | None:
+    """Float32 inputs of the shapes a converted norm takes, or None where normlab cannot tell."""
     g = torch.Generator().manual_seed(0)
+    if isinstance(new, _AdaGroupNorm):
+        return (torch.randn(2, new.num_channels, 3, 3, generator=g) * 3 + 1,
+                torch.randn(2, new.linear.in_features, generator=g))
     if isinstance(new, nn.modules.batchnorm._NormBase):
         shape = (4, new.num_features, *(3,) * (max(getattr(new, "_ndims", (4,))) - 2))
     elif isinstance(new, nn.GroupNorm):
@@ -316,4 +338,4 @@ def probe_input(new: nn.Module) -> Tensor | None:
         shape = (2, 3, *new.normalized_shape)
     else:
         return None
-    return torch.randn(shape, generator=g) * 3 + 1
+    return (torch.randn(shape, generator=g) * 3 + 1,)

@@ -205,6 +205,14 @@ def _param(t, n, fill, like):
     return t.reshape(-1).contiguous() if t is not None else torch.full((n,), fill, dtype=like.dtype, device=like.device)
 
 
+def _grad_dtype(weight, x):
+    """The dtype of dγ, dβ (the CPU core's and the Meta kernels' rule): x's where γ is absent or
+    in it, else x's compute dtype (float32 for fp16/bf16)."""
+    if weight is None or weight.dtype == x.dtype:
+        return x.dtype
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _split(mean, rstd):
     """The float64 mean as ``(m0, c0)`` in float32: ``x̂ = (x − m0)·rstd − c0`` (see cpu.py)."""
     m0 = mean.float()
@@ -237,7 +245,7 @@ def rows_backward(dy, x, mean, var, weight, eps: float, center: bool, groups: in
     _rows_bwd[(nprog,)](dy.contiguous(), x, m0, c0, rstd.float().contiguous(), w, dx, dwp, dbp,
                         R, D, K, groups, seg, nprog, CENTER=center, BLOCK=_block(D),
                         REGISTERS=groups == 1 and seg == 1 and D <= _MAX_BLOCK)
-    return dx, dwp.sum(0).to(x.dtype), dbp.sum(0).to(x.dtype)
+    return dx, dwp.sum(0).to(_grad_dtype(weight, x)), dbp.sum(0).to(_grad_dtype(weight, x))
 
 
 def channels_forward(x, weight, bias, eps: float, out=None):
@@ -269,7 +277,7 @@ def channels_backward(dy, x, mean, var, weight, eps: float, out=None):
     block = 1024
     _chan_bwd_apply[(triton.cdiv(x.numel(), block),)](dy, x, m0, c0, rstd, _param(weight, C, 1.0, x), sd, sdx, dx,
                                                        N, C, S, BLOCK=block)
-    return dx, sdx.to(x.dtype), sd.to(x.dtype)
+    return dx, sdx.to(_grad_dtype(weight, x)), sd.to(_grad_dtype(weight, x))
 
 
 def _sm_count(device) -> int:

@@ -169,13 +169,19 @@ Tensor param(const c10::optional<Tensor>& t, int64_t n, double fill, const Tenso
   return c;
 }
 
-// (γ, β) for a kernel on x, in one dtype: x's where every given one is in it, else x's compute dtype
-std::pair<Tensor, Tensor> params(const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t n,
-                                 const Tensor& x) {
+// the dtype a kernel reads γ, β in and returns dγ, dβ in: x's where every given one is in it, else
+// x's compute dtype (a float32 γ of bf16 input gets its gradient summed and stored in float32)
+at::ScalarType param_dtype(const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, const Tensor& x) {
   auto in_x = [&](const c10::optional<Tensor>& t) {
     return !(t.has_value() && t->defined()) || t->scalar_type() == x.scalar_type();
   };
-  const auto dtype = in_x(weight) && in_x(bias) ? x.scalar_type() : at::toOpMathType(x.scalar_type());
+  return in_x(weight) && in_x(bias) ? x.scalar_type() : at::toOpMathType(x.scalar_type());
+}
+
+// (γ, β) for a kernel on x, in param_dtype
+std::pair<Tensor, Tensor> params(const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t n,
+                                 const Tensor& x) {
+  const auto dtype = param_dtype(weight, bias, x);
   return {param(weight, n, 1.0, x, dtype), param(bias, n, 0.0, x, dtype)};
 }
 
@@ -516,7 +522,7 @@ void rows_dx_float(const float* const* xr, const float* const* gr, float* const*
 template <typename scalar_t, typename w_t>
 void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
                           const w_t* w, double eps, bool center, int64_t R, int64_t D, int64_t groups,
-                          int64_t seg, scalar_t* dx, scalar_t* dw, scalar_t* db) {
+                          int64_t seg, scalar_t* dx, w_t* dw, w_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t K = D / seg, P = groups * K;
   // γ, β per column (seg = 1): row r uses the slice (r % groups)·D of them, and its partial dγ, dβ
@@ -804,7 +810,7 @@ void columns_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doubl
 template <typename scalar_t, typename w_t>
 void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
                               const w_t* w, double eps, int64_t N, int64_t C, int64_t S, scalar_t* dx,
-                              scalar_t* dw, scalar_t* db) {
+                              w_t* dw, w_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(N * S);
   at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
@@ -812,8 +818,8 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
       const auto sv = saved<scalar_t, opmath_t>(mean[c], var[c], eps);
       const opmath_t m0 = sv.m0, rs0 = sv.rs0, c0 = sv.c0;
       auto [sd, sdx] = grad_sums<scalar_t, opmath_t, float>(x + c * S, dy + c * S, nullptr, S, m0, rs0, c0, N, C * S);
-      dw[c] = static_cast<scalar_t>(sdx);
-      db[c] = static_cast<scalar_t>(sd);
+      dw[c] = static_cast<w_t>(sdx);
+      db[c] = static_cast<w_t>(sd);
       const opmath_t a = static_cast<opmath_t>(static_cast<double>(w[c]) * sv.rs);
       const opmath_t mg = static_cast<opmath_t>(sd / n), mgx = static_cast<opmath_t>(sdx / n);
       for (int64_t i = 0; i < N; ++i) {
@@ -836,8 +842,8 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
 
 template <typename scalar_t, typename w_t>
 void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
-                             const w_t* w, double eps, int64_t M, int64_t C, scalar_t* dx, scalar_t* dw,
-                             scalar_t* db) {
+                             const w_t* w, double eps, int64_t M, int64_t C, scalar_t* dx, w_t* dw,
+                             w_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::vector<opmath_t> m0(C), rs0(C), c0(C), a(C), mg(C), mgx(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -878,8 +884,8 @@ void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double
       sd += pd[blk * C + c];
       sdx += pdx[blk * C + c];
     }
-    db[c] = static_cast<scalar_t>(sd);
-    dw[c] = static_cast<scalar_t>(sdx);
+    db[c] = static_cast<w_t>(sd);
+    dw[c] = static_cast<w_t>(sdx);
     mg[c] = static_cast<opmath_t>(sd / M);
     mgx[c] = static_cast<opmath_t>(sdx / M);
   }
@@ -1073,7 +1079,7 @@ void groups_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double
 template <typename scalar_t, typename w_t>
 void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
                             const w_t* w, double eps, int64_t N, int64_t S, int64_t C, int64_t G,
-                            scalar_t* dx, scalar_t* dw, scalar_t* db) {
+                            scalar_t* dx, w_t* dw, w_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t cg = C / G;
   std::vector<double> dwp(N * C, 0.0), dbp(N * C, 0.0);
@@ -1211,7 +1217,8 @@ std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& dy, const Tensor&
   check_len(var, R, "var", "rows_backward");
   const int64_t P = groups * (D / seg);
   Tensor dx = out_contiguous(x);
-  Tensor dw = vec(x, P, x.scalar_type()), db = vec(x, P, x.scalar_type());
+  const auto pdt = param_dtype(weight, c10::nullopt, x);
+  Tensor dw = vec(x, P, pdt), db = vec(x, P, pdt);
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
   Tensor xv = canon(x, shape, {}), dyv = canon(dy.to(x.scalar_type()), shape, {}), dxv = dx.view(shape);
   Tensor w = params(weight, c10::nullopt, P, x).first, m = f64(mean), v = f64(var);
@@ -1221,8 +1228,8 @@ std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& dy, const Tensor&
       rows_backward_kernel<scalar_t, w_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
                                           m.const_data_ptr<double>(), v.const_data_ptr<double>(),
                                           w.const_data_ptr<w_t>(), eps, center, R, D, groups, seg,
-                                          dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
-                                          db.mutable_data_ptr<scalar_t>());
+                                          dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<w_t>(),
+                                          db.mutable_data_ptr<w_t>());
     });
   });
   return {dx, dw, db};
@@ -1267,7 +1274,8 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Ten
   check_len(mean, C, "mean", "channels_backward");
   check_len(var, C, "var", "channels_backward");
   Tensor dx = out_like(x);
-  Tensor dw = vec(x, C, x.scalar_type()), db = vec(x, C, x.scalar_type());
+  const auto pdt = param_dtype(weight, c10::nullopt, x);
+  Tensor dw = vec(x, C, pdt), db = vec(x, C, pdt);
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
   Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
   Tensor dxv = canon(dx, shape, permute);
@@ -1282,10 +1290,10 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Ten
       auto* pw = w.const_data_ptr<w_t>();
       if (S > 1)
         channels_backward_kernel<scalar_t, w_t>(pg, px, pm, pv, pw, eps, N, C, S, dxv.mutable_data_ptr<scalar_t>(),
-                                                dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+                                                dw.mutable_data_ptr<w_t>(), db.mutable_data_ptr<w_t>());
       else
         columns_backward_kernel<scalar_t, w_t>(pg, px, pm, pv, pw, eps, N, C, dxv.mutable_data_ptr<scalar_t>(),
-                                               dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+                                               dw.mutable_data_ptr<w_t>(), db.mutable_data_ptr<w_t>());
     });
   });
   return {dx, dw, db};
@@ -1420,7 +1428,8 @@ std::tuple<Tensor, Tensor, Tensor> groups_backward(const Tensor& dy, const Tenso
   check_len(mean, N * groups, "mean", "groups_backward");
   check_len(var, N * groups, "var", "groups_backward");
   Tensor dx = out_like(x);
-  Tensor dw = vec(x, C, x.scalar_type()), db = vec(x, C, x.scalar_type());
+  const auto pdt = param_dtype(weight, c10::nullopt, x);
+  Tensor dw = vec(x, C, pdt), db = vec(x, C, pdt);
   if (x.numel() == 0) return {dx, dw.zero_(), db.zero_()};
   Tensor xv = canon(x, shape, permute), dyv = canon(dy.to(x.scalar_type()), shape, permute);
   Tensor dxv = canon(dx, shape, permute);
@@ -1431,8 +1440,8 @@ std::tuple<Tensor, Tensor, Tensor> groups_backward(const Tensor& dy, const Tenso
       groups_backward_kernel<scalar_t, w_t>(dyv.const_data_ptr<scalar_t>(), xv.const_data_ptr<scalar_t>(),
                                             m.const_data_ptr<double>(), v.const_data_ptr<double>(),
                                             w.const_data_ptr<w_t>(), eps, N, S, C, groups,
-                                            dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
-                                            db.mutable_data_ptr<scalar_t>());
+                                            dxv.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<w_t>(),
+                                            db.mutable_data_ptr<w_t>());
     });
   });
   return {dx, dw, db};
@@ -1450,10 +1459,11 @@ std::tuple<Tensor, Tensor, Tensor> rows_forward_meta(const Tensor& x, const c10:
 }
 
 std::tuple<Tensor, Tensor, Tensor> rows_backward_meta(const Tensor&, const Tensor& x, const Tensor&, const Tensor&,
-                                                      const c10::optional<Tensor>&, double, bool, int64_t groups,
+                                                      const c10::optional<Tensor>& w, double, bool, int64_t groups,
                                                       int64_t seg, IntArrayRef shape) {
   const int64_t P = groups * (shape[1] / seg);
-  return {at::empty(x.sizes(), x.options()), at::empty({P}, x.options()), at::empty({P}, x.options())};
+  auto opts = x.options().dtype(param_dtype(w, c10::nullopt, x));
+  return {at::empty(x.sizes(), x.options()), at::empty({P}, opts), at::empty({P}, opts)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> channels_forward_meta(const Tensor& x, const c10::optional<Tensor>&,
@@ -1464,9 +1474,10 @@ std::tuple<Tensor, Tensor, Tensor> channels_forward_meta(const Tensor& x, const 
 }
 
 std::tuple<Tensor, Tensor, Tensor> channels_backward_meta(const Tensor&, const Tensor& x, const Tensor&,
-                                                          const Tensor&, const c10::optional<Tensor>&, double,
+                                                          const Tensor&, const c10::optional<Tensor>& w, double,
                                                           IntArrayRef shape, IntArrayRef) {
-  return {at::empty_like(x), at::empty({shape[1]}, x.options()), at::empty({shape[1]}, x.options())};
+  auto opts = x.options().dtype(param_dtype(w, c10::nullopt, x));
+  return {at::empty_like(x), at::empty({shape[1]}, opts), at::empty({shape[1]}, opts)};
 }
 
 Tensor channels_eval_meta(const Tensor& x, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
@@ -1489,9 +1500,10 @@ std::tuple<Tensor, Tensor, Tensor> groups_forward_meta(const Tensor& x, const c1
 }
 
 std::tuple<Tensor, Tensor, Tensor> groups_backward_meta(const Tensor&, const Tensor& x, const Tensor&, const Tensor&,
-                                                        const c10::optional<Tensor>&, double, int64_t,
+                                                        const c10::optional<Tensor>& w, double, int64_t,
                                                         IntArrayRef shape, IntArrayRef) {
-  return {at::empty_like(x), at::empty({shape[2]}, x.options()), at::empty({shape[2]}, x.options())};
+  auto opts = x.options().dtype(param_dtype(w, c10::nullopt, x));
+  return {at::empty_like(x), at::empty({shape[2]}, opts), at::empty({shape[2]}, opts)};
 }
 
 }  // namespace
