@@ -7,12 +7,14 @@
   torch's native op, the reference path and a same-size copy (see :mod:`normlab.bench`).
 * ``normlab list`` — the experiments, and the layers, ops, scalers and tools normlab provides.
 * ``normlab report DIR`` — rebuild the page from ``DIR/records.json``.
+* ``normlab build [--force]`` — compile the C++ core now (otherwise the first use does, once).
+* ``normlab info`` — torch, the C++ core (loaded, or why not), its path, compiler and backend.
 
 User experiments (registered with :func:`normlab.lab.experiments.experiment`) run with
 ``normlab run --import MODULE NAME``.
 
 Exit codes: 0 success (whatever the verdicts: a claim that does not hold is a result, not an
-error), 1 an experiment raised, 2 bad usage (unknown name, bad option, missing records, or
+error), 1 an experiment raised (or ``build`` failed), 2 bad usage (unknown name, bad option, missing records, or
 ``run``/``report`` without the lab extra: ``pip install 'normlab[lab]'``).
 """
 
@@ -148,6 +150,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from .kernels import build
+
+    try:
+        path = build.prebuild(force=args.force)
+    except Exception as e:  # noqa: BLE001 - the compiler's whole message, then exit 1
+        print(f"normlab build: the C++ core could not be built:\n{e}", file=sys.stderr)
+        return 1
+    print(f"normlab build: the C++ core is ready: {path}")
+    return 0
+
+
+def _info(_args: argparse.Namespace) -> int:
+    from . import __version__
+    from .kernels import build
+
+    rows = {"normlab": __version__, **build.info()}
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -210,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild DIR/index.html from DIR/records.json")
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(func=_report)
+    p = sub.add_parser("build", help="compile the C++ core now (for images and CI; otherwise it builds at first use)")
+    p.add_argument("--force", action="store_true", help="build anew even where an intact one is cached")
+    p.set_defaults(func=_build)
+    p = sub.add_parser("info", help="what normlab runs on: torch, the C++ core (or why not), compiler, backend")
+    p.set_defaults(func=_info)
     return parser
 
 
