@@ -327,6 +327,36 @@ def test_cli_errors_have_meaningful_exit_codes(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "b" / "index.html").exists()  # the experiments that ran are still reported
 
 
+def test_cli_run_keeps_every_result_and_never_touches_the_users_files(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "rep"
+    assert main(["run", "affine", "--out", str(out), "--seeds", "1", "--quiet"]) == 0
+    assert main(["run", "glorot", "--out", str(out), "--seeds", "1", "--quiet"]) == 0  # adds to the report
+    saved = json.loads((out / "records.json").read_text())
+    assert [r["name"] for r in saved["records"]] == ["affine", "glorot"]
+    page = (out / "index.html").read_text()
+    assert 'id="affine"' in page and 'id="glorot"' in page
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("my page")
+    capsys.readouterr()
+    assert main(["run", "affine", "--out", str(mine), "--quiet"]) == 2  # refused before anything runs
+    err = capsys.readouterr().err
+    assert "index.html" in err and "--force" in err and "affine" not in capsys.readouterr().out
+    assert (mine / "index.html").read_text() == "my page" and len(list(mine.iterdir())) == 1
+    assert main(["run", "affine", "--out", "", "--quiet"]) == 2 and "empty" in capsys.readouterr().err
+    monkeypatch.setattr(experiments, "EXPERIMENTS", dict(experiments.EXPERIMENTS))
+
+    @experiments.experiment("interrupted", "Interrupted", source="", claim="")
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", "affine", "interrupted", "--out", str(fresh), "--seeds", "1", "--quiet"])
+    assert [r["name"] for r in json.loads((fresh / "records.json").read_text())["records"]] == ["affine"]
+    assert main(["report", str(fresh)]) == 0 and 'id="affine"' in (fresh / "index.html").read_text()
+
+
 def test_list_names_every_experiment(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
@@ -401,6 +431,15 @@ def test_cli_deduplicates_names_refuses_a_file_as_out_and_imports_user_experimen
     assert main(["run", "--import", "my_lab_plugin", "plugged", "--out", "p", "--quiet"]) == 0
     assert main(["run", "--import", "no_such_module_here", "plugged"]) == 2
     assert "no_such_module_here" in capsys.readouterr().err
+    (tmp_path / "raising_plugin.py").write_text("raise RuntimeError('my bug')\n")
+    assert main(["run", "--import", "raising_plugin", "plugged"]) == 2
+    assert "RuntimeError: my bug" in capsys.readouterr().err
+    (tmp_path / "twice_plugin.py").write_text((tmp_path / "my_lab_plugin.py").read_text())  # 'plugged' again
+    assert main(["run", "--import", "twice_plugin", "plugged"]) == 2
+    assert "already registered" in capsys.readouterr().err
+    for bad in ("../evil", "", "a b", "-x"):
+        with pytest.raises(ValueError, match="letters, digits"):
+            experiments.experiment(bad, "Bad", source="", claim="")
 
 
 def test_quick_may_be_inconclusive_where_full_decides_never_the_opposite(monkeypatch):

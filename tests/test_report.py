@@ -5,14 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import struct
+from pathlib import Path
 
 import pytest
 from matplotlib.figure import Figure
 
 from normlab.lab import report
 from normlab.lab.records import box, check, figure, panel, series, table, verdict
-from normlab.lab.report import load_records, rebuild, render_figure, write_report
+from normlab.lab.report import check_out, load_records, rebuild, render_figure, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAN, INF = float("nan"), float("inf")
@@ -179,6 +181,14 @@ def test_table_csv(out):
     assert rows[1:] == [[str(v) for v in row] for row in tab["rows"]]
 
 
+def test_csv_cells_a_spreadsheet_would_run_are_escaped(tmp_path):
+    rec = _bare()
+    rec["tables"] = [table("t", ["name", "value"], [["=HYPERLINK(1)", -0.5], ["+cmd", "-1.5e3"], ["@x", "ok"]])]
+    write_report([rec], tmp_path)
+    rows = list(csv.reader(open(tmp_path / f"{rec['name']}-1.csv", encoding="utf-8")))
+    assert rows[1:] == [["'=HYPERLINK(1)", "-0.5"], ["'+cmd", "-1.5e3"], ["'@x", "ok"]]
+
+
 def test_curves_csv(out):
     with open(out / "zscore-curves.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -196,17 +206,53 @@ def test_rebuild(out):
     assert (out / "index.html").read_text(encoding="utf-8") == before
 
 
-def test_a_later_report_removes_only_the_csvs_it_no_longer_writes(tmp_path):
+def test_a_later_report_adds_to_the_folder_and_removes_only_its_own_stale_csvs(tmp_path):
     write_report(RECORDS, tmp_path, meta=META)
+    first = {p.name for p in tmp_path.iterdir()}
     (tmp_path / "mine.csv").write_text("kept\n")  # not the report's: left alone, even if listed
     data = json.loads((tmp_path / "records.json").read_text())
     (tmp_path / "records.json").write_text(json.dumps({**data, "files": data["files"] + ["mine.csv"]}))
-    write_report([_grads(), _bare()], tmp_path)
+    grads = _grads()
+    grads["tables"] = []  # the new grads record has no table: its old CSV goes, the others stay
+    grads["figures"] = []
+    write_report([grads], tmp_path, meta={"command": "second"})
+    data = json.loads((tmp_path / "records.json").read_text())
+    assert [r["name"] for r in data["records"]] == [r["name"] for r in RECORDS]  # every experiment, latest record
+    assert data["records"][[r["name"] for r in RECORDS].index("grads")]["figures"] == []
+    assert data["meta"]["kept from an earlier run"] and data["meta"]["command"] == "second"
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"index.html", "records.json", "grads-curves.csv", "mine.csv"}
-    assert json.loads((tmp_path / "records.json").read_text())["files"] == ["grads-curves.csv"]
+    assert "mine.csv" in names and not any(n.startswith("grads-") for n in names)
+    assert names - {"mine.csv"} == {n for n in first if not n.startswith("grads-")}
     rebuild(tmp_path)  # the same records: the same files
     assert {p.name for p in tmp_path.iterdir()} == names
+
+
+def test_the_report_never_overwrites_a_file_it_did_not_write(tmp_path):
+    (tmp_path / "index.html").write_text("my page")
+    with pytest.raises(ValueError, match="index.html.*did not write"):
+        write_report(RECORDS, tmp_path, meta=META)
+    assert (tmp_path / "index.html").read_text() == "my page" and not (tmp_path / "records.json").exists()
+    with pytest.raises(ValueError, match="not a normlab report.*index.html.*--force"):
+        check_out(tmp_path)
+    write_report(RECORDS, tmp_path, meta=META, force=True)  # asked for
+
+
+@pytest.mark.parametrize("case", ["empty name", "a file", "unwritable", "holds files"])
+def test_the_output_folder_is_checked_before_anything_runs(tmp_path, case):
+    target = {"empty name": "", "a file": tmp_path / "f", "unwritable": tmp_path / "ro" / "sub",
+              "holds files": tmp_path}[case]
+    (tmp_path / "f").write_text("data")
+    if case == "unwritable":
+        if os.getuid() == 0:
+            target = Path("/proc/normlab-report")  # root writes anywhere a mode allows: a folder no one can make
+        else:
+            (tmp_path / "ro").mkdir()
+            (tmp_path / "ro").chmod(0o500)
+    with pytest.raises(ValueError, match={"empty name": "empty", "a file": "is a file", "unwritable": "cannot write",
+                                          "holds files": "f\\b.*never overwrites"}[case]):
+        check_out(target)
+    assert (tmp_path / "f").read_text() == "data"
+    assert check_out(tmp_path / "new") == tmp_path / "new" and (tmp_path / "new").is_dir()
 
 
 def test_missing_dir_says_what_to_run(tmp_path):

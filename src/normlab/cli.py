@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
 
@@ -95,6 +94,9 @@ def _run(args: argparse.Namespace) -> int:
         except ImportError as e:
             print(f"normlab run: --import {module} failed ({e}); run from its directory or add it to PYTHONPATH", file=sys.stderr)
             return 2
+        except Exception as e:  # noqa: BLE001 - the module's own error, in one line
+            print(f"normlab run: --import {module} raised {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     E = _experiments()
     names = list(dict.fromkeys(args.names)) or list(E.TOUR)
     unknown = [n for n in names if n not in E.EXPERIMENTS]
@@ -104,13 +106,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("normlab run: --device cuda was asked for but torch.cuda.is_available() is False; use --device cpu", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"normlab run: --out {out} is a file, not a directory; pass another --out", file=sys.stderr)
+    try:  # before anything runs: a folder that cannot take the report is found now, not after an hour
+        out = report.check_out(args.out, force=args.force)
+    except ValueError as e:
+        print(f"normlab run: --out: {e}", file=sys.stderr)
         return 2
     cfg = E.Config(full=args.full, seeds=tuple(range(args.seeds)) if args.seeds else None, epochs=args.epochs,
                    device=args.device, progress=None if not args.quiet else False, nproc=args.nproc)
     records, failed, start = [], [], time.perf_counter()
+    meta = {
+        "normlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "command": "normlab run " + " ".join(args.argv), "mode": "full" if args.full else "quick (tour)",
+        "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: {E.EXPERIMENTS[name].title} ...", flush=True)
         try:
@@ -121,13 +129,14 @@ def _run(args: argparse.Namespace) -> int:
             continue
         records.append(rec)
         print(f"      {rec['verdict']['status']} ({rec['seconds']:.1f} s): {rec['verdict']['summary']}", flush=True)
-    meta = {
-        "normlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "command": "normlab run " + " ".join(args.argv), "mode": "full" if args.full else "quick (tour)",
-        "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - start, 1),
-    }
+        try:  # kept as soon as it is known: an error or an interrupt later loses nothing
+            report.write_report([rec], out, meta=meta, page=False, force=args.force)
+        except (OSError, ValueError) as e:
+            print(f"normlab run: could not save {name}'s record into {out}: {e}", file=sys.stderr)
+            return 1
+    meta["seconds"] = round(time.perf_counter() - start, 1)
     if records:
-        page = report.write_report(records, out, meta=meta)
+        page = report.write_report(records, out, meta=meta, force=args.force)
         count = {k: sum(r["verdict"]["status"] == k for r in records) for k in ("supported", "not supported", "inconclusive")}
         print(", ".join(f"{n} {k}" for k, n in count.items()) + f" (of {len(records)} claims); report: {page}")
     if failed:
@@ -200,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("run", help="run experiments of the lab and write a report (no names: the quick tour)")
     p.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (see `normlab list`); default: all, quick")
-    p.add_argument("--out", default="normlab-report", help="report directory (default: normlab-report)")
+    p.add_argument("--out", default="normlab-report",
+                   help="report folder (default: normlab-report); a report already there is added to")
+    p.add_argument("--force", action="store_true",
+                   help="write the report into a folder that holds other files too (never needed for a new one)")
     p.add_argument("--full", action="store_true", help="full versions: more epochs and seeds (minutes to an hour)")
     p.add_argument("--seeds", type=_positive, metavar="K",
                    help="run seeds 0..K-1 (default: each experiment's own, 1-2 quick, 5 full)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,10 @@ def experiment(name: str, title: str, *, source: str, claim: str):
     ``tables``, ``notes``; the registry adds the name, title, source, claim, the verdict and the
     wall time.
     """
+
+    if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][\w-]*", name)):
+        raise ValueError(f"experiment name {name!r}: use letters, digits, '-' and '_' (it names the report's "
+                         "files and anchors), e.g. 'my-claim'")
 
     def register(fn: Callable[[Config], dict]) -> Callable[[Config], dict]:
         if name in EXPERIMENTS:

@@ -43,6 +43,7 @@ import html
 import io
 import json
 import math
+import os
 import textwrap
 import re
 import warnings
@@ -54,7 +55,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-__all__ = ["write_report", "load_records", "rebuild", "render_figure"]
+__all__ = ["write_report", "check_out", "load_records", "rebuild", "render_figure"]
 
 _VERDICTS = {"supported": ("ok", "✔ supported"), "not supported": ("bad", "✘ not supported"),
              "inconclusive": ("open", "? inconclusive")}
@@ -120,42 +121,126 @@ _BOX_STATS = ("whislo", "q1", "med", "q3", "whishi")
 # -- files ---------------------------------------------------------------------------------------
 
 
-def write_report(records: list[dict], out_dir: str | Path, *, meta: dict | None = None) -> Path:
+def check_out(out_dir: str | Path, *, force: bool = False) -> Path:
+    """Check, before anything runs, that ``out_dir`` can take a report, and create it.
+
+    The folder must be new, empty, or a normlab report (whose files a new report may replace);
+    one that holds anything else is refused, naming what it holds, unless ``force``. It is
+    created and written to once, so that a folder that cannot be written is found before the
+    experiments run rather than after. Raises ``ValueError`` saying what is wrong and the fix.
+    """
+    if not str(out_dir).strip():
+        raise ValueError("the output folder is empty; name one, e.g. --out normlab-report")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder; pass another --out")
+    if out.is_dir() and not force and (foreign := _foreign(out)):
+        raise ValueError(f"{out} holds files that are not a normlab report ({_names(foreign)}); a report never "
+                         "overwrites them: pass a new or empty folder, or --force to write the report beside them")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".normlab-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write a report into {out}: {err.strerror or err}; pass a folder you can "
+                         "write to") from err
+    return out
+
+
+def write_report(records: list[dict], out_dir: str | Path, *, meta: dict | None = None, page: bool = True,
+                 force: bool = False) -> Path:
     """Write ``records.json``, the CSV files and ``index.html`` into ``out_dir``; return the page.
+
+    A report already in ``out_dir`` is added to: its records of other experiments are kept (the
+    page shows every experiment's latest record, and ``meta`` says which came from earlier runs);
+    a record of the same name replaces the old one, and the CSVs only the old one had are removed.
+    Files the report did not write are never overwritten or removed (``force``: a CSV or page of
+    the report's names that is not the report's may be overwritten).
 
     Args:
         records: one dict per experiment, shaped as :mod:`normlab.lab.records` describes; names
             must be unique and made of letters, digits, ``_``, ``-`` and ``.``.
-        out_dir: created with its parents if missing; files already there are overwritten, and
-            the CSVs an earlier report there listed but this one does not write are removed
-            (nothing else is touched).
+        out_dir: created with its parents if missing.
         meta: facts about the run shown at the top of the page (version, command, date, device,
             total seconds, ...); stored in ``records.json`` beside the records.
+        page: also render ``index.html`` (``False``: the records and CSVs only, e.g. after each
+            experiment of a run, so that an error later loses nothing; ``normlab report`` draws
+            the page from them).
+        force: see above.
 
     Returns:
         The path of ``index.html``.
     """
     _validate(records, "write_report(records)")
-    meta = meta or {}
+    meta = dict(meta or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = {}  # file name -> (header, rows)
+    earlier, ours = _earlier(out)
+    new = {rec["name"]: rec for rec in records}
+    merged = [new.pop(rec["name"], rec) for rec in earlier] + list(new.values())
+    kept = [rec["name"] for rec in earlier if rec["name"] not in {r["name"] for r in records}]
+    if kept:
+        meta["kept from an earlier run"] = ", ".join(kept)
+    tables = _tables(merged)
+    foreign = [] if force else [n for n in (*tables, INDEX_FILE, RECORDS_FILE) if n in _foreign(out)]
+    if foreign:
+        raise ValueError(f"{out} holds {_names(foreign)}, which the report did not write; it never overwrites "
+                         "them: write the report into another folder, or pass force=True (--force)")
+    stale = ours - set(tables)  # CSVs of replaced records that the new ones do not write: they would mislead
+    _replace(out / RECORDS_FILE, json.dumps({"meta": meta, "records": merged, "files": sorted(tables)}, indent=1,
+                                            allow_nan=True))
+    for name, (header, rows) in tables.items():
+        _write_csv(out / name, header, rows)
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    if page:
+        _replace(out / INDEX_FILE, _page(merged, meta))
+    return out / INDEX_FILE
+
+
+def _tables(records: list[dict]) -> dict[str, tuple]:
+    """file name -> (header, rows) of every CSV the report of ``records`` writes."""
+    tables = {}
     for rec in records:
         for k, tab in enumerate(rec.get("tables") or (), start=1):
             tables[f"{rec['name']}-{k}.csv"] = (tab["columns"], tab["rows"])
         lines = list(_lines_panels(rec))
         if lines:
             tables[f"{rec['name']}-curves.csv"] = (CURVE_COLUMNS, _curve_rows(lines))
-    stale = _written_before(out) - set(tables)
-    with open(out / RECORDS_FILE, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "records": records, "files": sorted(tables)}, f, indent=1, allow_nan=True)
-    for name, (header, rows) in tables.items():
-        _write_csv(out / name, header, rows)
-    for name in stale:  # a CSV an earlier report wrote that this one does not: it would mislead
-        (out / name).unlink(missing_ok=True)
-    page = out / INDEX_FILE
-    page.write_text(_page(records, meta), encoding="utf-8")
-    return page
+    return tables
+
+
+def _earlier(out: Path) -> tuple[list[dict], set[str]]:
+    """The records of the report already in ``out`` and the CSVs it wrote (none where there is
+    no report, or one that cannot be read: a broken file is then foreign, and never replaced)."""
+    try:
+        with open(out / RECORDS_FILE, encoding="utf-8") as f:
+            data = json.load(f)
+        records = data["records"]
+        _validate(records, "")
+        files = data.get("files", [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [], set()
+    return records, {f for f in files if isinstance(f, str) and _CSV.match(f)} if isinstance(files, list) else set()
+
+
+def _foreign(out: Path) -> list[str]:
+    """The files in ``out`` a report did not write (hidden files aside)."""
+    earlier, ours = _earlier(out)
+    mine = {INDEX_FILE, RECORDS_FILE, *ours} if earlier else set()
+    return sorted(p.name for p in out.iterdir() if p.name not in mine and not p.name.startswith("."))
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file, then renamed)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_records(out_dir: str | Path) -> tuple[list[dict], dict]:
@@ -213,23 +298,21 @@ def _validate(records: Any, where: str) -> None:
         seen.add(name)
 
 
-def _written_before(out: Path) -> set[str]:
-    """The CSVs the report already in ``out`` lists (only names of the kind it writes), or none."""
-    try:
-        with open(out / RECORDS_FILE, encoding="utf-8") as f:
-            files = json.load(f).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        return set()
-    if not isinstance(files, list):
-        return set()
-    return {f for f in files if isinstance(f, str) and _CSV.match(f)}
-
-
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerow(map(_csv_cell, header))
+        writer.writerows(map(_csv_cell, row) for row in rows)
+
+
+def _csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (=, +, -, @ first) starts with ' instead."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(value)  # a signed number is data
+        except ValueError:
+            return "'" + value
+    return value
 
 
 def _lines_panels(rec: dict) -> Iterator[tuple[dict, dict]]:
