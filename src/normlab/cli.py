@@ -213,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report folder (default: normlab-report); a report already there is added to")
     p.add_argument("--force", action="store_true",
                    help="write the report into a folder that holds other files too (never needed for a new one)")
-    p.add_argument("--full", action="store_true", help="full versions: more epochs and seeds (minutes to an hour)")
+    p.add_argument("--full", action="store_true", help="full versions: more epochs and seeds (tens of minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=_positive, metavar="K",
-                   help="run seeds 0..K-1 (default: each experiment's own, 1-2 quick, 5 full)")
+                   help="run seeds 0..K-1 (default: each experiment's own: 3-5, or 5-10 with --full)")
     p.add_argument("--epochs", type=_positive, metavar="N", help="override every experiment's number of epochs")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
     p.add_argument("--nproc", type=_positive, default=1, metavar="K",
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time every norm against torch native, the reference and a copy (GB/s)")
     p.add_argument("methods", nargs="*", metavar="METHOD", help="layer_norm, rms_norm, batch_norm, batch_norm_eval, "
                    "group_norm, instance_norm (default: all)")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions, no torch.compile (< 2 min on CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions, no torch.compile (< 1 min on 2 CPU cores)")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "float64", "bfloat16", "float16"))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
