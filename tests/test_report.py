@@ -286,3 +286,28 @@ def test_bad_json_names_the_file(tmp_path, text, match):
 def test_write_report_rejects_bad_records(tmp_path, records, match):
     with pytest.raises(ValueError, match=match):
         write_report(records, tmp_path)
+
+
+@pytest.mark.parametrize("break_it, says", [
+    (lambda r: r["checks"][0].pop("value"), "checks[0] has no value"),
+    (lambda r: r.__setitem__("checks", "oops"), "checks must be a list"),
+    (lambda r: r["checks"][0].__setitem__("value", "0.5"), "checks[0].value must be a number"),
+    (lambda r: r["checks"][0].__setitem__("ci", [0.1]), "checks[0].ci must be"),
+    (lambda r: r["checks"][0].__setitem__("status", "maybe"), "checks[0].status must be one of"),
+    (lambda r: r["tables"][0].pop("columns"), "tables[0] must be"),
+    (lambda r: r["tables"][0]["rows"].append([1]), "tables[0].rows"),
+    (lambda r: r["figures"][0].pop("panels"), "figures[0] must be"),
+    (lambda r: r.__setitem__("notes", [1, 2]), "notes must be"),
+    (lambda r: r.__setitem__("title", 7), "title must be text"),
+])
+def test_report_on_a_malformed_records_file_names_the_field_and_exits_2(tmp_path, capsys, break_it, says):
+    from normlab.cli import main
+
+    write_report(RECORDS, tmp_path, meta=META)
+    data = json.loads((tmp_path / "records.json").read_text())
+    rec = next(r for r in data["records"] if r.get("tables") and r.get("figures"))
+    break_it(rec)
+    (tmp_path / "records.json").write_text(json.dumps(data))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"experiment {rec['name']!r}" in err and says in err, err

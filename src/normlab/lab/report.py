@@ -295,7 +295,56 @@ def _validate(records: Any, where: str) -> None:
         if not (isinstance(rec["verdict"], dict) and rec["verdict"].get("status") in _VERDICTS):
             raise ValueError(f"{where}: record {name!r} needs verdict = {{'status': one of {list(_VERDICTS)}, "
                              "'summary': str}")
+        if (problem := _shape_problem(rec)) is not None:
+            raise ValueError(f"{where}: experiment {name!r}: {problem} (the record's shape: normlab.lab.records)")
         seen.add(name)
+
+
+_NUMBER = (int, float)
+
+
+def _shape_problem(rec: dict) -> str | None:
+    """The first field of a record that the page cannot show, as ``field: what is wrong``, or None
+    (a figure whose panels cannot be drawn is shown as an error box instead, see _figure_html)."""
+    def kind(v):
+        return type(v).__name__
+
+    for key in ("title", "claim", "source"):
+        if key in rec and not isinstance(rec[key], str):
+            return f"{key} must be text, got {kind(rec[key])}"
+    for key, cls in (("checks", list), ("figures", list), ("tables", list), ("notes", list), ("params", dict)):
+        if key in rec and rec[key] is not None and not isinstance(rec[key], cls):
+            return f"{key} must be a {cls.__name__}, got {kind(rec[key])}"
+    for i, c in enumerate(rec.get("checks") or []):
+        at = f"checks[{i}]"
+        if not isinstance(c, dict):
+            return f"{at} must be a dict, got {kind(c)}"
+        if not isinstance(c.get("name"), str):
+            return f"{at}.name must be text"
+        if c.get("status") not in _STATUSES:
+            return f"{at}.status must be one of {list(_STATUSES)}, got {c.get('status')!r}"
+        for num in ("value", "threshold"):
+            if num in c and c[num] is not None and not isinstance(c[num], _NUMBER):
+                return f"{at}.{num} must be a number, got {c[num]!r}"
+        if "value" not in c:
+            return f"{at} has no value"
+        ci = c.get("ci")
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, _NUMBER) for v in ci)):
+            return f"{at}.ci must be [low, high], got {ci!r}"
+    for i, t in enumerate(rec.get("tables") or []):
+        at = f"tables[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("columns"), list) or not isinstance(t.get("rows"), list):
+            return f"{at} must be {{'title', 'columns': [...], 'rows': [[...], ...]}}"
+        bad = next((j for j, r in enumerate(t["rows"]) if not isinstance(r, list) or len(r) != len(t["columns"])), None)
+        if bad is not None:
+            return f"{at}.rows[{bad}] must be a list of {len(t['columns'])} cells, one per column"
+    for i, f in enumerate(rec.get("figures") or []):
+        at = f"figures[{i}]"
+        if not isinstance(f, dict) or not isinstance(f.get("panels"), list):
+            return f"{at} must be {{'title', 'panels': [...]}}"
+    if any(not isinstance(n, str) for n in rec.get("notes") or []):
+        return "notes must be a list of text"
+    return None
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
