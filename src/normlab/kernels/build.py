@@ -340,7 +340,7 @@ def info() -> dict:
 
     st = status()
     return {"torch": torch.__version__, "core": "loaded" if st["loaded"] else f"not loaded: {st['why']}",
-            "library": st["path"], "compiler": st["compiler"] or _compiler(), "flags": " ".join(_flags()[:7] + _cpu_flags()),
+            "library": st["path"], "compiler": st["compiler"] or _compiler(), "flags": " ".join(f for f in _flags() if not f.startswith("-I")),
             "cache folder": str(_cache_dir()), "backend": get_backend(),
             "NORMLAB_COMPILE": os.environ.get("NORMLAB_COMPILE", "(unset)")}
 

@@ -134,7 +134,7 @@ def check_out(out_dir: str | Path, *, force: bool = False) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder; pass another --out")
-    if out.is_dir() and not force and (foreign := _foreign(out)):
+    if out.is_dir() and not force and (foreign := _foreign(out, *_earlier(out))):
         raise ValueError(f"{out} holds files that are not a normlab report ({_names(foreign)}); a report never "
                          "overwrites them: pass a new or empty folder, or --force to write the report beside them")
     try:
@@ -178,12 +178,13 @@ def write_report(records: list[dict], out_dir: str | Path, *, meta: dict | None 
     out.mkdir(parents=True, exist_ok=True)
     earlier, ours = _earlier(out)
     new = {rec["name"]: rec for rec in records}
+    kept = [rec["name"] for rec in earlier if rec["name"] not in new]
     merged = [new.pop(rec["name"], rec) for rec in earlier] + list(new.values())
-    kept = [rec["name"] for rec in earlier if rec["name"] not in {r["name"] for r in records}]
     if kept:
         meta["kept from an earlier run"] = ", ".join(kept)
     tables = _tables(merged)
-    foreign = [] if force else [n for n in (*tables, INDEX_FILE, RECORDS_FILE) if n in _foreign(out)]
+    theirs = set() if force else set(_foreign(out, earlier, ours))
+    foreign = [n for n in (*tables, INDEX_FILE, RECORDS_FILE) if n in theirs]
     if foreign:
         raise ValueError(f"{out} holds {_names(foreign)}, which the report did not write; it never overwrites "
                          "them: write the report into another folder, or pass force=True (--force)")
@@ -225,9 +226,9 @@ def _earlier(out: Path) -> tuple[list[dict], set[str]]:
     return records, {f for f in files if isinstance(f, str) and _CSV.match(f)} if isinstance(files, list) else set()
 
 
-def _foreign(out: Path) -> list[str]:
-    """The files in ``out`` a report did not write (hidden files aside)."""
-    earlier, ours = _earlier(out)
+def _foreign(out: Path, earlier: list[dict], ours: set[str]) -> list[str]:
+    """The files in ``out`` a report did not write (hidden files aside), given what
+    :func:`_earlier` found there."""
     mine = {INDEX_FILE, RECORDS_FILE, *ours} if earlier else set()
     return sorted(p.name for p in out.iterdir() if p.name not in mine and not p.name.startswith("."))
 

@@ -1031,16 +1031,19 @@ void groups_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t cg = C / G;
   at::parallel_for(0, N, grain(S * C), [&](int64_t lo, int64_t hi) {
-    std::vector<double> bm(C), b2(C), cn(C), cm(C), cq(C), cp(C);
+    std::vector<double> bm(C), b2(C), cm(C), cq(C), cp(C);
     std::vector<opmath_t> m0(C), a0(C), h0(C);
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* xn = x + n * S * C;
       scalar_t* yn = y + n * S * C;
-      for (auto* v : {&cn, &cm, &cq, &cp}) std::fill(v->begin(), v->end(), 0.0);
+      for (auto* v : {&cm, &cq, &cp}) std::fill(v->begin(), v->end(), 0.0);
       for (int64_t k0 = 0; k0 < S; k0 += kChunk) {
         const int64_t k1 = std::min(S, k0 + kChunk);
         column_block_stats(xn, k0, k1, C, bm.data(), b2.data());
-        for (int64_t c = 0; c < C; ++c) chan_merge(cn[c], cm[c], cq[c], cp[c], static_cast<double>(k1 - k0), bm[c], b2[c]);
+        for (int64_t c = 0; c < C; ++c) {
+          double n = static_cast<double>(k0);  // the positions merged so far, the same for every channel
+          chan_merge(n, cm[c], cq[c], cp[c], static_cast<double>(k1 - k0), bm[c], b2[c]);
+        }
       }
       for (int64_t c = 0; c < C; ++c)
         if (!std::isfinite(cm[c])) cm[c] = cp[c] / S;  // an inf in the data: the mean is that inf, as in torch
