@@ -600,7 +600,7 @@ t-interval over the seeds): the range that, by the seeds' spread, likely holds t
 runs would give. A check <span class="ok">✔ holds</span> when the whole interval lies on the
 claimed side, <span class="bad">✘ fails</span> when it lies on the other side, and is
 <span class="open">? undecided</span> when the interval still contains the threshold: the seeds
-disagree, and more of them (<code>--full</code> runs 5) can decide. A claim is
+disagree, and more of them (<code>--full</code> runs 5–10) can decide. A claim is
 <span class="ok">✔ supported</span> when every check holds, <span class="bad">✘ not supported</span>
 when one fails, and <span class="open">? inconclusive</span> otherwise. Checks computed without
 randomness (the algebra of <code>affine</code>) are exact and have no interval.</p></div>"""
