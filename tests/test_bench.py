@@ -76,3 +76,21 @@ def test_model_bench_runs_models_of_each_library_in_a_dtype():
     assert "| bfloat16 |" in bench_models.table(rows)
     with pytest.raises(ValueError, match="unknown model"):
         bench_models.run(["nope"])
+
+
+@pytest.mark.parametrize("rich", [True, False])
+def test_printed_table_fits_a_terminal_and_says_what_it_compares(capsys, monkeypatch, rich):
+    monkeypatch.setattr(bench, "SHAPES", {"rows": ([(8, 16)], [(8, 16)]), "nchw": ([(2, 4, 3, 3, "cl")], [])})
+    monkeypatch.setattr(bench, "_retain_freed_memory", lambda: True)
+    if not rich:
+        monkeypatch.setitem(sys.modules, "rich.console", None)  # import fails: the plain-text table
+    assert main(["bench", "layer_norm", "batch_norm", "--quick"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)
+    assert "torch.nn.functional" in out and "target" not in out
+    assert "vs compiled" not in out and "× compiled" in out  # named in the caption, no empty column
+    head = next(line for line in lines if "method" in line)
+    assert "peak MB" not in head and "× torch" in head
+    assert not any(line.count("–") > 0 for line in lines if "layer_norm" in line)
+    assert any(line.strip().startswith("layer_norm fwd ") and "shapes" in line for line in lines)
