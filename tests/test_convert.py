@@ -58,7 +58,7 @@ def test_unfoldable_batchnorms_stay_and_are_named():
     model.eval()
     model[0].train()  # the Linear's mode is irrelevant; the BN's matters
     model[2][1].train()
-    with pytest.warns(UserWarning, match=r"2\.1 \(in training mode"):
+    with pytest.warns(UserWarning, match=r"'2\.1' \(in training mode"):
         folded = fold_batchnorm(model)
     report = {r["name"]: r for r in folded.normlab_fold_report}
     assert report["1"]["folded_into"] == "0" and "training" in report["2.1"]["reason"]
@@ -238,7 +238,7 @@ def test_replace_norm_keeps_a_shared_batchnorm_shared_and_fails_without_a_change
     assert swapped[1] is swapped[2][1] is swapped.alias and isinstance(swapped[1], nln.GroupNorm)
     assert sum(1 for _ in swapped.parameters()) == len(list(model.parameters()))
     # 6 channels do not split in 4 groups: the error comes before any swap, even in place
-    with pytest.raises(ValueError, match="divide the 6 channels of 3"):
+    with pytest.raises(ValueError, match="divide the 6 channels of '3'"):
         replace_norm(model, "group", num_groups=4, inplace=True)
     assert model[1] is shared and model[2][1] is shared and isinstance(model[3], nn.BatchNorm2d)
 
@@ -508,8 +508,18 @@ def test_fold_scaler_into_the_first_layer_of_a_model():
         def forward(self, x):
             return self.first(x) + x
 
-    with pytest.raises(ValueError, match=r"not read by one nn.Linear alone"):
+    with pytest.raises(ValueError, match=r"read by 'first' \(Linear\), add\(\) in the forward of Skip, not by one"):
         fold_scaler(scaler, Skip().double())
+
+    class Branchy(Skip):  # fx cannot trace it: the readers come from one run
+        def forward(self, x):
+            return self.first(x) if x.sum() > 0 else -x
+
+    with pytest.raises(ValueError, match=r"read by 'first' \(Linear\), the forward of the model \(Branchy\) itself"):
+        fold_scaler(scaler, Branchy().double(), example_input=torch.ones(2, 4, dtype=torch.float64))
+    conv_first = nn.Sequential(nn.Conv1d(4, 4, 1), nn.Flatten(), nn.Linear(4, 1))  # messages name modules by path
+    with pytest.raises(ValueError, match=r"read by '0' \(Conv1d\), not by one nn.Linear alone.*scaler.transform"):
+        fold_scaler(scaler, conv_first)
     with pytest.raises(TypeError, match="nn.Linear or a model"):
         fold_scaler(scaler, "first")
 

@@ -456,8 +456,8 @@ def _find_pairs(model: nn.Module, example_input=None) -> tuple[dict, dict, dict]
     elif hidden:
         where = sorted({bn.rpartition(".")[0] for bn in hidden})
         raise ValueError(
-            f"fold_batchnorm: the neighbours of {', '.join(hidden)} are decided in the forward of "
-            + "; ".join(f"{w or type(model).__name__ + ' (the model)'}, which torch.fx cannot trace "
+            f"fold_batchnorm: the neighbours of {', '.join(map(module_label, hidden))} are decided in the forward of "
+            + "; ".join(f"{module_label(w, model.get_submodule(w))}, which torch.fx cannot trace "
                         f"({opaque.get(w, 'not traced')})" for w in where)
             + ". Pass example_input= (one batch the model accepts) so they are found by running it once."
         )
@@ -786,7 +786,7 @@ def _first_linear(model: nn.Module, example_input) -> str:
         if (len(users) == 1 and hit and isinstance(model.get_submodule(hit[0]), nn.Linear)
                 and calls.count(hit[0]) == 1 and id(model.get_submodule(hit[0])) in names):
             return _checked_first(model, hit[0], attrs, None)
-        found = ", ".join(str(u.target) for u in users)
+        found = [_node_reader(model, u) for u in users]
     elif example_input is None:
         raise ValueError(f"fold_scaler: torch.fx cannot trace {type(model).__name__} ({why}); pass "
                          "example_input= (one batch the model accepts) to find its first layer by running it once")
@@ -799,16 +799,37 @@ def _first_linear(model: nn.Module, example_input) -> str:
             if (inp is x and isinstance(seen.modules[name], nn.Linear) and seen.calls[name] == 1
                     and name in names.values() and seen.only_read_by(x, name)):
                 return _checked_first(model, name, set(), seen)
-        found = ", ".join(sorted(str(r) for r in seen.reads[id(x)] | seen.receipts[id(x)]))
-    raise ValueError(f"fold_scaler: the input of {type(model).__name__} is not read by one nn.Linear alone "
-                     f"(read by: {found or 'nothing'}); fold the scaler into the Linear itself: "
-                     "fold_scaler(scaler, model.<first linear>)")
+        who = seen.reads[id(x)] | seen.receipts[id(x)]
+        found = [_observed_reader(model, r) for r in sorted(who - {""}, key=str)] + (
+            [f"the forward of {module_label('', model)} itself"] if "" in seen.reads[id(x)] else [])
+    raise ValueError(f"fold_scaler: the model's input is read by {', '.join(found) or 'nothing'}, not by one "
+                     "nn.Linear alone, so no layer can take the scaler in; keep scaler.transform in front of the model "
+                     "(fold_scaler(scaler, linear) folds it into a Linear you name, one that alone reads the scaled "
+                     "features)")
+
+
+def _node_reader(model: nn.Module, node) -> str:
+    """An fx node that reads the input, in words: a module by its path, else the function or method."""
+    if node.op == "call_module":
+        return module_label(node.target, model.get_submodule(node.target))
+    if node.op == "output":
+        return "the model's output"
+    return f"{getattr(node.target, '__name__', node.target)}() in the forward of {type(model).__name__}"
+
+
+def _observed_reader(model: nn.Module, who) -> str:
+    """A reader recorded by :class:`_Observer`, in words."""
+    if who is None:
+        return "code outside the model"
+    if who == "<output>":
+        return "the model's output"
+    return module_label(who, model.get_submodule(who))
 
 
 def _checked_first(model: nn.Module, name: str, attrs: set[str], seen) -> str:
     reason = _unfoldable_layer(model, name, attrs, seen)
     if reason:
-        raise ValueError(f"fold_scaler: the first Linear, {name}, {reason}; fold the scaler by hand or into "
+        raise ValueError(f"fold_scaler: the first Linear, {module_label(name)}, {reason}; fold the scaler by hand or into "
                          "a plain nn.Linear")
     return name
 
@@ -1238,11 +1259,18 @@ def _warn_unknown(tool: str, model: nn.Module) -> None:
         warnings.warn(_left_in_place(tool, unknown), stacklevel=3)
 
 
+def module_label(name: str, module: nn.Module | None = None) -> str:
+    """How every message names a module: its path in the model as ``named_modules`` gives it,
+    quoted (``'features.0'``; the model itself is "the model"), with its class where given."""
+    kind = f" ({type(module).__name__})" if module is not None else ""
+    return (repr(name) if name else "the model") + kind
+
+
 def _left_in_place(tool: str, why: dict[str, str]) -> str:
     """One line per reason, naming the modules (the first five, and how many more)."""
     by_reason: dict[str, list[str]] = {}
     for name, reason in why.items():
-        by_reason.setdefault(reason, []).append(name or "the model")
+        by_reason.setdefault(reason, []).append(module_label(name))
     lines = []
     for reason, names in by_reason.items():
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
@@ -1260,7 +1288,7 @@ def _replacement(bn: nn.Module, where: str, target: str, num_groups: int | None)
     dims = _bn_dims(bn)
     if target == "batchrenorm":
         if dims is None:
-            raise ValueError(f"{where}: {type(bn).__name__} does not say its input rank; "
+            raise ValueError(f"{module_label(where, bn)} does not say its input rank; "
                              "replace it by hand or convert it to BatchNorm1d/2d/3d first")
         new = (nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d)[dims - 1](
             c, bn.eps, bn.momentum, bn.affine, True, **factory)
@@ -1275,11 +1303,11 @@ def _replacement(bn: nn.Module, where: str, target: str, num_groups: int | None)
     else:
         one_d = dims == 1
         if target == "instance" and one_d:
-            raise ValueError(f"{where}: InstanceNorm needs spatial dims, a BatchNorm1d "
+            raise ValueError(f"{module_label(where, bn)}: InstanceNorm needs spatial dims, a BatchNorm1d "
                              "has none on (N, C) input; use 'group' or 'layer'")
         groups = {"group": num_groups or suggest_groups(c, 1 if one_d else 64), "layer": 1, "instance": c}[target]
         if c % groups:
-            raise ValueError(f"num_groups={groups} does not divide the {c} channels of {where}")
+            raise ValueError(f"num_groups={groups} does not divide the {c} channels of {module_label(where, bn)}")
         new = nln.GroupNorm(groups, c, bn.eps, bn.affine, **factory)
         if bn.affine:
             new.weight.data.copy_(bn.weight.data)
@@ -1668,7 +1696,7 @@ def to_torch(model: nn.Module, *, inplace: bool = False, example_input=None) -> 
         try:
             new = nln._as_original(m)
         except ValueError as err:  # raised before any module is replaced: the model is as it was
-            raise ValueError(f"to_torch: {name or 'the model'}: {err}") from None
+            raise ValueError(f"to_torch: {module_label(name, m)}: {err}") from None
         rep["converted"].append((name, type(m).__name__, type(new).__name__))
         return new
 
@@ -1751,7 +1779,7 @@ def _first_difference(before: dict, after: dict) -> str | None:
     """Where the second run first departs from the first: the module, in the order they ran."""
     for name in after:
         if name not in before:
-            return f"{name!r} ran where it did not before"
+            return f"{module_label(name)} ran where it did not before"
         if (why := _difference(after[name], before[name])) is not None:
-            return f"the output of {name or 'the model'!r} changed: {why}"
+            return f"the output of {module_label(name)} changed: {why}"
     return None

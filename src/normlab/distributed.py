@@ -321,15 +321,15 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         True
     """
     from . import nn as nln
-    from .convert import _bn_role, is_batchnorm
+    from .convert import _bn_role, is_batchnorm, module_label
 
     def sync_of(child: nn.Module, where: str) -> nn.Module:
         if isinstance(child, nln._BatchRenorm) or getattr(child, "_normlab_frozen", None):
             kind = "BatchRenorm" if isinstance(child, nln._BatchRenorm) else "a frozen norm layer"
-            raise ValueError(f"convert_sync_batchnorm: {where or 'the model'} is {kind}, which SyncBatchNorm "
+            raise ValueError(f"convert_sync_batchnorm: {module_label(where)} is {kind}, which SyncBatchNorm "
                              "would not preserve; unfreeze_norm it first, or keep it unsynced")
         if _bn_role(child) != "plain":
-            raise ValueError(f"convert_sync_batchnorm: {where or 'the model'} ({type(child).__name__}) applies more "
+            raise ValueError(f"convert_sync_batchnorm: {module_label(where, child)} applies more "
                              "after normalizing (an activation), which SyncBatchNorm would drop; convert it with "
                              "its library's own function (timm.layers.convert_sync_batchnorm)")
         like = next(iter(child.parameters()), child.running_mean)
