@@ -291,6 +291,20 @@ def test_registering_a_user_experiment(monkeypatch):
         experiments.run("nope")
 
 
+@pytest.mark.parametrize("returns, error, says", [
+    ({"checks": [], "params": {"model": object()}}, TypeError, r"'bad': record\['params'\]\['model'\] is a object"),
+    ({"checks": [], "params": {(1, 2): 3}}, TypeError, r"key \(1, 2\) of type tuple"),
+    ({"checks": [], "tables": [{"title": "t", "rows": [[1]]}]}, ValueError, r"'bad' returned a record .*tables\[0\]"),
+    ({"checks": [], "seconds_left": float("nan"), "notes": [3]}, ValueError, "notes must be a list of text"),
+    ([1], TypeError, "'bad' returned a list; it must return a dict"),
+])
+def test_a_record_json_cannot_hold_is_refused_when_its_experiment_ends(monkeypatch, returns, error, says):
+    monkeypatch.setattr(experiments, "EXPERIMENTS", dict(experiments.EXPERIMENTS))
+    experiments.experiment("bad", "Bad", source="me", claim="c")(lambda cfg: returns)
+    with pytest.raises(error, match=says):
+        experiments.run("bad")
+
+
 def test_cli_run_writes_the_report_and_rebuilds_it(tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["run", "affine", "glorot", "--out", str(out), "--seeds", "1", "--quiet"]) == 0

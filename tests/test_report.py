@@ -311,3 +311,40 @@ def test_report_on_a_malformed_records_file_names_the_field_and_exits_2(tmp_path
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"experiment {rec['name']!r}" in err and says in err, err
+
+
+def _paths(obj, at=()):
+    """Every place in a JSON value: (path, value), depth first."""
+    yield at, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield from _paths(v, at + (k,))
+
+
+_SMALL = _record("small", "A small record", "a claim", [check("ratio", [1.0, 1.2, 0.9], ">", 0.5)],
+                 params={"epochs": 2}, tables=[table("t", ["a", "b"], [["x", 1.0]])],
+                 figures=[figure("f", panel("lines", "p", series=[series("s", [0, 1], [1.0, 2.0])]))],
+                 notes=["n"], seconds=0.1)
+
+
+@pytest.mark.parametrize("wrong", [None, "oops", 7, [], {}, [1], [{}]], ids=repr)
+def test_report_survives_any_field_of_a_record_replaced(tmp_path, capsys, wrong):
+    """Every field of a record, replaced by a value of the wrong kind: `normlab report` draws the
+    page (exit 0) or says in one line which field of which experiment is wrong (exit 2)."""
+    from normlab.cli import main
+
+    write_report([_SMALL], tmp_path, meta=META, page=False)
+    good = json.loads((tmp_path / "records.json").read_text())
+    for path, _ in list(_paths(good["records"][0])):
+        if not path or (path[0] == "figures" and wrong not in (None, "oops", [])):  # drawing is slow: a few there
+            continue
+        data = json.loads(json.dumps(good))
+        parent = data["records"][0]
+        for k in path[:-1]:
+            parent = parent[k]
+        parent[path[-1]] = wrong
+        (tmp_path / "records.json").write_text(json.dumps(data))
+        code = main(["report", str(tmp_path)])
+        err = capsys.readouterr().err.strip()
+        assert code in (0, 2), (path, wrong)
+        assert code == 0 or (len(err.splitlines()) == 1 and ("'small'" in err or "record 0" in err) and "Traceback" not in err), (path, err)

@@ -107,6 +107,9 @@ def run(name: str, cfg: Config | None = None) -> dict:
     exp, cfg = EXPERIMENTS[name], cfg or Config()
     start = time.perf_counter()
     out = exp.fn(cfg)
+    if not isinstance(out, dict):
+        raise TypeError(f"experiment {name!r} returned a {type(out).__name__}; it must return a dict with "
+                        "'checks' (see normlab.lab.records)")
     hint = "" if cfg.full else f"`normlab run {exp.name} --full` runs more random seeds and epochs"
     record = {
         "name": exp.name,
@@ -121,7 +124,13 @@ def run(name: str, cfg: Config | None = None) -> dict:
         "notes": out.get("notes", []),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    return records.to_json(record)
+    try:  # refused here, naming the key, rather than when the report is written
+        record = records.to_json(record)
+    except TypeError as e:
+        raise TypeError(f"experiment {name!r}: {e}") from None
+    if (wrong := records.problem(record)) is not None:  # name and verdict are the registry's own
+        raise ValueError(f"experiment {name!r} returned a record the report cannot show: {wrong}")
+    return record
 
 
 # ----------------------------------------------------------------------------- shared helpers

@@ -40,13 +40,20 @@ panel kinds (every panel has "kind", "title", "xlabel", "ylabel"; optional "logy
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 import torch
 
-__all__ = ["check", "verdict", "explain", "box", "series", "panel", "figure", "table", "to_json"]
+__all__ = ["check", "verdict", "explain", "box", "series", "panel", "figure", "table", "to_json", "validate",
+           "problem"]
+
+VERDICTS = ("supported", "not supported", "inconclusive")
+STATUSES = ("holds", "fails", "undecided")
+_REQUIRED = ("name", "title", "claim", "checks", "verdict")
+_NAME = re.compile(r"[\w.-]+\Z")  # a record's name becomes a file name and an HTML id
 
 _OPS = {">": lambda a, b: a > b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
 
@@ -213,17 +220,117 @@ def _floats(xs: Iterable) -> list[float]:
     return [float(v) for v in xs]
 
 
-def to_json(obj: Any) -> Any:
+def to_json(obj: Any, at: str = "record") -> Any:
     """Tensors, numpy scalars and tuples to plain JSON types; non-finite floats stay floats
-    (``json`` writes them as NaN/Infinity, which Python reads back)."""
+    (``json`` writes them as NaN/Infinity, which Python reads back). Anything else raises a
+    ``TypeError`` naming where it is (``at``, e.g. ``record.params['model']``)."""
     if isinstance(obj, torch.Tensor):
-        return to_json(obj.detach().cpu().tolist())
+        return to_json(obj.detach().cpu().tolist(), at)
     if isinstance(obj, dict):
-        return {str(k): to_json(v) for k, v in obj.items()}
+        bad = next((k for k in obj if not isinstance(k, (str, int, float, bool)) and k is not None), None)
+        if bad is not None:
+            raise TypeError(f"{at} has a key {bad!r} of type {type(bad).__name__}; JSON keys are text")
+        return {str(k): to_json(v, f"{at}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy array or scalar
-        return to_json(obj.tolist())
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    return obj
+        return [to_json(v, f"{at}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, np.ndarray | np.generic):
+        return to_json(obj.tolist(), at)
+    raise TypeError(f"{at} is a {type(obj).__name__} ({obj!r:.60}), which JSON cannot hold; store a number, "
+                    "text, a list or a dict (a tensor or numpy value is converted)")
+
+
+def validate(records: Any, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the record unless ``records`` can be rendered."""
+    if not isinstance(records, list):
+        raise ValueError(f"{where}: records must be a list of dicts, got a {type(records).__name__}")
+    seen: set[str] = set()
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: record {i} is a {type(rec).__name__}, expected a dict (see normlab.lab.records)")
+        missing = [key for key in _REQUIRED if key not in rec]
+        if missing:
+            raise ValueError(f"{where}: record {i} ({rec.get('name', '?')!r}) lacks {missing}; see normlab.lab.records")
+        name = rec["name"]
+        if not (isinstance(name, str) and _NAME.match(name)):
+            raise ValueError(
+                f"{where}: record {i} is named {name!r}; a name names files and anchors, so use only "
+                "letters, digits, '_', '-' and '.'"
+            )
+        if name in seen:
+            raise ValueError(f"{where}: two records are named {name!r}; names must be unique")
+        if not (isinstance(rec["verdict"], dict) and rec["verdict"].get("status") in VERDICTS):
+            raise ValueError(f"{where}: record {name!r} needs verdict = {{'status': one of {list(VERDICTS)}, "
+                             "'summary': str}")
+        if (wrong := problem(rec)) is not None:
+            raise ValueError(f"{where}: experiment {name!r}: {wrong}")
+        seen.add(name)
+
+
+_NUMBER = (int, float)
+
+
+def problem(rec: dict) -> str | None:
+    """The first field of a record that the page cannot show, as ``field: what is wrong``, or None
+    (a figure whose panels cannot be drawn is shown as an error box instead, see _figure_html)."""
+    def kind(v):
+        return type(v).__name__
+
+    for key in ("title", "claim", "source"):
+        if key in rec and not isinstance(rec[key], str):
+            return f"{key} must be text, got {kind(rec[key])}"
+    for key, cls in (("checks", list), ("figures", list), ("tables", list), ("notes", list), ("params", dict)):
+        if key in rec and rec[key] is not None and not isinstance(rec[key], cls):
+            return f"{key} must be a {cls.__name__}, got {kind(rec[key])}"
+    for i, c in enumerate(rec.get("checks") or []):
+        at = f"checks[{i}]"
+        if not isinstance(c, dict):
+            return f"{at} must be a dict, got {kind(c)}"
+        if not isinstance(c.get("name"), str):
+            return f"{at}.name must be text"
+        if c.get("status") not in STATUSES:
+            return f"{at}.status must be one of {list(STATUSES)}, got {c.get('status')!r}"
+        if "value" in c and c["value"] is not None and not isinstance(c["value"], _NUMBER):
+            return f"{at}.value must be a number, got {c['value']!r}"
+        if not isinstance(c.get("threshold"), _NUMBER):
+            return f"{at}.threshold must be a number, got {c.get('threshold')!r}"
+        if not (isinstance(c.get("op"), str) and c["op"] in _OPS):
+            return f"{at}.op must be one of {list(_OPS)}, got {c.get('op')!r}"
+        if "value" not in c:
+            return f"{at} has no value"
+        ci = c.get("ci")
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, _NUMBER) for v in ci)):
+            return f"{at}.ci must be [low, high], got {ci!r}"
+    for i, t in enumerate(rec.get("tables") or []):
+        at = f"tables[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("columns"), list) or not isinstance(t.get("rows"), list):
+            return f"{at} must be {{'title', 'columns': [...], 'rows': [[...], ...]}}"
+        bad = next((j for j, r in enumerate(t["rows"]) if not isinstance(r, list) or len(r) != len(t["columns"])), None)
+        if bad is not None:
+            return f"{at}.rows[{bad}] must be a list of {len(t['columns'])} cells, one per column"
+    for i, f in enumerate(rec.get("figures") or []):
+        at = f"figures[{i}]"
+        if not isinstance(f, dict) or not isinstance(f.get("panels"), list):
+            return f"{at} must be {{'title', 'panels': [...]}}"
+        for j, pan in enumerate(f["panels"]):
+            if not isinstance(pan, dict):
+                return f"{at}.panels[{j}] must be a dict (see panel()), got {kind(pan)}"
+            if pan.get("kind") != "lines":
+                continue  # other kinds are read only when drawn: a panel that cannot be drawn is an error box
+            lines = pan.get("series")
+            if not isinstance(lines, list):
+                return f"{at}.panels[{j}].series must be a list of series(), got {kind(lines)}"
+            for k, line in enumerate(lines):  # the curves' CSV reads these
+                where = f"{at}.panels[{j}].series[{k}]"
+                if not (isinstance(line, dict) and isinstance(line.get("x"), list) and isinstance(line.get("y"), list)):
+                    return f"{where} must be {{'label', 'x': [...], 'y': [...]}}"
+                for band in ("lo", "hi"):
+                    if line.get(band) is not None and not (isinstance(line[band], list)
+                                                           and len(line[band]) >= min(len(line["x"]), len(line["y"]))):
+                        return f"{where}.{band} must be a list as long as x and y"
+    if rec.get("seconds") is not None and not isinstance(rec["seconds"], _NUMBER):
+        return f"seconds must be a number, got {kind(rec['seconds'])}"
+    if any(not isinstance(n, str) for n in rec.get("notes") or []):
+        return "notes must be a list of text"
+    return None

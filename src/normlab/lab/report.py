@@ -55,6 +55,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .records import validate
+
 __all__ = ["write_report", "check_out", "load_records", "rebuild", "render_figure"]
 
 _VERDICTS = {"supported": ("ok", "✔ supported"), "not supported": ("bad", "✘ not supported"),
@@ -65,8 +67,6 @@ RECORDS_FILE = "records.json"
 INDEX_FILE = "index.html"
 CURVE_COLUMNS = ("figure", "panel", "series", "x", "y", "lo", "hi")
 
-_REQUIRED = ("name", "title", "claim", "checks", "verdict")
-_NAME = re.compile(r"[\w.-]+\Z")  # a record's name becomes a file name and an HTML id
 _CSV = re.compile(r"[\w.-]+-(\d+|curves)\.csv\Z")  # the names of the CSVs write_report writes
 _FIGURE_INCHES = 11.5  # the page's content width (1150 CSS px at 100 px per inch)...
 _PANEL_HEIGHT = 3.4
@@ -172,7 +172,7 @@ def write_report(records: list[dict], out_dir: str | Path, *, meta: dict | None 
     Returns:
         The path of ``index.html``.
     """
-    _validate(records, "write_report(records)")
+    validate(records, "write_report(records)")
     meta = dict(meta or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +219,7 @@ def _earlier(out: Path) -> tuple[list[dict], set[str]]:
         with open(out / RECORDS_FILE, encoding="utf-8") as f:
             data = json.load(f)
         records = data["records"]
-        _validate(records, "")
+        validate(records, "")
         files = data.get("files", [])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return [], set()
@@ -264,7 +264,7 @@ def load_records(out_dir: str | Path) -> tuple[list[dict], dict]:
             f'{path} must hold {{"meta": {{...}}, "records": [...]}}, got a {type(data).__name__} '
             f"with keys {sorted(data) if isinstance(data, dict) else []}; rerun `normlab run --out {out_dir}`"
         )
-    _validate(data["records"], str(path))
+    validate(data["records"], str(path))
     return data["records"], data.get("meta", {})
 
 
@@ -272,80 +272,6 @@ def rebuild(out_dir: str | Path) -> Path:
     """Rewrite the report in ``out_dir`` from its ``records.json`` (``normlab report DIR``)."""
     records, meta = load_records(out_dir)
     return write_report(records, out_dir, meta=meta)
-
-
-def _validate(records: Any, where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` and the record unless ``records`` can be rendered."""
-    if not isinstance(records, list):
-        raise ValueError(f"{where}: records must be a list of dicts, got a {type(records).__name__}")
-    seen: set[str] = set()
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: record {i} is a {type(rec).__name__}, expected a dict (see normlab.lab.records)")
-        missing = [key for key in _REQUIRED if key not in rec]
-        if missing:
-            raise ValueError(f"{where}: record {i} ({rec.get('name', '?')!r}) lacks {missing}; see normlab.lab.records")
-        name = rec["name"]
-        if not (isinstance(name, str) and _NAME.match(name)):
-            raise ValueError(
-                f"{where}: record {i} is named {name!r}; a name names files and anchors, so use only "
-                "letters, digits, '_', '-' and '.'"
-            )
-        if name in seen:
-            raise ValueError(f"{where}: two records are named {name!r}; names must be unique")
-        if not (isinstance(rec["verdict"], dict) and rec["verdict"].get("status") in _VERDICTS):
-            raise ValueError(f"{where}: record {name!r} needs verdict = {{'status': one of {list(_VERDICTS)}, "
-                             "'summary': str}")
-        if (problem := _shape_problem(rec)) is not None:
-            raise ValueError(f"{where}: experiment {name!r}: {problem} (the record's shape: normlab.lab.records)")
-        seen.add(name)
-
-
-_NUMBER = (int, float)
-
-
-def _shape_problem(rec: dict) -> str | None:
-    """The first field of a record that the page cannot show, as ``field: what is wrong``, or None
-    (a figure whose panels cannot be drawn is shown as an error box instead, see _figure_html)."""
-    def kind(v):
-        return type(v).__name__
-
-    for key in ("title", "claim", "source"):
-        if key in rec and not isinstance(rec[key], str):
-            return f"{key} must be text, got {kind(rec[key])}"
-    for key, cls in (("checks", list), ("figures", list), ("tables", list), ("notes", list), ("params", dict)):
-        if key in rec and rec[key] is not None and not isinstance(rec[key], cls):
-            return f"{key} must be a {cls.__name__}, got {kind(rec[key])}"
-    for i, c in enumerate(rec.get("checks") or []):
-        at = f"checks[{i}]"
-        if not isinstance(c, dict):
-            return f"{at} must be a dict, got {kind(c)}"
-        if not isinstance(c.get("name"), str):
-            return f"{at}.name must be text"
-        if c.get("status") not in _STATUSES:
-            return f"{at}.status must be one of {list(_STATUSES)}, got {c.get('status')!r}"
-        for num in ("value", "threshold"):
-            if num in c and c[num] is not None and not isinstance(c[num], _NUMBER):
-                return f"{at}.{num} must be a number, got {c[num]!r}"
-        if "value" not in c:
-            return f"{at} has no value"
-        ci = c.get("ci")
-        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, _NUMBER) for v in ci)):
-            return f"{at}.ci must be [low, high], got {ci!r}"
-    for i, t in enumerate(rec.get("tables") or []):
-        at = f"tables[{i}]"
-        if not isinstance(t, dict) or not isinstance(t.get("columns"), list) or not isinstance(t.get("rows"), list):
-            return f"{at} must be {{'title', 'columns': [...], 'rows': [[...], ...]}}"
-        bad = next((j for j, r in enumerate(t["rows"]) if not isinstance(r, list) or len(r) != len(t["columns"])), None)
-        if bad is not None:
-            return f"{at}.rows[{bad}] must be a list of {len(t['columns'])} cells, one per column"
-    for i, f in enumerate(rec.get("figures") or []):
-        at = f"figures[{i}]"
-        if not isinstance(f, dict) or not isinstance(f.get("panels"), list):
-            return f"{at} must be {{'title', 'panels': [...]}}"
-    if any(not isinstance(n, str) for n in rec.get("notes") or []):
-        return "notes must be a list of text"
-    return None
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -379,7 +305,7 @@ def _curve_rows(lines: Iterable[tuple[dict, dict]]) -> Iterator[list[Any]]:
         for s in pan.get("series", ()):
             lo, hi = s.get("lo"), s.get("hi")
             for i, (x, y) in enumerate(zip(s["x"], s["y"])):
-                band = [lo[i], hi[i]] if lo is not None else ["", ""]
+                band = ["" if b is None else b[i] for b in (lo, hi)]
                 yield [fig.get("title", ""), pan.get("title", ""), s.get("label", ""), x, y, *band]
 
 
@@ -675,7 +601,7 @@ def _badge(kinds: dict, status: str) -> str:
 
 def _interval(c: dict) -> str:
     """A check's interval as page text: "lo to hi (how)", or how it was decided without one."""
-    lo, hi = c.get("ci", (math.nan, math.nan))
+    lo, hi = c.get("ci") or (math.nan, math.nan)
     how = c.get("ci_method", "")
     if c.get("values") is None or math.isnan(lo):
         return _esc(how)
