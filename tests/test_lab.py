@@ -4,6 +4,8 @@ import json
 import math
 
 import numpy as np
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -291,6 +293,16 @@ def test_registering_a_user_experiment(monkeypatch):
         experiments.run("nope")
 
 
+def test_the_module_docstring_example_registers_and_runs(monkeypatch):
+    monkeypatch.setattr(experiments, "EXPERIMENTS", dict(experiments.EXPERIMENTS))
+    code = experiments.__doc__.split("::", 1)[1]
+    exec(compile(textwrap.dedent(code), "experiments.__doc__", "exec"), {})
+    e = experiments.EXPERIMENTS["my-ln"]
+    assert (e.seeds, e.epochs) == ((3, 5), (5, 20))
+    rec = experiments.run("my-ln", experiments.Config(seeds=(0, 1), epochs=1))
+    assert rec["checks"][0]["values"] is not None and len(rec["checks"][0]["values"]) == 2
+
+
 @pytest.mark.parametrize("returns, error, says", [
     ({"checks": [], "params": {"model": object()}}, TypeError, r"'bad': record\['params'\]\['model'\] is a object"),
     ({"checks": [], "params": {(1, 2): 3}}, TypeError, r"key \(1, 2\) of type tuple"),
@@ -460,9 +472,9 @@ def test_quick_may_be_inconclusive_where_full_decides_never_the_opposite(monkeyp
     monkeypatch.setattr(experiments, "EXPERIMENTS", dict(experiments.EXPERIMENTS))
     per_seed = [0.02, 0.2, 0.1, 0.15, 0.12]  # what each random seed would measure
 
-    @experiments.experiment("seedy", "Seedy", source="", claim="the difference is positive")
+    @experiments.experiment("seedy", "Seedy", source="", claim="the difference is positive", seeds=(2, 5))
     def seedy(cfg):
-        seeds = cfg.seeds_or(2)
+        seeds = cfg.seeds
         return {"params": {"random seeds": list(seeds)},
                 "checks": [records.check("difference", [per_seed[s] for s in seeds], ">", 0.0)]}
 

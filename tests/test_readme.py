@@ -52,3 +52,19 @@ def test_readme_adoption_example_prints_what_it_says(capsys):
     printed = capsys.readouterr().out.splitlines()
     said = [line.split("# ", 1)[1].strip() for line in block.splitlines() if line.startswith("print(")]
     assert printed == said
+
+
+def test_readme_and_help_state_the_seeds_the_registry_runs(capsys):
+    """The numbers live in the registry; README's words and --help must say the same."""
+    from normlab.cli import _seed_range, build_parser
+    from normlab.lab.experiments import EXPERIMENTS
+
+    exps = [e for e in EXPERIMENTS.values() if e.seeds]
+    quick = f"{min(e.seeds[0] for e in exps)}–{max(e.seeds[0] for e in exps)}"
+    full = f"{min(e.seeds[1] for e in exps)}–{max(e.seeds[1] for e in exps)}"
+    text = " ".join(README.read_text().split())
+    assert f"The quick tour runs {quick} random seeds per experiment; `--full` runs {full}" in text
+    assert f"--full # full versions: {full.replace('–', '-')} random seeds" in text
+    assert _seed_range() == f"{quick.replace('–', '-')}, or {full.replace('–', '-')} with --full"
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    assert _seed_range() in " ".join(run.format_help().split())

@@ -21,8 +21,9 @@ error), 1 an experiment raised (or ``build`` failed), 2 bad usage (unknown name,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def _plain(text: str) -> str:
@@ -53,13 +54,41 @@ def _experiments():
 
 def _list(_args: argparse.Namespace) -> int:
     exps = _experiments().EXPERIMENTS
-    sections = [("experiments (normlab run NAME)", [(e.name, _plain(e.title)) for e in exps.values()]), *_catalogue()]
+    sections = [("experiments (normlab run NAME; random seeds and epochs of the tour, --full in brackets)",
+                 [(e.name, f"{_plain(e.title)}{_runs(e)}") for e in exps.values()]), *_catalogue()]
     for title, rows in sections:
         print(title)
         width = max(len(name) for name, _ in rows)
         for name, summary in rows:
             print(f"  {name:<{width}}  {summary}")
     return 0
+
+
+def _runs(e) -> str:
+    """" — 5 seeds [10], 20 epochs [40]": what an experiment runs, as its registration says."""
+    said = [f"{q} {what}" + (f" [{f}]" if f != q else "") for what, pair in (("seeds", e.seeds), ("epochs", e.epochs))
+            if pair for q, f in [pair]]
+    return " — " + ", ".join(said) if said else " — exact, no random seeds"
+
+
+class _Lazy:
+    """A help text part computed only when ``--help`` prints it (argparse formats help with ``%``)."""
+
+    def __init__(self, fn: Callable[[], str]):
+        self.fn = fn
+
+    def __str__(self) -> str:
+        return self.fn()
+
+
+def _seed_range() -> str:
+    """How many random seeds the experiments run, quick and with --full, from the registry."""
+    try:
+        exps = [e for e in _experiments().EXPERIMENTS.values() if e.seeds]
+    except ImportError:  # the lab extra is missing: `normlab list` says so
+        return "see normlab list"
+    span = [f"{min(e.seeds[i] for e in exps)}-{max(e.seeds[i] for e in exps)}" for i in (0, 1)]
+    return f"{span[0]}, or {span[1]} with --full"
 
 
 def _lab_missing(command: str, modules: tuple[str, ...] | None = None) -> bool:
@@ -215,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the report into a folder that holds other files too (never needed for a new one)")
     p.add_argument("--full", action="store_true", help="full versions: more epochs and seeds (tens of minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=_positive, metavar="K",
-                   help="run seeds 0..K-1 (default: each experiment's own: 3-5, or 5-10 with --full)")
+                   help="run seeds 0..K-1 (default: each experiment's own, `normlab list` shows them: "
+                        "%(own)s)").own = _Lazy(_seed_range)
     p.add_argument("--epochs", type=_positive, metavar="N", help="override every experiment's number of epochs")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
     p.add_argument("--nproc", type=_positive, default=1, metavar="K",
@@ -263,7 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `normlab list | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

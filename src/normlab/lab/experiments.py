@@ -11,18 +11,23 @@ it like the built-in ones, or call ``run("my-ln")`` from Python::
     from normlab.lab.experiments import experiment
     from normlab.lab import data, models, records, train
 
-    @experiment("my-ln", "LayerNorm on wine", source="my notes", claim="LN beats none on wine")
-    def my_ln(cfg):
+    @experiment("my-ln", "LayerNorm on wine", source="my notes", claim="LN beats none on wine",
+                seeds=(3, 5), epochs=(5, 20))           # (quick, --full)
+    def my_ln(cfg):                                    # cfg.seeds, cfg.epochs: this run's
         split = data.load_dataset("wine", seed=0).scaled("zscore")
-        acc = {}
-        for norm in ("none", "layer"):
-            model = models.mlp(13, 3, depth=4, width=32, norm=norm, seed=0)
-            acc[norm] = train.fit(model, split, epochs=cfg.epochs_or(5, 20)).test_metric[-1]
-        return {"checks": [records.check("LN − none accuracy", acc["layer"] - acc["none"], ">", 0)]}
+        diff = []
+        for seed in cfg.seeds:
+            acc = {}
+            for norm in ("none", "layer"):
+                model = models.mlp(13, 3, depth=4, width=32, norm=norm, seed=seed)
+                acc[norm] = train.fit(model, split, epochs=cfg.epochs, seed=seed).test_metric[-1]
+            diff.append(acc["layer"] - acc["none"])
+        return {"checks": [records.check("LN − none accuracy", diff, ">", 0)]}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -47,7 +52,9 @@ class Config:
     """How to run an experiment: quick or full, which random seeds, an epochs override, the device.
 
     Each check is computed per random seed and reported with its 95% interval over the seeds
-    (:func:`normlab.lab.records.check`), so more seeds narrow the intervals.
+    (:func:`normlab.lab.records.check`), so more seeds narrow the intervals. ``seeds`` and
+    ``epochs`` left ``None`` are the experiment's own (declared at registration, quick or full);
+    :func:`run` hands the experiment a Config where they are filled in.
     """
 
     full: bool = False
@@ -60,12 +67,6 @@ class Config:
     def pick(self, quick, full):
         return full if self.full else quick
 
-    def epochs_or(self, quick: int, full: int) -> int:
-        return self.epochs if self.epochs is not None else self.pick(quick, full)
-
-    def seeds_or(self, quick: int, full: int = 5) -> tuple[int, ...]:
-        return self.seeds if self.seeds is not None else tuple(range(self.pick(quick, full)))
-
 
 @dataclass(frozen=True)
 class Experiment:
@@ -74,17 +75,22 @@ class Experiment:
     source: str
     claim: str
     fn: Callable[[Config], dict] = field(repr=False)
+    seeds: tuple[int, int] | None = None  # how many random seeds, (quick, full); None: exact, no randomness
+    epochs: tuple[int, int] | None = None  # (quick, full); None: no training
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
 
 
-def experiment(name: str, title: str, *, source: str, claim: str):
+def experiment(name: str, title: str, *, source: str, claim: str, seeds: tuple[int, int] | None = None,
+               epochs: tuple[int, int] | None = None):
     """Register ``fn(cfg) -> dict`` as experiment ``name``.
 
-    ``fn`` returns the record's ``checks`` (required) and any of ``params``, ``figures``,
-    ``tables``, ``notes``; the registry adds the name, title, source, claim, the verdict and the
-    wall time.
+    ``seeds`` and ``epochs`` are how many random seeds and epochs it runs, ``(quick, full)``
+    (``normlab list``, ``--help`` and the page read them here); ``fn`` finds this run's in
+    ``cfg.seeds`` (a tuple of seeds) and ``cfg.epochs``, after ``--seeds`` and ``--epochs``. ``fn``
+    returns the record's ``checks`` (required) and any of ``params``, ``figures``, ``tables``,
+    ``notes``; the registry adds the name, title, source, claim, the verdict and the wall time.
     """
 
     if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][\w-]*", name)):
@@ -94,10 +100,18 @@ def experiment(name: str, title: str, *, source: str, claim: str):
     def register(fn: Callable[[Config], dict]) -> Callable[[Config], dict]:
         if name in EXPERIMENTS:
             raise ValueError(f"an experiment named {name!r} is already registered; choose another name")
-        EXPERIMENTS[name] = Experiment(name, title, source, claim, fn)
+        EXPERIMENTS[name] = Experiment(name, title, source, claim, fn, _pair(seeds, "seeds"), _pair(epochs, "epochs"))
         return fn
 
     return register
+
+
+def _pair(v, what: str) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(k, int) and k > 0 for k in v)):
+        raise ValueError(f"{what}={v!r}: give (quick, full), two positive whole numbers, e.g. {what}=(3, 5)")
+    return v
 
 
 def run(name: str, cfg: Config | None = None) -> dict:
@@ -105,6 +119,9 @@ def run(name: str, cfg: Config | None = None) -> dict:
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; valid names: {', '.join(EXPERIMENTS)}")
     exp, cfg = EXPERIMENTS[name], cfg or Config()
+    cfg = dataclasses.replace(
+        cfg, seeds=cfg.seeds or (tuple(range(cfg.pick(*exp.seeds))) if exp.seeds else None),
+        epochs=cfg.epochs or (cfg.pick(*exp.epochs) if exp.epochs else None))
     start = time.perf_counter()
     out = exp.fn(cfg)
     if not isinstance(out, dict):
@@ -219,9 +236,10 @@ def _boxes(layers: dict[str, torch.Tensor], group: str) -> list[dict]:
     source="Lesson 14.1 §2 (Z-Score modelling experiment)",
     claim="A network trained on Z-Score inputs (statistics from the training split) converges faster and "
     "reaches a lower test error than on raw inputs, and its per-layer gradients are steadier in the first epochs.",
+    seeds=(5, 10), epochs=(20, 40),
 )
 def _zscore(cfg: Config) -> dict:
-    epochs, seeds = cfg.epochs_or(20, 40), cfg.seeds_or(5, 10)
+    epochs, seeds = cfg.epochs, cfg.seeds
     lr, batch = 0.03, 10
     raw_split = data.make_regression(num_examples=1000, num_inputs=2, degree=1, loc=5.0, seed=0)
     runs = {"raw": raw_split, "zscore": raw_split.scaled("zscore")}
@@ -306,11 +324,12 @@ def _zscore(cfg: Config) -> dict:
     source="Lesson 14.1 §3.1 (Zero-Centered property fades)",
     claim="With Z-Score inputs alone, a tanh network's per-layer gradients are steady early (epoch 5) and "
     "unsteady later (epoch 40); BatchNorm keeps them steady.",
+    seeds=(5, 10), epochs=(40, 40),
 )
 def _drift(cfg: Config) -> dict:
-    late = cfg.epochs_or(40, 40)
+    late = cfg.epochs
     early = max(1, min(5, late // 2))  # the lesson's epoch 5, earlier when --epochs is small
-    seeds = cfg.seeds_or(5, 10)
+    seeds = cfg.seeds
     lr, batch = 0.03, 10
     split = data.make_regression(num_examples=1000, num_inputs=2, degree=2, bias=False, seed=0).scaled("zscore")
     spread = {(k, e): [] for k in ("zscore", "zscore+BN") for e in (early, late)}
@@ -382,10 +401,11 @@ def _drift(cfg: Config) -> dict:
     "back-propagated gradient variance shrinks likewise; Xavier init keeps both far steadier (what shrink is left "
     "comes from tanh's slope below 1 away from 0). Sigmoid's "
     "derivative (≤ 1/4) makes the gradients vanish whatever the init.",
+    seeds=(5, 5),
 )
 def _glorot(cfg: Config) -> dict:
     depth, width, n = cfg.pick((8, 256, 512), (12, 512, 2048))
-    seeds = cfg.seeds_or(5)
+    seeds = cfg.seeds
     results: dict[tuple[str, str], list[list[dict]]] = {}
     summaries: dict[tuple[str, str], list[dict]] = {}
     for activation in ("tanh", "sigmoid"):
@@ -496,9 +516,10 @@ class _Percentiles:
     source="Lesson 14.1 §4; Ioffe & Szegedy (2015), Fig. 1",
     claim="BatchNorm makes a 3-hidden-layer sigmoid network train faster and reach a higher test accuracy, and "
     "keeps the distribution of a sigmoid's input steadier during training.",
+    seeds=(5, 5), epochs=(10, 40),
 )
 def _batchnorm(cfg: Config) -> dict:
-    epochs, seeds = cfg.epochs_or(10, 40), cfg.seeds_or(5)
+    epochs, seeds = cfg.epochs, cfg.seeds
     lr, batch = 0.5, 60
     split = data.load_dataset("digits", seed=0).scaled("zscore")
     every = max(1, len(split.X_train) // batch // 2)  # twice per epoch
@@ -590,9 +611,10 @@ _IN_NETWORK = ("batch", "layer", "group", "instance", "rms")
     claim="The in-network norms (BN, LN, IN, GN, RMS) rescue a deep sigmoid network that barely learns without "
     "normalization and keep its back-propagated gradient variance steadier across layers; on an easy tanh "
     "network no norm, weight and cosine normalization included, costs accuracy.",
+    seeds=(3, 5), epochs=(6, 20),
 )
 def _compare(cfg: Config) -> dict:
-    epochs, seeds = cfg.epochs_or(6, 20), cfg.seeds_or(3)
+    epochs, seeds = cfg.epochs, cfg.seeds
     batch, depth, width = 32, 4, 64
     split = data.load_dataset("digits", seed=0).scaled("zscore")
     tasks = {"sigmoid": 0.3, "tanh": 0.1}  # activation -> learning rate
@@ -658,10 +680,11 @@ def _compare(cfg: Config) -> dict:
     source="the survey “Norm相关总结” (BN needs batches that are not too small); Wu & He (2018), Table 2",
     claim="BatchNorm's test error grows as the batch shrinks towards 2, while GroupNorm and LayerNorm, which "
     "do not look across the batch, are insensitive to the batch size; at batch 2 both beat BatchNorm.",
+    seeds=(3, 5), epochs=(3, 10),
 )
 def _batch_size(cfg: Config) -> dict:
     sizes = cfg.pick((32, 8, 2), (32, 16, 8, 4, 2))
-    epochs, seeds = cfg.epochs_or(3, 10), cfg.seeds_or(3)
+    epochs, seeds = cfg.epochs, cfg.seeds
     base_lr = 0.05  # per 32 examples; scaled linearly with the batch size (Wu & He's rule)
     split = data.load_dataset("digits", seed=0).scaled("zscore")
     errors: dict[str, dict[int, list[float]]] = {}
@@ -819,9 +842,10 @@ def _population_stats(model: nn.Module, X: torch.Tensor) -> list[tuple[torch.Ten
     claim="At test time BN must use its running statistics (model.eval()): forgetting eval() normalizes each test "
     "batch by its own statistics, which costs accuracy on small test batches and overwrites the running "
     "statistics; the momentum sets how closely the running statistics track the population.",
+    seeds=(5, 5), epochs=(5, 20),
 )
 def _train_eval(cfg: Config) -> dict:
-    epochs, seeds = cfg.epochs_or(5, 20), cfg.seeds_or(5)
+    epochs, seeds = cfg.epochs, cfg.seeds
     split = data.load_dataset("digits", seed=0).scaled("zscore")
     momenta = (0.01, 0.1, 0.5, None)
     test_batches = (4, 16, len(split.X_test))
