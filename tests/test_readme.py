@@ -42,7 +42,10 @@ def test_readme_main_command_runs_the_tour():
 def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     cmds = re.findall(r"```bash\n(.*?)\n```", README.read_text(), flags=re.S)
-    assert any(c.strip() in ci for c in cmds if "pytest" in c)
+    cmd = next(c.strip() for c in cmds if "pytest" in c and c.strip() in ci)
+    line = next(line for line in ci.splitlines() if cmd in line)
+    # `set -e` ignores a failure inside an && list: without this, failing tests pass CI
+    assert "&&" not in cmd or line.rstrip().endswith("|| exit 1"), line
 
 
 def test_readme_adoption_example_prints_what_it_says(capsys):

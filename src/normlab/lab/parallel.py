@@ -27,15 +27,16 @@ __all__ = ["fit_parallel"]
 
 
 def _worker(rank: int, nproc: int, folder: str, build, split: Split, sync: bool, fit_kwargs: dict) -> None:
+    torch.set_num_threads(1)  # K processes share the machine's cores
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init')}", rank=rank, world_size=nproc)
     try:
-        torch.set_num_threads(1)  # K processes share the machine's cores
         model = build()
         if sync:
             model = convert_sync_batchnorm(model)
         history = train.fit(model, split, shard=(rank, nproc), progress=False, **fit_kwargs)
         if rank == 0:
             torch.save({"history": history.to_dict(), "state": model.state_dict()}, os.path.join(folder, "out.pt"))
+        dist.barrier()  # every rank leaves the group together: none tears it down under another
     finally:
         dist.destroy_process_group()
 
