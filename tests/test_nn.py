@@ -6,6 +6,8 @@ import copy
 import io
 import pickle
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -409,6 +411,36 @@ def test_a_rejected_state_dict_writes_nothing(key, value):
         m.load_state_dict(sd)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _every_module_with_state():
+    from normlab.distributed import SyncBatchNorm
+
+    return {"LayerNorm": lambda: N.LayerNorm(3), "RMSNorm": lambda: N.RMSNorm(3), "GroupNorm": lambda: N.GroupNorm(1, 3),
+            "InstanceNorm1d": lambda: N.InstanceNorm1d(3, affine=True, track_running_stats=True),
+            "BatchRenorm1d": lambda: N.BatchRenorm1d(3), "SyncBatchNorm": lambda: SyncBatchNorm(3),
+            "CosineLinear": lambda: N.CosineLinear(2, 3), "weight_norm": lambda: N.weight_norm(torch.nn.Linear(2, 3)),
+            "in a Sequential": lambda: torch.nn.Sequential(N.weight_norm(torch.nn.Linear(2, 3)), N.LayerNorm(3))}
+
+
+@pytest.mark.parametrize("name", list(_every_module_with_state()))
+def test_every_module_loads_all_of_a_state_dict_or_nothing(name):
+    """Every entry but one is good (7s): the bad one, wherever it comes, leaves every entry of the
+    module holding it as it was (a torch container around it loads its other children, as torch does)."""
+    m = _every_module_with_state()[name]()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for bad in before:
+        now = {k: v.clone() for k, v in m.state_dict().items()}
+        sd = {k: torch.full_like(v, 7) for k, v in before.items()}
+        sd[bad] = torch.ones(5, 5)
+        with pytest.raises(RuntimeError, match=re.escape(bad)) as err:
+            m.load_state_dict(sd)
+        assert str(err.value).count("does not fit") == 1, err.value  # said once, by the module that refused
+        mine = bad.split(".")[0] + "." if isinstance(m, torch.nn.Sequential) else ""
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, now[k]) or not k.startswith(mine), (bad, k)
+    m.load_state_dict({k: torch.full_like(v, 7) for k, v in before.items()})  # after refusals, a good load loads
+    assert all(bool((v == 7).all()) for v in m.state_dict().values())
 
 
 @pytest.mark.parametrize("call", [

@@ -413,6 +413,9 @@ def test_fit_starts_afresh(cls):
     (lambda: MinMaxScaler(), "data_min", torch.zeros(4)),                # wrong length
     (lambda: MinMaxScaler(), "n_samples_seen", torch.tensor(-3)),
     (lambda: MinMaxScaler(), "n_features_in", 0),
+    (lambda: MinMaxScaler(), "n_samples_seen", torch.tensor([4, 4])),   # one count, not one per feature
+    (lambda: MinMaxScaler(), "n_samples_seen", torch.tensor(4.5)),      # not a whole number
+    (lambda: MinMaxScaler(), "data_max", torch.full((3,), -1e3)),      # below data_min
 ])
 def test_a_rejected_scaler_state_dict_keeps_the_fit(make, key, value):
     x = np.random.default_rng(0).normal(size=(20, 3))
@@ -425,6 +428,30 @@ def test_a_rejected_scaler_state_dict_keeps_the_fit(make, key, value):
     with pytest.raises(ValueError):
         scaler.load_state_dict(sd)
     np.testing.assert_array_equal(scaler.transform(x), before)
+
+
+@pytest.mark.parametrize("make, key, value", [
+    (StandardScaler, "count", 5), (StandardScaler, "count", torch.tensor(5.0)), (StandardScaler, "mean", 2.0),
+    (MinMaxScaler, "data_max", torch.tensor(30.0)), (MinMaxScaler, "n_samples_seen", torch.tensor([7])),
+])
+def test_a_number_for_every_feature_loads_in_the_shape_a_fit_gives(make, key, value):
+    """A number stands for every feature: loaded, state_dict() and the attributes agree, and the
+    next partial_fit merges with it (it raised midway, or kept a 0-d statistic, before)."""
+    x = np.arange(30.0).reshape(-1, 3)
+    fitted = make().fit(x)
+    sd = fitted.state_dict()
+    sd[key] = value
+    got = make().fit(x[:2]).load_state_dict(sd)
+    want = fitted.state_dict()
+    for k, v in got.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert v.shape == want[k].shape and v.dtype == want[k].dtype, k
+    if make is StandardScaler:
+        assert got.mean_.shape == (3,)
+        got.partial_fit(x)
+        assert np.isfinite(got.mean_).all()
+    else:
+        assert got.data_max_.shape == (3,) and got.state_dict()["data_max"].tolist() == got.data_max_.tolist()
 
 
 def test_standard_scaler_sample_weight_is_scikit_learns_and_streams():

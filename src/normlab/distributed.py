@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import ShapeError
+from .nn import _AllOrNothing
 from .stats import Moments, accumulation_dtype, centered, corrected_variance, momentum_factor, update_running
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "all_reduce_moments", "all_reduce_scaler"]
@@ -156,7 +157,7 @@ class _SyncBN(torch.autograd.Function):
         return dx.to(dy.dtype), dw, db, None, None, None, None, None
 
 
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(_AllOrNothing, nn.modules.batchnorm._BatchNorm):
     r"""Batch Normalization over the batches of all ranks of a process group, as torch.nn.SyncBatchNorm.
 
     ``torch.nn.SyncBatchNorm``'s arguments, buffers and ``state_dict``; in training

@@ -332,7 +332,61 @@ def _prepare_scriptable(self) -> nn.Module:
         "back with the same parameters; the model itself is unchanged")
 
 
-class _NormBase(nn.Module):
+def _state_errors(module: nn.Module, state_dict, prefix: str) -> list[str]:
+    """What is wrong with the entries of ``state_dict`` for ``module`` and every module inside it,
+    all checked before any is written: a value that is not a tensor, a shape that does not fit (as
+    torch checks it, a 1-element tensor fitting a 0-d one), a negative ``running_var``, a
+    ``num_batches_tracked`` that is not a count."""
+    errors = []
+    for path, m in module.named_modules(prefix=prefix.rstrip(".")):
+        persistent = {k: v for k, v in (*m._parameters.items(), *m._buffers.items())
+                      if k not in m._non_persistent_buffers_set}
+        for name, own in persistent.items():
+            key = f"{path}.{name}" if path else name
+            if own is None or key not in state_dict:
+                continue
+            v = state_dict[key]
+            if not isinstance(v, Tensor):
+                errors.append(f"{key}: expected a tensor, got {type(v).__name__}")
+                continue
+            shape = v.shape[1:] if own.dim() == 0 and tuple(v.shape) == (1,) else v.shape
+            if tuple(shape) != tuple(own.shape):
+                errors.append(f"{key}: shape {tuple(v.shape)} does not fit {type(m).__name__}, "
+                              f"which has {tuple(own.shape)}")
+            elif v.device.type == "meta":
+                continue
+            elif name == "running_var" and bool((v < 0).any()):
+                errors.append(f"{key}: a variance cannot be negative, got {v.min().item()}")
+            elif name == "num_batches_tracked" and (v.is_floating_point() or v.is_complex() or int(v) < 0):
+                errors.append(f"{key}: expected a count (an integer >= 0), got {v.item()!r}")
+    return errors
+
+
+class _AllOrNothing:
+    """``load_state_dict`` writes every entry of this module and of the modules inside it, or none.
+
+    torch checks each entry as it copies it, so a bad bias is found after the weight was written.
+    Here every entry of the subtree is checked first (:func:`_state_errors`); a bad one is
+    reported as torch reports it (``load_state_dict`` raises a ``RuntimeError`` naming it) and
+    nothing of the subtree is written: the modules inside it (normlab's; a torch module inside
+    one holds no state) are marked with this load's error list and load nothing."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if self.__dict__.pop("_normlab_refused_in", None) is error_msgs:
+            return  # a module around this one refused this load and said why
+        errors = _state_errors(self, state_dict, prefix)
+        if errors:
+            error_msgs.extend(errors)
+            for m in self.modules():
+                if m is not self and isinstance(m, _AllOrNothing):
+                    m.__dict__["_normlab_refused_in"] = error_msgs  # this load only: a stale mark matches no other
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class _NormBase(_AllOrNothing, nn.Module):
     """Parameters, running buffers and their bookkeeping, shared by BatchNorm and InstanceNorm.
 
     Subclasses set ``_ndims`` (accepted input ranks, batched first) and ``_layout`` (its
@@ -416,33 +470,8 @@ class _NormBase(nn.Module):
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             nbt = self.num_batches_tracked
             state_dict[key] = nbt if nbt is not None and nbt.device.type != "meta" else torch.tensor(0)
-        errors = self._state_errors(state_dict, prefix)
-        if errors:  # reported as torch reports them (a RuntimeError from load_state_dict), and
-            error_msgs.extend(errors)  # nothing of this module is written
-            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    def _state_errors(self, state_dict, prefix: str) -> list[str]:
-        """What is wrong with this module's entries of ``state_dict``, every entry checked
-        before any is written: shapes, a negative ``running_var``, a count that is not a
-        non-negative integer."""
-        errors = []
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            own, key = getattr(self, name), prefix + name
-            if own is None or key not in state_dict:
-                continue
-            v = state_dict[key]
-            if not isinstance(v, Tensor):
-                errors.append(f"{key}: expected a tensor, got {type(v).__name__}")
-            elif tuple(v.shape) != tuple(own.shape):
-                errors.append(f"{key}: shape {tuple(v.shape)} does not fit {type(self).__name__}"
-                              f"({self.num_features}), which has {tuple(own.shape)}")
-            elif name == "running_var" and bool((v < 0).any()):
-                errors.append(f"{key}: a variance cannot be negative, got {v.min().item()}")
-            elif name == "num_batches_tracked" and (v.is_floating_point() or v.is_complex() or int(v) < 0):
-                errors.append(f"{key}: expected a count (an integer >= 0), got {v.item()!r}")
-        return errors
 
 
 class _BatchNorm(_NormBase):
@@ -655,7 +684,7 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
     return tuple(int(s) for s in normalized_shape)
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(_AllOrNothing, nn.LayerNorm):
     r"""Layer Normalization over the last dims of the input, each sample with its own mean and variance.
 
     Drop-in for ``torch.nn.LayerNorm``: the same arguments, defaults and ``state_dict`` keys.
@@ -742,7 +771,7 @@ class LayerNorm(nn.LayerNorm):
         )
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(_AllOrNothing, nn.RMSNorm):
     r"""Root Mean Square Layer Normalization: LayerNorm without the centering, over the last dims.
 
     Drop-in for ``torch.nn.RMSNorm``: the same arguments, defaults and ``state_dict`` keys.
@@ -832,7 +861,7 @@ def _offset_repr(module: nn.Module) -> str:
     return f", offset={module.offset}" if module.offset else ""
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(_AllOrNothing, nn.GroupNorm):
     r"""Group Normalization: the channels split into groups, each group of each sample normalized alone.
 
     Drop-in for ``torch.nn.GroupNorm``: the same arguments, defaults and ``state_dict`` keys.
@@ -928,7 +957,7 @@ class GroupNorm(nn.GroupNorm):
         )
 
 
-class CosineLinear(nn.Module):
+class CosineLinear(_AllOrNothing, nn.Module):
     r"""A linear layer whose outputs are the cosines between the input and each weight row.
 
     .. math::
@@ -999,7 +1028,7 @@ class CosineLinear(nn.Module):
 
 
 # ------------------------------------------------------------------------------ weight norm
-class _WeightNorm(nn.Module):
+class _WeightNorm(_AllOrNothing, nn.Module):
     """Holds ``original0`` (g) and ``original1`` (v) under the keys torch's parametrization
     uses, so state dicts move between ``torch.nn.utils.parametrizations.weight_norm`` and
     ours."""
@@ -1043,7 +1072,7 @@ def _weight_normed_class(base: type) -> type:
 
         _WN_CLASSES[base] = type(
             f"WeightNorm{base.__name__}",
-            (base,),
+            (base,) if issubclass(base, _AllOrNothing) else (_AllOrNothing, base),
             {
                 "__getattr__": __getattr__,
                 "__reduce_ex__": __reduce_ex__,

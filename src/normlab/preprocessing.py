@@ -202,26 +202,33 @@ class _Scaler(_CallbackSupport, OneToOneFeatureMixin, TransformerMixin, BaseEsti
                                  "pass the dict returned by state_dict()") from None
         # every entry is checked before anything is written: a rejected dict leaves the scaler as it was
         for k, t in stats.items():
-            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n) or not (t.is_floating_point() or
-                                                                        t.dtype in (torch.int32, torch.int64)):
+            numeric = t.is_floating_point() or t.dtype in (torch.int32, torch.int64)
+            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != (1 if k in self._scalar_keys else n)) or not numeric:
+                what = "one number" if k in self._scalar_keys else f"a number or a 1-D tensor of n_features_in={n} values"
                 raise ValueError(
-                    f"state_dict['{k}'] must be a number or a 1-D tensor of n_features_in={n} values, got "
-                    f"{'dtype ' + str(t.dtype) if t.dim() <= 1 else 'shape ' + str(tuple(t.shape))}; "
+                    f"state_dict['{k}'] must be {what}, got "
+                    f"{'shape ' + str(tuple(t.shape)) if numeric else 'dtype ' + str(t.dtype)}; "
                     "was it edited or saved by another scaler?"
                 )
             if k in self._count_keys and not bool(((t >= 0) & torch.isfinite(t.double())).all()):
                 raise ValueError(f"state_dict['{k}'] counts samples and must be finite and >= 0, got {t.tolist()}")
+            if k in self._scalar_keys and t.double().item() != round(t.double().item()):
+                raise ValueError(f"state_dict['{k}'] counts samples and must be a whole number, got {t.item()}")
             if k in self._nonnegative_keys and bool((t < 0).any()):
                 raise ValueError(f"state_dict['{k}'] is a sum of squares and cannot be negative, got {t.tolist()}")
+            # the shapes and dtypes a fit gives: one count, or a float64 value per feature
+            stats[k] = t.reshape(()).to(torch.int64) if k in self._scalar_keys else t.double().expand(n).clone()
+        if (why := self._state_problem(stats)) is not None:
+            raise ValueError(f"state_dict: {why}; was it edited or saved by another scaler?")
         if names is not None and len(names) != n:
             raise ValueError(f"state_dict['feature_names_in'] has {len(names)} names for n_features_in={n}")
         self._check_params()
+        self._commit(stats)  # all or nothing
         self.n_features_in_ = n
         if names is None:
             self.__dict__.pop("feature_names_in_", None)
         else:
             self.feature_names_in_ = np.asarray(names, dtype=object)
-        self._commit(stats)
         return self
 
     def __sklearn_is_fitted__(self) -> bool:
@@ -259,9 +266,17 @@ class _Scaler(_CallbackSupport, OneToOneFeatureMixin, TransformerMixin, BaseEsti
         return self
 
     def _commit(self, stats: dict[str, Tensor]) -> None:
+        """The statistics and every attribute derived from them, all set or (on an error) none."""
+        attributes = self._attributes(stats)
         self._stats = stats
-        for name, value in self._attributes(stats).items():
+        for name, value in attributes.items():
             setattr(self, name, value)
+
+    _scalar_keys: tuple[str, ...] = ()  # statistics that are one number, not one per feature
+
+    def _state_problem(self, stats: dict[str, Tensor]) -> str | None:
+        """What makes loaded statistics impossible for this scaler, in words; None if nothing."""
+        return None
 
     def _apply(self, X, fn: Callable[[Tensor], Tensor], *, check_names: bool = True, copy=None):
         check_is_fitted(self)
@@ -434,7 +449,14 @@ class MinMaxScaler(_Scaler):
 
     _stat_keys = ("data_min", "data_max", "n_samples_seen")
     _count_keys = ("n_samples_seen",)
+    _scalar_keys = ("n_samples_seen",)
     _nonnegative_keys = ()
+
+    def _state_problem(self, stats: dict[str, Tensor]) -> str | None:
+        below = (stats["data_max"] < stats["data_min"]).nonzero().flatten().tolist()  # NaN: a feature never seen
+        if below:
+            return f"data_max is below data_min for feature(s) {below}"
+        return None
 
     def __init__(self, feature_range=(0, 1), clip=False, *, copy=True):
         self.feature_range = feature_range
