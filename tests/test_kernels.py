@@ -137,9 +137,11 @@ OPS = {
     "batch_norm 2-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (17, 5)),
     "batch_norm 4-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (3, 4, 5, 6)),
     "batch_norm 5-D": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True), lambda s: s[1:2], (2, 3, 2, 3, 4)),
-    "batch_norm eval": (lambda x, w, b: F.batch_norm(x, torch.linspace(1, 3, x.shape[1]), torch.linspace(0.5, 2, x.shape[1]),
+    "batch_norm eval": (lambda x, w, b: F.batch_norm(x, torch.linspace(1, 3, x.shape[1], dtype=x.dtype),
+                                                     torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype),
                                                      w, b, False), lambda s: s[1:2], (3, 4, 5, 6)),
-    "batch_norm eval 2-D": (lambda x, w, b: F.batch_norm(x, torch.linspace(1, 3, x.shape[1]), torch.linspace(0.5, 2, x.shape[1]),
+    "batch_norm eval 2-D": (lambda x, w, b: F.batch_norm(x, torch.linspace(1, 3, x.shape[1], dtype=x.dtype),
+                                                         torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype),
                                                          w, b, False), lambda s: s[1:2], (9, 4)),
 }
 
@@ -264,20 +266,19 @@ def test_double_backward_falls_back_to_the_written_out_formula():
     assert torch.autograd.gradgradcheck(lambda a, b: F.layer_norm(a, (5,), b), (x, w))
 
 
-@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("grads", ["x", "x w b", "w b"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 2), (11, 6)])
-def test_eval_with_gradients_takes_the_kernel_and_is_exact(poisoned, shape, affine, grads, stats_dtype):
-    # x far from 0, running statistics in float32 or float64 (whose digits beyond float32 must
-    # not be lost, forward and in dγ): both paths against float64 truth
+def test_eval_with_gradients_takes_the_kernel_and_is_exact(poisoned, shape, affine, grads):
+    # x far from 0, running statistics with digits that a careless float32 path loses (forward
+    # and in dγ): both paths against float64 truth on the same values
     if not affine and grads == "w b":
         pytest.skip("nothing requires a gradient")
     g = torch.Generator().manual_seed(5)
     C = shape[1]
     x = torch.randn(shape, generator=g) * 3 + 1e4
-    mean = (torch.randn(C, generator=g, dtype=torch.float64) + 1e4 + 1e-3 / 3).to(stats_dtype)
-    var = (torch.rand(C, generator=g, dtype=torch.float64) * 9 + 0.5).to(stats_dtype)
+    mean = (torch.randn(C, generator=g, dtype=torch.float64) + 1e4 + 1e-3 / 3).float()
+    var = (torch.rand(C, generator=g, dtype=torch.float64) * 9 + 0.5).float()
     w, b = (torch.randn(C, generator=g), torch.randn(C, generator=g)) if affine else (None, None)
     dy = torch.randn(shape, generator=g)
 
@@ -286,7 +287,7 @@ def test_eval_with_gradients_takes_the_kernel_and_is_exact(poisoned, shape, affi
                   for t, name in ((x, "x"), (w, "w"), (b, "b"))]
         xs, ws, bs = leaves
         with kernels.use_backend(backend):
-            y = F.batch_norm(xs, mean, var, ws, bs, False)
+            y = F.batch_norm(xs, mean.to(dtype), var.to(dtype), ws, bs, False)
             y.backward(dy.to(dtype))
         return [y.detach()] + [t.grad for t in leaves if t is not None and t.requires_grad]
 
@@ -415,7 +416,7 @@ TORCH_OPS = {  # the OPS above, by torch.nn.functional
     "group_norm": lambda x, w, b: torch.nn.functional.group_norm(x, 3, w, b),
     "batch_norm 4-D": lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, True),
     "batch_norm eval": lambda x, w, b: torch.nn.functional.batch_norm(
-        x, torch.linspace(1, 3, x.shape[1]).to(x.dtype), torch.linspace(0.5, 2, x.shape[1]).to(x.dtype), w, b,
+        x, torch.linspace(1, 3, x.shape[1], dtype=x.dtype), torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype), w, b,
         False),
     "instance_norm 4-D": lambda x, w, b: torch.nn.functional.instance_norm(x, weight=w, bias=b),
 }
@@ -577,3 +578,63 @@ def test_rows_of_a_permuted_view_equal_those_of_its_contiguous_copy(make, dtype)
         y.backward(dy)
         want.backward(dy)
         assert torch.equal(got_x.grad, want_x.grad) and torch.equal(got_w.grad, want_w.grad)
+
+
+# one mistake, one error: the same class and message on every route (the compiled core, the Python
+# fallback on torch's op, the reference); through torch.ops the class is its builtin base
+_F64 = dict(dtype=torch.float64)
+MISTAKES = {
+    "group norm channels": (lambda: F.group_norm(torch.randn(4, 6, 3), 2, torch.ones(4), torch.zeros(4)), normlab.ShapeError),
+    "eval without statistics": (lambda: F.batch_norm(torch.randn(4, 3), None, None, training=False), normlab.StateError),
+    "layer norm weight of another dtype": (lambda: F.layer_norm(torch.randn(2, 3), (3,), torch.ones(3, **_F64)),
+                                           normlab.DTypeError),
+    "batch norm statistics of another dtype": (
+        lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3, **_F64), torch.ones(3, **_F64), training=False),
+        normlab.DTypeError),
+    "group norm bias of another dtype": (
+        lambda: F.group_norm(torch.randn(2, 4, 3, dtype=torch.bfloat16), 2, torch.ones(4), torch.ones(4, **_F64)),
+        normlab.DTypeError),
+    "instance norm weight of integers": (lambda: F.instance_norm(torch.randn(2, 3, 4), weight=torch.ones(3, dtype=torch.int64)),
+                                         TypeError),
+    "batch norm eps 0 in training": (lambda: F.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0),
+                                     ValueError),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_a_mistake_raises_the_same_error_on_every_route(name):
+    call, cls = MISTAKES[name]
+    messages = {}
+    for backend in ("auto", "torch", "reference"):
+        with normlab.use_backend(backend), pytest.raises(cls) as err:
+            call()
+        assert isinstance(err.value, RuntimeError) or cls in (TypeError, ValueError), (backend, type(err.value))
+        messages[backend] = str(err.value)
+    assert len(set(messages.values())) == 1, messages
+    assert issubclass(cls, RuntimeError) == (cls not in (TypeError, ValueError))  # torch's class is in it
+
+
+def test_what_torch_accepts_is_accepted_on_every_route():
+    x = torch.randn(2, 4, 3, 5).to(memory_format=torch.channels_last)
+    for backend in ("auto", "torch", "reference"):
+        with normlab.use_backend(backend):
+            assert F.instance_norm(torch.randn(2, 3, 4), eps=0.0).shape == (2, 3, 4)  # torch takes ε = 0 here
+            for wd in (torch.bfloat16, torch.float64):  # RMSNorm takes a weight of any float dtype, as torch's
+                y = F.rms_norm(torch.randn(2, 3), (3,), torch.ones(3, dtype=wd))
+                assert y.dtype == torch.float32, backend
+            assert F.rms_norm(x, (5,)).is_contiguous(memory_format=torch.channels_last), backend  # as torch's
+            z = F.zscore(torch.tensor([[1.0], [2.0], [float("inf")], [3.0]]))
+            assert bool(z.isnan().all()), (backend, z)  # a column holding inf has no finite z-scores
+
+
+@pytest.mark.parametrize("position", [0, 2, 5])
+def test_an_inf_in_a_batch_makes_the_running_variance_nan_wherever_it_is(position):
+    x = torch.randn(6, 2)
+    x[position, 0] = float("inf")
+    for backend in ("auto", "reference"):
+        m, ref = nln.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+        with normlab.use_backend(backend):
+            m(x)
+        ref(x)
+        assert torch.equal(m.running_var.isnan(), ref.running_var.isnan()), (backend, m.running_var)
+        assert m.running_mean[0] == float("inf") and torch.isfinite(m.running_var[1])

@@ -501,7 +501,7 @@ def test_offset_is_refused_where_it_cannot_hold():
     with pytest.raises(ValueError, match="elementwise_affine=False"):
         N.RMSNorm(4, elementwise_affine=False, offset=1.0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), N.RMSNorm(4, offset=1.0))
-    with pytest.raises(ValueError, match="to_torch: '1' \(RMSNorm\): .*offset"):  # torch.nn.RMSNorm has no offset
+    with pytest.raises(ValueError, match=r"to_torch: '1' \(RMSNorm\): .*offset"):  # torch.nn.RMSNorm has no offset
         to_torch(model, inplace=True)
     assert type(model[1]) is N.RMSNorm
     with pytest.raises(RuntimeError, match="to_torch"):  # TorchScript: normlab's forward is Python

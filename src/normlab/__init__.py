@@ -16,14 +16,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 _SUBMODULES = ("errors", "stats", "autograd", "kernels", "functional", "nn", "preprocessing", "convert", "distributed", "diagnostics", "lab", "cli")
 _BACKEND = ("set_backend", "get_backend", "use_backend")  # from normlab.kernels
-__all__ = ["__version__", "ShapeError", *_SUBMODULES, *_BACKEND]
+_ERRORS = ("ShapeError", "StateError", "DTypeError")  # from normlab.errors
+__all__ = ["__version__", *_ERRORS, *_SUBMODULES, *_BACKEND]
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    if name == "ShapeError":
-        return importlib.import_module(f"{__name__}.errors").ShapeError
+    if name in _ERRORS:
+        return getattr(importlib.import_module(f"{__name__}.errors"), name)
     if name in _BACKEND:
         return getattr(importlib.import_module(f"{__name__}.kernels"), name)
     raise AttributeError(f"module 'normlab' has no attribute {name!r}")

@@ -239,6 +239,12 @@ class SyncBatchNorm(_AllOrNothing, nn.modules.batchnorm._BatchNorm):
         if input.shape[1] != self.num_features:
             raise ShapeError(f"SyncBatchNorm({self.num_features}) expects {self.num_features} channels in dim 1, "
                              f"got input of shape {tuple(input.shape)}")
+        from .functional import _check_channel_args  # BatchNorm's own checks: dtypes, ε, running statistics
+
+        batch_stats = self.training or self.running_mean is None
+        keep = not self.training or self.track_running_stats
+        _check_channel_args("batch_norm", input, self.running_mean if keep else None,
+                            self.running_var if keep else None, self.weight, self.bias, batch_stats, self.eps)
 
     def _agree(self, input: Tensor) -> None:
         """Check the input on every rank before any statistic travels: each rank's channel count

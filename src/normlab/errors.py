@@ -1,10 +1,16 @@
-"""normlab's exception type of its own.
+"""normlab's exception types.
 
 normlab raises ``ValueError``/``TypeError`` for a user's mistakes, with the value and the fix in
-the message. Where torch raises ``RuntimeError`` for the same mistake (a weight, bias or running
-statistic whose shape does not fit the input, a ``normalized_shape`` that is not the input's
-trailing dims, channels that the groups do not divide), normlab raises :class:`ShapeError`,
-which is both, so code written against torch's errors catches it too.
+the message. Where torch raises ``RuntimeError`` for the same mistake, normlab's error is also a
+``RuntimeError``, so code written against torch's errors catches it too:
+
+* :class:`ShapeError` — a weight, bias or running statistic whose shape does not fit the input,
+  a ``normalized_shape`` that is not the input's trailing dims, channels that the groups do not
+  divide, an input of the wrong rank or channel count;
+* :class:`StateError` — running statistics missing where they are needed (eval mode of a norm
+  made with ``track_running_stats=False`` and no statistics passed);
+* :class:`DTypeError` — a parameter or running statistic whose dtype does not go with the
+  input's (torch's rule: the same dtype, or float32 with a float16/bfloat16 input).
 
 >>> import torch, normlab.functional as F
 >>> try:
@@ -14,9 +20,19 @@ which is both, so code written against torch's errors catches it too.
 ShapeError True
 """
 
-__all__ = ["ShapeError"]
+__all__ = ["ShapeError", "StateError", "DTypeError"]
 
 
 class ShapeError(ValueError, RuntimeError):
     """A shape that does not fit: a ``ValueError`` as all of normlab's, and a ``RuntimeError`` as
     torch's error for the same mistake."""
+
+
+class StateError(ValueError, RuntimeError):
+    """Running statistics missing where they are needed: a ``ValueError`` as all of normlab's, and
+    a ``RuntimeError`` as torch's error for the same mistake."""
+
+
+class DTypeError(TypeError, RuntimeError):
+    """A parameter's dtype that does not go with the input's: a ``TypeError``, and a
+    ``RuntimeError`` as torch's error for the same mistake."""

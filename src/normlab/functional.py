@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import kernels
 from .autograd import normalize_affine
-from .errors import ShapeError
+from .errors import DTypeError, ShapeError, StateError
 from .stats import accumulation_dtype, check_writable, extrema, moments, update_running
 
 kernels.load_core()  # built at first use, then loaded from the cache (kernels.build)
@@ -109,8 +109,9 @@ def _normalize(op: str, x: Tensor, dims: Sequence[int], weight=None, bias=None, 
     return normalize_affine(x, dims, weight, bias, eps, center=center, fixed_mean=fixed_mean, fixed_var=fixed_var)
 
 
-def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str, x: Tensor) -> None:
-    """A parameter or running statistic fits ``x``: its shape, then its device (the core's checks)."""
+def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str, x: Tensor, any_dtype: bool = False) -> None:
+    """A parameter or running statistic fits ``x``: its shape, device and dtype (the core's checks);
+    ``any_dtype``: RMSNorm's rule, where torch takes parameters of every float dtype."""
     if t is None:
         return
     if tuple(t.shape) != tuple(shape):
@@ -129,6 +130,11 @@ def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str, x: 
             f"{op}: {name} is on {t.device} but the input is on {x.device}; move them to one device, "
             "e.g. module.to(input.device)"
         )
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating-point, got dtype {t.dtype}")
+    if not (any_dtype or t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))):
+        raise DTypeError(f"{op}: {name} is {t.dtype} but the input is {x.dtype}; use one dtype (e.g. "
+                         f"module.to({x.dtype})), or float32 {name} with a half-precision input")
 
 
 def _channels(x: Tensor, op: str, *params: tuple[Tensor | None, str]) -> int:
@@ -290,32 +296,39 @@ def _torch_channel_norm(op, input, running_mean, running_var, weight, bias, batc
     return _keep_format(fn(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps), input)
 
 
+def _check_channel_args(op, input, running_mean, running_var, weight, bias, batch_stats, eps) -> None:
+    """The checks of BatchNorm and InstanceNorm before anything is computed (the core's, in its
+    order): the input, each per-channel tensor's shape, device and dtype, running statistics that
+    require grad, ε, running statistics missing where they are needed. SyncBatchNorm runs them too."""
+    _check_input(input, op, min_ndim=2)
+    _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"),
+              (bias, "bias"))
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():  # torch refuses this too
+            raise ValueError(f"{op}: {name} requires grad, but no gradient flows into running "
+                             f"statistics; pass {name}.detach() (or a buffer)")
+    positive = op == "batch_norm" and batch_stats  # torch's rule for ε: InstanceNorm takes 0 either way
+    if not (eps > 0 if positive else eps >= 0):
+        raise ValueError(f"{op}: eps must be {'positive' if positive else 'non-negative'} when normalizing with "
+                         f"{'batch' if batch_stats else 'running'} statistics, got eps={eps:g}; the usual value is 1e-5")
+    if not batch_stats and (running_mean is None or running_var is None):
+        raise StateError(
+            f"{op}: running_mean and running_var are required to normalize with running "
+            f"statistics; pass them, or use batch statistics (training=True / "
+            f"use_input_stats=True)"
+        )
+
+
 def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
     """BatchNorm and InstanceNorm: per-channel parameters and running statistics, reduction
     over ``dims``; batch statistics (updating the running ones) or the running ones."""
     if op == "batch_norm" and isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
         _check_input(input, op)
         return input.clone()  # torch's answer for a 1-D empty batch
-    _check_input(input, op, min_ndim=2)
-    if not (eps > 0 if batch_stats else eps >= 0):  # torch's rule for ε
-        kind = ("positive", "batch") if batch_stats else ("non-negative", "running")
-        raise ValueError(f"{op}: eps must be {kind[0]} when normalizing with {kind[1]} statistics, got "
-                         f"eps={eps}; the usual value is 1e-5")
-    c = _channels(input, op, (running_mean, "running_mean"), (running_var, "running_var"),
-                  (weight, "weight"), (bias, "bias"))
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():  # torch refuses this too
-            raise ValueError(f"{op}: {name} requires grad, but no gradient flows into running "
-                             f"statistics; pass {name}.detach() (or a buffer)")
-    nd = input.dim()
+    _check_channel_args(op, input, running_mean, running_var, weight, bias, batch_stats, eps)
+    nd, c = input.dim(), input.shape[1]
     w, b = _per_channel(weight, nd), _per_channel(bias, nd)
     if not batch_stats:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                f"{op}: running_mean and running_var are required to normalize with running "
-                f"statistics; pass them, or use batch statistics (training=True / "
-                f"use_input_stats=True)"
-            )
         if _native():  # torch's op, after our checks
             return _torch_channel_norm(op, input, running_mean, running_var, weight, bias, False, momentum, eps)
         return _normalize(op, input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
@@ -472,7 +485,7 @@ def rms_norm(
     op = "rms_norm"
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
-    _check_param(weight, "weight", shape, op, input)
+    _check_param(weight, "weight", shape, op, input, any_dtype=True)
     if _native() and not torch.jit.is_tracing():
         _require_values(input, dims, op)
         return torch.nn.functional.rms_norm(input, shape, weight, eps)
@@ -482,7 +495,7 @@ def rms_norm(
         xa = input.to(accumulation_dtype(input.dtype))
         y = xa * torch.rsqrt(xa.square().mean(dims, keepdim=True) + eps)
         return (y if weight is None else y * weight).to(input.dtype)
-    return _normalize(op, input, dims, weight, None, eps, center=False)[0]
+    return _keep_format(_normalize(op, input, dims, weight, None, eps, center=False)[0], input)
 
 
 def group_norm(
@@ -715,7 +728,8 @@ def zscore(x: Tensor, dim: int | Sequence[int] = 0, eps: float = 0.0, correction
             f"correction={correction}; use correction=0 or more samples"
         )
     std = (var * (n / (n - correction)) + eps).sqrt()
-    return ((x - mean) / torch.where(std > 0, std, 1)).to(x.dtype)
+    # a constant column divides by 1; a column holding an inf or a NaN has a NaN std and gives NaN
+    return ((x - mean) / torch.where(std == 0, 1, std)).to(x.dtype)
 
 
 def minmax(

@@ -202,8 +202,8 @@ def _fill(template: str, **fields) -> str:
     return template % {"args": _CHANNEL_ARGS % defaults, **fields}
 
 
-def _shape_error(module: nn.Module, expected: str, x: Tensor) -> ValueError:
-    return ValueError(
+def _shape_error(module: nn.Module, expected: str, x: Tensor) -> ShapeError:
+    return ShapeError(
         f"{type(module).__name__}({getattr(module, 'num_features', '')}) expects {expected}, "
         f"got {x.dim()}-D input of shape {tuple(x.shape)}"
     )
@@ -556,9 +556,12 @@ class _BatchRenorm(_BatchNorm):
         return 1.0 + (self.rmax - 1.0) * t, self.dmax * t
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(input)
+        if not self.training or (isinstance(input, Tensor) and input.numel() == 0):
+            return super().forward(input)  # eval, or an empty batch: BatchNorm's answer
         self._check_input(input)
+        # BatchNorm's checks before the statistics are taken: a refused call computes and writes nothing
+        F._check_channel_args("batch_norm", input, self.running_mean, self.running_var, self.weight, self.bias,
+                              True, self.eps)
         dims = (0, *range(2, input.dim()))
         with torch.no_grad():
             mean_b, var_b = moments(input, dims)
@@ -637,7 +640,7 @@ class _InstanceNorm(_NormBase):
                 f"got input of shape {tuple(input.shape)}"
             )
             if self.affine or self.track_running_stats:
-                raise ValueError(msg)
+                raise ShapeError(msg)
             warnings.warn(msg + "; num_features is unused without affine or running stats", stacklevel=2)
         x = input if batched else input.unsqueeze(0)
         out = F.instance_norm(
@@ -944,7 +947,7 @@ class GroupNorm(_AllOrNothing, nn.GroupNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
-            raise ValueError(
+            raise ShapeError(
                 f"GroupNorm({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
                 f"channels in dim 1 of an (N, C, *) input, got shape {tuple(input.shape)}"
             )

@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -216,6 +217,14 @@ struct Stats {
   double mean, var, rstd;
 };
 
+// the biased variance as the statistics report it: clamped at 0 against rounding, and NaN where
+// the mean is not finite (the data hold an inf or a NaN: inf − inf, as torch's), whatever order
+// the sums were merged in
+inline double variance(double mean, double v) {
+  if (!std::isfinite(mean)) return std::numeric_limits<double>::quiet_NaN();
+  return v < 0.0 ? 0.0 : v;
+}
+
 // mean, biased variance and rstd from the shifted sums s = Σd, ss = Σd², d = x − shift
 inline Stats finish(double n, double shift, double s, double ss, bool center, double eps) {
   double m = 0.0, v;
@@ -226,7 +235,7 @@ inline Stats finish(double n, double shift, double s, double ss, bool center, do
   } else {
     v = ss / n;
   }
-  if (v < 0.0) v = 0.0;
+  v = center ? variance(m, v) : (v < 0.0 ? 0.0 : v);
   return {m, v, 1.0 / std::sqrt(v + eps)};
 }
 
@@ -798,7 +807,7 @@ void columns_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doubl
     for (int64_t blk = 0; blk < nblk; ++blk) chan_merge(n, m, q, plain, pn[blk], pmean[blk * C + c], pm2[blk * C + c]);
     if (!std::isfinite(m)) m = plain / n;  // an inf in the data: the mean is that inf, as in torch
     mean[c] = m;
-    var[c] = q / n;
+    var[c] = variance(m, q / n);
     m0[c] = static_cast<opmath_t>(static_cast<scalar_t>(m));
     const double scale = static_cast<double>(w[c]) / std::sqrt(var[c] + eps);
     s0[c] = static_cast<opmath_t>(scale);
@@ -1053,8 +1062,7 @@ void groups_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double
         m /= cg;
         double q = 0.0;
         for (int64_t c = g * cg; c < (g + 1) * cg; ++c) q += cq[c] + S * (cm[c] - m) * (cm[c] - m);
-        double v = q / static_cast<double>(S * cg);
-        if (v < 0.0) v = 0.0;
+        const double v = variance(m, q / static_cast<double>(S * cg));
         const double rs = 1.0 / std::sqrt(v + eps);
         mean[n * G + g] = m;
         var[n * G + g] = v;

@@ -59,7 +59,9 @@ void check_input(const Tensor& x, const char* op, int64_t min_ndim) {
                       "-D input of shape ", tuple(x.sizes()));
 }
 
-void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const char* op, const Tensor& x) {
+// any_dtype: RMSNorm's rule, where torch takes parameters of every float dtype (its output has the input's)
+void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const char* op, const Tensor& x,
+                 bool any_dtype = false) {
   if (!given(t)) return;
   NORMLAB_CHECK_SHAPE(t->sizes() == shape, op, ": ", name, " must have shape ", tuple(shape),
                       " to match the input, got ", tuple(t->sizes()));
@@ -70,6 +72,10 @@ void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const 
                     x.device(), "; move them to one device, e.g. module.to(input.device)");
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating-point, got dtype ",
                    dtype_name(t->scalar_type()));
+  const auto xt = x.scalar_type(), pt = t->scalar_type();
+  NORMLAB_CHECK_DTYPE(any_dtype || pt == xt || (pt == at::kFloat && (xt == at::kHalf || xt == at::kBFloat16)), op, ": ", name,
+                      " is ", dtype_name(pt), " but the input is ", dtype_name(xt), "; use one dtype (e.g. module.to(",
+                      dtype_name(xt), ")), or float32 ", name, " with a half-precision input");
 }
 
 void require_values(const Tensor& x, IntArrayRef dims, const char* op, int64_t n = -1) {
@@ -536,7 +542,7 @@ Tensor layer_norm_impl(const Tensor& x, IntArrayRef normalized_shape, const OptT
   NORMLAB_CHECK_SHAPE(k > 0 && nd >= k && x.sizes().slice(nd - k) == normalized_shape, op, ": normalized_shape ",
                       tuple(normalized_shape), " must equal the trailing dims of the input, got input of shape ",
                       tuple(x.sizes()), "; pass normalized_shape=input.shape[-k:] for the last k dims");
-  check_param(w, "weight", normalized_shape, op, x);
+  check_param(w, "weight", normalized_shape, op, x, /*any_dtype=*/!center);
   if (center) check_param(b, "bias", normalized_shape, op, x);
   std::vector<int64_t> dims;
   for (int64_t d = nd - k; d < nd; ++d) dims.push_back(d);
@@ -551,7 +557,12 @@ Tensor layer_norm_impl(const Tensor& x, IntArrayRef normalized_shape, const OptT
   // The CPU operators copy it themselves (a tiled transposition, see packed() in norm_cpu.cpp;
   // backward transposes the saved x again rather than keep a second activation)
   Tensor xc = x.is_contiguous() || x.device().is_cpu() ? x : x.contiguous();
-  return std::get<0>(normalize(f, xc, w, center ? b : std::nullopt, eps));
+  Tensor y = std::get<0>(normalize(f, xc, w, center ? b : std::nullopt, eps));
+  // torch's RMSNorm (elementwise ops) keeps a channels_last input's format; its LayerNorm does not
+  const auto fmt = x.suggest_memory_format();
+  if (!center && fmt != at::MemoryFormat::Contiguous && !x.is_contiguous() && x.is_contiguous(fmt))
+    y = y.contiguous(fmt);
+  return y;
 }
 
 Tensor layer_norm(const Tensor& x, IntArrayRef normalized_shape, const OptTensor& w, const OptTensor& b, double eps) {
@@ -617,12 +628,13 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
   auto perm = channels_last_permute(x);
   Form f;
   f.kind = CHANNELS;
-  // torch's rule for ε: positive with batch statistics, non-negative with the running ones
-  TORCH_CHECK_VALUE(batch_stats ? eps > 0 : eps >= 0, op, ": eps must be ", batch_stats ? "positive" : "non-negative",
+  // torch's rule for ε: positive for BatchNorm with batch statistics, else non-negative (InstanceNorm takes 0)
+  const bool positive = !instance && batch_stats;
+  TORCH_CHECK_VALUE(positive ? eps > 0 : eps >= 0, op, ": eps must be ", positive ? "positive" : "non-negative",
                     " when normalizing with ", batch_stats ? "batch" : "running", " statistics, got eps=", eps,
                     "; the usual value is 1e-5");
   if (!batch_stats) {
-    TORCH_CHECK_VALUE(given(rm) && given(rv), op, ": running_mean and running_var are required to normalize with ",
+    NORMLAB_CHECK_STATE(given(rm) && given(rv), op, ": running_mean and running_var are required to normalize with ",
                       "running statistics; pass them, or use batch statistics (training=True / use_input_stats=True)");
     if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
     Tensor xc = x;

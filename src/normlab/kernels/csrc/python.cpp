@@ -79,27 +79,40 @@ void nargs(Py_ssize_t n, Py_ssize_t want, const char* op) {
 }
 
 // the operator call without the GIL (the kernels run as torch's do), its result as a Python tensor
+// normlab.errors.<name>, looked up once and kept for the life of the process
+PyObject* error_type(const char* name) {
+  PyObject* mod = PyImport_ImportModule("normlab.errors");
+  PyObject* t = mod ? PyObject_GetAttrString(mod, name) : nullptr;
+  Py_XDECREF(mod);
+  if (t == nullptr) throw python_error();
+  return t;
+}
+
+// the operator call without the GIL (the kernels run as torch's do), its result as a Python tensor;
+// normlab's own errors are raised, with the GIL, as normlab.errors' classes of the same name
 template <typename F>
 PyObject* run(F&& call) {
   Tensor y;
-  std::optional<std::string> shape_error;
+  std::optional<std::string> message;
+  const char* kind = nullptr;
   {
     pybind11::gil_scoped_release nogil;
     try {
       y = call();
-    } catch (const normlab::ShapeError& e) {  // raised below, with the GIL, as normlab.ShapeError
-      shape_error = e.what_without_backtrace();
+    } catch (const normlab::ShapeError& e) {
+      kind = "ShapeError", message = e.what_without_backtrace();
+    } catch (const normlab::StateError& e) {
+      kind = "StateError", message = e.what_without_backtrace();
+    } catch (const normlab::DTypeError& e) {
+      kind = "DTypeError", message = e.what_without_backtrace();
     }
   }
-  if (shape_error) {
-    static PyObject* type = [] {
-      PyObject* mod = PyImport_ImportModule("normlab.errors");
-      PyObject* t = mod ? PyObject_GetAttrString(mod, "ShapeError") : nullptr;
-      Py_XDECREF(mod);
-      return t;  // kept for the life of the process
-    }();
-    if (type == nullptr) throw python_error();
-    PyErr_SetString(type, shape_error->c_str());
+  if (message) {
+    static PyObject* shape = error_type("ShapeError");
+    static PyObject* state = error_type("StateError");
+    static PyObject* dtype = error_type("DTypeError");
+    PyObject* type = kind[0] == 'S' ? (kind[1] == 'h' ? shape : state) : dtype;
+    PyErr_SetString(type, message->c_str());
     throw python_error();
   }
   return THPVariable_Wrap(std::move(y));
