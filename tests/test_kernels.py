@@ -12,8 +12,9 @@ import normlab.functional as F
 import normlab.nn as nln
 from normlab import kernels
 from normlab.autograd import normalize_affine
-from normlab.kernels import cpu, reference
+from normlab.kernels import reference
 
+import cpu_kernels as cpu
 from conftest import TOL, assert_rel
 
 NAN = float("nan")
@@ -29,10 +30,14 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.fixture
 def poisoned():
-    """Every output a kernel allocates starts as NaN: an element it forgets to write shows."""
-    cpu.poison(True)
+    """Every output a kernel allocates starts as NaN (torch's deterministic mode fills fresh memory):
+    an element a kernel forgets to write shows."""
+    was, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     yield
-    cpu.poison(False)
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _data(shape, dtype, offset, seed=0):

@@ -17,8 +17,8 @@ kernel of that form, with autograd in C++:
   ``(N, S, C)``, one statistic per sample and group of ``C/groups`` adjacent channels (CPU).
 
 The kernels of the forms are operators too (``torch.ops.normlab.rows_forward``, ...), with the
-signatures of :mod:`normlab.kernels.reference`, their oracle; :mod:`normlab.kernels.cpu` is
-their Python face for tests. On CUDA their implementation is the Triton kernels of
+signatures of :mod:`normlab.kernels.reference`, their oracle (the tests call both alike through
+``tests/cpu_kernels.py``). On CUDA their implementation is the Triton kernels of
 :mod:`normlab.kernels.triton` (:mod:`normlab.kernels.ops` registers them).
 
 Backends: ``"auto"`` (the default: the compiled core; where it cannot be built, torch's native

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (``csrc/norm_cpu.cpp``, registered as ``torch.ops.normlab``), with the
-signatures of :mod:`normlab.kernels.reference`, their oracle.
+"""Test helper: the compiled CPU kernels (``csrc/norm_cpu.cpp``, registered as ``torch.ops.normlab``),
+with the signatures of :mod:`normlab.kernels.reference`, their oracle, so the tests call both alike.
 
 Each function takes the canonical view (see :mod:`normlab.kernels`) and returns fresh outputs;
 ``out``, when given, receives ``y``/``dx`` (the kernels themselves always allocate, in x's layout).
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import build
+from normlab.kernels import build
 
 if not build.load():
     raise ImportError(f"normlab's compiled core is not available: {build.status()['why']}")
@@ -72,8 +72,3 @@ def groups_forward(x, weight, bias, eps: float, groups: int, out=None):
 def groups_backward(dy, x, mean, var, weight, eps: float, groups: int, out=None):
     dx, dw, db = _ops.groups_backward(dy, x, mean, var, weight, eps, groups, list(x.shape), [])
     return _into(out, dx), dw, db
-
-
-def poison(on: bool) -> None:
-    """Test hook: every output the kernels allocate starts as NaN while ``on``."""
-    _ops._set_poison(on)
