@@ -214,7 +214,7 @@ def _grad_dtype(weight, x):
 
 
 def _split(mean, rstd):
-    """The float64 mean as ``(m0, c0)`` in float32: ``x̂ = (x − m0)·rstd − c0`` (see cpu.py)."""
+    """The float64 mean as ``(m0, c0)`` in float32: ``x̂ = (x − m0)·rstd − c0`` (see csrc/norm_cpu.cpp)."""
     m0 = mean.float()
     return m0.contiguous(), ((mean.double() - m0.double()) * rstd.double()).float().contiguous()
 
