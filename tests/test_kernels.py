@@ -360,7 +360,8 @@ def test_environment_variable_sets_the_backend_for_the_process():
 @pytest.mark.parametrize("mode", ["auto", "operators", "fuse"])
 def test_modules_compile_without_graph_breaks(mode, monkeypatch):
     torch._dynamo.reset()
-    monkeypatch.setattr(kernels, "COMPILE", mode)
+    monkeypatch.setattr(kernels, "COMPILE", normlab.get_compile_mode())  # restored after the test
+    assert normlab.set_compile_mode(mode) in kernels.COMPILE_MODES and normlab.get_compile_mode() == mode
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3), nln.BatchNorm2d(8), nln.GroupNorm(2, 8), nln.InstanceNorm2d(8, affine=True),
         torch.nn.Flatten(), torch.nn.Linear(8 * 36, 16), nln.LayerNorm(16), nln.RMSNorm(16),

@@ -15,7 +15,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 _SUBMODULES = ("errors", "stats", "autograd", "kernels", "functional", "nn", "preprocessing", "convert", "distributed", "diagnostics", "lab", "cli")
-_BACKEND = ("set_backend", "get_backend", "use_backend")  # from normlab.kernels
+_BACKEND = ("set_backend", "get_backend", "use_backend", "set_compile_mode", "get_compile_mode")  # normlab.kernels
 _ERRORS = ("ShapeError", "StateError", "DTypeError")  # from normlab.errors
 __all__ = ["__version__", *_ERRORS, *_SUBMODULES, *_BACKEND]
 

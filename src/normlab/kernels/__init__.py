@@ -45,7 +45,8 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "core"]
+__all__ = ["BACKENDS", "COMPILE_MODES", "get_backend", "set_backend", "use_backend", "get_compile_mode",
+           "set_compile_mode", "core"]
 
 BACKENDS = ("auto", "reference", "torch")
 
@@ -110,19 +111,45 @@ def load_core() -> bool:
     return _LOADED
 
 
-# What torch.compile gets (NORMLAB_COMPILE): "fuse" — torch's own ops, which inductor lowers and
-# fuses with their neighbours; "operators" — normlab's, which inductor calls as they are; "auto"
-# (the default) — chosen per norm by measurement (README "Performance": compiled transformers
-# models with normlab's operators ran at 0.77–0.93× torch.nn's for ResNet's BatchNorms and
-# 0.93× for a LayerNorm/RMSNorm MLP, 1.0× with torch's ops): torch's ops for every norm today.
-COMPILE = os.environ.get("NORMLAB_COMPILE", "auto").strip().lower() or "auto"
-if COMPILE not in ("auto", "fuse", "operators"):
-    raise ValueError(f"NORMLAB_COMPILE={COMPILE!r}: choose auto, fuse or operators")
-_FUSED = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+# What torch.compile gets: "fuse" — torch's own ops, which inductor lowers and fuses with their
+# neighbours; "operators" — normlab's, which inductor calls as they are; "auto" (the default) —
+# per norm, the one measured faster inside compiled models (README "Performance": compiled
+# transformers models with normlab's operators ran at 0.77–0.93× torch.nn's for ResNet's
+# BatchNorms and 0.93× for a LayerNorm/RMSNorm MLP, 1.0× with torch's ops): torch's ops for every
+# norm today (_AUTO_FUSES).
+COMPILE_MODES = ("auto", "fuse", "operators")
+_AUTO_FUSES = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+
+
+def _check_compile(mode: str, where: str = "compile mode") -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{where} {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+COMPILE = _check_compile(os.environ.get("NORMLAB_COMPILE", "auto").strip().lower() or "auto", "NORMLAB_COMPILE=")
+
+
+def get_compile_mode() -> str:
+    """What code compiled by ``torch.compile`` runs for each norm: ``"auto"``, ``"fuse"`` or
+    ``"operators"`` (:func:`set_compile_mode`)."""
+    return COMPILE
+
+
+def set_compile_mode(mode: str) -> str:
+    """Choose what ``torch.compile`` gets for the norms, for the whole process; returns the previous
+    mode. ``"fuse"``: torch's own ops, which inductor fuses with their neighbours (torch's float32
+    statistics); ``"operators"``: normlab's operators, opaque to inductor (normlab's numerics);
+    ``"auto"`` (the default, or ``NORMLAB_COMPILE``): per norm, the one measured faster. It applies
+    to code compiled after the call: ``torch._dynamo.reset()`` recompiles what was compiled before.
+    """
+    global COMPILE
+    previous, COMPILE = COMPILE, _check_compile(mode)
+    return previous
 
 
 def _fuse(op: str) -> bool:
-    return COMPILE == "fuse" or (COMPILE == "auto" and op in _FUSED)
+    return COMPILE == "fuse" or (COMPILE == "auto" and op in _AUTO_FUSES)
 
 
 class _Traced:

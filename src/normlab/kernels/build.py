@@ -335,14 +335,14 @@ def _fail(why: str, fix: str) -> bool:
 
 def info() -> dict:
     """What a bug report needs: torch, the core (loaded or not, and why), its path, the compiler
-    and flags, the cache folder, and the backend in force."""
-    from . import get_backend
+    and flags, the cache folder, and the backend and compile mode in force."""
+    from . import get_backend, get_compile_mode
 
     st = status()
     return {"torch": torch.__version__, "core": "loaded" if st["loaded"] else f"not loaded: {st['why']}",
             "library": st["path"], "compiler": st["compiler"] or _compiler(), "flags": " ".join(f for f in _flags() if not f.startswith("-I")),
             "cache folder": str(_cache_dir()), "backend": get_backend(),
-            "NORMLAB_COMPILE": os.environ.get("NORMLAB_COMPILE", "(unset)")}
+            "compile mode": get_compile_mode()}
 
 
 def status() -> dict:
