@@ -28,7 +28,7 @@ def test_public_name_has_summary_args_and_a_passing_example(module, name):
         assert re.search(r"^(Args:|Parameters\n-+)", doc, flags=re.M), "no Args section"
     if module in ("normlab.nn", "normlab.functional", "normlab.preprocessing") and name != "remove_weight_norm":
         assert "Lesson 14.1" in doc or "survey" in doc or re.search(r"\b(19|20)\d\d\b", doc), "no source"
-    globs = dict(vars(importlib.import_module(module)))  # as pytest's --doctest-modules runs them
+    globs = dict(vars(inspect.getmodule(obj)))  # the defining module's, as pytest's --doctest-modules runs them
     tests = [t for t in doctest.DocTestFinder().find(obj, name, globs=globs) if t.examples and t.name == name]
     assert tests, "no example"
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

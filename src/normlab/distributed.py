@@ -328,7 +328,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         True
     """
     from . import nn as nln
-    from .convert import _bn_role, is_batchnorm, module_label
+    from .convert._common import _bn_role, is_batchnorm, module_label
 
     def sync_of(child: nn.Module, where: str) -> nn.Module:
         if isinstance(child, nln._BatchRenorm) or getattr(child, "_normlab_frozen", None):
