@@ -666,3 +666,29 @@ def test_fx_symbolic_trace_names_the_way_out_and_normlab_layers_trace_as_leaves(
     assert torch.equal(graph(x), fast(x))
     assert type(graph.get_submodule("1")) is type(fast[1])  # normlab's layer runs inside the graph
     assert torch.fx.symbolic_trace(to_torch(fast))(x).shape == (2, 64)
+
+
+@pytest.mark.parametrize("tool", ["replace_norm group", "replace_norm batchrenorm", "convert_sync_batchnorm"])
+def test_swapping_tools_keep_the_parameter_objects_and_replace_the_model_itself(tool):
+    """One walker: the new norm holds the BatchNorm's own γ and β (an optimizer built on the model
+    keeps working with replace_norm(inplace=True)), a BatchNorm shared by two parents stays shared,
+    and a model that is a BatchNorm itself is replaced too."""
+    from normlab.convert import replace_norm
+    from normlab.distributed import convert_sync_batchnorm
+
+    def run(model):
+        if tool == "convert_sync_batchnorm":
+            return convert_sync_batchnorm(model)
+        return replace_norm(model, tool.split()[1], inplace=True)
+
+    bn = nn.BatchNorm2d(4)
+    bn.weight.requires_grad_(False)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.Sequential(bn))
+    weight = bn.weight
+    new = run(model)
+    assert new[1] is new[2][0] and type(new[1]) is not nn.BatchNorm2d
+    if tool != "convert_sync_batchnorm":  # a deep copy otherwise: its own objects, carried the same way
+        assert new[1].weight is weight and new[1].bias is bn.bias
+    assert not new[1].weight.requires_grad
+    alone = run(nn.BatchNorm2d(4))
+    assert type(alone) is not nn.BatchNorm2d, type(alone)

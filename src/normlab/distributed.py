@@ -18,7 +18,6 @@ computation, so the same code runs in a single process.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.distributed as dist
@@ -328,7 +327,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         True
     """
     from . import nn as nln
-    from .convert._common import _bn_role, is_batchnorm, module_label
+    from .convert._common import _bn_role, adopt_state, is_batchnorm, module_label, replace_modules
 
     def sync_of(child: nn.Module, where: str) -> nn.Module:
         if isinstance(child, nln._BatchRenorm) or getattr(child, "_normlab_frozen", None):
@@ -343,23 +342,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
         sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                              child.track_running_stats, process_group, **factory)
-        sync.load_state_dict(child.state_dict())
-        for name, p in child.named_parameters(recurse=False):
-            getattr(sync, name).requires_grad_(p.requires_grad)
         sync.train(child.training)
-        return sync
+        return adopt_state(sync, child)  # its parameters and buffers, the same objects, as torch's
 
-    module = copy.deepcopy(module)
-    if is_batchnorm(module) and not isinstance(module, SyncBatchNorm):
-        return sync_of(module, "")
-    made: dict[int, nn.Module] = {}  # a BatchNorm shared by several parents stays shared
-    for parent_name, parent in list(module.named_modules()):
-        for name, child in list(parent._modules.items()):  # every name, even two for one module
-            if child is not None and is_batchnorm(child) and not isinstance(child, SyncBatchNorm):
-                if id(child) not in made:
-                    made[id(child)] = sync_of(child, f"{parent_name}.{name}".lstrip("."))
-                setattr(parent, name, made[id(child)])
-    return module
+    def choose(child: nn.Module, where: str, report: dict) -> nn.Module | None:
+        return sync_of(child, where) if is_batchnorm(child) and not isinstance(child, SyncBatchNorm) else None
+
+    return replace_modules("convert_sync_batchnorm", module, choose, inplace=False)[0]
 
 
 def all_reduce_scaler(scaler, group=None):

@@ -33,7 +33,7 @@ against the original — is in ``_common``.
 """
 
 from ..nn import retype
-from ._common import is_batchnorm, module_label
+from ._common import is_batchnorm
 from .adopt import register_conversion, to_normlab, to_torch
 from .fold import batchnorm_as_affine, fold_batchnorm, fold_scaler
 from .freeze import freeze_norm, guard_finite, unfreeze_norm, unguard_finite

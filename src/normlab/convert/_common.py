@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -274,3 +275,48 @@ def _first_difference(before: dict, after: dict) -> str | None:
             return f"the output of {module_label(name)} changed: {why}"
     return None
 
+
+def replace_modules(tool: str, model: nn.Module, choose, *, inplace: bool, example_input=None) -> tuple[nn.Module, dict]:
+    """The one walker every tool that swaps modules uses (to_normlab, to_torch, replace_norm,
+    convert_sync_batchnorm): ``choose(module, name, report)`` returns the module to put where
+    ``module`` is (the model itself included, name ``""``), or None to keep it. A module shared by
+    several parents stays shared, and every replacement is built before any is put in place, so a
+    ``choose`` that raises leaves the model as it was. With ``example_input`` the new model is run
+    against the old one, and a replaced module whose output differs beyond rounding puts every
+    module back and raises, naming it. Returns the new model and ``report`` (``"converted"`` and
+    ``"left"`` lists that ``choose`` fills)."""
+    model = model if inplace else copy.deepcopy(model)
+    report = {"converted": [], "left": []}
+    top = choose(model, "", report)  # the model itself is a norm
+    built: dict[int, nn.Module | None] = {}
+    sites = []
+    for parent_name, parent in ([] if top is not None else list(model.named_modules())):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in built:
+                built[id(child)] = choose(child, f"{parent_name}.{child_name}".lstrip("."), report)
+            if built[id(child)] is not None:
+                sites.append((parent, child_name, child, built[id(child)]))
+    names = [name for name, *_ in report["converted"]]
+    before = _outputs(model, example_input, names) if example_input is not None and names else None
+    for parent, child_name, _, new in sites:
+        parent._modules[child_name] = new
+    result = top if top is not None else model
+    if before is not None and (where := _check(result, example_input, names, before)):
+        for parent, child_name, old, _ in sites:
+            parent._modules[child_name] = old
+        raise ValueError(f"{tool}: {where}; the model is left as it was")
+    return result, report
+
+
+def adopt_state(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give ``new`` the Parameter objects and buffers of ``old`` where they have the same name and
+    shape: the values carry over, and so does an optimizer's hold on the parameters (and their
+    ``requires_grad``). Returns ``new``."""
+    for table, theirs in ((new._parameters, old._parameters), (new._buffers, old._buffers)):
+        for name, mine in table.items():
+            t = theirs.get(name)
+            if mine is not None and t is not None and t.shape == mine.shape:
+                table[name] = t
+    return new

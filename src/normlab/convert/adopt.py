@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
 
 from ..nn import retype
-from ._common import _check, _defines_forward, _difference, _keeps, _not_known, _outputs, module_label
+from ._common import _defines_forward, _difference, _keeps, _not_known, module_label, replace_modules
 
 
 _TO_NORMLAB: dict = {}  # class, or class name for code normlab does not import
@@ -110,36 +109,6 @@ def _probe(original: nn.Module, new: nn.Module) -> str | None:
     return None
 
 
-def _swap(tool: str, model: nn.Module, choose, inplace: bool, example_input) -> tuple[nn.Module, dict]:
-    """Replace every module ``choose`` returns a replacement for; a module shared by several
-    parents stays shared, and every replacement is built before any is put in place. With
-    ``example_input`` the new model is run against the old one, and a replaced module whose
-    output differs beyond rounding puts every module back and raises, naming it."""
-    model = model if inplace else copy.deepcopy(model)
-    report = {"converted": [], "left": []}
-    top = choose(model, "", report)  # the model itself is a norm
-    built: dict[int, nn.Module | None] = {}
-    sites = []
-    for parent_name, parent in ([] if top is not None else list(model.named_modules())):
-        for child_name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            if id(child) not in built:
-                built[id(child)] = choose(child, f"{parent_name}.{child_name}".lstrip("."), report)
-            if built[id(child)] is not None:
-                sites.append((parent, child_name, child, built[id(child)]))
-    names = [name for name, *_ in report["converted"]]
-    before = _outputs(model, example_input, names) if example_input is not None and names else None
-    for parent, child_name, _, new in sites:
-        parent._modules[child_name] = new
-    result = top if top is not None else model
-    if before is not None and (where := _check(result, example_input, names, before)):
-        for parent, child_name, old, _ in sites:
-            parent._modules[child_name] = old
-        raise ValueError(f"{tool}: {where}; the model is left as it was")
-    return result, report
-
-
 def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False, example_input=None):
     """Convert every norm of a model to normlab's implementation, keeping its parameters.
 
@@ -219,7 +188,7 @@ def to_normlab(model: nn.Module, *, inplace: bool = False, report: bool = False,
         rep["converted"].append((name, type(m).__name__, f"normlab.nn.{public.__name__}{how}"))
         return new
 
-    model, rep = _swap("to_normlab", model, choose, inplace, example_input)
+    model, rep = replace_modules("to_normlab", model, choose, inplace=inplace, example_input=example_input)
     return (model, rep) if report else model
 
 
@@ -274,5 +243,5 @@ def to_torch(model: nn.Module, *, inplace: bool = False, example_input=None) -> 
         rep["converted"].append((name, type(m).__name__, type(new).__name__))
         return new
 
-    return _swap("to_torch", model, choose, inplace, example_input)[0]
+    return replace_modules("to_torch", model, choose, inplace=inplace, example_input=example_input)[0]
 

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
 
-from ._common import _bn_role, _norm_modules, _warn_unknown, is_batchnorm, module_label
+from ._common import _bn_role, _norm_modules, _warn_unknown, adopt_state, is_batchnorm, module_label, replace_modules
 from .fold import _after_normalization
 
 
@@ -93,22 +92,15 @@ def replace_norm(model: nn.Module, target: str = "group", num_groups: int | None
     """
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
-    model = model if inplace else copy.deepcopy(model)
-    # every replacement is built (and checked) before any is put in place, so an error leaves an
-    # ``inplace`` model as it was; a BatchNorm shared by several parents stays shared
-    built: dict[int, nn.Module] = {}
-    sites = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, bn in list(parent._modules.items()):  # every name, even two for one module
-            if bn is not None and is_batchnorm(bn):
-                if id(bn) not in built:
-                    new = _replacement(bn, f"{parent_name}.{child_name}".lstrip("."), target, num_groups)
-                    if _bn_role(bn) != "plain":  # BN + activation: the activation stays after the new norm
-                        new = nn.Sequential(new, _after_normalization(bn))
-                    built[id(bn)] = new
-                sites.append((parent, child_name, built[id(bn)]))
-    for parent, child_name, new in sites:
-        setattr(parent, child_name, new)
+
+    def choose(bn: nn.Module, name: str, report: dict) -> nn.Module | None:
+        if not is_batchnorm(bn):
+            return None
+        new = _replacement(bn, name, target, num_groups)
+        # BN + activation: the activation stays after the new norm
+        return nn.Sequential(new, _after_normalization(bn)) if _bn_role(bn) != "plain" else new
+
+    model = replace_modules("replace_norm", model, choose, inplace=inplace)[0]
     _warn_unknown("replace_norm", model)
     return model
 
@@ -130,11 +122,6 @@ def _replacement(bn: nn.Module, where: str, target: str, num_groups: int | None)
         for attr in ("rmax", "dmax", "warmup_steps"):
             if hasattr(bn, attr):
                 setattr(new, attr, getattr(bn, attr))
-        if bn.running_mean is not None:
-            new.load_state_dict(bn.state_dict())
-        elif bn.affine:
-            new.weight.data.copy_(bn.weight.data)
-            new.bias.data.copy_(bn.bias.data)
     else:
         one_d = dims == 1
         if target == "instance" and one_d:
@@ -144,11 +131,8 @@ def _replacement(bn: nn.Module, where: str, target: str, num_groups: int | None)
         if c % groups:
             raise ValueError(f"num_groups={groups} does not divide the {c} channels of {module_label(where, bn)}")
         new = nln.GroupNorm(groups, c, bn.eps, bn.affine, **factory)
-        if bn.affine:
-            new.weight.data.copy_(bn.weight.data)
-            new.bias.data.copy_(bn.bias.data)
     new.train(bn.training)
-    return new
+    return adopt_state(new, bn)  # γ, β (and running statistics) are the BatchNorm's own objects
 
 
 def _bn_dims(bn: nn.Module) -> int | None:
