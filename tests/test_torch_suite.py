@@ -196,10 +196,22 @@ def test_torch_error_samples_are_refused_as_torch_refuses_them(mi, err, training
     try:
         call(mi.module_cls)
     except err.error_type:
-        with pytest.raises(err.error_type):
-            call(getattr(N, mi.module_cls.__name__))
+        _same_error_on_every_route(lambda: call(getattr(N, mi.module_cls.__name__)), err.error_type)
     else:
         call(getattr(N, mi.module_cls.__name__))
+
+
+def _same_error_on_every_route(call, error_type):
+    """``call`` raises ``error_type`` on every route (the compiled core, torch's op after normlab's
+    checks, the reference), with one class and one message."""
+    import normlab
+
+    seen = {}
+    for backend in ("auto", "torch", "reference"):
+        with normlab.use_backend(backend), pytest.raises(error_type) as got:
+            call()
+        seen[backend] = (type(got.value), str(got.value))
+    assert len(set(seen.values())) == 1, seen
 
 
 # --------------------------------------------- torch.nn.functional: the OpInfo samples (op_db)
@@ -265,17 +277,24 @@ def test_torch_functional_samples_give_torch_outputs_gradients_and_running_stati
                 assert bool((err_ours <= bound).all()), f"{what} {i}: {err_ours.max()} from float64, torch {err_torch.max()}"
 
 
+# torch's error samples of layer_norm are its native op's (the same arguments)
+ERROR_OPS = {**OPS, "native_layer_norm": "layer_norm"}
+
+
 def _op_errors():
-    for op in OP_INFOS:
-        if op.error_inputs_func is not None:
+    for op in common_methods.op_db:
+        if op.name in ERROR_OPS and not op.variant_test_name and op.error_inputs_func is not None:
             for i, e in enumerate(op.error_inputs("cpu")):
-                yield pytest.param(op, e, id=f"{OPS[op.name]}-{i}")
+                yield pytest.param(ERROR_OPS[op.name], e, id=f"{op.name}-{i}")
 
 
-@pytest.mark.parametrize("op, e", list(_op_errors()))
-def test_torch_functional_error_samples_are_refused_with_torch_error_type(op, e):
+def test_torch_has_error_samples_for_the_functional_norms():
+    assert {name for name, _ in (p.values for p in _op_errors())} >= {"layer_norm", "group_norm", "rms_norm"}
+
+
+@pytest.mark.parametrize("name, e", list(_op_errors()))
+def test_torch_functional_error_samples_are_refused_with_torch_error_type_on_every_route(name, e):
     import normlab.functional as F
 
-    s = e.sample_input
-    with pytest.raises(e.error_type):  # normlab.ShapeError is a RuntimeError too
-        getattr(F, OPS[op.name])(s.input, *s.args, **s.kwargs)
+    s = e.sample_input  # normlab's errors for what torch calls a RuntimeError are RuntimeErrors too
+    _same_error_on_every_route(lambda: getattr(F, name)(s.input, *s.args, **s.kwargs), e.error_type)
