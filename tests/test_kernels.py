@@ -604,6 +604,9 @@ MISTAKES = {
                                          TypeError),
     "batch norm eps 0 in training": (lambda: F.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0),
                                      ValueError),
+    "num_groups a one-element list": (lambda: F.group_norm(torch.randn(2, 4, 3), [2]), TypeError),
+    "num_groups a bool": (lambda: F.group_norm(torch.randn(2, 4, 3), True), TypeError),
+    "num_groups a float": (lambda: F.group_norm(torch.randn(2, 4, 3), 2.0), TypeError),
 }
 
 

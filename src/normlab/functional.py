@@ -33,6 +33,7 @@ Errors name the offending value and the fix; a failed call mutates nothing.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -82,6 +83,17 @@ def _check_input(x: Tensor, op: str, min_ndim: int = 1) -> None:
             f"{op}: expected at least {min_ndim}-D input, got {x.dim()}-D input of shape "
             f"{tuple(x.shape)}"
         )
+
+
+def _int_arg(v, what: str, op: str) -> int:
+    """An int argument as torch's functions take it (an int, a numpy int, a 0-d integer tensor),
+    as a Python int; a bool, a float or a sequence is refused, on every route alike."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{op}: {what} must be an int, got {type(v).__name__}") from None
 
 
 def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
@@ -534,6 +546,7 @@ def group_norm(
         >>> torch.allclose(F.group_norm(x, 3), torch.nn.functional.group_norm(x, 3), atol=1e-5)
         True
     """
+    num_groups = _int_arg(num_groups, "num_groups", "group_norm")
     core = kernels.core()
     if core is not None:
         return core.group_norm(input, num_groups, weight, bias, eps)

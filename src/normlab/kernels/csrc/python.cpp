@@ -64,6 +64,14 @@ std::vector<int64_t> ints(PyObject* o, const char* what) {
   return out;
 }
 
+// one int (functional.py passes num_groups through _int_arg first: the same rule, the same words)
+int64_t one_int(PyObject* o, const char* what) {
+  TORCH_CHECK_TYPE(PyLong_Check(o) && !PyBool_Check(o), g_op, ": ", what, " must be an int, got ", Py_TYPE(o)->tp_name);
+  const int64_t v = PyLong_AsLongLong(o);
+  if (PyErr_Occurred()) throw python_error();
+  return v;
+}
+
 double number(PyObject* o, const char* what) {
   double v = PyFloat_AsDouble(o);
   if (v == -1.0 && PyErr_Occurred()) {
@@ -151,11 +159,10 @@ PyObject* group_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
   static auto op = handle("normlab::group_norm")
                        .typed<Tensor(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double)>();
   const Tensor& x = tensor(a[0], "input");
-  auto groups = ints(a[1], "num_groups");
-  TORCH_CHECK_TYPE(groups.size() == 1, "group_norm: num_groups must be an int");
+  const int64_t groups = one_int(a[1], "num_groups");
   OptTensor w = optional(a[2], "weight"), b = optional(a[3], "bias");
   double eps = number(a[4], "eps");
-  return run([&] { return op.call(x, groups[0], w, b, eps); });
+  return run([&] { return op.call(x, groups, w, b, eps); });
   END_HANDLE_TH_ERRORS
 }
 
