@@ -48,6 +48,14 @@ def _worker(rank, world, init_file):
         assert torch.allclose(dw, ref.weight.grad, atol=1e-10)  # local grads sum to the global ones
         assert torch.allclose(sync.running_mean, ref.running_mean, atol=1e-12)
         assert torch.allclose(sync.running_var, ref.running_var, atol=1e-12)
+        # double backward through the collective: the second derivative equals one process's
+        v = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).reshape(x.shape)
+        xr2, xs2 = x.clone().requires_grad_(), x[lo:hi].clone().requires_grad_()
+        gr, = torch.autograd.grad((ref(xr2) * dy).sum(), xr2, create_graph=True)
+        (gr * v).sum().backward()
+        gs, = torch.autograd.grad((sync(xs2) * dy[lo:hi]).sum(), xs2, create_graph=True)
+        (gs * v[lo:hi]).sum().backward()
+        assert torch.allclose(gs, gr[lo:hi], atol=1e-10) and torch.allclose(xs2.grad, xr2.grad[lo:hi], atol=1e-9)
         # moments
         m = all_reduce_moments(Moments.from_data(features[lo:hi], dims=(0,), dtype=torch.float64)
                                if hi > lo else Moments.empty((4,), dtype=torch.float64))
@@ -62,6 +70,15 @@ def _worker(rank, world, init_file):
             for attr in ("n_samples_seen_", "mean_", "var_", "scale_", "data_min_", "data_max_", "data_range_"):
                 if hasattr(full, attr):
                     np.testing.assert_allclose(getattr(scaler, attr), getattr(full, attr), rtol=1e-12)
+    finally:
+        _leave()
+
+
+def _leave():
+    """Leave the group together (a barrier first, where the group still works): a rank that tears
+    gloo down while another is still in a collective can abort the process."""
+    try:
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -87,8 +104,13 @@ def test_sync_batchnorm_and_scalers_across_processes(world):
 
 
 def test_one_process_is_plain_batchnorm():
+    import normlab.nn as nln
+    from normlab.convert import is_batchnorm
+
     x = torch.randn(6, 3, 2, 2, requires_grad=True)
     sync, bn = SyncBatchNorm(3), torch.nn.BatchNorm2d(3)
+    assert isinstance(sync, (torch.nn.SyncBatchNorm, nln._BatchNorm)) and is_batchnorm(sync)
+    assert torch.autograd.gradgradcheck(lambda t: SyncBatchNorm(3).double()(t), (x.detach().double().requires_grad_(),))
     assert torch.allclose(sync(x), bn(x), atol=1e-6)
     assert set(sync.state_dict()) == set(bn.state_dict())
     sync.eval(), bn.eval()
@@ -179,7 +201,7 @@ def _disagreeing_worker(rank, world, init_file):
             assert torch.equal(v, before[k]), k
         assert torch.isfinite(sync(torch.randn(4, 3, 2))).all()  # and the group still works
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_ranks_that_disagree_on_their_input_all_raise_and_change_nothing():

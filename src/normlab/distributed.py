@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import ShapeError
-from .nn import _AllOrNothing
+from .nn import _BatchNorm
 from .stats import Moments, accumulation_dtype, centered, corrected_variance, momentum_factor, update_running
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "all_reduce_moments", "all_reduce_scaler"]
@@ -89,12 +89,6 @@ def all_reduce_moments(m: Moments, group=None) -> Moments:
     return total
 
 
-def _all_reduce_sum(t: Tensor, group) -> Tensor:
-    if _world(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
-
-
 def _global_moments(x: Tensor, group) -> Moments:
     """The merged float64 triple of every rank's batch. Each rank's passes run in its
     accumulation dtype (no float64 copy of x); its mean keeps float64 digits (see ``centered``)."""
@@ -122,41 +116,25 @@ def _normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tenso
     return (x.to(acc) - m0.view(view)) * r0.view(view) - c0.view(view), r0, view
 
 
-class _SyncBN(torch.autograd.Function):
-    """Normalization with the global statistics; the backward uses the global sums of the survey “Norm相关总结”
-    eq. (5)–(7): ``∂l/∂x = r·γ·(dy − Σdy/n − x̂·Σ(dy·x̂)/n)``, both sums all-reduced over ranks
-    (the statistics' dependence on every rank's ``x`` lives in those sums). Element-wise work
-    runs in the accumulation dtype and the sums in float64; backward recomputes ``x̂`` from the
-    saved ``x`` rather than keeping a second activation-sized tensor."""
+def _differentiable_moments(x: Tensor, stats: Moments, group) -> tuple[Tensor, Tensor]:
+    """The global mean and biased variance as functions of every rank's ``x``, so autograd derives
+    the backward (and double backward) through the collective: the sums of ``x − k`` and
+    ``(x − k)²`` with ``k`` the exact global mean (``stats``, found first without a graph, so the
+    sums are small and nothing cancels), all-reduced with ``torch.distributed.nn``, whose backward
+    all-reduces the gradients. The values equal ``stats``' up to rounding; float64."""
+    from torch.distributed.nn.functional import all_reduce
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, group, mean, var, count):
-        xhat, _, view = _normalized(x, mean, var, eps)
-        y = xhat if weight is None else xhat * weight.view(view)
-        if bias is not None:
-            y = y + bias.view(view)
-        ctx.save_for_backward(x, weight, mean, var, count)
-        ctx.eps, ctx.group, ctx.dims, ctx.bias_given = eps, group, (0, *range(2, x.dim())), bias is not None
-        return y.to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # double backward would need the collectives again
-    def backward(ctx, dy):
-        x, weight, mean, var, count = ctx.saved_tensors
-        xhat, r, v = _normalized(x, mean, var, ctx.eps)
-        g = dy.to(xhat.dtype)
-        sums = torch.stack([g.sum(ctx.dims, dtype=torch.float64), (g * xhat).sum(ctx.dims, dtype=torch.float64)])
-        local_db, local_dw = sums[0].clone(), sums[1].clone()
-        _all_reduce_sum(sums, ctx.group)
-        means = (sums / count).to(xhat.dtype)  # Σdy/n and Σ(dy·x̂)/n over the global batch
-        scale = r if weight is None else r * weight
-        dx = scale.view(v) * (g - means[0].view(v) - xhat * means[1].view(v))
-        dw = local_dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = local_db.to(dy.dtype) if ctx.bias_given and ctx.needs_input_grad[2] else None
-        return dx.to(dy.dtype), dw, db, None, None, None, None, None
+    dims, view = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    k = stats.mean.to(accumulation_dtype(x.dtype))
+    d = x.to(k.dtype) - k.view(view)
+    sums = torch.stack([d.sum(dims, dtype=torch.float64), d.square().sum(dims, dtype=torch.float64)])
+    if _world(group) > 1:
+        sums = all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    shift = sums[0] / stats.count
+    return k.double() + shift, (sums[1] / stats.count - shift.square()).clamp(min=0)
 
 
-class SyncBatchNorm(_AllOrNothing, nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
     r"""Batch Normalization over the batches of all ranks of a process group, as torch.nn.SyncBatchNorm.
 
     ``torch.nn.SyncBatchNorm``'s arguments, buffers and ``state_dict``; in training
@@ -169,7 +147,9 @@ class SyncBatchNorm(_AllOrNothing, nn.modules.batchnorm._BatchNorm):
     every rank of ``process_group``, as if concatenated. They are the merged ``(count, mean, M2)``
     of all ranks (:func:`all_reduce_moments`), so uneven and empty shards are exact;
     ``running_var`` stores the unbiased global variance, updated with ``momentum`` as BatchNorm
-    does. The backward uses the global sums of the survey “Norm相关总结” eq. (5)–(7),
+    does. The statistics are functions of every rank's batch through a differentiable all-reduce
+    (``torch.distributed.nn``), so autograd gives the backward of the survey “Norm相关总结” eq.
+    (5)–(7) with both sums taken over the global batch,
 
     .. math::
 
@@ -177,8 +157,7 @@ class SyncBatchNorm(_AllOrNothing, nn.modules.batchnorm._BatchNorm):
         \Big(\frac{\partial l}{\partial y} - \frac{1}{n}\sum \frac{\partial l}{\partial y}
         - \hat x \cdot \frac{1}{n}\sum \frac{\partial l}{\partial y}\,\hat x\Big),
 
-    both sums all-reduced over the ranks and ``n`` the global count per channel (no double
-    backward). Parameter gradients are local (DistributedDataParallel averages them, as with
+    ``n`` the global count per channel, and the double backward too. Parameter gradients are local (DistributedDataParallel averages them, as with
     torch's SyncBatchNorm). In training every rank must call it in step (the statistics are a
     collective); each rank's input is checked before any statistic travels, and ranks whose
     channel counts disagree all raise, naming every rank's count, so none is left waiting.
@@ -186,7 +165,9 @@ class SyncBatchNorm(_AllOrNothing, nn.modules.batchnorm._BatchNorm):
 
     In eval mode it is BatchNorm with running statistics (or, with
     ``track_running_stats=False``, with this rank's own batch statistics), and no collective runs.
-    Outside an initialized process group, or with one process, it is BatchNorm on the local batch.
+    Outside an initialized process group, or with one process, it is normlab's BatchNorm on the local
+    batch (the compiled core). It is a :class:`normlab.nn` BatchNorm and a ``torch.nn.SyncBatchNorm``
+    for ``isinstance``.
 
     Source: Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by
     Reducing Internal Covariate Shift", Algorithm 1; the survey “Norm相关总结” eq. (5)–(7) for the
@@ -221,6 +202,9 @@ class SyncBatchNorm(_AllOrNothing, nn.modules.batchnorm._BatchNorm):
         >>> sync.eval()(x[:1]).shape                      # eval: the running statistics
         torch.Size([1, 4, 5, 5])
     """
+
+    _ndims = tuple(range(2, 65))  # (N, C, *): any rank from 2 on, as torch's
+    _layout = "(N, C, *) input"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
@@ -270,27 +254,29 @@ class SyncBatchNorm(_AllOrNothing, nn.modules.batchnorm._BatchNorm):
             raise refused
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training:
-            self._agree(input)  # the first collective: nothing is computed or written before it
-        else:
+        if not self.training or _world(self.process_group) == 1:  # no collective: BatchNorm's own path
             self._check_input_dim(input)
-        if not self.training:  # eval: running statistics, or this rank's own batch; no collective
-            from . import functional as F
-
-            stats = self.running_mean is not None
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, not stats, 0.0,
-                                self.eps)
+            return super().forward(input)
+        self._agree(input)  # the first collective: nothing is computed or written before it
         stats = _global_moments(input, self.process_group)
         if float(stats.count.min()) <= 1:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel over all ranks, got "
                              f"{int(stats.count.min())}; use larger batches or GroupNorm")
-        y = _SyncBN.apply(input, self.weight, self.bias, self.eps, self.process_group, stats.mean,
-                          stats.var(correction=0), stats.count)
-        if self.training and self.track_running_stats:
+        mean, var = _differentiable_moments(input, stats, self.process_group)
+        xhat, _, view = _normalized(input, mean, var, self.eps)
+        y = xhat if self.weight is None else xhat * self.weight.view(view)
+        if self.bias is not None:
+            y = y + self.bias.view(view)
+        if self.track_running_stats:
             update_running(self.running_mean, self.running_var, stats.mean, stats.var(correction=1),
                            momentum_factor(self.momentum, self.num_batches_tracked))
             self.num_batches_tracked.add_(1)
-        return y
+        return y.to(input.dtype)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """:func:`normlab.distributed.convert_sync_batchnorm` (torch's classmethod makes torch's layer)."""
+        return convert_sync_batchnorm(module, process_group)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
