@@ -647,3 +647,16 @@ def test_an_inf_in_a_batch_makes_the_running_variance_nan_wherever_it_is(positio
         ref(x)
         assert torch.equal(m.running_var.isnan(), ref.running_var.isnan()), (backend, m.running_var)
         assert m.running_mean[0] == float("inf") and torch.isfinite(m.running_var[1])
+
+
+@pytest.mark.parametrize("mode", ["auto", "operators"])
+def test_compiled_norms_keep_eager_memory_format(mode, monkeypatch):
+    # one promise on every route: what eager returns for a channels_last input, compiled returns too
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "COMPILE", mode)
+    x = torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last)
+    for m in (nln.InstanceNorm2d(4, affine=True), nln.GroupNorm(2, 4), nln.BatchNorm2d(4), nln.LayerNorm(5),
+              nln.RMSNorm(5)):
+        eager, compiled = m(x), torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+        assert eager.stride() == compiled.stride(), (type(m).__name__, eager.stride(), compiled.stride())
+        assert_rel(compiled, eager, tol=TOL[torch.float32])

@@ -161,17 +161,6 @@ def _per_channel(t: Tensor | None, ndim: int) -> Tensor | None:
     return None if t is None else t.view((-1,) + (1,) * (ndim - 2))
 
 
-def _keep_format(y: Tensor, like: Tensor) -> Tensor:
-    """Return ``y`` in the memory format of ``like`` (reshapes lose channels_last)."""
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        try:
-            if like.is_contiguous(memory_format=fmt) and not like.is_contiguous():
-                return y.contiguous(memory_format=fmt)
-        except RuntimeError:  # format does not apply to this ndim
-            continue
-    return y
-
-
 def _native() -> bool:
     """torch's own op after our checks: the "torch" backend (:func:`normlab.set_backend`), or
     "auto" where the compiled core is not there."""
@@ -305,7 +294,7 @@ def _torch_channel_norm(op, input, running_mean, running_var, weight, bias, batc
         check_writable(running_var, "running_var")
     if not batch_stats and (torch.is_grad_enabled() or torch.jit.is_tracing()):  # one graph for jit.trace
         running_mean, running_var = running_mean.clone(), running_var.clone()
-    return _keep_format(fn(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps), input)
+    return kernels.keep_format(fn(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps), input)
 
 
 def _check_channel_args(op, input, running_mean, running_var, weight, bias, batch_stats, eps) -> None:
@@ -507,7 +496,7 @@ def rms_norm(
         xa = input.to(accumulation_dtype(input.dtype))
         y = xa * torch.rsqrt(xa.square().mean(dims, keepdim=True) + eps)
         return (y if weight is None else y * weight).to(input.dtype)
-    return _keep_format(_normalize(op, input, dims, weight, None, eps, center=False)[0], input)
+    return kernels.keep_format(_normalize(op, input, dims, weight, None, eps, center=False)[0], input)
 
 
 def group_norm(
@@ -570,7 +559,7 @@ def group_norm(
     w = None if weight is None else weight.view(num_groups, cg, 1)
     b = None if bias is None else bias.view(num_groups, cg, 1)
     y = _normalize(op, x, (2, 3), w, b, eps)[0]
-    return _keep_format(y.reshape(input.shape), input)
+    return kernels.keep_format(y.reshape(input.shape), input)
 
 
 def _flat_view(t: Tensor | None, c: int) -> Tensor | None:

@@ -183,11 +183,23 @@ class _Traced:
 
     @staticmethod
     def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
-        if _fuse("instance_norm"):
-            return torch.nn.functional.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
-                                                     momentum, eps)
+        if _fuse("instance_norm"):  # in x's memory format, as normlab's eager InstanceNorm (torch's is contiguous)
+            y = torch.nn.functional.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
+                                                  momentum, eps)
+            return keep_format(y, x)
         return torch.ops.normlab.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
                                                momentum, eps)
+
+
+def keep_format(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Return ``y`` in the memory format of ``like`` (reshapes lose channels_last)."""
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        try:
+            if like.is_contiguous(memory_format=fmt) and not like.is_contiguous():
+                return y.contiguous(memory_format=fmt)
+        except RuntimeError:  # format does not apply to this ndim
+            continue
+    return y
 
 
 def _ints(shape):
