@@ -619,6 +619,10 @@ def test_a_mistake_raises_the_same_error_on_every_route(name):
             call()
         assert isinstance(err.value, RuntimeError) or cls in (TypeError, ValueError), (backend, type(err.value))
         messages[backend] = str(err.value)
+    torch._dynamo.reset()  # and compiled: normlab's checks run before the traced operator
+    with pytest.raises(cls) as err:
+        torch.compile(call, backend="aot_eager")()
+    messages["compiled"] = str(err.value)
     assert len(set(messages.values())) == 1, messages
     assert issubclass(cls, RuntimeError) == (cls not in (TypeError, ValueError))  # torch's class is in it
 

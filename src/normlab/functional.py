@@ -221,6 +221,8 @@ def batch_norm(
     """
     core = kernels.core()
     if core is not None:
+        if core is kernels.TRACED and not (isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0):
+            _check_channel_args("batch_norm", input, running_mean, running_var, weight, bias, training, eps)
         return core.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _channel_norm("batch_norm", input, (0, *range(2, input.dim())), running_mean, running_var,
                          weight, bias, training, momentum, eps)
@@ -272,13 +274,16 @@ def instance_norm(
         (True, (2, 3, 8, 8))
     """
     core = kernels.core()
-    if core is not None:
+    if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if isinstance(input, Tensor) and input.dim() < 3:
         raise ShapeError(
             f"instance_norm: expected at least 3-D input (N, C, *spatial), got {input.dim()}-D "
             f"input of shape {tuple(input.shape)}"
         )
+    if core is not None:  # being compiled: normlab's checks, then the traced operator
+        _check_channel_args("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats, eps)
+        return core.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     return _channel_norm("instance_norm", input, tuple(range(2, input.dim())), running_mean,
                          running_var, weight, bias, use_input_stats, momentum, eps)
 
@@ -410,13 +415,16 @@ def layer_norm(
     """
     weight = _offset_weight(weight, offset, "layer_norm")
     core = kernels.core()
-    if core is not None:
+    if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.layer_norm(input, normalized_shape, weight, bias, eps)
     op = "layer_norm"
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op, input)
     _check_param(bias, "bias", shape, op, input)
+    if core is not None:  # being compiled: the checks above, then the traced operator
+        _require_values(input, dims, op)
+        return core.layer_norm(input, normalized_shape, weight, bias, eps)
     if _native():
         _require_values(input, dims, op)  # as the core and the reference: no statistics of nothing
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
@@ -481,12 +489,15 @@ def rms_norm(
     """
     weight = _offset_weight(weight, offset, "rms_norm")
     core = kernels.core()
-    if core is not None:
+    if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.rms_norm(input, normalized_shape, weight, eps)
     op = "rms_norm"
     _check_input(input, op)
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op, input, any_dtype=True)
+    if core is not None:  # being compiled: the checks above, then the traced operator
+        _require_values(input, dims, op)
+        return core.rms_norm(input, normalized_shape, weight, eps)
     if _native() and not torch.jit.is_tracing():
         _require_values(input, dims, op)
         return torch.nn.functional.rms_norm(input, shape, weight, eps)
@@ -537,7 +548,7 @@ def group_norm(
     """
     num_groups = _int_arg(num_groups, "num_groups", "group_norm")
     core = kernels.core()
-    if core is not None:
+    if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.group_norm(input, num_groups, weight, bias, eps)
     op = "group_norm"
     _check_input(input, op, min_ndim=2)
@@ -547,6 +558,8 @@ def group_norm(
             f"group_norm: num_groups={num_groups} must divide the {c} channels; choose a "
             f"divisor of {c}"
         )
+    if core is not None:  # being compiled: the checks above, then the traced operator
+        return core.group_norm(input, num_groups, weight, bias, eps)
     if _native():
         return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     n, cg = input.shape[0], c // num_groups

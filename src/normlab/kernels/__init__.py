@@ -202,6 +202,9 @@ def keep_format(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y
 
 
+TRACED = _Traced  # what core() gives code being compiled: functional runs normlab's Python checks first
+
+
 def _ints(shape):
     return [shape] if isinstance(shape, int) else list(shape)
 
