@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import ShapeError
+from .errors import DTypeError, ShapeError
 from .nn import _BatchNorm
 from .stats import Moments, accumulation_dtype, centered, corrected_variance, momentum_factor, update_running
 
@@ -215,7 +215,7 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         if not isinstance(input, Tensor):
             raise TypeError(f"SyncBatchNorm expects a torch.Tensor, got {type(input).__name__}")
         if not input.is_floating_point():  # as the other BatchNorms: no integer, bool or complex data
-            raise TypeError(f"SyncBatchNorm expects a floating-point tensor, got dtype {input.dtype}; "
+            raise DTypeError(f"SyncBatchNorm expects a floating-point tensor, got dtype {input.dtype}; "
                             "convert it first, e.g. x.float()")
         if input.dim() < 2:
             raise ValueError(f"SyncBatchNorm expects at least 2-D input (N, C, ...), got {input.dim()}-D input")

@@ -9,8 +9,9 @@ the message. Where torch raises ``RuntimeError`` for the same mistake, normlab's
   divide, an input of the wrong rank or channel count;
 * :class:`StateError` — running statistics missing where they are needed (eval mode of a norm
   made with ``track_running_stats=False`` and no statistics passed);
-* :class:`DTypeError` — a parameter or running statistic whose dtype does not go with the
-  input's (torch's rule: the same dtype, or float32 with a float16/bfloat16 input).
+* :class:`DTypeError` — an input that is not floating point, or a parameter or running
+  statistic whose dtype does not go with the input's (torch's rule: the same dtype, or float32
+  with a float16/bfloat16 input).
 
 >>> import torch, normlab.functional as F
 >>> try:

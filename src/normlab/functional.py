@@ -74,7 +74,7 @@ def _check_input(x: Tensor, op: str, min_ndim: int = 1) -> None:
     if not isinstance(x, Tensor):
         raise _not_a_tensor(x, op)
     if not x.is_floating_point():
-        raise TypeError(
+        raise DTypeError(
             f"{op}: expected a floating-point tensor, got dtype {x.dtype}; "
             f"convert it first, e.g. x.float()"
         )
@@ -143,7 +143,7 @@ def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str, x: 
             "e.g. module.to(input.device)"
         )
     if not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must be floating-point, got dtype {t.dtype}")
+        raise DTypeError(f"{op}: {name} must be floating-point, got dtype {t.dtype}")
     if not (any_dtype or t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))):
         raise DTypeError(f"{op}: {name} is {t.dtype} but the input is {x.dtype}; use one dtype (e.g. "
                          f"module.to({x.dtype})), or float32 {name} with a half-precision input")
@@ -334,13 +334,13 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
     _check_channel_args(op, input, running_mean, running_var, weight, bias, batch_stats, eps)
     nd, c = input.dim(), input.shape[1]
     w, b = _per_channel(weight, nd), _per_channel(bias, nd)
+    if input.numel() == 0:  # an empty batch: an empty output, the running statistics as they were
+        return _normalize(op, input, (), w, b, eps)[0]
     if not batch_stats:
         if _native():  # torch's op, after our checks
             return _torch_channel_norm(op, input, running_mean, running_var, weight, bias, False, momentum, eps)
         return _normalize(op, input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
                           fixed_var=_per_channel(running_var, nd))[0]
-    if input.numel() == 0:  # an empty batch: an empty output, the running statistics as they were
-        return _normalize(op, input, (), w, b, eps)[0]
     n = math.prod([input.shape[d] for d in dims])
     if n == 1:
         raise ValueError(

@@ -53,7 +53,7 @@ std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::ge
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 void check_input(const Tensor& x, const char* op, int64_t min_ndim) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got dtype ",
+  NORMLAB_CHECK_DTYPE(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got dtype ",
                    dtype_name(x.scalar_type()), "; convert it first, e.g. x.float()");
   NORMLAB_CHECK_SHAPE(x.dim() >= min_ndim, op, ": expected at least ", min_ndim, "-D input, got ", x.dim(),
                       "-D input of shape ", tuple(x.sizes()));
@@ -70,7 +70,7 @@ void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const 
                     "module.to_empty(device=input.device), then module.reset_parameters() or load_state_dict(...)");
   TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
                     x.device(), "; move them to one device, e.g. module.to(input.device)");
-  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating-point, got dtype ",
+  NORMLAB_CHECK_DTYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating-point, got dtype ",
                    dtype_name(t->scalar_type()));
   const auto xt = x.scalar_type(), pt = t->scalar_type();
   NORMLAB_CHECK_DTYPE(any_dtype || pt == xt || (pt == at::kFloat && (xt == at::kHalf || xt == at::kBFloat16)), op, ": ", name,
