@@ -41,7 +41,7 @@ from torch.nn.parameter import Parameter
 
 from . import functional as F
 from .errors import ShapeError
-from .stats import mean_square, moments, momentum_factor, update_running
+from .stats import accumulation_dtype, mean_square, momentum_factor, update_running
 
 __all__ = [
     "BatchNorm1d",
@@ -562,19 +562,23 @@ class _BatchRenorm(_BatchNorm):
         # BatchNorm's checks before the statistics are taken: a refused call computes and writes nothing
         F._check_channel_args("batch_norm", input, self.running_mean, self.running_var, self.weight, self.bias,
                               True, self.eps)
-        dims = (0, *range(2, input.dim()))
-        with torch.no_grad():
-            mean_b, var_b = moments(input, dims)
-            mean_b, var_b = mean_b.reshape(-1), var_b.reshape(-1)
-            sigma = torch.sqrt(self.running_var.to(var_b.dtype) + self.eps)
-            rmax, dmax = self.limits()
-            r = (torch.sqrt(var_b + self.eps) / sigma).clamp(1.0 / rmax, rmax)
-            d = ((mean_b - self.running_mean.to(mean_b.dtype)) / sigma).clamp(-dmax, dmax)
-        w = self.weight if self.weight is not None else torch.ones_like(r, dtype=input.dtype)
-        b = self.bias if self.bias is not None else torch.zeros_like(d, dtype=input.dtype)
-        out = F.batch_norm(input, None, None, w * r.to(w.dtype), w * d.to(w.dtype) + b, True, 0.0, self.eps)
+        # one pass of BatchNorm's own kernel gives x̂ and, through buffers updated with momentum 1,
+        # the batch's mean and unbiased variance; r and d (constants to autograd) then scale and shift x̂
+        batch_mean, batch_var = torch.zeros_like(self.running_mean), torch.ones_like(self.running_var)
+        xhat = F.batch_norm(input, batch_mean, batch_var, None, None, True, 1.0, self.eps)
         n = input.numel() // input.shape[1]
-        update_running(self.running_mean, self.running_var, mean_b, var_b * (n / (n - 1)),  # after success
+        with torch.no_grad():
+            sigma = torch.sqrt(self.running_var + self.eps)
+            rmax, dmax = self.limits()
+            r = (torch.sqrt(batch_var * ((n - 1) / n) + self.eps) / sigma).clamp(1.0 / rmax, rmax)
+            d = ((batch_mean - self.running_mean) / sigma).clamp(-dmax, dmax)
+        scale, shift = (r, d) if self.weight is None else (self.weight * r, self.weight * d)
+        if self.bias is not None:
+            shift = shift + self.bias
+        view = (1, -1) + (1,) * (input.dim() - 2)
+        acc = accumulation_dtype(input.dtype)  # float32 for half-precision input: one rounding, at the end
+        out = (xhat.to(acc) * scale.to(acc).view(view) + shift.to(acc).view(view)).to(input.dtype)
+        update_running(self.running_mean, self.running_var, batch_mean, batch_var,  # after success
                        momentum_factor(self.momentum, self.num_batches_tracked))
         self.num_batches_tracked.add_(1)
         return out
