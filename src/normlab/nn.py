@@ -564,19 +564,20 @@ class _BatchRenorm(_BatchNorm):
                               True, self.eps)
         # one pass of BatchNorm's own kernel gives x̂ and, through buffers updated with momentum 1,
         # the batch's mean and unbiased variance; r and d (constants to autograd) then scale and shift x̂
-        batch_mean, batch_var = torch.zeros_like(self.running_mean), torch.ones_like(self.running_var)
+        acc = accumulation_dtype(input.dtype)  # float32 for half-precision input: no overflow, one rounding
+        batch_mean = torch.zeros_like(self.running_mean, dtype=acc)
+        batch_var = torch.ones_like(self.running_var, dtype=acc)
         xhat = F.batch_norm(input, batch_mean, batch_var, None, None, True, 1.0, self.eps)
         n = input.numel() // input.shape[1]
         with torch.no_grad():
-            sigma = torch.sqrt(self.running_var + self.eps)
+            sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
             rmax, dmax = self.limits()
             r = (torch.sqrt(batch_var * ((n - 1) / n) + self.eps) / sigma).clamp(1.0 / rmax, rmax)
-            d = ((batch_mean - self.running_mean) / sigma).clamp(-dmax, dmax)
+            d = ((batch_mean - self.running_mean.to(acc)) / sigma).clamp(-dmax, dmax)
         scale, shift = (r, d) if self.weight is None else (self.weight * r, self.weight * d)
         if self.bias is not None:
             shift = shift + self.bias
         view = (1, -1) + (1,) * (input.dim() - 2)
-        acc = accumulation_dtype(input.dtype)  # float32 for half-precision input: one rounding, at the end
         out = (xhat.to(acc) * scale.to(acc).view(view) + shift.to(acc).view(view)).to(input.dtype)
         update_running(self.running_mean, self.running_var, batch_mean, batch_var,  # after success
                        momentum_factor(self.momentum, self.num_batches_tracked))
