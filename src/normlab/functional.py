@@ -97,7 +97,11 @@ def _int_arg(v, what: str, op: str) -> int:
 
 
 def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
-    if math.prod([x.shape[d] for d in dims]) == 0:
+    """Statistics over an empty set are an error; an input with no statistics to take (an empty
+    batch of rows or samples) is not: it gives an empty output (the core's rule)."""
+    dims = [d % x.dim() for d in dims] if x.dim() else []
+    count = math.prod([n for d, n in enumerate(x.shape) if d not in dims])
+    if math.prod([x.shape[d] for d in dims]) == 0 and count > 0:
         raise ValueError(
             f"{op}: no values to compute statistics over: input of shape {tuple(x.shape)} is "
             f"empty along dims {tuple(dims)}; skip empty batches before calling it"
@@ -149,10 +153,20 @@ def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str, x: 
                          f"module.to({x.dtype})), or float32 {name} with a half-precision input")
 
 
+def _one_dtype(op: str, *params: tuple[Tensor | None, str]) -> None:
+    """torch's rule: the parameters and running statistics given share one dtype."""
+    given = [(t, name) for t, name in params if t is not None]
+    for t, name in given[1:]:
+        if t.dtype != given[0][0].dtype:
+            raise DTypeError(f"{op}: {name} is {t.dtype} but {given[0][1]} is {given[0][0].dtype}; give the "
+                             "parameters and running statistics one dtype")
+
+
 def _channels(x: Tensor, op: str, *params: tuple[Tensor | None, str]) -> int:
     c = x.shape[1]
     for t, name in params:
         _check_param(t, name, (c,), op, x)
+    _one_dtype(op, *params)
     return c
 
 
@@ -422,6 +436,7 @@ def layer_norm(
     dims, shape = _trailing_dims(input, normalized_shape, op)
     _check_param(weight, "weight", shape, op, input)
     _check_param(bias, "bias", shape, op, input)
+    _one_dtype(op, (weight, "weight"), (bias, "bias"))
     if core is not None:  # being compiled: the checks above, then the traced operator
         _require_values(input, dims, op)
         return core.layer_norm(input, normalized_shape, weight, bias, eps)
@@ -558,6 +573,10 @@ def group_norm(
             f"group_norm: num_groups={num_groups} must divide the {c} channels; choose a "
             f"divisor of {c}"
         )
+    _require_values(input, range(1, input.dim()), op)
+    if input.numel() and input.numel() // (input.shape[0] * num_groups) == 1:  # torch's rule, the core's words
+        raise ValueError(f"group_norm: expected more than 1 value per group, got 1 (input of shape "
+                         f"{tuple(input.shape)}, num_groups={num_groups}); use fewer groups, or LayerNorm")
     if core is not None:  # being compiled: the checks above, then the traced operator
         return core.group_norm(input, num_groups, weight, bias, eps)
     if _native():

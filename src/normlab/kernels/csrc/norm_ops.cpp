@@ -78,13 +78,30 @@ void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const 
                       dtype_name(xt), ")), or float32 ", name, " with a half-precision input");
 }
 
-void require_values(const Tensor& x, IntArrayRef dims, const char* op, int64_t n = -1) {
-  if (n < 0) {
-    n = 1;
-    for (auto d : dims) n *= x.size(d);
+// torch's rule: the parameters and running statistics given share one dtype
+void check_one_dtype(const char* op, std::initializer_list<std::pair<const OptTensor*, const char*>> ps) {
+  const OptTensor* first = nullptr;
+  const char* first_name = nullptr;
+  for (auto [t, name] : ps) {
+    if (!given(*t)) continue;
+    if (first == nullptr) {
+      first = t, first_name = name;
+      continue;
+    }
+    NORMLAB_CHECK_DTYPE((*t)->scalar_type() == (*first)->scalar_type(), op, ": ", name, " is ",
+                        dtype_name((*t)->scalar_type()), " but ", first_name, " is ",
+                        dtype_name((*first)->scalar_type()), "; give the parameters and running statistics one dtype");
   }
-  TORCH_CHECK_VALUE(n > 0, op, ": no values to compute statistics over: input of shape ", tuple(x.sizes()),
-                    " is empty along dims ", tuple(dims), "; skip empty batches before calling it");
+}
+
+// statistics over an empty set are an error; an input with no statistics to take (an empty batch
+// of rows or samples) is not: it gives an empty output
+void require_values(const Tensor& x, IntArrayRef dims, const char* op) {
+  int64_t n = 1, count = 1;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    (std::find(dims.begin(), dims.end(), d) != dims.end() ? n : count) *= x.size(d);
+  TORCH_CHECK_VALUE(n > 0 || count == 0, op, ": no values to compute statistics over: input of shape ",
+                    tuple(x.sizes()), " is empty along dims ", tuple(dims), "; skip empty batches before calling it");
 }
 
 // -------------------------------------------------------------------------------- forms
@@ -544,6 +561,7 @@ Tensor layer_norm_impl(const Tensor& x, IntArrayRef normalized_shape, const OptT
                       tuple(x.sizes()), "; pass normalized_shape=input.shape[-k:] for the last k dims");
   check_param(w, "weight", normalized_shape, op, x, /*any_dtype=*/!center);
   if (center) check_param(b, "bias", normalized_shape, op, x);
+  if (center) check_one_dtype(op, {{&w, "weight"}, {&b, "bias"}});
   std::vector<int64_t> dims;
   for (int64_t d = nd - k; d < nd; ++d) dims.push_back(d);
   require_values(x, dims, op);
@@ -581,6 +599,7 @@ Tensor rms_norm(const Tensor& x, IntArrayRef normalized_shape, const OptTensor& 
 void check_channels(const Tensor& x, const char* op, std::initializer_list<std::pair<const OptTensor*, const char*>> ps) {
   const int64_t c = x.size(1);
   for (auto [t, name] : ps) check_param(*t, name, {c}, op, x);
+  check_one_dtype(op, ps);
 }
 
 Tensor group_norm(const Tensor& x, int64_t num_groups, const OptTensor& w, const OptTensor& b, double eps) {
@@ -594,7 +613,11 @@ Tensor group_norm(const Tensor& x, int64_t num_groups, const OptTensor& w, const
   for (int64_t d = 1; d < x.dim(); ++d) dims.push_back(d);
   int64_t S = 1;
   for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
-  require_values(x, dims, op, (C / num_groups) * S);  // statistics over (C/G, *S) per group
+  require_values(x, dims, op);  // statistics over (C/G, *S) per sample and group
+  // torch's rule: a group of one value normalizes to 0 whatever it holds
+  TORCH_CHECK_VALUE(x.numel() == 0 || (C / num_groups) * S > 1, "group_norm: expected more than 1 value per group, "
+                    "got 1 (input of shape ", tuple(x.sizes()), ", num_groups=", num_groups,
+                    "); use fewer groups, or LayerNorm");
   if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
   Form f;
   f.groups = num_groups;
