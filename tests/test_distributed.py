@@ -72,6 +72,7 @@ def _worker(rank, world, init_file):
                     np.testing.assert_allclose(getattr(scaler, attr), getattr(full, attr), rtol=1e-12)
     finally:
         _leave()
+    _done()
 
 
 def _leave():
@@ -81,6 +82,12 @@ def _leave():
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _done():
+    from normlab.lab.parallel import _exit_done  # no exit-time teardown, which gloo made abort under load
+
+    _exit_done()
 
 
 def _bn_rows(x, ref, lo, hi):
@@ -202,6 +209,7 @@ def _disagreeing_worker(rank, world, init_file):
         assert torch.isfinite(sync(torch.randn(4, 3, 2))).all()  # and the group still works
     finally:
         _leave()
+    _done()
 
 
 def test_ranks_that_disagree_on_their_input_all_raise_and_change_nothing():

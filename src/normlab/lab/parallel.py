@@ -11,6 +11,7 @@ its rank's share of the batch — the situation SyncBatchNorm exists for.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Callable
 
@@ -39,6 +40,17 @@ def _worker(rank: int, nproc: int, folder: str, build, split: Split, sync: bool,
         dist.barrier()  # every rank leaves the group together: none tears it down under another
     finally:
         dist.destroy_process_group()
+    _exit_done()
+
+
+def _exit_done() -> None:
+    """End a finished worker without the interpreter's teardown: a spawned process that used gloo
+    was seen, under load, to abort in its exit-time destructors after all its work had succeeded
+    ("terminate called without an active exception", SIGABRT). Its output is flushed first; an
+    error raised before this point still reaches ``mp.spawn`` as usual."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def fit_parallel(build: Callable[[], nn.Module], split: Split, nproc: int, *, sync_batchnorm: bool = True,
