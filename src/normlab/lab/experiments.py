@@ -449,7 +449,8 @@ def _glorot(cfg: Config) -> dict:
                         "<", 0.5, "Xavier's per-layer ratio is at least twice as close to 1 on a log scale")
           for d in ("forward", "backward")],
         *[records.check(f"sigmoid/{init}: backward variance ratio per layer", per_seed(("sigmoid", init), "backward_per_layer"), "<", 0.25,
-                        "sigmoid' ≤ 1/4: the gradient variance shrinks by ≥ 16·n·Var(W)× per layer")
+                        "sigmoid' ≤ 1/4: each layer back multiplies the gradient variance by n·Var(W)·E[σ'²] ≤ "
+                        "n·Var(W)/16, i.e. it shrinks by a factor ≥ 16/(n·Var(W))")
           for init in ("default", "xavier")],
     ]
     rows = [[f"{a}/{i}", avg((a, i), "forward_per_layer"), avg((a, i), "backward_per_layer"),
@@ -460,9 +461,12 @@ def _glorot(cfg: Config) -> dict:
         "checks": checks,
         "figures": [records.figure(
             "Variance through the hidden layers at initialisation (mean over random seeds)", *panels,
-            caption="Glorot's condition is a flat line: the variance neither shrinks nor grows from layer to layer. "
-                    "With torch's default init the tanh lines fall by about a third per layer; Xavier's fall "
-                    "far less. Sigmoid's backward lines fall steeply whatever the init (its slope is at most 1/4).")],
+            caption="Glorot's condition — Var(W) = 2/(n_in + n_out), Xavier's init — keeps both lines flat: the variance "
+                    "neither shrinks nor grows from layer to layer. Forward (left, read from layer 1 on): with torch's "
+                    "default init the tanh lines fall by about a third per layer, Xavier's far less. Backward (right): "
+                    "the gradient flows from the last layer to the first, so a gradient that shrinks on its way back "
+                    "draws a line that rises from left to right; sigmoid's rise steeply whatever the init (its slope "
+                    "is at most 1/4).")],
         "tables": [records.table(
             "Variance ratios of the hidden layers (GlorotMonitor.summary; mean over random seeds)",
             ["activation/init", "forward per layer", "backward per layer", "forward end to end",
