@@ -519,3 +519,12 @@ def test_checks_take_tensors_arrays_and_identical_seeds():
     same = records.check("s", [1.0, 1.0, 1.0], ">", 1.0)  # no spread: more seeds cannot move it
     assert same["status"] == "fails" and same["ci"] == [1.0, 1.0]
     assert "1.001" in records.explain(records.check("r", [1.0004, 1.0005, 1.0006], ">", 1))  # digits to see it
+
+
+def test_bands_on_a_log_axis_stay_above_zero():
+    # an MSE's mean − std can be negative; on a log axis the band is the geometric one, ×/÷ its std
+    mean, lo, hi = experiments._mean_curve([[1.0, 0.1], [100.0, 0.2], [1.0, 50.0]], log=True)
+    assert all(v > 0 for v in lo) and all(a < m < b for a, m, b in zip(lo, mean, hi))
+    assert mean[0] == pytest.approx(100 ** (1 / 3))
+    arithmetic = experiments._mean_curve([[1.0, 0.1], [100.0, 0.2], [1.0, 50.0]])
+    assert min(arithmetic[1]) < 0  # what was drawn before

@@ -153,17 +153,22 @@ def run(name: str, cfg: Config | None = None) -> dict:
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def _mean_curve(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    """Mean and mean ± std over seeds, epoch by epoch.
+def _mean_curve(curves: list[list[float]], log: bool = False) -> tuple[list[float], list[float], list[float]]:
+    """Mean and mean ± std over seeds, epoch by epoch; with ``log`` (a quantity drawn on a log axis,
+    such as an MSE) the geometric mean and the band ×/÷ the geometric std, which stays above 0
+    where mean − std would not.
 
     A run that stopped early (diverged) is padded with NaN, so the mean is NaN from there on: a
     failure counts against its configuration instead of leaving the mean to the survivors.
     """
     n = max(len(c) for c in curves)
     t = torch.tensor([c + [math.nan] * (n - len(c)) for c in curves], dtype=torch.float64)
+    if log:
+        t = t.log()
     mean = t.mean(0)
     std = t.std(0, correction=0)
-    return mean.tolist(), (mean - std).tolist(), (mean + std).tolist()
+    curve = [mean, mean - std, mean + std]
+    return tuple((c.exp() if log else c).tolist() for c in curve)
 
 
 def _paired(a, b, fn) -> list[float]:
@@ -197,7 +202,7 @@ def _auc(curve: list[float]) -> float:
 def _curves_panel(title: str, ylabel: str, runs: dict[str, list[list[float]]], logy: bool = False, x0: int = 1) -> dict:
     series = []
     for label, curves in runs.items():
-        mean, lo, hi = _mean_curve(curves)
+        mean, lo, hi = _mean_curve(curves, log=logy)
         series.append(records.series(label, range(x0, x0 + len(mean)), mean, lo, hi))
     return records.panel("lines", title, "epoch", ylabel, logy=logy, series=series)
 
@@ -295,7 +300,8 @@ def _zscore(cfg: Config) -> dict:
         "checks": checks,
         "figures": [
             records.figure(
-                "Learning curves, raw vs Z-Score inputs (mean ± std over random seeds)",
+                "Learning curves, raw vs Z-Score inputs (over random seeds: MSE geometric mean ×/÷ geometric std, "
+                "accuracy mean ± std)",
                 _curves_panel("regression: test MSE (log scale)", "MSE", curves, logy=True),
                 _curves_panel("breast_cancer: test accuracy", "accuracy", real_acc),
                 caption="If the claim holds, the Z-Score curve lies below raw's on the left (lower error, sooner) "
@@ -379,7 +385,8 @@ def _drift(cfg: Config) -> dict:
                            caption=f"Each colour is one epoch. Drifting apart means the boxes of epoch {late} differ "
                                    f"more from layer to layer than those of epoch {early}; the two panels share one "
                                    "axis so Z-Score only and BN compare directly."),
-            records.figure("Test MSE per epoch, Z-Score only vs Z-Score + BN (mean ± std over random seeds)",
+            records.figure("Test MSE per epoch, Z-Score only vs Z-Score + BN (geometric mean ×/÷ geometric std over "
+                           "random seeds)",
                            _curves_panel("test MSE (log scale)", "MSE", curves, logy=True),
                            caption="Lower is better. Steadier gradients need not mean a lower error: the notes give "
                                    "the final errors."),
