@@ -287,6 +287,13 @@ def _zscore(cfg: Config) -> dict:
     ]
     notes = ["The lesson trains 5 epochs; a 4-unit sigmoid network barely moves in 5 epochs at lr 0.03, so the "
              "tour trains 20 (--full: 40). Z-Score statistics come from the training split only."]
+    majority = float(torch.bincount(real.y_test.long()).max()) / len(real.y_test)  # what always-one-class scores
+    stuck = [a for a in acc_s["raw"] if abs(a - majority) < 1e-6]
+    if stuck:
+        notes.append(f"On breast_cancer the raw network scores exactly {majority:.3f} in {len(stuck)} of "
+                     f"{len(acc_s['raw'])} random seeds: the share of the majority class in the test split. It "
+                     "predicts that class for every example: with inputs in the hundreds and thousands its sigmoids "
+                     "saturate and it never learns.")
     if checks[-1]["status"] != "holds":
         notes.append(f"The gradient-steadiness part is not shown here: in both runs the largest per-layer gradient "
                      f"is {10 ** spread['raw']:.0f}× (raw) and {10 ** spread['zscore']:.0f}× (zscore) the smallest — "
