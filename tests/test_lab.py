@@ -528,3 +528,11 @@ def test_bands_on_a_log_axis_stay_above_zero():
     assert mean[0] == pytest.approx(100 ** (1 / 3))
     arithmetic = experiments._mean_curve([[1.0, 0.1], [100.0, 0.2], [1.0, 50.0]])
     assert min(arithmetic[1]) < 0  # what was drawn before
+
+
+def test_an_interval_is_cut_to_the_range_the_quantity_can_take():
+    wide = records.check("accuracy difference", [0.9, 0.1, 0.95], ">", 0.2, within=(-1, 1))
+    assert wide["ci"][1] == 1.0 and "cut to the possible range" in wide["ci_method"]
+    assert records.check("same", [0.9, 0.1, 0.95], ">", 0.2)["ci"][1] > 1.0  # without it: past 1
+    narrow = records.check("inside", [0.5, 0.51, 0.52], ">", 0.2, within=(-1, 1))
+    assert "cut" not in narrow["ci_method"] and narrow["status"] == "holds"

@@ -655,13 +655,15 @@ def _compare(cfg: Config) -> dict:
             rows.append([activation, norm, acc[activation, norm], _std(finals), _mean(_mean(h.test_metric) for h, _ in runs),
                          spread[activation, norm], 1e3 * _mean(statistics.median(h.seconds) for h, _ in runs)])
     checks = [records.check(f"sigmoid: {n} − none final test accuracy", _diff(acc_s["sigmoid", n], acc_s["sigmoid", "none"]),
-                            ">", 0.2) for n in _IN_NETWORK]
+                            ">", 0.2, within=(-1, 1)) for n in _IN_NETWORK]
     checks += [records.check(f"sigmoid: {n} − none gradient-variance spread",
                              _diff(spread_s["sigmoid", n], spread_s["sigmoid", "none"]), "<", 0.0,
                              "spread = log10(max/min) over layers of Var(∂loss/∂layer output) in the last epoch")
                for n in _IN_NETWORK]
-    checks += [records.check(f"tanh: {n} − none final test accuracy", _diff(acc_s["tanh", n], acc_s["tanh", "none"]), ">=", -0.02,
-                             "no worse than 2 points below no normalization")
+    checks += [records.check(f"tanh: {n} − none final test accuracy (at most 2 points worse)",
+                             _diff(acc_s["tanh", n], acc_s["tanh", "none"]), ">=", -0.02,
+                             "the claim allows a norm to cost up to 2 accuracy points (−0.02) on a network that trains "
+                             "without one; below that it fails, an interval across −0.02 is undecided", within=(-1, 1))
                for n in models.NORMS if n != "none"]
     figures = []
     for activation, by_norm in results.items():
@@ -675,7 +677,8 @@ def _compare(cfg: Config) -> dict:
                           series=[records.series(n, range(1, depth + 2), [_mean(b[i] for _, b in runs)
                                                                           for i in range(depth + 1)])
                                   for n, runs in by_norm.items()]),
-            caption="Left: test accuracy per epoch; middle: final accuracy, best first, ± std over random seeds; right: "
+            caption=f"Left: test accuracy per epoch (chance, guessing one of the {split.num_classes} digits, is "
+                    f"{1 / split.num_classes:.2f}); middle: final accuracy, best first, ± std over random seeds; right: "
                     "how the gradient variance changes from layer to layer (flat is steady). Each norm has one "
                     "colour and line style in every figure of this report.",
         ))
@@ -685,7 +688,9 @@ def _compare(cfg: Config) -> dict:
         "checks": checks,
         "figures": figures,
         "tables": [records.table("Every norm (mean over random seeds)", ["activation", "norm", "final test accuracy", "std",
-                                                                  "mean accuracy over epochs", "gradient spread", "ms per epoch"], rows)],
+                                                                  "mean accuracy over epochs", "gradient spread",
+                                                                  "ms per epoch (this run; moves with the machine's load)"],
+                                 rows)],
     }
 
 

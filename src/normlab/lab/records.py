@@ -58,7 +58,8 @@ _NAME = re.compile(r"[\w.-]+\Z")  # a record's name becomes a file name and an H
 _OPS = {">": lambda a, b: a > b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
 
 
-def check(name: str, value, op: str, threshold: float, detail: str = "") -> dict:
+def check(name: str, value, op: str, threshold: float, detail: str = "",
+          within: tuple[float, float] | None = None) -> dict:
     """One claim about a number, ``value op threshold``, decided with its uncertainty.
 
     ``value`` is either one number from a computation without randomness (its interval is the
@@ -68,7 +69,9 @@ def check(name: str, value, op: str, threshold: float, detail: str = "") -> dict
     the claimed side of the threshold, **fails** when the whole interval is on the other side,
     and is **undecided** otherwise (one seed gives no interval: undecided). A NaN (a run that
     diverged) fails; an infinite value (a gradient that vanished in a log ratio) is judged seed
-    by seed, the interval then being the range of the values.
+    by seed, the interval then being the range of the values. ``within=(lo, hi)`` is the range
+    the quantity can take (a difference of accuracies: ``(-1, 1)``); a t-interval that reaches
+    past it is cut to it, and the method says so.
     """
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
@@ -101,6 +104,9 @@ def check(name: str, value, op: str, threshold: float, detail: str = "") -> dict
     else:
         lo, hi = _t_interval(values)
         method = f"95% t-interval over {len(values)} random seeds"
+        if within is not None and (lo < within[0] or hi > within[1]):  # the quantity cannot go past its range
+            lo, hi = max(lo, within[0]), min(hi, within[1])
+            method += f", cut to the possible range [{within[0]:g}, {within[1]:g}]"
         status = ("holds" if good(lo, threshold) and good(hi, threshold)
                   else "fails" if not good(lo, threshold) and not good(hi, threshold) and lo != threshold
                   and hi != threshold else "undecided")
