@@ -106,6 +106,16 @@ def experiment(name: str, title: str, *, source: str, claim: str, seeds: tuple[i
     return register
 
 
+def _full_hint(exp: Experiment) -> str:
+    """What ``--full`` would change, from the registration's numbers (nothing it does not run)."""
+    more = [f"{what[1]} {what[0]} instead of {what[2]}" for what in (
+        ("random seeds", *reversed(exp.seeds)) if exp.seeds else (),
+        ("epochs", *reversed(exp.epochs)) if exp.epochs else ()) if what and what[1] > what[2]]
+    if not more:
+        return ""
+    return f"`normlab run {exp.name} --full` runs {' and '.join(more)}"
+
+
 def _pair(v, what: str) -> tuple[int, int] | None:
     if v is None:
         return None
@@ -127,7 +137,7 @@ def run(name: str, cfg: Config | None = None) -> dict:
     if not isinstance(out, dict):
         raise TypeError(f"experiment {name!r} returned a {type(out).__name__}; it must return a dict with "
                         "'checks' (see normlab.lab.records)")
-    hint = "" if cfg.full else f"`normlab run {exp.name} --full` runs more random seeds and epochs"
+    hint = "" if cfg.full else _full_hint(exp)
     record = {
         "name": exp.name,
         "title": exp.title,
