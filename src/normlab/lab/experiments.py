@@ -910,6 +910,9 @@ def _train_eval(cfg: Config) -> dict:
         records.check("running-mean error vs population, momentum 0.1 / momentum 0.5",
                       _ratio([e for e, _ in mom_rows[0.1]], [e for e, _ in mom_rows[0.5]]), "<", 1.0,
                       "error = ‖running_mean − population mean‖ / √(Σ population variance), averaged over BN layers"),
+        records.check("forgetting eval(): relative change of running_mean after the test passes", drift, ">", 0.01,
+                      "‖running_mean after − before‖ / ‖before‖, averaged over BN layers: the test data written into "
+                      "the model (more than 1%)"),
     ]
     labels = ["0.01", "0.1", "0.5", "None (cumulative)"]
     return {
@@ -924,8 +927,10 @@ def _train_eval(cfg: Config) -> dict:
                           labels=labels, values=[mom[m][0] for m in momenta]),
             caption="Left: in eval the accuracy is the same for any test batch size; forgetting model.eval() "
                     "normalizes each test batch by itself, which the claim says costs accuracy at small batches. "
-                    "Right: how far each momentum's running mean ends from the mean of the whole training set "
-                    "(lower is nearer).",
+                    "Right: how far each momentum's running mean ends from the mean of the whole training set, "
+                    "computed with the final weights (lower is nearer). A small momentum (0.01) or the cumulative "
+                    "average (None) still remembers the layer inputs of early training, when the weights were "
+                    "different; a large one (0.5) follows the last few batches and is noisy.",
         )],
         "tables": [
             records.table("Test accuracy (momentum 0.1)", ["mode", *[f"batch {b}" for b in test_batches]], [[k, *v] for k, v in acc.items()]),
