@@ -348,3 +348,17 @@ def test_report_survives_any_field_of_a_record_replaced(tmp_path, capsys, wrong)
         err = capsys.readouterr().err.strip()
         assert code in (0, 2), (path, wrong)
         assert code == 0 or (len(err.splitlines()) == 1 and ("'small'" in err or "record 0" in err) and "Traceback" not in err), (path, err)
+
+
+def test_reference_levels_are_drawn_and_stretch_the_axis():
+    fig = figure("f", panel("bars", "p", logy=True, labels=["a"], values=[1e-7],
+                            refs=[{"y": 1e-5, "label": "threshold"}, {"y": "not a number"}, "junk"]))
+    assert render_figure(fig)[:8] == PNG_SIGNATURE
+    import matplotlib.pyplot as plt
+    from normlab.lab.report import _draw_panel
+
+    ax = plt.figure().add_subplot()
+    _draw_panel(ax, fig["panels"][0])
+    lo, hi = ax.get_ylim()
+    assert lo < 1e-7 and hi > 1e-5  # a value near 1e-7 is seen against the 1e-5 threshold
+    plt.close("all")

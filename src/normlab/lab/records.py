@@ -35,6 +35,9 @@ panel kinds (every panel has "kind", "title", "xlabel", "ylabel"; optional "logy
   summary statistics (matplotlib ``bxp``), e.g. one box per layer; ``"group"`` (optional str per
   box) colours boxes of the same group alike.
 - ``"bars"``: ``"labels": [...], "values": [...], "errors": [...]?`` — one bar per label.
+
+Any panel may carry ``"refs": [{"y": number, "label": str}]``: reference levels (a threshold, a
+rounding unit) drawn as labelled dashed lines.
 """
 
 from __future__ import annotations
@@ -200,7 +203,8 @@ def series(label: str, x: Iterable, y: Iterable, lo: Iterable | None = None, hi:
 
 def panel(kind: str, title: str, xlabel: str = "", ylabel: str = "", logy: bool = False, **data: Any) -> dict:
     """One plot: ``kind`` is ``"lines"`` (``series=``), ``"boxes"`` (``boxes=``) or ``"bars"``
-    (``labels=``, ``values=``, optional ``errors=``)."""
+    (``labels=``, ``values=``, optional ``errors=``); any kind takes ``refs=[{"y", "label"}]``,
+    reference levels drawn as labelled dashed lines that the axis is stretched to show."""
     if kind not in ("lines", "boxes", "bars"):
         raise ValueError(f"panel kind must be 'lines', 'boxes' or 'bars', got {kind!r}")
     return {"kind": kind, "title": title, "xlabel": xlabel, "ylabel": ylabel, "logy": logy, **data}

@@ -360,6 +360,12 @@ def _draw_panel(ax: Axes, pan: dict) -> None:
     if kind not in _PAINTERS:
         raise ValueError(f"panel {pan.get('title', '')!r} has kind {kind!r}; expected one of {sorted(_PAINTERS)}")
     drawn = _PAINTERS[kind](ax, pan)
+    for ref in pan.get("refs") or ():  # reference levels (a threshold, a rounding unit), dashed and labelled
+        if isinstance(ref, dict) and isinstance(ref.get("y"), (int, float)):
+            ax.axhline(ref["y"], color="#777", linestyle="--", linewidth=1)
+            ax.annotate(str(ref.get("label", "")), (1.0, ref["y"]), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize="small", color="#555")
+            drawn = [*drawn, float(ref["y"])]  # the axis reaches it
     ax.set_title(pan.get("title", ""), fontsize="medium")
     ax.set_xlabel(pan.get("xlabel", ""))
     ax.set_ylabel(pan.get("ylabel", ""))
@@ -562,7 +568,8 @@ def _section(rec: dict) -> str:
              _badge(_STATUSES, c["status"]), _esc(c.get("detail", ""))]
             for c in rec["checks"]
         )
-        parts.append(_html_table(head, rows, caption="Checks (value: the mean over random seeds)"))
+        parts.append(_html_table(head, rows, caption="Checks (value: the mean over random seeds, or the one exact "
+                                                     "number where there is no randomness)"))
     parts += [_figure_html(name, fig) for fig in rec.get("figures") or ()]
     parts += [
         _html_table([_esc(c) for c in tab["columns"]], ([_cell(v) for v in row] for row in tab["rows"]), caption=tab.get("title", ""))
