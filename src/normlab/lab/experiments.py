@@ -218,6 +218,21 @@ def _curves_panel(title: str, ylabel: str, runs: dict[str, list[list[float]]], l
     return records.panel("lines", title, "epoch", ylabel, logy=logy, series=series)
 
 
+def _input_offset(model: nn.Module, X: torch.Tensor) -> float:
+    """How far the inputs of the Linear layers above the first are from zero mean: |mean| / std
+    per unit over ``X``, averaged (0 = centred), in eval mode; nothing is updated."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)][1:]
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for m in linears]
+    try:
+        with train.mode(model, False), torch.no_grad():
+            model(X)
+    finally:
+        for h in handles:
+            h.remove()
+    return _mean(float((t.mean(0).abs() / t.std(0).clamp_min(1e-12)).mean()) for t in seen)
+
+
 def _grad_std_spread(layers: dict[str, torch.Tensor]) -> float:
     """log10(max/min) over layers of the weight-gradient standard deviation: 0 = perfectly steady."""
     return _log10_spread([float(g.double().std()) for g in layers.values()])
@@ -357,13 +372,20 @@ def _drift(cfg: Config) -> dict:
     lr, batch = 0.03, 10
     split = data.make_regression(num_examples=1000, num_inputs=2, degree=2, bias=False, seed=0).scaled("zscore")
     spread = {(k, e): [] for k in ("zscore", "zscore+BN") for e in (early, late)}
+    offset = {(k, e): [] for k in ("zscore", "zscore+BN") for e in (early, late)}
     boxes, curves = [], {"zscore": [], "zscore+BN": []}
     for seed in seeds:
         for kind, norm in (("zscore", "none"), ("zscore+BN", "batch")):
             model = models.mlp(2, 1, depth=2, width=4, activation="tanh", init="xavier", norm=norm, seed=seed)
             rec = train.GradientRecorder(model, {early, late})
+
+            def on_epoch(epoch, model, history, rec=rec, kind=kind):
+                rec.on_epoch(epoch, model, history)
+                if epoch in (early, late):  # the claim's own subject: are the layers' inputs still centred?
+                    offset[(kind, epoch)].append(_input_offset(model, split.X_train.to(cfg.device)))
+
             h = train.fit(model, split, epochs=late, lr=lr, batch_size=batch, seed=seed, device=cfg.device,
-                          on_step=rec.on_step, on_epoch=rec.on_epoch, progress=cfg.progress, description=f"drift {kind} seed {seed}")
+                          on_step=rec.on_step, on_epoch=on_epoch, progress=cfg.progress, description=f"drift {kind} seed {seed}")
             rec.remove()
             curves[kind].append(h.test_loss)
             for e in (early, late):
@@ -372,7 +394,12 @@ def _drift(cfg: Config) -> dict:
                     boxes.append((kind, e, _boxes(rec.layers(e), f"epoch {e}")))
     m = {k: _mean(v) for k, v in spread.items()}
     growth = {k: _diff(spread[(k, late)], spread[(k, early)]) for k in ("zscore", "zscore+BN")}  # per seed
+    off = {k: _mean(v) for k, v in offset.items()}
     checks = [
+        records.check(f"Z-Score only: hidden layers' input offset |mean|/std at epoch {late} − epoch {early}",
+                      _diff(offset[("zscore", late)], offset[("zscore", early)]), ">", 0.0,
+                      f"epoch {early} {off[('zscore', early)]:.3f}, epoch {late} {off[('zscore', late)]:.3f} (means): the "
+                      "zero-centred property fades if the inputs of the layers above the first move off zero"),
         records.check(f"Z-Score only: gradient spread at epoch {late} − epoch {early}", growth["zscore"], ">", 0.0,
                       "spread = log10(max/min) over layers of the weight-gradient std; growing = drifting apart"),
         records.check(f"growth of the gradient spread from epoch {early} to {late}, BN − Z-Score only",
@@ -411,7 +438,11 @@ def _drift(cfg: Config) -> dict:
         ],
         "tables": [records.table("Gradient spread across layers (log10 max/min of per-layer std), mean over random seeds",
                                  ["model", f"epoch {early}", f"epoch {late}"],
-                                 [[k, m[(k, early)], m[(k, late)]] for k in ("zscore", "zscore+BN")])],
+                                 [[k, m[(k, early)], m[(k, late)]] for k in ("zscore", "zscore+BN")]),
+                   records.table("Offset of the hidden layers' inputs from zero mean (|mean| / std per unit, on the "
+                                 "training set), mean over random seeds",
+                                 ["model", f"epoch {early}", f"epoch {late}"],
+                                 [[k, off[(k, early)], off[(k, late)]] for k in ("zscore", "zscore+BN")])],
     }
 
 
