@@ -254,9 +254,8 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
             raise refused
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training or _world(self.process_group) == 1:  # no collective: BatchNorm's own path
-            self._check_input_dim(input)
-            return super().forward(input)
+        if not self.training or _world(self.process_group) == 1:  # no collective: BatchNorm's own path,
+            return super().forward(input)  # and its checks
         self._agree(input)  # the first collective: nothing is computed or written before it
         stats = _global_moments(input, self.process_group)
         if float(stats.count.min()) <= 1:
