@@ -333,13 +333,13 @@ def _zscore(cfg: Config) -> dict:
         "checks": checks,
         "figures": [
             records.figure(
-                "Learning curves, raw vs Z-Score inputs (over random seeds: MSE geometric mean ×/÷ geometric std, "
-                "accuracy mean ± std)",
+                "Learning curves, raw vs Z-Score inputs (over random seeds)",
                 _curves_panel("regression: test MSE (log scale)", "MSE", curves, logy=True),
                 _curves_panel("breast_cancer: test accuracy", "accuracy", real_acc),
                 caption="If the claim holds, the Z-Score curve lies below raw's on the left (lower error, sooner) "
-                        "and above it on the right (higher accuracy). The bands are ± one standard deviation "
-                        "over the random seeds.",
+                        "and above it on the right (higher accuracy). Over the random seeds: on the left the "
+                        "geometric mean and a band ×/÷ one geometric standard deviation (an error stays above 0 "
+                        "on a log axis), on the right the mean ± one standard deviation.",
             ),
             records.figure(
                 f"Weight gradients of each layer during epoch 1, raw vs Z-Score inputs (random seed {seeds[0]})",
