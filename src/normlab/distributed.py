@@ -165,9 +165,9 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
 
     In eval mode it is BatchNorm with running statistics (or, with
     ``track_running_stats=False``, with this rank's own batch statistics), and no collective runs.
-    Outside an initialized process group, or with one process, it is normlab's BatchNorm on the local
-    batch (the compiled core). It is a :class:`normlab.nn` BatchNorm and a ``torch.nn.SyncBatchNorm``
-    for ``isinstance``.
+    Outside an initialized process group, or with one process, it is BatchNorm on the local batch,
+    computed the same way (float64 statistics whether or not the compiled core is there). It is a
+    :class:`normlab.nn` BatchNorm and a ``torch.nn.SyncBatchNorm`` for ``isinstance``.
 
     Source: Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by
     Reducing Internal Covariate Shift", Algorithm 1; the survey “Norm相关总结” eq. (5)–(7) for the
@@ -254,10 +254,12 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
             raise refused
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training or _world(self.process_group) == 1:  # no collective: BatchNorm's own path,
-            return super().forward(input)  # and its checks
+        if not self.training:  # eval: BatchNorm's own path and checks, no collective
+            return super().forward(input)
         self._agree(input)  # the first collective: nothing is computed or written before it
         stats = _global_moments(input, self.process_group)
+        if float(stats.count.max()) == 0:  # every rank's batch is empty: BatchNorm's answer, an empty output
+            return super().forward(input)
         if float(stats.count.min()) <= 1:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel over all ranks, got "
                              f"{int(stats.count.min())}; use larger batches or GroupNorm")
