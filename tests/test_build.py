@@ -174,3 +174,16 @@ def test_normlab_build_and_info(tmp_path):
     bad = {**env, "CXX": str(tmp_path / "no-such-compiler")}
     run = subprocess.run([*cmd, "build"], capture_output=True, text=True, timeout=300, env=bad)
     assert run.returncode == 1 and "could not be built" in run.stderr
+
+
+@pytest.mark.parametrize("torch_runs, machine, expected", [
+    ("AVX512", "avx2 fma f16c avx512f avx512bw avx512vl avx512dq", "AVX512"),
+    ("AVX2", "avx2 fma f16c avx512f avx512bw avx512vl avx512dq", "AVX2"),  # ATEN_CPU_CAPABILITY=avx2
+    ("AVX512", "avx2 fma f16c", "AVX2"),  # a machine without the extensions never gets them
+    ("DEFAULT", "avx2 fma f16c", None),
+])
+def test_the_kernels_are_compiled_for_the_vector_width_torch_runs_at(monkeypatch, torch_runs, machine, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: torch_runs)
+    monkeypatch.setattr(build.Path, "read_text", lambda self: f"processor\t: 0\nflags\t\t: fpu sse2 {machine}\n")
+    flags = build._cpu_flags()
+    assert (f"-DCPU_CAPABILITY={expected}" in flags) if expected else flags == []

@@ -60,16 +60,26 @@ def _compiler() -> str | None:
 
 
 def _cpu_flags() -> list[str]:
-    """Vector extensions the compiling machine has (the cache key records them)."""
+    """Vector extensions for at::vec: the width torch's own CPU kernels run at on this machine
+    (``torch.backends.cpu.get_cpu_capability()``, which follows ``ATEN_CPU_CAPABILITY``), where the
+    compiling machine has them too (the cache key records the flags)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     have = set(line.split())
-    # at::vec's AVX2 specialisations (ATen compiles its own kernels so, once per capability)
-    return (["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-            if {"avx2", "fma", "f16c"} <= have else [])
+    try:
+        torch_runs = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - an older torch: AVX2 where the machine has it
+        torch_runs = "AVX2"
+    # at::vec's specialisations, with the flags ATen compiles its own kernels with, per capability
+    if torch_runs == "AVX512" and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= have:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if torch_runs in ("AVX2", "AVX512") and {"avx2", "fma", "f16c"} <= have:
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
 
 
 def _flags() -> list[str]:

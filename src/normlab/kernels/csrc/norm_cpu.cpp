@@ -23,7 +23,7 @@
 // float64. The compiler contracts nothing into FMAs (-ffp-contract=off): γ·dy − mean(g) must
 // cancel exactly when it is 0; the explicit at::vec fused multiply-adds sit where nothing does.
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <ATen/ATen.h>
@@ -57,7 +57,7 @@ Tensor vec(const Tensor& x, int64_t n, at::ScalarType dtype) {
 
 int64_t grain(int64_t work_per_item);
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX2__)
 // an 8×8 block of 4-byte values transposed in registers: rows of src at stride ss, of dst at ds
 inline void transpose8(const uint32_t* src, int64_t ss, uint32_t* dst, int64_t ds) {
   const float* sp = reinterpret_cast<const float*>(src);
@@ -94,7 +94,7 @@ void transpose_kernel(const T* src, T* dst, int64_t B, int64_t C, int64_t S) {
       T* dp = dst + b * C * S;
       const int64_t s1 = std::min(S, s0 + K), c1 = std::min(C, c0 + K);
       int64_t c = c0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX2__)
       if constexpr (sizeof(T) == 4) {
         for (; c + 8 <= c1; c += 8) {
           int64_t s = s0;
