@@ -274,28 +274,26 @@ def _zscore(cfg: Config) -> dict:
     lr, batch = 0.03, 10
     raw_split = data.make_regression(num_examples=1000, num_inputs=2, degree=1, loc=5.0, seed=0)
     runs = {"raw": raw_split, "zscore": raw_split.scaled("zscore")}
-    curves: dict[str, list[list[float]]] = {k: [] for k in runs}
-    spreads: dict[str, list[float]] = {k: [] for k in runs}
+    curves: dict[str, list[list[float]]] = {}
+    spreads: dict[str, list[float]] = {}
     boxes: list[dict] = []
-    for seed in seeds:
-        for kind, split in runs.items():
-            model = models.mlp(2, 1, depth=3, width=4, activation="sigmoid", init="xavier", seed=seed)
-            rec = train.GradientRecorder(model, {1})
-            h = train.fit(model, split, epochs=epochs, lr=lr, batch_size=batch, seed=seed, device=cfg.device,
-                          on_step=rec.on_step, on_epoch=rec.on_epoch, progress=cfg.progress, description=f"zscore {kind} seed {seed}")
-            rec.remove()
-            curves[kind].append(h.test_loss)
-            spreads[kind].append(_grad_std_spread(rec.layers(1)))
-            if seed == seeds[0]:
-                boxes += _boxes(rec.layers(1), kind)
+    for kind, split in runs.items():  # every random seed at once (lab.ensemble)
+        nets = [models.mlp(2, 1, depth=3, width=4, activation="sigmoid", init="xavier", seed=seed) for seed in seeds]
+        rec = train.SeedGradients({1})
+        hs = train.fit_seeds(nets, split, seeds, epochs=epochs, lr=lr, batch_size=batch, device=cfg.device,
+                             on_step=rec.on_step, progress=cfg.progress, description=f"zscore {kind}")
+        curves[kind] = [h.test_loss for h in hs]
+        spreads[kind] = [_grad_std_spread(rec.layers(1, s)) for s in range(len(seeds))]
+        boxes += _boxes(rec.layers(1, 0), kind)
     # The same on a real dataset with features on very different scales.
-    real_acc: dict[str, list[list[float]]] = {"raw": [], "zscore": []}
     real = data.load_dataset("breast_cancer", seed=0)
-    for seed in seeds:
-        for kind, split in (("raw", real), ("zscore", real.scaled("zscore"))):
-            model = models.mlp(real.num_features, 2, depth=2, width=16, activation="sigmoid", init="xavier", seed=seed)
-            h = train.fit(model, split, epochs=epochs, lr=0.1, batch_size=batch, seed=seed, device=cfg.device, progress=cfg.progress)
-            real_acc[kind].append(h.test_metric)
+    real_acc = {}
+    for kind, split in (("raw", real), ("zscore", real.scaled("zscore"))):
+        nets = [models.mlp(real.num_features, 2, depth=2, width=16, activation="sigmoid", init="xavier", seed=seed)
+                for seed in seeds]
+        hs = train.fit_seeds(nets, split, seeds, epochs=epochs, lr=0.1, batch_size=batch, device=cfg.device,
+                             progress=cfg.progress, description=f"zscore breast_cancer {kind}")
+        real_acc[kind] = [h.test_metric for h in hs]
     final_s = {k: [c[-1] for c in v] for k, v in curves.items()}  # per random seed
     auc_s = {k: [_auc(c) for c in v] for k, v in curves.items()}
     acc_s = {k: [c[-1] for c in v] for k, v in real_acc.items()}

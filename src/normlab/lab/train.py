@@ -35,7 +35,7 @@ from .. import nn as nln
 from ..diagnostics import GlorotMonitor
 from .data import Split, batches
 
-__all__ = ["fit", "evaluate", "mode", "History", "GradientRecorder"]
+__all__ = ["fit", "fit_seeds", "evaluate", "mode", "History", "GradientRecorder", "SeedGradients"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nln._BatchNorm)
 
@@ -148,20 +148,7 @@ def fit(
             :class:`~normlab.distributed.SyncBatchNorm`).
     """
     criterion, metric_name, metric_fn = _loss_and_metric(data.task, loss)
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if drop_last and len(data.X_train) < batch_size:
-        raise ValueError(
-            f"drop_last=True with batch_size={batch_size} and {len(data.X_train)} training examples leaves no batch "
-            "to train on; use a batch_size no larger than the training set"
-        )
-    if len(data.X_train) % batch_size == 1 and not drop_last:
-        # Fail before training, with the fix, rather than at the end of the first epoch.
-        if any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
-            raise ValueError(
-                f"{len(data.X_train)} training examples in batches of {batch_size} leave a last batch of 1 example, "
-                "which BatchNorm cannot normalize in training; pass drop_last=True or change batch_size"
-            )
+    _check_batches(model, data, epochs, batch_size, drop_last)
     if shard is not None:  # every rank must take an equal share of every batch (equal-weight averaging)
         rest = len(data.X_train) % batch_size
         if batch_size % shard[1] or (rest and not drop_last and rest % shard[1]):
@@ -210,6 +197,145 @@ def fit(
                 history.diverged = True
                 break
     return history
+
+
+def _check_batches(model: nn.Module, data: Split, epochs: int, batch_size: int, drop_last: bool) -> None:
+    """Refuse, before any training, what would fail on the way: no batch, or a last batch of one
+    example for BatchNorm."""
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if drop_last and len(data.X_train) < batch_size:
+        raise ValueError(
+            f"drop_last=True with batch_size={batch_size} and {len(data.X_train)} training examples leaves no batch "
+            "to train on; use a batch_size no larger than the training set"
+        )
+    if len(data.X_train) % batch_size == 1 and not drop_last:
+        if any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
+            raise ValueError(
+                f"{len(data.X_train)} training examples in batches of {batch_size} leave a last batch of 1 example, "
+                "which BatchNorm cannot normalize in training; pass drop_last=True or change batch_size"
+            )
+
+
+def fit_seeds(
+    members: list[nn.Module],
+    data: Split,
+    seeds,
+    *,
+    epochs: int = 5,
+    lr: float = 0.03,
+    optimizer: str = "sgd",
+    batch_size: int = 64,
+    loss: str | None = None,
+    device: str | torch.device = "cpu",
+    drop_last: bool = False,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    on_step: Callable[[int, "Stack", torch.Tensor], None] | None = None,
+    on_epoch: Callable[[int, "Stack", list[History]], None] | None = None,
+    progress: bool | None = None,
+    description: str = "training",
+) -> list[History]:
+    """Train ``members[s]`` as :func:`fit` trains it with ``seed=seeds[s]``, all at once.
+
+    The members (one network per random seed, of one architecture) are trained together as a
+    :class:`~normlab.lab.ensemble.Stack`: each on its own batch order, the one :func:`fit` draws for
+    its seed, and the loss the sum of the members' mean losses, so every member follows the run it
+    would have alone (to float rounding) for about the time of one. Networks the Stack cannot hold
+    (a layer it does not know, e.g. dropout) are trained one at a time, with the same hooks.
+
+    ``on_step(step, stack, losses)`` gets the Stack after every step and the members' losses (S,);
+    ``on_epoch(epoch, stack, histories)`` after every epoch's measurements, the trained weights
+    already copied into the members (``stack.members``). ``stack.offset`` is the index in
+    ``members`` of the stack's first member, ``stack.epoch`` the epoch under way. The other arguments are :func:`fit`'s. Returns one
+    :class:`History` per member; the members end with their trained weights.
+    """
+    from .ensemble import Stack, stackable
+
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != len(members) or not members:
+        raise ValueError(f"fit_seeds needs one seed per member: {len(members)} members, {len(seeds)} seeds")
+    criterion, metric_name, metric_fn = _loss_and_metric(data.task, loss)
+    for m in members:
+        _check_batches(m, data, epochs, batch_size, drop_last)
+    device = torch.device(device)
+    split = data.to(device)
+    groups = [list(range(len(members)))] if stackable(members) is None else [[i] for i in range(len(members))]
+    histories = [History(metric=metric_name) for _ in members]
+    bar = _progress(progress, epochs * len(groups), description)
+    with _closing(bar):
+        for group in groups:
+            stack = Stack([members[i] for i in group]).to(device)
+            stack.offset = group[0]
+            _fit_stack(stack, split, [seeds[i] for i in group], [histories[i] for i in group], criterion, metric_fn,
+                       dict(epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, drop_last=drop_last,
+                            weight_decay=weight_decay, momentum=momentum), on_step, on_epoch, bar, device)
+            stack.write_back()
+    return histories
+
+
+def _member_losses(criterion, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each member's mean loss (S,): ``out`` (N, S, O), ``y`` (N, S) or (N, S, O)."""
+    N, S = out.shape[:2]
+    if isinstance(criterion, nn.CrossEntropyLoss):
+        per = nn.functional.cross_entropy(out.reshape(N * S, -1), y.reshape(N * S), reduction="none")
+    else:
+        per = nn.functional.mse_loss(out.reshape(N * S, -1), y.reshape(N * S, -1), reduction="none").mean(1)
+    return per.view(N, S).mean(0)
+
+
+def _fit_stack(stack, split, seeds, histories, criterion, metric_fn, kw, on_step, on_epoch, bar, device) -> None:
+    S = stack.size
+    opt = _optimizer(kw["optimizer"], stack, kw["lr"], kw["momentum"], kw["weight_decay"])
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    n = len(split.X_train)
+    alive = [True] * S
+    stack.train()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seeds[0])  # a Stack of one: its random layers draw as fit's would
+        for epoch in range(1, kw["epochs"] + 1):
+            stack.epoch = epoch
+            start, total, count = time.perf_counter(), torch.zeros(S, dtype=torch.float64), 0
+            # each member's order as batches(shuffle=True) draws it for fit with that seed: column s
+            orders = torch.stack([torch.randperm(n, generator=g) for g in generators], 1).to(split.X_train.device)
+            for idx, _ in batches(orders, orders, kw["batch_size"], drop_last=kw["drop_last"]):  # idx (B, S)
+                xb = split.X_train[idx].flatten(1, 2)  # (B, S, C, *) → (B, S·C, *): member s in its channels
+                yb = split.y_train[idx]
+                opt.zero_grad(set_to_none=True)
+                losses = _member_losses(criterion, stack.split(stack(xb)), yb)
+                losses.sum().backward()
+                opt.step()
+                for h in histories:
+                    h.steps += 1
+                total += losses.detach().double().cpu() * len(idx)
+                count += len(idx)
+                if on_step is not None:
+                    on_step(histories[0].steps, stack, losses.detach())
+            seconds = time.perf_counter() - start
+            with mode(stack, False), torch.no_grad():
+                outs = {part: stack.split(torch.cat([stack(stack.spread(xb)) for xb, _ in
+                                                     batches(getattr(split, f"X_{part}"), getattr(split, f"y_{part}"), 4096)]))
+                        for part in ("train", "test")}
+            for s, h in enumerate(histories):
+                if not alive[s]:
+                    continue
+                h.seconds.append(seconds)
+                h.batch_loss.append(float(total[s]) / count)
+                for part in ("train", "test"):
+                    y = getattr(split, f"y_{part}")
+                    h_out = outs[part][:, s]
+                    getattr(h, f"{part}_loss").append(criterion(h_out, y).item())
+                    getattr(h, f"{part}_metric").append(metric_fn(h_out, y))
+                if not math.isfinite(h.batch_loss[-1]):
+                    h.diverged, alive[s] = True, False
+            stack.write_back()
+            if on_epoch is not None:
+                on_epoch(epoch, stack, histories)
+            if bar is not None:
+                bar.advance(bar.task_ids[0])
+            if not any(alive):
+                break
 
 
 @contextlib.contextmanager
@@ -283,3 +409,23 @@ class GradientRecorder:
         if self.monitor is not None:
             self.monitor.remove()
             self.monitor = None
+
+
+class SeedGradients:
+    """:class:`GradientRecorder` for :func:`fit_seeds`: every weight-gradient value of each layer of
+    each member during chosen epochs. Pass ``on_step`` to :func:`fit_seeds`; afterwards
+    ``layers(epoch, member)`` maps each layer's name to a flat tensor of its gradients."""
+
+    def __init__(self, epochs: set[int]):
+        self.epochs = set(epochs)
+        self.values: dict[tuple[int, int], dict[str, list[torch.Tensor]]] = {}  # (epoch, offset) -> (S, k) per step
+
+    def on_step(self, step: int, stack, losses) -> None:
+        if stack.epoch in self.epochs:
+            for name, g in stack.weight_grads().items():
+                self.values.setdefault((stack.epoch, stack.offset), {}).setdefault(name, []).append(g)
+
+    def layers(self, epoch: int, member: int) -> dict[str, torch.Tensor]:
+        offset = max(o for e, o in self.values if e == epoch and o <= member)
+        return {name: torch.stack(gs, 1)[member - offset].flatten()
+                for name, gs in self.values[(epoch, offset)].items()}
