@@ -236,6 +236,23 @@ def test_checks_decide_with_their_95_percent_interval():
     assert "not distinguishable from 0 with 2 random seeds" in v["summary"]
 
 
+def test_a_margin_decides_no_practical_effect_and_must_be_cleared():
+    small = [0.01, -0.02, 0.03, 0.0, -0.01]  # an interval inside ±0.1
+    assert records.check("d", small, "<", 0)["status"] == "undecided"  # without a margin: more seeds
+    c = records.check("d", small, "<", 0, margin=0.1)
+    assert c["status"] == "fails" and c["margin"] == 0.1 and "no practical effect" in records.explain(c)
+    assert records.check("d", [-0.3, -0.25, -0.35], "<", 0, margin=0.1)["status"] == "holds"
+    assert records.check("d", [-0.05, -0.15, -0.12, -0.2], "<", 0, margin=0.1)["status"] == "undecided"  # across −0.1
+    assert records.check("d", [-0.02, -0.03, -0.025], "<", 0, margin=0.1)["status"] == "fails"  # real but too small
+    assert records.check("d", [0.3, 0.5, 0.4], ">", 0, margin=0.1)["status"] == "holds"
+    assert records.check("d", 0.05, ">", 0, margin=0.1)["status"] == "fails"  # exact, short of the margin
+    assert "margin" not in records.check("d", small, "<", 0)
+    with pytest.raises(ValueError, match="margin"):
+        records.check("d", small, "<", 0, margin=-1)
+    assert records.problem({"name": "n", "title": "t", "claim": "c", "verdict": {"status": "supported"},
+                            "checks": [{**c, "margin": "big"}]}).startswith("checks[0].margin")
+
+
 def test_record_helpers():
     assert records.check("x", float("nan"), "<", 1)["status"] == "fails"
     assert records.verdict([records.check("a", 1, ">", 0)])["status"] == "supported"  # exact: no interval

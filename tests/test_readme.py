@@ -59,12 +59,11 @@ def test_readme_adoption_example_prints_what_it_says(capsys):
 
 def test_readme_and_help_state_the_seeds_the_registry_runs(capsys):
     """The numbers live in the registry; README's words and --help must say the same."""
-    from normlab.cli import _seed_range, build_parser
+    from normlab.cli import _seed_range, _span, build_parser
     from normlab.lab.experiments import EXPERIMENTS
 
     exps = [e for e in EXPERIMENTS.values() if e.seeds]
-    quick = f"{min(e.seeds[0] for e in exps)}–{max(e.seeds[0] for e in exps)}"
-    full = f"{min(e.seeds[1] for e in exps)}–{max(e.seeds[1] for e in exps)}"
+    quick, full = (_span([e.seeds[i] for e in exps], "–") for i in (0, 1))
     text = " ".join(README.read_text().split())
     assert f"The quick tour runs {quick} random seeds per experiment; `--full` runs {full}" in text
     assert f"--full # full versions: {full.replace('–', '-')} random seeds" in text

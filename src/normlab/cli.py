@@ -81,13 +81,19 @@ class _Lazy:
         return self.fn()
 
 
+def _span(counts: list[int], dash: str = "-") -> str:
+    """``"20"``, or ``"3-5"`` where the experiments differ."""
+    lo, hi = min(counts), max(counts)
+    return f"{lo}" if lo == hi else f"{lo}{dash}{hi}"
+
+
 def _seed_range() -> str:
     """How many random seeds the experiments run, quick and with --full, from the registry."""
     try:
         exps = [e for e in _experiments().EXPERIMENTS.values() if e.seeds]
     except ImportError:  # the lab extra is missing: `normlab list` says so
         return "see normlab list"
-    span = [f"{min(e.seeds[i] for e in exps)}-{max(e.seeds[i] for e in exps)}" for i in (0, 1)]
+    span = [_span([e.seeds[i] for e in exps]) for i in (0, 1)]
     return f"{span[0]}, or {span[1]} with --full"
 
 

@@ -63,6 +63,11 @@ _KNOWN = (nn.Linear, nln.CosineLinear, nln.RMSNorm, nn.Conv2d, nln._BatchNorm, n
           nln._InstanceNorm, _Channel, *_ELEMENTWISE)
 
 
+_FORWARDS = {c.forward for c in (nn.Linear, nln.CosineLinear, nln.RMSNorm, nn.Conv2d, nln.BatchNorm1d, nln.BatchNorm2d,
+                                 nln.BatchRenorm1d, nln.BatchRenorm2d, nln.GroupNorm, nln.LayerNorm, nln.InstanceNorm1d,
+                                 nln.InstanceNorm2d, _Channel, *_ELEMENTWISE)}
+
+
 def _cat(ts: Sequence[Tensor | None]) -> Tensor | None:
     return None if ts[0] is None else torch.cat([t.detach() for t in ts])
 
@@ -176,7 +181,10 @@ class _Wide(nn.Module):
             wide = nn.Conv2d(S * first.in_channels, S * first.out_channels, first.kernel_size, first.stride,
                              first.padding, first.dilation, S * first.groups, first.bias is not None, first.padding_mode)
         elif isinstance(first, nln._BatchNorm):
-            wide = type(first)(S * first.num_features, first.eps, first.momentum, first.affine, first.track_running_stats)
+            extra = dict(rmax=first.rmax, dmax=first.dmax, warmup_steps=first.warmup_steps) \
+                if isinstance(first, nln._BatchRenorm) else {}
+            wide = type(first)(S * first.num_features, first.eps, first.momentum, first.affine, first.track_running_stats,
+                               bias=not first.affine or first.bias is not None, **extra)
         elif isinstance(first, nln.GroupNorm):
             wide = nln.GroupNorm(S * first.num_groups, S * first.num_channels, first.eps, first.affine)
         elif isinstance(first, nln.LayerNorm):
@@ -213,6 +221,8 @@ def _stack_layer(layers: Sequence[nn.Module]) -> nn.Module:
     first = layers[0]
     if any(type(m) is not type(first) for m in layers):
         raise TypeError("the members differ in their layers")
+    if isinstance(first, _KNOWN) and type(first).forward not in _FORWARDS:  # a subclass computing something else
+        raise TypeError(f"{type(first).__name__} has a forward of its own, which a Stack does not know")
     if len(layers) == 1 and not isinstance(first, _KNOWN):  # a Stack of one: the member's own layer
         return first
     if isinstance(first, (nn.Linear, nln.CosineLinear)):

@@ -163,6 +163,16 @@ def run(name: str, cfg: Config | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- shared helpers
 
+# The smallest effects that matter, fixed before any run, by the kind of quantity a check compares
+# (records.check's margin): a difference inside ±margin is "no practical effect", a decision.
+_MARGIN = {"accuracy": 0.01, "ratio": 0.05, "spread": 0.1, "offset": 0.05}
+_MARGIN_TEXT = {
+    "accuracy": "1 accuracy point (0.01)",
+    "ratio": "5% (a ratio within 0.95–1.05 is no effect)",
+    "spread": "0.1 in log10, a factor 1.26 in the max/min ratio between layers",
+    "offset": "0.05 on the 0–1 offset scale",
+}
+
 
 def _mean_curve(curves: list[list[float]], log: bool = False) -> tuple[list[float], list[float], list[float]]:
     """Mean and mean ± std over seeds, epoch by epoch; with ``log`` (a quantity drawn on a log axis,
@@ -219,8 +229,10 @@ def _curves_panel(title: str, ylabel: str, runs: dict[str, list[list[float]]], l
 
 
 def _input_offset(model: nn.Module, X: torch.Tensor) -> float:
-    """How far the inputs of the Linear layers above the first are from zero mean: |mean| / std
-    per unit over ``X``, averaged (0 = centred), in eval mode; nothing is updated."""
+    """How far the inputs of the Linear layers above the first are from zero mean: |mean| / rms
+    per unit over ``X``, averaged — 0 for a centred unit, 1 for one of constant sign and size (a
+    bounded index: a nearly constant unit does not blow it up as |mean|/std would) — in eval mode;
+    nothing is updated."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)][1:]
     seen: list[torch.Tensor] = []
     handles = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for m in linears]
@@ -230,7 +242,7 @@ def _input_offset(model: nn.Module, X: torch.Tensor) -> float:
     finally:
         for h in handles:
             h.remove()
-    return _mean(float((t.mean(0).abs() / t.std(0).clamp_min(1e-12)).mean()) for t in seen)
+    return _mean(float((t.mean(0).abs() / t.square().mean(0).sqrt().clamp_min(1e-30)).mean()) for t in seen)
 
 
 def _grad_std_spread(layers: dict[str, torch.Tensor]) -> float:
@@ -267,7 +279,7 @@ def _boxes(layers: dict[str, torch.Tensor], group: str) -> list[dict]:
     source="Lesson 14.1 §2 (Z-Score modelling experiment)",
     claim="A network trained on Z-Score inputs (statistics from the training split) converges faster and "
     "reaches a lower test error than on raw inputs, and its per-layer gradients are steadier in the first epochs.",
-    seeds=(5, 10), epochs=(20, 40),
+    seeds=(20, 50), epochs=(20, 40),
 )
 def _zscore(cfg: Config) -> dict:
     epochs, seeds = cfg.epochs, cfg.seeds
@@ -300,14 +312,18 @@ def _zscore(cfg: Config) -> dict:
     final, auc, acc, spread = ({k: _mean(v) for k, v in d.items()} for d in (final_s, auc_s, acc_s, spreads))
     checks = [
         records.check("final test MSE, zscore / raw", _ratio(final_s["zscore"], final_s["raw"]), "<", 1.0,
-                      f"after {epochs} epochs: zscore {final['zscore']:.4g}, raw {final['raw']:.4g} (means)"),
+                      f"after {epochs} epochs: zscore {final['zscore']:.4g}, raw {final['raw']:.4g} (means); "
+                      f"margin: {_MARGIN_TEXT['ratio']}", margin=_MARGIN["ratio"]),
         records.check("mean test MSE over epochs (convergence speed), zscore / raw",
-                      _ratio(auc_s["zscore"], auc_s["raw"]), "<", 1.0),
+                      _ratio(auc_s["zscore"], auc_s["raw"]), "<", 1.0, f"margin: {_MARGIN_TEXT['ratio']}",
+                      margin=_MARGIN["ratio"]),
         records.check("breast_cancer test accuracy, zscore − raw", _diff(acc_s["zscore"], acc_s["raw"]), ">", 0.0,
-                      f"zscore {acc['zscore']:.3f}, raw {acc['raw']:.3f} (means)"),
+                      f"zscore {acc['zscore']:.3f}, raw {acc['raw']:.3f} (means); margin: {_MARGIN_TEXT['accuracy']}",
+                      within=(-1, 1), margin=_MARGIN["accuracy"]),
         records.check("epoch-1 gradient spread across layers (log10 max/min std), zscore − raw",
                       _diff(spreads["zscore"], spreads["raw"]), "<", 0.0,
-                      f"zscore {spread['zscore']:.3f}, raw {spread['raw']:.3f} (means; 0 = equal gradient scale in every layer)"),
+                      f"zscore {spread['zscore']:.3f}, raw {spread['raw']:.3f} (means; 0 = equal gradient scale in every "
+                      f"layer); margin: {_MARGIN_TEXT['spread']}", margin=_MARGIN["spread"]),
     ]
     notes = ["The lesson trains 5 epochs; a 4-unit sigmoid network barely moves in 5 epochs at lr 0.03, so the "
              "tour trains 20 (--full: 40). Z-Score statistics come from the training split only."]
@@ -361,7 +377,7 @@ def _zscore(cfg: Config) -> dict:
     source="Lesson 14.1 §3.1 (Zero-Centered property fades)",
     claim="With Z-Score inputs alone, a tanh network's per-layer gradients are steady early (epoch 5) and "
     "unsteady later (epoch 40); BatchNorm keeps them steady.",
-    seeds=(5, 10), epochs=(40, 40),
+    seeds=(20, 50), epochs=(40, 40),
 )
 def _drift(cfg: Config) -> dict:
     late = cfg.epochs
@@ -371,39 +387,38 @@ def _drift(cfg: Config) -> dict:
     split = data.make_regression(num_examples=1000, num_inputs=2, degree=2, bias=False, seed=0).scaled("zscore")
     spread = {(k, e): [] for k in ("zscore", "zscore+BN") for e in (early, late)}
     offset = {(k, e): [] for k in ("zscore", "zscore+BN") for e in (early, late)}
-    boxes, curves = [], {"zscore": [], "zscore+BN": []}
-    for seed in seeds:
-        for kind, norm in (("zscore", "none"), ("zscore+BN", "batch")):
-            model = models.mlp(2, 1, depth=2, width=4, activation="tanh", init="xavier", norm=norm, seed=seed)
-            rec = train.GradientRecorder(model, {early, late})
+    boxes, curves = [], {}
+    for kind, norm in (("zscore", "none"), ("zscore+BN", "batch")):  # every random seed at once
+        nets = [models.mlp(2, 1, depth=2, width=4, activation="tanh", init="xavier", norm=norm, seed=seed)
+                for seed in seeds]
+        rec = train.SeedGradients({early, late})
 
-            def on_epoch(epoch, model, history, rec=rec, kind=kind):
-                rec.on_epoch(epoch, model, history)
-                if epoch in (early, late):  # the claim's own subject: are the layers' inputs still centred?
-                    offset[(kind, epoch)].append(_input_offset(model, split.X_train.to(cfg.device)))
+        def on_epoch(epoch, stack, histories, kind=kind):
+            if epoch in (early, late):  # the claim's own subject: are the layers' inputs still centred?
+                offset[(kind, epoch)] += [_input_offset(m, split.X_train.to(cfg.device)) for m in stack.members]
 
-            h = train.fit(model, split, epochs=late, lr=lr, batch_size=batch, seed=seed, device=cfg.device,
-                          on_step=rec.on_step, on_epoch=on_epoch, progress=cfg.progress, description=f"drift {kind} seed {seed}")
-            rec.remove()
-            curves[kind].append(h.test_loss)
-            for e in (early, late):
-                spread[(kind, e)].append(_grad_std_spread(rec.layers(e)))
-                if seed == seeds[0]:
-                    boxes.append((kind, e, _boxes(rec.layers(e), f"epoch {e}")))
+        hs = train.fit_seeds(nets, split, seeds, epochs=late, lr=lr, batch_size=batch, device=cfg.device,
+                             on_step=rec.on_step, on_epoch=on_epoch, progress=cfg.progress, description=f"drift {kind}")
+        curves[kind] = [h.test_loss for h in hs]
+        for e in (early, late):
+            spread[(kind, e)] = [_grad_std_spread(rec.layers(e, s)) for s in range(len(seeds))]
+            boxes.append((kind, e, _boxes(rec.layers(e, 0), f"epoch {e}")))
     m = {k: _mean(v) for k, v in spread.items()}
     growth = {k: _diff(spread[(k, late)], spread[(k, early)]) for k in ("zscore", "zscore+BN")}  # per seed
     off = {k: _mean(v) for k, v in offset.items()}
     checks = [
-        records.check(f"Z-Score only: hidden layers' input offset |mean|/std at epoch {late} − epoch {early}",
+        records.check(f"Z-Score only: hidden layers' input offset |mean|/rms at epoch {late} − epoch {early}",
                       _diff(offset[("zscore", late)], offset[("zscore", early)]), ">", 0.0,
-                      f"epoch {early} {off[('zscore', early)]:.3f}, epoch {late} {off[('zscore', late)]:.3f} (means): the "
-                      "zero-centred property fades if the inputs of the layers above the first move off zero"),
+                      f"epoch {early} {off[('zscore', early)]:.3f}, epoch {late} {off[('zscore', late)]:.3f} (means; 0 = "
+                      "centred, 1 = one constant sign): the zero-centred property fades if the inputs of the layers "
+                      f"above the first move off zero; margin: {_MARGIN_TEXT['offset']}", margin=_MARGIN["offset"]),
         records.check(f"Z-Score only: gradient spread at epoch {late} − epoch {early}", growth["zscore"], ">", 0.0,
-                      "spread = log10(max/min) over layers of the weight-gradient std; growing = drifting apart"),
+                      "spread = log10(max/min) over layers of the weight-gradient std; growing = drifting apart; "
+                      f"margin: {_MARGIN_TEXT['spread']}", margin=_MARGIN["spread"]),
         records.check(f"growth of the gradient spread from epoch {early} to {late}, BN − Z-Score only",
                       _diff(growth["zscore+BN"], growth["zscore"]), "<", 0.0,
                       f"BN {_mean(growth['zscore+BN']):+.3f}, Z-Score only {_mean(growth['zscore']):+.3f} (means): "
-                      "steadier = grows less"),
+                      f"steadier = grows less; margin: {_MARGIN_TEXT['spread']}", margin=_MARGIN["spread"]),
     ]
     mse = {k: _mean(c[-1] for c in v) for k, v in curves.items()}
     notes = [f"BN's own gradient spread changes by {_mean(growth['zscore+BN']):+.3f} between epoch {early} and "
@@ -437,8 +452,8 @@ def _drift(cfg: Config) -> dict:
         "tables": [records.table("Gradient spread across layers (log10 max/min of per-layer std), mean over random seeds",
                                  ["model", f"epoch {early}", f"epoch {late}"],
                                  [[k, m[(k, early)], m[(k, late)]] for k in ("zscore", "zscore+BN")]),
-                   records.table("Offset of the hidden layers' inputs from zero mean (|mean| / std per unit, on the "
-                                 "training set), mean over random seeds",
+                   records.table("Offset of the hidden layers' inputs from zero mean (|mean| / rms per unit, on the "
+                                 "training set; 0 = centred, 1 = one constant sign), mean over random seeds",
                                  ["model", f"epoch {early}", f"epoch {late}"],
                                  [[k, off[(k, early)], off[(k, late)]] for k in ("zscore", "zscore+BN")])],
     }
@@ -455,7 +470,7 @@ def _drift(cfg: Config) -> dict:
     "back-propagated gradient variance shrinks likewise; Xavier init keeps both far steadier (what shrink is left "
     "comes from tanh's slope below 1 away from 0). Sigmoid's "
     "derivative (≤ 1/4) makes the gradients vanish whatever the init.",
-    seeds=(5, 5),
+    seeds=(20, 50),
 )
 def _glorot(cfg: Config) -> dict:
     depth, width, n = cfg.pick((8, 256, 512), (12, 512, 2048))
@@ -546,29 +561,37 @@ def _zero_biases(model: nn.Module) -> None:
 
 class _Percentiles:
     """15/50/85th percentiles of one unit's input to the last hidden sigmoid, on fixed data, over
-    steps, as the network computes it in training (BN with the batch's own statistics: what the
-    layers above learn from, Ioffe & Szegedy's Fig. 1b, c), read on a copy so the model's running
-    statistics stay untouched; and the test accuracy in eval mode."""
+    steps, for every member of a :class:`~normlab.lab.ensemble.Stack`, as the network computes it in
+    training (BN with the batch's own statistics: what the layers above learn from, Ioffe &
+    Szegedy's Fig. 1b, c), read on a copy so the running statistics stay untouched; and each
+    member's test accuracy in eval mode."""
 
-    def __init__(self, model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, every: int):
-        self.index = [i for i, m in enumerate(model) if isinstance(m, nn.Sigmoid)][-1]
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, every: int):
         self.X, self.y, self.every = X, y, every
         self.steps: list[int] = []
-        self.values: list[list[float]] = []
-        self.accuracy: list[float] = []
+        self.values: list[list[list[float]]] = []  # [member][check] -> (15%, 50%, 85%)
+        self.accuracy: list[list[float]] = []  # [member][check]
 
-    def __call__(self, step, model, loss) -> None:
+    def __call__(self, step, stack, losses) -> None:
         if step % self.every:
             return
+        index = [i for i, m in enumerate(stack.members[0]) if isinstance(m, nn.Sigmoid)][-1]
+        x = stack.spread(self.X)
         with torch.no_grad():
-            with train.mode(model, False):
-                out = model(self.X)
-            probe = copy.deepcopy(model).train()
-            seen = probe[: self.index](self.X)[:, 0]  # everything below the sigmoid
-        q = torch.quantile(seen.double().cpu(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
+            with train.mode(stack, False):
+                out = stack.split(stack(x))
+            probe = copy.deepcopy(stack.layers[:index]).train()
+            for layer in probe:  # everything below the sigmoid
+                x = layer(x)
+        seen = stack.split(x)[:, :, 0].double().cpu()  # (N, S): unit 0 of each member
+        q = torch.quantile(seen, torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64), dim=0)  # (3, S)
+        if not self.values:
+            self.values = [[] for _ in range(stack.size)]
+            self.accuracy = [[] for _ in range(stack.size)]
         self.steps.append(step)
-        self.values.append(q.tolist())
-        self.accuracy.append(float((out.argmax(1) == self.y).float().mean()))
+        for s in range(stack.size):
+            self.values[s].append(q[:, s].tolist())
+            self.accuracy[s].append(float((out[:, s].argmax(1) == self.y).float().mean()))
 
 
 @experiment(
@@ -577,7 +600,7 @@ class _Percentiles:
     source="Lesson 14.1 §4; Ioffe & Szegedy (2015), Fig. 1",
     claim="BatchNorm makes a 3-hidden-layer sigmoid network train faster and reach a higher test accuracy, and "
     "keeps the distribution of a sigmoid's input steadier during training.",
-    seeds=(5, 5), epochs=(10, 40),
+    seeds=(20, 50), epochs=(10, 40),
 )
 def _batchnorm(cfg: Config) -> dict:
     epochs, seeds = cfg.epochs, cfg.seeds
@@ -587,17 +610,18 @@ def _batchnorm(cfg: Config) -> dict:
     acc_curves = {"none": [], "BN": []}
     drift = {"none": [], "BN": []}
     bands = {}
-    for seed in seeds:
-        for kind, norm in (("none", "none"), ("BN", "batch")):
-            model = models.mlp(split.num_features, 10, depth=3, width=100, activation="sigmoid", init="xavier", norm=norm, seed=seed)
-            tracker = _Percentiles(model, split.X_test.to(cfg.device), split.y_test.to(cfg.device), every)
-            train.fit(model, split, epochs=epochs, lr=lr, batch_size=batch, seed=seed, device=cfg.device, drop_last=True,
-                      on_step=tracker, progress=cfg.progress, description=f"batchnorm {kind} seed {seed}")
-            acc_curves[kind].append(tracker.accuracy)
-            q = torch.tensor(tracker.values, dtype=torch.float64)
+    for kind, norm in (("none", "none"), ("BN", "batch")):  # every random seed at once
+        nets = [models.mlp(split.num_features, 10, depth=3, width=100, activation="sigmoid", init="xavier", norm=norm,
+                           seed=seed) for seed in seeds]
+        tracker = _Percentiles(split.X_test.to(cfg.device), split.y_test.to(cfg.device), every)
+        train.fit_seeds(nets, split, seeds, epochs=epochs, lr=lr, batch_size=batch, device=cfg.device, drop_last=True,
+                        on_step=tracker, progress=cfg.progress, description=f"batchnorm {kind}")
+        acc_curves[kind] = tracker.accuracy
+        for s, values in enumerate(tracker.values):
+            q = torch.tensor(values, dtype=torch.float64)
             width = (q[:, 2] - q[:, 0]).mean()
             drift[kind].append(float((q[1:] - q[:-1]).abs().sum(0).mean() / width))
-            if seed == seeds[0]:
+            if s == 0:
                 bands[kind] = (tracker.steps, q)
     steps = [every * (i + 1) for i in range(max(len(c) for runs in acc_curves.values() for c in runs))]
     mean_acc = {k: _mean_curve(v) for k, v in acc_curves.items()}
@@ -606,11 +630,14 @@ def _batchnorm(cfg: Config) -> dict:
     final, early, d = ({k: _mean(v) for k, v in x.items()} for x in (final_s, early_s, drift))
     checks = [
         records.check("final test accuracy, BN − none", _diff(final_s["BN"], final_s["none"]), ">", 0.0,
-                      f"BN {final['BN']:.3f}, none {final['none']:.3f} (means)"),
+                      f"BN {final['BN']:.3f}, none {final['none']:.3f} (means); margin: {_MARGIN_TEXT['accuracy']}",
+                      within=(-1, 1), margin=_MARGIN["accuracy"]),
         records.check("test accuracy over the first quarter of training, BN − none", _diff(early_s["BN"], early_s["none"]),
-                      ">", 0.0),
+                      ">", 0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
         records.check("drift of the sigmoid input's percentiles (path length / band width), BN / none",
-                      _ratio(drift["BN"], drift["none"]), "<", 1.0, f"BN {d['BN']:.3f}, none {d['none']:.3f} (means)"),
+                      _ratio(drift["BN"], drift["none"]), "<", 1.0,
+                      f"BN {d['BN']:.3f}, none {d['none']:.3f} (means); margin: {_MARGIN_TEXT['ratio']}",
+                      margin=_MARGIN["ratio"]),
     ]
     band_panels = [
         records.panel("lines", f"{'without BN' if kind == 'none' else 'with BN'}: median, band 15–85%", "step",
@@ -642,25 +669,30 @@ def _batchnorm(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------- compare
 
 
-def _last_epoch_backward(model: nn.Module, split: data.Split, fit_kwargs: dict) -> tuple[train.History, list[float]]:
-    """Train, watching the back-propagated gradient variance per layer during the last epoch.
+def _last_epoch_backward(nets: list[nn.Module], split: data.Split, seeds, fit_kwargs: dict) -> tuple[list, list]:
+    """Train the random seeds together, watching each one's back-propagated gradient variance per
+    layer during the last epoch: (histories, [member][layer] variances).
 
-    The monitor is attached for the last epoch only, so the other epochs' times are the model's
-    own (the per-epoch time reported is the median over epochs).
+    The watch is attached for the last epoch only, so the other epochs' times are the model's own
+    (the per-epoch time reported is the median over epochs).
     """
     epochs = fit_kwargs["epochs"]
-    monitors = [GlorotMonitor(model)] if epochs <= 1 else []
+    watches = []
+    variances: list[list[float]] = [[] for _ in nets]
 
-    def on_epoch(epoch, model, history):
-        if epoch == epochs - 1:
-            monitors.append(GlorotMonitor(model))
+    def on_step(step, stack, losses):
+        if stack.epoch == epochs and (not watches or watches[-1][0] is not stack):
+            watches.append((stack, stack.watch_backward()))
 
-    try:
-        history = train.fit(model, split, on_epoch=on_epoch, **fit_kwargs)
-        return history, [s["backward_var"] for s in monitors[0].stats()]
-    finally:
-        for m in monitors:
-            m.remove()
+    def on_epoch(epoch, stack, histories):
+        if epoch == epochs and watches and watches[-1][0] is stack:
+            watch = watches[-1][1]
+            watch.remove()
+            for s, v in enumerate(watch.variances()):
+                variances[stack.offset + s] = v
+
+    histories = train.fit_seeds(nets, split, seeds, on_step=on_step, on_epoch=on_epoch, **fit_kwargs)
+    return histories, variances
 
 
 _IN_NETWORK = ("batch", "layer", "group", "instance", "rms")
@@ -673,7 +705,7 @@ _IN_NETWORK = ("batch", "layer", "group", "instance", "rms")
     claim="The in-network norms (BN, LN, IN, GN, RMS) rescue a deep sigmoid network that barely learns without "
     "normalization and keep its back-propagated gradient variance steadier across layers; on an easy tanh "
     "network no norm, weight and cosine normalization included, costs accuracy.",
-    seeds=(3, 5), epochs=(6, 20),
+    seeds=(20, 50), epochs=(6, 20),
 )
 def _compare(cfg: Config) -> dict:
     epochs, seeds = cfg.epochs, cfg.seeds
@@ -682,13 +714,13 @@ def _compare(cfg: Config) -> dict:
     tasks = {"sigmoid": 0.3, "tanh": 0.1}  # activation -> learning rate
     results: dict[str, dict[str, list]] = {}
     for activation, lr in tasks.items():
-        for norm in models.NORMS:
-            for seed in seeds:
-                model = models.mlp(split.num_features, 10, depth=depth, width=width, activation=activation, norm=norm, seed=seed)
-                h, bwd = _last_epoch_backward(model, split, dict(
-                    epochs=epochs, lr=lr, batch_size=batch, seed=seed, device=cfg.device, drop_last=True,
-                    progress=cfg.progress, description=f"compare {activation} {norm} seed {seed}"))
-                results.setdefault(activation, {}).setdefault(norm, []).append((h, bwd))
+        for norm in models.NORMS:  # every random seed at once
+            nets = [models.mlp(split.num_features, 10, depth=depth, width=width, activation=activation, norm=norm,
+                               seed=seed) for seed in seeds]
+            hs, bwd = _last_epoch_backward(nets, split, seeds, dict(
+                epochs=epochs, lr=lr, batch_size=batch, device=cfg.device, drop_last=True,
+                progress=cfg.progress, description=f"compare {activation} {norm}"))
+            results.setdefault(activation, {})[norm] = list(zip(hs, bwd))
     rows, acc, spread, acc_s, spread_s = [], {}, {}, {}, {}
     for activation, by_norm in results.items():
         for norm, runs in by_norm.items():
@@ -702,7 +734,8 @@ def _compare(cfg: Config) -> dict:
                             ">", 0.2, within=(-1, 1)) for n in _IN_NETWORK]
     checks += [records.check(f"sigmoid: {n} − none gradient-variance spread",
                              _diff(spread_s["sigmoid", n], spread_s["sigmoid", "none"]), "<", 0.0,
-                             "spread = log10(max/min) over layers of Var(∂loss/∂layer output) in the last epoch")
+                             "spread = log10(max/min) over layers of Var(∂loss/∂layer output) in the last epoch; "
+                             f"margin: {_MARGIN_TEXT['spread']}", margin=_MARGIN["spread"])
                for n in _IN_NETWORK]
     checks += [records.check(f"tanh: {n} − none final test accuracy (at most 2 points worse)",
                              _diff(acc_s["tanh", n], acc_s["tanh", "none"]), ">=", -0.02,
@@ -733,7 +766,7 @@ def _compare(cfg: Config) -> dict:
         "figures": figures,
         "tables": [records.table("Every norm (mean over random seeds)", ["activation", "norm", "final test accuracy", "std",
                                                                   "mean accuracy over epochs", "gradient spread",
-                                                                  "ms per epoch (this run; moves with the machine's load)"],
+                                                                  "ms per epoch, all random seeds at once (this run; moves with the machine's load)"],
                                  rows)],
     }
 
@@ -747,7 +780,7 @@ def _compare(cfg: Config) -> dict:
     source="the survey “Norm相关总结” (BN needs batches that are not too small); Wu & He (2018), Table 2",
     claim="BatchNorm's test error grows as the batch shrinks towards 2, while GroupNorm and LayerNorm, which "
     "do not look across the batch, are insensitive to the batch size; at batch 2 both beat BatchNorm.",
-    seeds=(3, 5), epochs=(3, 10),
+    seeds=(20, 50), epochs=(3, 10),
 )
 def _batch_size(cfg: Config) -> dict:
     sizes = cfg.pick((32, 8, 2), (32, 16, 8, 4, 2))
@@ -766,12 +799,11 @@ def _batch_size(cfg: Config) -> dict:
         return model
 
     for norm in ("batch", "group", "layer", "batchrenorm", "BN→GN"):
-        for size in sizes:
-            for seed in seeds:
-                model = build(norm, seed)
-                h = train.fit(model, split, epochs=epochs, lr=base_lr * size / 32, momentum=0.9, batch_size=size, seed=seed,
-                              device=cfg.device, drop_last=True, progress=cfg.progress, description=f"batch-size {norm} {size}")
-                errors.setdefault(norm, {}).setdefault(size, []).append(1.0 - h.test_metric[-1])
+        for size in sizes:  # every random seed at once
+            hs = train.fit_seeds([build(norm, seed) for seed in seeds], split, seeds, epochs=epochs,
+                                 lr=base_lr * size / 32, momentum=0.9, batch_size=size, device=cfg.device, drop_last=True,
+                                 progress=cfg.progress, description=f"batch-size {norm} {size}")
+            errors.setdefault(norm, {})[size] = [1.0 - h.test_metric[-1] for h in hs]
     if cfg.nproc > 1:  # SyncBN's answer: the global batch split over processes, statistics synced
         label = f"SyncBN ×{cfg.nproc}"
         for size in sizes:
@@ -788,9 +820,11 @@ def _batch_size(cfg: Config) -> dict:
     ranges = {n: [max(per) - min(per) for per in zip(*errors[n].values())] for n in ("group", "layer")}
     checks = [
         *[records.check(f"BN error increase from batch {big} to {small} − {n.upper()}'s", _diff(rise["batch"], rise[n]),
-                        ">", 0.0) for n in ("group", "layer")],
+                        ">", 0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-2, 2), margin=_MARGIN["accuracy"])
+          for n in ("group", "layer")],
         *[records.check(f"test error at batch {small}, {n.upper()} − BN", _diff(errors[n][small], errors["batch"][small]),
-                        "<", 0.0) for n in ("group", "layer")],
+                        "<", 0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"])
+          for n in ("group", "layer")],
         *[records.check(f"{n.upper()} error range over batch sizes (max − min)", ranges[n], "<", 0.05,
                         "insensitive: within 5 points across all batch sizes") for n in ("group", "layer")],
     ]
@@ -912,7 +946,7 @@ def _population_stats(model: nn.Module, X: torch.Tensor) -> list[tuple[torch.Ten
     claim="At test time BN must use its running statistics (model.eval()): forgetting eval() normalizes each test "
     "batch by its own statistics, which costs accuracy on small test batches and overwrites the running "
     "statistics; the momentum sets how closely the running statistics track the population.",
-    seeds=(5, 5), epochs=(5, 20),
+    seeds=(20, 50), epochs=(5, 20),
 )
 def _train_eval(cfg: Config) -> dict:
     epochs, seeds = cfg.epochs, cfg.seeds
@@ -921,15 +955,19 @@ def _train_eval(cfg: Config) -> dict:
     test_batches = (4, 16, len(split.X_test))
     acc_rows, mom_rows = {}, {}
     drift = []
-    for seed in seeds:
+    trained = {}
+    for momentum in momenta:  # every random seed at once
+        nets = [models.mlp(split.num_features, 10, depth=3, width=64, activation="relu", norm="batch", seed=seed)
+                for seed in seeds]
+        for m in (m for net in nets for m in net.modules()):
+            if isinstance(m, nln._BatchNorm):
+                m.momentum = momentum
+        train.fit_seeds(nets, split, seeds, epochs=epochs, lr=0.05, batch_size=32, device=cfg.device, drop_last=True,
+                        progress=cfg.progress, description=f"train-eval momentum {momentum}")
+        trained[momentum] = [net.cpu() for net in nets]
+    for s in range(len(seeds)):
         for momentum in momenta:
-            model = models.mlp(split.num_features, 10, depth=3, width=64, activation="relu", norm="batch", seed=seed)
-            for m in model.modules():
-                if isinstance(m, nln._BatchNorm):
-                    m.momentum = momentum
-            train.fit(model, split, epochs=epochs, lr=0.05, batch_size=32, seed=seed, device=cfg.device, drop_last=True,
-                      progress=cfg.progress)
-            model.cpu()
+            model = trained[momentum][s]
             pop = _population_stats(model, split.X_train)
             bns = [m for m in model.modules() if isinstance(m, nln._BatchNorm)]
             err = _mean(float(((bn.running_mean - pm).square().sum() / pv.sum()).sqrt()) for bn, (pm, pv) in zip(bns, pop))
@@ -943,10 +981,12 @@ def _train_eval(cfg: Config) -> dict:
     mom = {m: (_mean(e for e, _ in v), _mean(a for _, a in v)) for m, v in mom_rows.items()}
     checks = [
         records.check(f"test accuracy with batches of {test_batches[0]}, eval() − forgot eval()",
-                      _diff([r[0] for r in acc_rows["eval()"]], [r[0] for r in acc_rows["forgot eval()"]]), ">", 0.0),
+                      _diff([r[0] for r in acc_rows["eval()"]], [r[0] for r in acc_rows["forgot eval()"]]), ">", 0.0,
+                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
         records.check("running-mean error vs population, momentum 0.1 / momentum 0.5",
                       _ratio([e for e, _ in mom_rows[0.1]], [e for e, _ in mom_rows[0.5]]), "<", 1.0,
-                      "error = ‖running_mean − population mean‖ / √(Σ population variance), averaged over BN layers"),
+                      "error = ‖running_mean − population mean‖ / √(Σ population variance), averaged over BN layers; "
+                      f"margin: {_MARGIN_TEXT['ratio']}", margin=_MARGIN["ratio"]),
         records.check("forgetting eval(): relative change of running_mean after the test passes", drift, ">", 0.01,
                       "‖running_mean after − before‖ / ‖before‖, averaged over BN layers: the test data written into "
                       "the model (more than 1%)"),

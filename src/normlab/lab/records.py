@@ -21,7 +21,8 @@ Record::
 
 check  = {"name": str, "value": float, "values": [float per random seed] | None (exact),
           "ci": [lo, hi], "ci_method": str, "op": ">" | "<" | ">=" | "<=", "threshold": float,
-          "status": "holds" | "fails" | "undecided", "passed": bool (status == "holds"), "detail": str}
+          "status": "holds" | "fails" | "undecided", "passed": bool (status == "holds"), "detail": str,
+          "margin": float (optional: the smallest effect that matters, see check)}
 table  = {"title": str, "columns": [str, ...], "rows": [[scalar, ...], ...]}
 figure = {"title": str, "panels": [panel, ...],   # panels side by side (wrapped at 3 per row)
           "caption": str, "sharey": bool}           # what to see in it; one y axis for all panels
@@ -62,7 +63,7 @@ _OPS = {">": lambda a, b: a > b, "<": lambda a, b: a < b, ">=": lambda a, b: a >
 
 
 def check(name: str, value, op: str, threshold: float, detail: str = "",
-          within: tuple[float, float] | None = None) -> dict:
+          within: tuple[float, float] | None = None, margin: float = 0.0) -> dict:
     """One claim about a number, ``value op threshold``, decided with its uncertainty.
 
     ``value`` is either one number from a computation without randomness (its interval is the
@@ -75,7 +76,15 @@ def check(name: str, value, op: str, threshold: float, detail: str = "",
     by seed, the interval then being the range of the values. ``within=(lo, hi)`` is the range
     the quantity can take (a difference of accuracies: ``(-1, 1)``); a t-interval that reaches
     past it is cut to it, and the method says so.
+
+    ``margin`` is the smallest effect that matters, in the value's units: a difference within
+    ``threshold ± margin`` has no practical effect. With a margin the claimed effect must clear it:
+    the check **holds** when the whole interval lies beyond ``threshold ± margin`` on the claimed
+    side, and **fails** when the whole interval lies short of it — on the other side of the
+    threshold, or inside the margin (no practical effect, a decision, not a lack of seeds).
     """
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"check {name!r}: margin must be a finite number >= 0, got {margin!r}")
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
     if not isinstance(value, (int, float)) and not hasattr(value, "__len__") and hasattr(value, "__iter__"):
@@ -85,6 +94,9 @@ def check(name: str, value, op: str, threshold: float, detail: str = "",
     if not values:
         raise ValueError(f"check {name!r} got no values")
     good = _OPS[op]
+    if margin:  # the claimed effect must clear the margin: judge against the margin's edge
+        edge = threshold + margin if op in (">", ">=") else threshold - margin
+        good = (lambda a, b, g=_OPS[op]: g(a, edge))
     mean = sum(values) / len(values)  # inf where a seed's value is infinite
     if any(math.isnan(v) for v in values):
         lo = hi = math.nan
@@ -110,11 +122,15 @@ def check(name: str, value, op: str, threshold: float, detail: str = "",
         if within is not None and (lo < within[0] or hi > within[1]):  # the quantity cannot go past its range
             lo, hi = max(lo, within[0]), min(hi, within[1])
             method += f", cut to the possible range [{within[0]:g}, {within[1]:g}]"
+        line = edge if margin else threshold
         status = ("holds" if good(lo, threshold) and good(hi, threshold)
-                  else "fails" if not good(lo, threshold) and not good(hi, threshold) and lo != threshold
-                  and hi != threshold else "undecided")
-    return {"name": name, "value": mean, "values": values if per_seed else None, "ci": [lo, hi], "ci_method": method,
-            "op": op, "threshold": float(threshold), "status": status, "passed": status == "holds", "detail": detail}
+                  else "fails" if not good(lo, threshold) and not good(hi, threshold) and lo != line
+                  and hi != line else "undecided")
+    out = {"name": name, "value": mean, "values": values if per_seed else None, "ci": [lo, hi], "ci_method": method,
+           "op": op, "threshold": float(threshold), "status": status, "passed": status == "holds", "detail": detail}
+    if margin:
+        out["margin"] = float(margin)
+    return out
 
 
 def _t_interval(values: Sequence[float]) -> tuple[float, float]:
@@ -160,12 +176,17 @@ def explain(c: dict) -> str:
         label = "95% CI" if c["ci_method"].startswith("95%") else "range over seeds" if c["ci"][0] != c["ci"][1] \
             else "in every seed"
         where = f"{c['name']} is {_fmt(c['value'])} ({label} {_fmt(lo, True)} to {_fmt(hi, True)})"
+    m = c.get("margin") or 0.0
+    edge = c["threshold"] + (m if c["op"] in (">", ">=") else -m)
     if c["status"] == "holds":
-        return f"{where}: {side} {_fmt(c['threshold'])}, as claimed"
+        return f"{where}: {side} {_fmt(edge)}, as claimed" + (f" (an effect beyond the margin {_fmt(m)})" if m else "")
     if c["status"] == "fails":
+        if m and (_OPS[c["op"]](hi if c["op"] in (">", ">=") else lo, c["threshold"])):
+            return (f"{where}: inside the margin of ±{_fmt(m)} around {_fmt(c['threshold'])}, no practical effect, "
+                    "against the claim")
         return f"{where}: not {side} {_fmt(c['threshold'])}, against the claim"
     n = len(c["values"] or [])
-    return f"{where}: not distinguishable from {_fmt(c['threshold'])} with {n} random seed{'s' * (n != 1)}"
+    return f"{where}: not distinguishable from {_fmt(edge)} with {n} random seed{'s' * (n != 1)}"
 
 
 def _fmt(v: float, signed: bool = False) -> str:
@@ -305,6 +326,8 @@ def problem(rec: dict) -> str | None:
             return f"{at}.value must be a number, got {c['value']!r}"
         if not isinstance(c.get("threshold"), _NUMBER):
             return f"{at}.threshold must be a number, got {c.get('threshold')!r}"
+        if "margin" in c and not (isinstance(c["margin"], _NUMBER) and c["margin"] >= 0):
+            return f"{at}.margin must be a number >= 0, got {c['margin']!r}"
         if not (isinstance(c.get("op"), str) and c["op"] in _OPS):
             return f"{at}.op must be one of {list(_OPS)}, got {c.get('op')!r}"
         if "value" not in c:

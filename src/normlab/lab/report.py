@@ -532,7 +532,10 @@ t-interval over the seeds): the range that, by the seeds' spread, likely holds t
 runs would give. A check <span class="ok">✔ holds</span> when the whole interval lies on the
 claimed side, <span class="bad">✘ fails</span> when it lies on the other side, and is
 <span class="open">? undecided</span> when the interval still contains the threshold: the seeds
-disagree, and more of them (<code>--full</code> runs 5–10) can decide. A claim is
+disagree, and more of them (the tour runs 20, <code>--full</code> 50) can decide. Where a check
+names a <b>margin</b> (“&lt; 0 by &gt; 0.1”), an effect smaller than the margin does not matter:
+the claimed effect must clear it to hold, and an interval inside ±margin is decided too —
+<span class="bad">✘ fails</span>, no practical effect. A claim is
 <span class="ok">✔ supported</span> when every check holds, <span class="bad">✘ not supported</span>
 when one fails, and <span class="open">? inconclusive</span> otherwise. Checks computed without
 randomness (the algebra of <code>affine</code>) are exact and have no interval.</p></div>"""
@@ -564,7 +567,7 @@ def _section(rec: dict) -> str:
     if rec["checks"]:
         head = ["check", "value", "95% interval", "claimed", "status", "detail"]
         rows = (
-            [_esc(c["name"]), _cell(c["value"]), _interval(c), _esc(f"{c['op']} {c['threshold']:.4g}"),
+            [_esc(c["name"]), _cell(c["value"]), _interval(c), _esc(f"{c['op']} {c['threshold']:.4g}" + (f" by > {c['margin']:.4g}" if c.get("margin") else "")),
              _badge(_STATUSES, c["status"]), _esc(c.get("detail", ""))]
             for c in rec["checks"]
         )

@@ -26,7 +26,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from torch import nn
 from .. import nn as nln
 from ..diagnostics import GlorotMonitor
 from .data import Split, batches
+
+if TYPE_CHECKING:
+    from .ensemble import Stack
 
 __all__ = ["fit", "fit_seeds", "evaluate", "mode", "History", "GradientRecorder", "SeedGradients"]
 
