@@ -20,6 +20,7 @@ weight-normed ``Linear``   the same, with ``w = g·v/‖v‖`` by :func:`normlab
 ``InstanceNorm`` of a      ``GroupNorm(S, S·F)`` without affine, then each member's scalar γ, β
 feature vector
 ``InstanceNorm2d(C)``      ``InstanceNorm2d(S·C)``
+the lab's ``Affine(C)``    ``Affine(S·C)``
 activations, pooling,      unchanged: they act per channel or per value
 ``Flatten``
 =========================  =================================================================
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import nn as nln
 from ..stats import Moments
-from .models import _Channel
+from .models import Affine, _Channel
 
 __all__ = ["Stack", "stackable"]
 
@@ -60,12 +61,12 @@ _ELEMENTWISE = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.
 
 
 _KNOWN = (nn.Linear, nln.CosineLinear, nln.RMSNorm, nn.Conv2d, nln._BatchNorm, nln.GroupNorm, nln.LayerNorm,
-          nln._InstanceNorm, _Channel, *_ELEMENTWISE)
+          nln._InstanceNorm, _Channel, Affine, *_ELEMENTWISE)
 
 
 _FORWARDS = {c.forward for c in (nn.Linear, nln.CosineLinear, nln.RMSNorm, nn.Conv2d, nln.BatchNorm1d, nln.BatchNorm2d,
                                  nln.BatchRenorm1d, nln.BatchRenorm2d, nln.GroupNorm, nln.LayerNorm, nln.InstanceNorm1d,
-                                 nln.InstanceNorm2d, _Channel, *_ELEMENTWISE)}
+                                 nln.InstanceNorm2d, _Channel, Affine, *_ELEMENTWISE)}
 
 
 def _cat(ts: Sequence[Tensor | None]) -> Tensor | None:
@@ -193,6 +194,8 @@ class _Wide(nn.Module):
             wide = nln.GroupNorm(S, S * first.normalized_shape[0], first.eps, first.elementwise_affine)
             if first.elementwise_affine and first.bias is None:
                 raise TypeError("a LayerNorm without bias is not stacked")
+        elif isinstance(first, Affine):
+            wide = Affine(S * first.num_features)
         elif isinstance(first, nln._InstanceNorm):
             wide = type(first)(S * first.num_features, first.eps, first.momentum, first.affine, first.track_running_stats)
         else:

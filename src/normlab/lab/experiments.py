@@ -41,8 +41,10 @@ import torch
 from torch import nn
 
 from .. import convert
+from .. import functional as NF
 from .. import nn as nln
 from ..diagnostics import GlorotMonitor
+from ..preprocessing import MinMaxScaler, StandardScaler
 from . import data, models, parallel, records, train
 
 __all__ = ["Config", "Experiment", "EXPERIMENTS", "experiment", "run", "TOUR"]
@@ -919,6 +921,398 @@ def _affine(cfg: Config) -> dict:
                                            "below the threshold.")],
         "tables": [records.table("Per-channel affine view of the trained BN", ["channel", "μ", "σ²", "scale γ/√(σ²+ε)", "shift β − γμ/√(σ²+ε)"],
                                  [[c, mu[c], var[c], scale[c], shift[c]] for c in range(features)])],
+    }
+
+
+# ----------------------------------------------------------------------------- identities
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b|: 0 for an identity, float64's rounding (~1e-16) when computed."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _survey_backward(x, gamma, dy, eps, dim):
+    """The survey's eq. (4)–(9), written as printed, for a 2-D ``x`` normalized over ``dim`` (the
+    m values of one statistic: the batch for BN, the features for LN) with γ, β per column."""
+    m = x.shape[dim]
+    mu = x.mean(dim, keepdim=True)
+    var = x.var(dim, keepdim=True, correction=0)
+    xhat = (x - mu) / torch.sqrt(var + eps)
+    dxhat = dy * gamma                                                                      # (4)
+    dvar = (dxhat * (x - mu) * -0.5 * (var + eps) ** -1.5).sum(dim, keepdim=True)           # (5)
+    dmu = (dxhat * -1 / torch.sqrt(var + eps)).sum(dim, keepdim=True)                       # (6)
+    dx = dxhat / torch.sqrt(var + eps) + dvar * 2 * (x - mu) / m + dmu / m                  # (7)
+    dgamma = (dy * xhat).sum(0)  # γ is per column (x is 2-D): summed over the rows        # (8)
+    dbeta = dy.sum(0)                                                                       # (9)
+    return dx, dgamma, dbeta
+
+
+@experiment(
+    "identities",
+    "The texts' identities, computed: scalers, distributions, affine maps, backward, LN, GN, WN, Cosine Norm",
+    source="Lesson 14.1 §一.1, §二.1–二.2; the survey “Norm相关总结” eq. (4)–(9), (14)–(26)",
+    claim="Min-Max maps each column to [0, 1] and Z-Score to mean 0, std 1; shifting and scaling keep the "
+    "distribution; Z-Score is a Linear layer; the backward of a normalization is eq. (4)–(9); LayerNorm is the same "
+    "in training and testing and stores nothing; GroupNorm with one group is LayerNorm and with one channel per "
+    "group InstanceNorm; Weight Norm is WN(Wx) = v·g·x/‖v‖; Cosine Norm is bounded by 1 and eq. (21) = eq. (26).",
+)
+def _identities(cfg: Config) -> dict:
+    f64 = torch.float64
+    g = torch.Generator().manual_seed(0)
+    X = data.load_dataset("breast_cancer", seed=0).X_train.to(f64)  # 30 columns from 0.001 to 4254
+    rows: list[tuple[str, float, str]] = []
+    mm = torch.as_tensor(MinMaxScaler().fit_transform(X))
+    rows.append(("Min-Max: every column's min is 0 and max is 1 (max deviation)",
+                 float(torch.stack([mm.min(0).values.abs(), (mm.max(0).values - 1).abs()]).max()),
+                 "MinMaxScaler fitted on breast_cancer's training split (30 columns, 0.001 to 4254)"))
+    zs = torch.as_tensor(StandardScaler().fit_transform(X))
+    rows.append(("Z-Score columns: mean 0 and standard deviation 1 (max deviation)",
+                 float(torch.stack([zs.mean(0).abs(), (zs.std(0, correction=0) - 1).abs()]).max()),
+                 "StandardScaler, the standard deviation with divisor n as the scaler's"))
+    a, b = torch.tensor([1e3, 0.01, 7.0], dtype=f64), torch.tensor([-5e4, 3.0, 0.0], dtype=f64)
+    Y = torch.randn(500, 3, generator=g, dtype=f64) ** 3  # skewed columns
+    rows.append(("distribution: the Z-Score of a·x + b equals the Z-Score of x (a > 0)",
+                 _rel(torch.as_tensor(StandardScaler().fit_transform(Y * a + b)), torch.as_tensor(StandardScaler().fit_transform(Y))),
+                 "shape, skewness and ranks are those of the standardized data: moving and stretching the axes moves "
+                 "only the coordinates"))
+    rows.append(("distribution: changed ranks within each column after a·x + b",
+                 float(((Y * a + b).argsort(0) != Y.argsort(0)).sum()), "a count: 0 means the order is untouched"))
+    sc = StandardScaler().fit(X)
+    lin = nn.Linear(X.shape[1], X.shape[1]).to(f64)
+    with torch.no_grad():
+        scale = torch.as_tensor(sc.scale_, dtype=f64)
+        lin.weight.copy_(torch.diag(1 / scale))
+        lin.bias.copy_(-torch.as_tensor(sc.mean_, dtype=f64) / scale)
+        rows.append(("Z-Score is a Linear layer: x·diag(1/σ) − μ/σ vs the scaler", _rel(lin(X), zs),
+                     "weight diag(1/σ), bias −μ/σ"))
+    for label, dims, shape in (("BatchNorm (over the batch)", 0, (32, 8)), ("LayerNorm (over the features)", -1, (8, 32))):
+        x = (torch.randn(*shape, generator=g, dtype=f64) * 3 + 5).requires_grad_()
+        n = shape[1] if dims == 0 else shape[-1]
+        gamma = (torch.rand(n, generator=g, dtype=f64) + 0.5).requires_grad_()
+        beta = torch.randn(n, generator=g, dtype=f64).requires_grad_()
+        dy = torch.randn(*shape, generator=g, dtype=f64)
+        y = (NF.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5) if dims == 0
+             else NF.layer_norm(x, (n,), gamma, beta, eps=1e-5))
+        auto = torch.autograd.grad(y, (x, gamma, beta), dy)
+        mine = _survey_backward(x.detach(), gamma.detach(), dy, 1e-5, dims)
+        rows.append((f"backward eq. (4)–(9) vs autograd, {label}", max(_rel(p, q) for p, q in zip(mine, auto)),
+                     "∂l/∂x, ∂l/∂γ, ∂l/∂β written as the survey prints them, against normlab's layer under autograd"))
+    ln = nln.LayerNorm(16).to(f64)
+    x = torch.randn(10, 16, generator=g, dtype=f64) * 4 - 2
+    with torch.no_grad():
+        y_train, y_eval = ln.train()(x), ln.eval()(x)
+        alone = torch.cat([ln(x[i : i + 1]) for i in range(len(x))])
+    rows.append(("LayerNorm: training output vs testing output", _rel(y_train, y_eval), "the same input in both modes"))
+    rows.append(("LayerNorm: each example alone vs in a batch", _rel(alone, y_eval), "no batch dimension is looked at"))
+    rows.append(("LayerNorm: stored statistics (buffers)", float(sum(b.numel() for b in ln.buffers())),
+                 "a count: BatchNorm stores running mean and variance, LN nothing"))
+    x = torch.randn(4, 6, 5, 5, generator=g, dtype=f64) * 2 + 1
+    with torch.no_grad():
+        rows.append(("GroupNorm with 1 group vs LayerNorm over (C, H, W)",
+                     _rel(nln.GroupNorm(1, 6, affine=False).to(f64)(x), nln.LayerNorm((6, 5, 5), elementwise_affine=False)(x)),
+                     "one group holds every channel of an example"))
+        rows.append(("GroupNorm with C groups vs InstanceNorm",
+                     _rel(nln.GroupNorm(6, 6, affine=False).to(f64)(x), nln.InstanceNorm2d(6)(x)),
+                     "one channel per group"))
+    wn = nln.weight_norm(nn.Linear(7, 3, bias=False).to(f64))
+    x = torch.randn(5, 7, generator=g, dtype=f64)
+    with torch.no_grad():
+        gn, v = wn.parametrizations.weight.original0, wn.parametrizations.weight.original1
+        norm = v.norm(dim=1, keepdim=True)
+        rows.append(("Weight Norm: WN(Wx) vs v·(g·x/‖v‖), eq. (19)", _rel(wn(x), (x @ v.T) * (gn / norm).T),
+                     "eq. (3) with μ = 0, σ = ‖v‖, b = 0: the input scaled by g/‖v‖ through the direction v"))
+    cos = nln.CosineLinear(9, 4, eps=0.0).to(f64)
+    x = torch.randn(200, 9, generator=g, dtype=f64) * torch.logspace(-3, 6, 200, dtype=f64)[:, None]
+    with torch.no_grad():
+        rows.append(("Cosine Norm: largest |output| over inputs of scale 1e-3 to 1e6, eq. (20)", float(cos(x).abs().max()),
+                     "a cosine: at most 1 whatever the scale of x or w, where a dot product is unbounded"))
+        cen = nln.CosineLinear(9, 4, centered=True, eps=0.0).to(f64)
+        w = cen.weight
+        dw, dx = w - w.mean(1, keepdim=True), x - x.mean(1, keepdim=True)
+        sw, sx = dw.square().mean(1).sqrt(), dx.square().mean(1).sqrt()
+        eq26 = (dx @ dw.T) / (9 * sx[:, None] * sw[None, :])
+        rows.append(("Cosine Norm: eq. (21) (the centred layer) vs eq. (26), n·σ_w·σ_x", _rel(cen(x), eq26),
+                     "|w − μ_w| = √n·σ_w and |x − μ_x| = √n·σ_x, eq. (22)–(25)"))
+    tol, eps64 = 1e-10, torch.finfo(f64).eps
+    checks = []
+    for name, value, detail in rows:
+        if name.startswith("Cosine Norm: largest"):
+            checks.append(records.check(name, value, "<=", 1.0, detail))
+        elif "count" in detail:
+            checks.append(records.check(name, value, "<", 0.5, detail))
+        else:
+            checks.append(records.check(name, value, "<", tol, f"{detail}; max |difference| / max |reference|, float64"))
+    measured = [(n, v) for n, v, d in rows if "count" not in d and not n.startswith("Cosine Norm: largest")]
+    return {
+        "params": {"dtype": "float64", "threshold": tol, "data": "breast_cancer's training split; random tensors "
+                   "from one seeded generator"},
+        "checks": checks,
+        "figures": [records.figure(
+            "How far each identity is from exact, in float64 (log scale)",
+            records.panel("bars", "max relative error", "", "error", logy=True,
+                          labels=[n.split(":")[0] if ":" in n else n[:28] for n, _ in measured],
+                          values=[max(v, 1e-18) for _, v in measured],
+                          refs=[{"y": tol, "label": f"the checks' threshold, {tol:g}"},
+                                {"y": eps64, "label": f"float64's rounding unit, {eps64:.2g}"}]),
+            caption="One bar per identity (an exact 0 is drawn at 1e-18). Bars near float64's rounding unit are "
+                    "exact to the dtype; the counts (changed ranks, LayerNorm's buffers) and Cosine Norm's bound "
+                    "are in the checks table.")],
+    }
+
+
+# ----------------------------------------------------------------------------- scaling-stats
+
+
+def _accuracies(nets: list[nn.Module], X: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Each network's accuracy on ``(X, y)`` in eval mode."""
+    out = []
+    for net in nets:
+        with train.mode(net, False), torch.no_grad():
+            out.append(float((net(X).argmax(1) == y).float().mean()))
+    return out
+
+
+@experiment(
+    "scaling-stats",
+    "Scaling statistics belong to the model: fitted on the training split, applied to the test split",
+    source="Lesson 14.1 §一.2 (train on the training set, test on the test set)",
+    claim="The statistics of a scaler are part of the model: computed on the training split and applied unchanged "
+    "to any test data. A test batch standardized by its own statistics, or a single test example, is not what the "
+    "model learned on, and costs accuracy.",
+    seeds=(20, 50), epochs=(10, 30),
+)
+def _scaling_stats(cfg: Config) -> dict:
+    epochs, seeds, batch = cfg.epochs, cfg.seeds, 8
+    raw = data.load_dataset("breast_cancer", seed=0)
+    split = raw.scaled("zscore")
+    nets = [models.mlp(raw.num_features, 2, depth=2, width=16, activation="tanh", seed=seed) for seed in seeds]
+    train.fit_seeds(nets, split, seeds, epochs=epochs, lr=0.05, batch_size=16, device=cfg.device,
+                    progress=cfg.progress, description="scaling-stats")
+    nets = [n.cpu() for n in nets]
+    X, y = raw.X_test, raw.y_test
+    n = len(X) - len(X) % batch
+
+    def own(rows):  # standardized by their own statistics: a scaler fitted on them
+        return torch.as_tensor(StandardScaler().fit_transform(rows), dtype=torch.float32)
+
+    ways = {
+        "training statistics": split.X_test,
+        "the whole test split's statistics": own(X),
+        f"each test batch of {batch} by its own": torch.cat([own(X[i : i + batch]) for i in range(0, n, batch)]),
+        "each test example by its own": torch.cat([own(X[i : i + 1]) for i in range(len(X))]),
+    }
+    acc = {k: _accuracies(nets, v, y[: len(v)]) for k, v in ways.items()}
+    single = ways["each test example by its own"]
+    majority = float(torch.bincount(y).max()) / len(y)
+    checks = [
+        records.check(f"test accuracy, training statistics − each test batch of {batch} by its own",
+                      _diff(acc["training statistics"][:], acc[f"each test batch of {batch} by its own"]), ">", 0.0,
+                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        records.check("test accuracy, training statistics − each test example by its own",
+                      _diff(acc["training statistics"], acc["each test example by its own"]), ">", 0.0,
+                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+    ]
+    means = {k: _mean(v) for k, v in acc.items()}
+    return {
+        "params": {"epochs": epochs, "random seeds": list(seeds), "data": "breast_cancer (30 raw features)",
+                   "model": "tanh MLP 30-16-16-2 on Z-Score inputs (training statistics), lr 0.05"},
+        "checks": checks,
+        "notes": [f"A single example has standard deviation 0 in every column: the scaler keeps the scale of a "
+                  f"constant column at 1, so every feature becomes {float(single.abs().max()):g} and the network gives "
+                  f"one answer for every example (the majority class is {majority:.3f} of the test split).",
+                  "The whole test split's own statistics are close to the training ones (143 examples drawn from the "
+                  "same population), so they cost little; small batches and single examples are where the statistics "
+                  "must come from training."],
+        "figures": [records.figure(
+            "Test accuracy by where the scaling statistics come from (mean ± std over random seeds)",
+            records.panel("bars", "test accuracy", "", "accuracy", labels=list(acc), values=list(means.values()),
+                          errors=[_std(v) for v in acc.values()],
+                          refs=[{"y": majority, "label": f"always the majority class, {majority:.3f}"}]),
+            caption="The same trained networks, the same test examples; only the statistics that standardize them "
+                    "change. If the claim holds, the first bar is the highest and the last two are lower.")],
+        "tables": [records.table("Test accuracy (mean over random seeds)", ["statistics from", "test accuracy", "std"],
+                                 [[k, means[k], _std(v)] for k, v in acc.items()])],
+    }
+
+
+# ----------------------------------------------------------------------------- label-scaling
+
+
+@experiment(
+    "label-scaling",
+    "Standardized labels of a regression",
+    source="Lesson 14.1 §一.2 (should the labels be standardized?)",
+    claim="Standardizing the labels of a regression (and mapping the predictions back) does not change the "
+    "model's test error in the labels' own units.",
+    seeds=(20, 50), epochs=(20, 40),
+)
+def _label_scaling(cfg: Config) -> dict:
+    epochs, seeds = cfg.epochs, cfg.seeds
+    sets = {
+        "the lesson's data": data.make_regression(num_examples=1000, num_inputs=2, degree=1, seed=0).scaled("zscore"),
+        "diabetes": data.load_dataset("diabetes", seed=0).scaled("zscore"),
+    }
+    mse: dict[tuple[str, str], list[float]] = {}
+    spreads = {}
+    for name, split in sets.items():
+        y_scaler = StandardScaler().fit(split.y_train)
+        s = float(torch.as_tensor(y_scaler.scale_).reshape(()))
+        spreads[name] = (float(split.y_train.mean()), s)
+        scaled = dataclasses.replace(split, y_train=y_scaler.transform(split.y_train), y_test=y_scaler.transform(split.y_test))
+        for labels, sp in (("raw", split), ("standardized", scaled)):
+            nets = [models.mlp(split.num_features, 1, depth=2, width=16, activation="tanh", seed=seed) for seed in seeds]
+            hs = train.fit_seeds(nets, sp, seeds, epochs=epochs, lr=0.01, batch_size=32, device=cfg.device,
+                                 progress=cfg.progress, description=f"label-scaling {name} {labels}")
+            # the standardized model's MSE in the labels' units: predictions mapped back by ×s + m
+            mse[name, labels] = [h.test_loss[-1] * (s * s if labels == "standardized" else 1.0) for h in hs]
+    checks = []
+    for name in sets:
+        ratio = _ratio(mse[name, "standardized"], mse[name, "raw"])
+        checks += [records.check(f"{name}: test MSE in the labels' units, standardized / raw (no effect: below 1.05)",
+                                 ratio, "<", 1.05, "no effect means a ratio within 0.95–1.05, both sides checked"),
+                   records.check(f"{name}: test MSE in the labels' units, standardized / raw (no effect: above 0.95)",
+                                 ratio, ">", 0.95)]
+    return {
+        "params": {"epochs": epochs, "random seeds": list(seeds), "optimizer": "SGD, lr 0.01, batch 32",
+                   "model": "tanh MLP, 2 hidden layers of 16, Z-Score inputs",
+                   "labels": {k: f"mean {m:.3g}, std {s:.3g}" for k, (m, s) in spreads.items()}},
+        "checks": checks,
+        "notes": ["Standardizing the labels divides the loss by their variance, and so the gradients by their standard "
+                  "deviation: with the same learning rate the two runs take steps of different sizes. Where the labels "
+                  "are near mean 0, std 1 (the lesson's data) nothing changes; where they are in the hundreds "
+                  "(diabetes), raw labels make steps hundreds of times larger."],
+        "figures": [records.figure(
+            "Test MSE in the labels' own units, raw vs standardized labels (mean ± std over random seeds, log scale)",
+            *[records.panel("bars", name, "", "test MSE", logy=True, labels=["raw", "standardized"],
+                            values=[_mean(mse[name, k]) for k in ("raw", "standardized")],
+                            errors=[_std(mse[name, k]) for k in ("raw", "standardized")]) for name in sets],
+            caption="If the claim holds, the two bars of each panel are level.")],
+        "tables": [records.table("Test MSE in the labels' units (mean over random seeds)", ["data", "raw labels",
+                                 "standardized labels"], [[n, _mean(mse[n, "raw"]), _mean(mse[n, "standardized"])]
+                                                          for n in sets])],
+    }
+
+
+# ----------------------------------------------------------------------------- bn-affine
+
+
+@experiment(
+    "bn-affine",
+    "BN's stage 1 as a starting point, and the distribution BN learns",
+    source="Lesson 14.1 §二.3 (benefit 1), §二.4",
+    claim="Standardizing before the learnable scale and shift (BN) converges faster than the learnable scale and "
+    "shift alone; and BN learns the distribution that suits the loss, not necessarily mean 0 and variance 1.",
+    seeds=(20, 50), epochs=(10, 30),
+)
+def _bn_affine(cfg: Config) -> dict:
+    epochs, seeds = cfg.epochs, cfg.seeds
+    split = data.load_dataset("digits", seed=0).scaled("zscore")
+    curves, nets_of = {}, {}
+    for kind, norm in (("BN", "batch"), ("affine", "affine")):
+        nets = [models.mlp(split.num_features, 10, depth=3, width=64, activation="sigmoid", norm=norm, seed=seed)
+                for seed in seeds]
+        hs = train.fit_seeds(nets, split, seeds, epochs=epochs, lr=0.3, batch_size=32, device=cfg.device,
+                             drop_last=True, progress=cfg.progress, description=f"bn-affine {kind}")
+        curves[kind], nets_of[kind] = [h.test_metric for h in hs], [n.cpu() for n in nets]
+    quarter = max(1, epochs // 4)
+    early = {k: [_mean(c[:quarter]) for c in v] for k, v in curves.items()}
+    final = {k: [c[-1] for c in v] for k, v in curves.items()}
+    moved, spread_off, gammas, betas, out_std = [], [], [], [], []
+    for net in nets_of["BN"]:
+        bns = [m for m in net.modules() if isinstance(m, nln._BatchNorm)]
+        moved.append(_mean(float(((bn.weight.detach() - 1).abs() + bn.bias.detach().abs()).mean()) for bn in bns))
+        seen = []
+        hooks = [bn.register_forward_hook(lambda m, a, y: seen.append(y.detach())) for bn in bns]
+        with train.mode(net, False), torch.no_grad():
+            net(split.X_test)
+        for h in hooks:
+            h.remove()
+        spread_off.append(_mean(float((t.std(0) - 1).abs().mean() + t.mean(0).abs().mean()) for t in seen))
+        gammas.append(torch.cat([bn.weight.detach() for bn in bns]))
+        betas.append(torch.cat([bn.bias.detach() for bn in bns]))
+        out_std.append(torch.cat([t.std(0) for t in seen]))
+    checks = [
+        records.check("test accuracy over the first quarter of training, BN − affine", _diff(early["BN"], early["affine"]),
+                      ">", 0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        records.check("final test accuracy, BN − affine", _diff(final["BN"], final["affine"]), ">", 0.0,
+                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        records.check("learned γ, β: mean |γ − 1| + |β| over BN's units", moved, ">", 0.05,
+                      "0 would be Z-Score kept as it is (γ = 1, β = 0); above 0.05 BN moved away from it"),
+        records.check("learned distribution: mean over BN's units of |std − 1| + |mean| of the output on the test set",
+                      spread_off, ">", 0.05, "0 would be mean 0, variance 1 at every unit"),
+    ]
+    return {
+        "params": {"epochs": epochs, "random seeds": list(seeds), "data": "digits (Z-Score)", "lr": 0.3,
+                   "model": "sigmoid MLP 64-64-64-64-10; BN, or a learnable γ⊙x + β (Affine) before each sigmoid"},
+        "checks": checks,
+        "figures": [
+            records.figure("Test accuracy, BN vs the learnable scale and shift alone (mean ± std over random seeds)",
+                           _curves_panel("test accuracy", "accuracy", curves),
+                           caption="Both have the same learnable γ and β per unit; BN standardizes first. If the "
+                                   "claim holds, BN's curve rises sooner."),
+            records.figure(f"What BN learned (random seed {seeds[0]}, all units of its 3 BN layers)",
+                           records.panel("boxes", "learned parameters and the output's spread", "", "value",
+                                         boxes=[records.box("γ", gammas[0]), records.box("β", betas[0]),
+                                                records.box("std of BN's output", out_std[0])],
+                                         refs=[{"y": 1.0, "label": "Z-Score's γ and std, 1"},
+                                               {"y": 0.0, "label": "Z-Score's β, 0"}]),
+                           caption="If BN only standardized, the boxes would sit on the lines at 1 (γ, std) and 0 (β)."),
+        ],
+        "tables": [records.table("Summary (mean over random seeds)", ["", "BN", "affine alone"],
+                                 [["early test accuracy", _mean(early["BN"]), _mean(early["affine"])],
+                                  ["final test accuracy", _mean(final["BN"]), _mean(final["affine"])]])],
+    }
+
+
+# ----------------------------------------------------------------------------- shuffle
+
+
+@experiment(
+    "shuffle",
+    "Batches that differ from the data: sorted by class vs shuffled",
+    source="the survey “Norm相关总结” (batch normalization: shuffle the data)",
+    claim="BatchNorm needs batches distributed like the whole data: batches sorted by class make training harder "
+    "than shuffled ones, and more so with BN than with LayerNorm, which does not look across the batch.",
+    seeds=(20, 50), epochs=(5, 15),
+)
+def _shuffle(cfg: Config) -> dict:
+    epochs, seeds = cfg.epochs, cfg.seeds
+    split = data.load_dataset("digits", seed=0).scaled("zscore")
+    order = torch.sort(split.y_train, stable=True).indices
+    by_class = dataclasses.replace(split, X_train=split.X_train[order], y_train=split.y_train[order])
+    acc, curves = {}, {}
+    for norm in ("batch", "layer"):
+        for shuffled in (True, False):
+            nets = [models.mlp(split.num_features, 10, depth=3, width=64, activation="relu", norm=norm, seed=seed)
+                    for seed in seeds]
+            hs = train.fit_seeds(nets, by_class, seeds, epochs=epochs, lr=0.05, batch_size=32, device=cfg.device,
+                                 drop_last=True, shuffle=shuffled, progress=cfg.progress,
+                                 description=f"shuffle {norm} {'shuffled' if shuffled else 'sorted'}")
+            key = (norm, "shuffled" if shuffled else "sorted")
+            acc[key], curves[f"{norm.upper()[0]}N, {key[1]}"] = [h.test_metric[-1] for h in hs], [h.test_metric for h in hs]
+    lost = {n: _diff(acc[n, "shuffled"], acc[n, "sorted"]) for n in ("batch", "layer")}
+    checks = [
+        records.check("BN: test accuracy, shuffled − sorted batches", lost["batch"], ">", 0.0,
+                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        records.check("accuracy lost to sorted batches, BN − LN", _diff(lost["batch"], lost["layer"]), ">", 0.0,
+                      f"BN loses {_mean(lost['batch']):.3f}, LN {_mean(lost['layer']):.3f} (means); margin: "
+                      f"{_MARGIN_TEXT['accuracy']}", within=(-2, 2), margin=_MARGIN["accuracy"]),
+    ]
+    return {
+        "params": {"epochs": epochs, "random seeds": list(seeds), "data": "digits (Z-Score), training split sorted by "
+                   "class", "model": "ReLU MLP 64-64-64-64-10, BN or LN before each ReLU, lr 0.05, batch 32"},
+        "checks": checks,
+        "notes": ["Sorted, every batch holds one or two classes and the epoch ends on the last ones, which costs any "
+                  "network something; LN, which normalizes each example alone, is the control that separates what "
+                  "BN's batch statistics add. In eval BN uses running averages over those one-class batches."],
+        "figures": [records.figure("Test accuracy per epoch, shuffled vs sorted batches (mean ± std over random seeds)",
+                                   _curves_panel("test accuracy", "accuracy", curves),
+                                   caption="If the claim holds, BN's sorted curve lies well below its shuffled one, "
+                                           "and further below than LN's.")],
+        "tables": [records.table("Final test accuracy (mean over random seeds)", ["norm", "shuffled", "sorted"],
+                                 [[n.upper()[0] + "N", _mean(acc[n, "shuffled"]), _mean(acc[n, "sorted"])]
+                                  for n in ("batch", "layer")])],
     }
 
 

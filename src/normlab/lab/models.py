@@ -33,9 +33,10 @@ from torch import nn
 from .. import nn as nln
 from ..convert import suggest_groups
 
-__all__ = ["mlp", "cnn", "init_weights", "NORMS", "ACTIVATIONS"]
+__all__ = ["mlp", "cnn", "init_weights", "Affine", "NORMS", "CONTROLS", "ACTIVATIONS"]
 
 NORMS = ("none", "batch", "layer", "group", "instance", "rms", "weight", "cosine")
+CONTROLS = ("affine",)  # not a normalization: a control for the experiments (Affine)
 ACTIVATIONS = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
@@ -46,6 +47,22 @@ ACTIVATIONS = {
     "silu": nn.SiLU,
     "identity": nn.Identity,
 }
+
+
+class Affine(nn.Module):
+    r"""A learnable scale and shift per feature, :math:`y = γ ⊙ x + β` (γ = 1, β = 0 at the start):
+    BatchNorm's stage 2 without its stage 1, the control of Lesson 14.1 §二.3's "stage 1 gives
+    stage 2 a good starting point". Input ``(N, C, *)``."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
 
 
 class _Channel(nn.Module):
@@ -81,6 +98,8 @@ def _norm(kind: str, channels: int, *, spatial: tuple[int, ...] = (), num_groups
         return (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d)[dims - 1](channels, affine=True)
     if kind == "rms":
         return nln.RMSNorm((channels, *spatial))
+    if kind == "affine":
+        return Affine(channels)
     raise AssertionError(kind)  # pragma: no cover - callers check `kind`
 
 
@@ -144,7 +163,7 @@ def mlp(
 
     ``seed`` makes the initial weights reproducible without touching the global RNG.
     """
-    _check_kinds(norm, activation, placement)
+    _check_kinds(norm, activation, placement, allowed=NORMS + CONTROLS)
     if depth < 0 or width < 1:
         raise ValueError(f"depth must be >= 0 and width >= 1, got depth={depth}, width={width}")
     with _seeded(seed):

@@ -60,7 +60,8 @@ from .records import validate
 __all__ = ["write_report", "check_out", "load_records", "rebuild", "render_figure"]
 
 _VERDICTS = {"supported": ("ok", "✔ supported"), "not supported": ("bad", "✘ not supported"),
-             "inconclusive": ("open", "? inconclusive")}
+             "inconclusive": ("open", "? inconclusive"), "not run": ("open", "· not run"),
+             "not testable": ("open", "— not testable")}
 _STATUSES = {"holds": ("ok", "✔ holds"), "fails": ("bad", "✘ fails"), "undecided": ("open", "? undecided")}
 
 RECORDS_FILE = "records.json"
@@ -510,7 +511,9 @@ def _page(records: Sequence[dict], meta: dict) -> str:
         "<h1>normlab report</h1>",
         _meta_list(meta),
         _HOW_TO_READ,
-        _html_table(["experiment", "title", "verdict", "seconds"], (_summary_row(r) for r in records)),
+        _claims_index(records),
+        _html_table(["experiment", "title", "verdict", "seconds"], (_summary_row(r) for r in records),
+                    caption="The experiments"),
         *(_section(r) for r in records),
     ]
     return (
@@ -539,6 +542,27 @@ the claimed effect must clear it to hold, and an interval inside ±margin is dec
 <span class="ok">✔ supported</span> when every check holds, <span class="bad">✘ not supported</span>
 when one fails, and <span class="open">? inconclusive</span> otherwise. Checks computed without
 randomness (the algebra of <code>affine</code>) are exact and have no interval.</p></div>"""
+
+
+def _claims_index(records: Sequence[dict]) -> str:
+    """Every claim of the two texts, its source, the experiments that test it and its verdict."""
+    from .claims import CLAIMS, decide
+
+    by_name = {r["name"]: r for r in records}
+    rows, counts = [], {}
+    for claim in CLAIMS:
+        d = decide(claim, by_name)
+        counts[d["status"]] = counts.get(d["status"], 0) + 1
+        tested = ", ".join(f'<a href="#{_esc(e)}">{_esc(e)}</a>' if e in by_name else _esc(e)
+                           for e in dict.fromkeys(e for e, _ in claim.tests)) or "—"
+        note = f"<br><small>{_esc(claim.note)}</small>" if claim.note else ""
+        rows.append([str(claim.number), _esc(claim.text) + note, _esc(claim.source), tested,
+                     f'<span title="{_esc(d["summary"])}">{_badge(_VERDICTS, d["status"])}</span>'])
+    tally = ", ".join(f"{n} {status}" for status, n in counts.items())
+    return ('<h2 id="claims">The claims</h2>'
+            + _html_table(["#", "claim", "source", "tested by", "verdict"], rows,
+                          caption=f"Every claim of Lesson 14.1 and the survey, and what this report decides ({tally}); "
+                                  "the verdict combines the claim's checks as an experiment's does (hover for why)"))
 
 
 def _meta_list(meta: dict) -> str:

@@ -131,6 +131,7 @@ def fit(
     progress: bool | None = None,
     description: str = "training",
     shard: tuple[int, int] | None = None,
+    shuffle: bool = True,
 ) -> History:
     """Train ``model`` on ``data.X_train`` for ``epochs`` and measure it on both halves after each.
 
@@ -138,6 +139,8 @@ def fit(
         optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
         loss: ``"mse"``, ``"ce"`` or ``None`` (MSE for regression, cross-entropy for classes).
         seed: fixes the order of the mini-batches in every epoch.
+        shuffle: draw a new order every epoch (default); ``False`` keeps the data's own order, e.g.
+            sorted by class so that each batch holds one class (the survey's warning for BatchNorm).
         drop_last: skip the last, smaller batch of each epoch. BatchNorm in training cannot
             normalize a batch of one example (one value per channel has no variance); when the
             training set size leaves a remainder of 1, :func:`fit` says so and suggests this.
@@ -173,7 +176,7 @@ def fit(
         torch.manual_seed(int(seed))  # dropout and any other random layer draw from here
         for epoch in range(1, epochs + 1):
             start, total, count = time.perf_counter(), 0.0, 0
-            for xb, yb in batches(split.X_train, split.y_train, batch_size, shuffle=True, generator=generator, drop_last=drop_last):
+            for xb, yb in batches(split.X_train, split.y_train, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last):
                 if shard is not None:
                     xb, yb = xb[shard[0]::shard[1]], yb[shard[0]::shard[1]]
                 opt.zero_grad(set_to_none=True)
@@ -238,6 +241,7 @@ def fit_seeds(
     on_epoch: Callable[[int, "Stack", list[History]], None] | None = None,
     progress: bool | None = None,
     description: str = "training",
+    shuffle: bool = True,
 ) -> list[History]:
     """Train ``members[s]`` as :func:`fit` trains it with ``seed=seeds[s]``, all at once.
 
@@ -272,7 +276,7 @@ def fit_seeds(
             stack.offset = group[0]
             _fit_stack(stack, split, [seeds[i] for i in group], [histories[i] for i in group], criterion, metric_fn,
                        dict(epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, drop_last=drop_last,
-                            weight_decay=weight_decay, momentum=momentum), on_step, on_epoch, bar, device)
+                            weight_decay=weight_decay, momentum=momentum, shuffle=shuffle), on_step, on_epoch, bar, device)
             stack.write_back()
     return histories
 
@@ -301,7 +305,8 @@ def _fit_stack(stack, split, seeds, histories, criterion, metric_fn, kw, on_step
             stack.epoch = epoch
             start, total, count = time.perf_counter(), torch.zeros(S, dtype=torch.float64), 0
             # each member's order as batches(shuffle=True) draws it for fit with that seed: column s
-            orders = torch.stack([torch.randperm(n, generator=g) for g in generators], 1).to(split.X_train.device)
+            orders = torch.stack([torch.randperm(n, generator=g) if kw["shuffle"] else torch.arange(n)
+                                  for g in generators], 1).to(split.X_train.device)
             for idx, _ in batches(orders, orders, kw["batch_size"], drop_last=kw["drop_last"]):  # idx (B, S)
                 xb = split.X_train[idx].flatten(1, 2)  # (B, S, C, *) → (B, S·C, *): member s in its channels
                 yb = split.y_train[idx]
