@@ -287,6 +287,23 @@ def test_every_experiment_returns_a_complete_json_record(name):
     for fig in rec["figures"]:
         for pan in fig["panels"]:
             assert pan["kind"] in ("lines", "boxes", "bars")
+    from normlab.lab.claims import CLAIMS, decide
+
+    for claim in CLAIMS:  # every check a claim names exists in its experiment's record
+        for exp, words in claim.tests:
+            if exp == name:
+                assert any(words is None or words in c["name"] for c in rec["checks"]), (claim.number, words)
+                assert decide(claim, {name: rec})["status"] in ("supported", "not supported", "inconclusive")
+
+
+def test_every_claim_of_the_texts_is_tested_by_a_registered_experiment_or_says_why():
+    from normlab.lab.claims import CLAIMS
+
+    assert [c.number for c in CLAIMS] == list(range(1, 26))
+    for claim in CLAIMS:
+        assert claim.tests or claim.note, claim.number
+        assert all(exp in experiments.EXPERIMENTS for exp, _ in claim.tests), claim.number
+    assert {exp for c in CLAIMS for exp, _ in c.tests} == set(experiments.EXPERIMENTS)  # no experiment tests nothing
 
 
 def test_verdicts_are_computed_from_the_numbers():

@@ -173,7 +173,13 @@ def _run(args: argparse.Namespace) -> int:
     if records:
         page = report.write_report(records, out, meta=meta, force=args.force)
         count = {k: sum(r["verdict"]["status"] == k for r in records) for k in ("supported", "not supported", "inconclusive")}
-        print(", ".join(f"{n} {k}" for k, n in count.items()) + f" (of {len(records)} claims); report: {page}")
+        from .lab.claims import CLAIMS, decide
+
+        by_name = {r["name"]: r for r in records}
+        claims = [decide(c, by_name)["status"] for c in CLAIMS]
+        told = {k: claims.count(k) for k in dict.fromkeys(claims)}
+        print(", ".join(f"{n} {k}" for k, n in count.items()) + f" (of {len(records)} experiments); the texts' "
+              f"{len(CLAIMS)} claims: " + ", ".join(f"{n} {k}" for k, n in told.items()) + f"; report: {page}")
     if failed:
         print(f"normlab run: experiment(s) failed with an error: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -708,11 +708,19 @@ def cosine_linear(
             f"cosine_linear: weight must have shape (out_features, {x.shape[-1]}) for input "
             f"of shape {tuple(x.shape)}, got {tuple(weight.shape)}"
         )
+    xh, wh, n = cosine_rows(x, weight, centered, eps)
+    return torch.nn.functional.linear(xh, wh) / n
+
+
+def cosine_rows(x: Tensor, weight: Tensor, centered: bool, eps: float) -> tuple[Tensor, Tensor, int]:
+    """The rows of ``x`` and of ``weight`` (any leading dims) each normalized over the last dim as
+    :func:`cosine_linear` does, scaled so that their dot products divided by ``n`` (returned) are
+    the cosines: what a batched form (e.g. S layers' weights ``(S, out, in)``) multiplies itself."""
     n = x.shape[-1]
     # the core normalizes by √(σ² + eps/n) = √(‖x−μ‖² + eps)/√n: rescale by 1/√n each side
-    xh = _normalize(op, x, (-1,), None, None, eps / n, center=centered)[0]
-    wh = _normalize(op, weight, (-1,), None, None, eps / n, center=centered)[0]
-    return torch.nn.functional.linear(xh, wh) / n
+    xh = _normalize("cosine_linear", x, (-1,), None, None, eps / n, center=centered)[0]
+    wh = _normalize("cosine_linear", weight, (-1,), None, None, eps / n, center=centered)[0]
+    return xh, wh, n
 
 
 # --------------------------------------------------------------------- classic scalings

@@ -184,6 +184,27 @@ def make_classification(
     return _split(f"clouds({num_class} classes)", "classification", X, y, test_size, seed, num_class)
 
 
+def make_sentences(num_examples: int = 2000, vocab: int = 20, lengths: tuple[int, int] = (2, 24),
+                   test_size: float = 0.25, seed: int = 0) -> Split:
+    """Seeded "sentences" of different lengths, padded: token ids ``(N, max length)`` with 0 as the
+    padding after each sentence's end. Tokens ``1..vocab-1`` are drawn uniformly; the label says
+    whether the sentence holds more tokens from the lower half of the vocabulary than from the upper
+    (a question about the whole sentence, whatever its length or where its words stand).
+    """
+    lo, hi = lengths
+    if not 1 <= lo <= hi or vocab < 3:
+        raise ValueError(f"need 1 <= lengths[0] <= lengths[1] and vocab >= 3, got lengths={lengths}, vocab={vocab}")
+    g = _generator(seed)
+    n_len = torch.randint(lo, hi + 1, (num_examples,), generator=g)
+    tokens = torch.randint(1, vocab, (num_examples, hi), generator=g)
+    tokens[torch.arange(hi)[None, :] >= n_len[:, None]] = 0
+    half = vocab // 2
+    lower = ((tokens > 0) & (tokens < half)).sum(1)
+    upper = (tokens >= half).sum(1)
+    y = (lower > upper).long()
+    return _split(f"sentences({vocab} tokens, {lo}-{hi} long)", "classification", tokens, y, test_size, seed, 2)
+
+
 # name -> (sklearn loader name, task, one line)
 DATASETS = {
     "digits": ("load_digits", "classification", "8×8 handwritten digits, 10 classes, 1797 images (pixels 0..16)"),

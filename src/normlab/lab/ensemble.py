@@ -11,7 +11,7 @@ member layer               stacked layer (exactly the S members' computations)
 =========================  =================================================================
 ``Linear(i, o)``           ``S`` matrix products at once (``baddbmm`` of ``(S, N, i)``)
 weight-normed ``Linear``   the same, with ``w = g·v/‖v‖`` by :func:`normlab.functional.weight_norm`
-``CosineLinear``           :func:`normlab.functional.cosine_linear` per member
+``CosineLinear``           :func:`normlab.functional.cosine_rows` (cosine_linear's rows), S products
 ``Conv2d(i, o, groups=g)`` ``Conv2d(S·i, S·o, groups=S·g)``
 ``BatchNorm{1,2}d(C)``     ``BatchNorm{1,2}d(S·C)``: BN's statistics are per channel already
 ``GroupNorm(G, C)``        ``GroupNorm(S·G, S·C)``
@@ -110,8 +110,9 @@ class _Linear(nn.Module):
         S = self.direction().shape[0]
         N = x.shape[0]
         xs = x.view(N, S, -1)
-        if self.kind == "cosine":
-            y = torch.stack([F.cosine_linear(xs[:, s], self.weight[s], self.centered, self.eps) for s in range(S)], 1)
+        if self.kind == "cosine":  # cosine_linear's normalized rows, S matrix products at once
+            xh, wh, n = F.cosine_rows(xs.transpose(0, 1), self.weight, self.centered, self.eps)
+            y = torch.bmm(xh.contiguous(), wh.transpose(1, 2)).div(n).transpose(0, 1)
         else:
             y = torch.baddbmm(self.bias.unsqueeze(1), xs.transpose(0, 1).contiguous(), self.matrix().transpose(1, 2)).transpose(0, 1)
         return y.reshape(N, -1)
@@ -264,12 +265,15 @@ class Stack(nn.Module):
     def __init__(self, members: Sequence[nn.Module]):
         super().__init__()
         members = list(members)
+        self.members = members
+        self.size = len(members)
+        if self.size == 1 and not isinstance(members[0], nn.Sequential):  # a Stack of one: the network itself
+            self.layers = nn.ModuleList([members[0]])
+            return
         if not members or not all(isinstance(m, nn.Sequential) for m in members):
             raise TypeError("a Stack is made of nn.Sequential networks")
         if len({len(m) for m in members}) != 1:
             raise TypeError("the members differ in their number of layers")
-        self.members = members
-        self.size = len(members)
         self.layers = nn.ModuleList(_stack_layer([m[i] for m in members]) for i in range(len(members[0])))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1316,6 +1316,345 @@ def _shuffle(cfg: Config) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- learning-rate
+
+
+class _AccuracyTrack:
+    """Every member's test accuracy every ``every`` steps (eval mode, on the Stack itself)."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, every: int):
+        self.X, self.y, self.every = X, y, every
+        self.steps: list[int] = []
+        self.accuracy: list[list[float]] = []  # [check][member]
+
+    def __call__(self, step, stack, losses) -> None:
+        if step % self.every:
+            return
+        with train.mode(stack, False), torch.no_grad():
+            out = stack.split(stack(stack.spread(self.X)))
+        self.steps.append(step)
+        self.accuracy.append((out.argmax(2) == self.y[:, None]).float().mean(0).tolist())
+
+    def steps_to(self, target: float) -> list[float]:
+        """Per member, the first step at which the accuracy reached ``target``; one check past the
+        last where it never did (a lower bound, so a ratio against it understates the gap)."""
+        out = []
+        for s in range(len(self.accuracy[0])):
+            hit = [step for step, acc in zip(self.steps, self.accuracy) if acc[s] >= target]
+            out.append(float(hit[0] if hit else self.steps[-1] + self.every))
+        return out
+
+
+def _step_seconds(nets: dict[str, nn.Module], split: data.Split, batch: int, reps: int) -> dict[str, list[float]]:
+    """Seconds of one SGD step of each network on the same batch, ``reps`` rounds taken in turn
+    (the order reversing each round), after a warm-up."""
+    x, y = split.X_train[:batch], split.y_train[:batch]
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01) for k, m in nets.items()}
+    loss = nn.CrossEntropyLoss()
+
+    def step(k):
+        opts[k].zero_grad(set_to_none=True)
+        loss(nets[k](x), y).backward()
+        opts[k].step()
+
+    for k in nets:
+        for _ in range(5):
+            step(k)
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for r in range(reps):
+        for k in (list(nets) if r % 2 == 0 else list(nets)[::-1]):
+            t0 = time.perf_counter()
+            step(k)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+@experiment(
+    "learning-rate",
+    "BN and the learning rate: larger rates, fewer steps, less time",
+    source="the survey “Norm相关总结” (batch normalization); Santurkar et al. (2018)",
+    claim="BN smooths the loss surface: with BN training converges faster, larger learning rates do no harm, and "
+    "although each step costs more, reaching a given accuracy takes less time.",
+    seeds=(20, 50), epochs=(5, 15),
+)
+def _learning_rate(cfg: Config) -> dict:
+    epochs, seeds, batch = cfg.epochs, cfg.seeds, 32
+    rates = cfg.pick((0.1, 0.5, 2.0), (0.05, 0.1, 0.5, 1.0, 2.0, 5.0))
+    mid, target = 0.5, 0.9
+    split = data.load_dataset("digits", seed=0).scaled("zscore")
+    every = max(1, len(split.X_train) // batch // 4)  # four times per epoch
+    final: dict[tuple[str, float], list[float]] = {}
+    tracks = {}
+    for kind, norm in (("none", "none"), ("BN", "batch")):
+        for lr in rates:
+            nets = [models.mlp(split.num_features, 10, depth=3, width=64, activation="sigmoid", norm=norm, seed=seed)
+                    for seed in seeds]
+            track = _AccuracyTrack(split.X_test.to(cfg.device), split.y_test.to(cfg.device), every)
+            hs = train.fit_seeds(nets, split, seeds, epochs=epochs, lr=lr, batch_size=batch, device=cfg.device,
+                                 drop_last=True, on_step=track, progress=cfg.progress,
+                                 description=f"learning-rate {kind} {lr}")
+            final[kind, lr] = [h.test_metric[-1] if not h.diverged else 0.0 for h in hs]
+            tracks[kind, lr] = track
+    timing = _step_seconds({k: models.mlp(split.num_features, 10, depth=3, width=64, activation="sigmoid", norm=n,
+                                          seed=0) for k, n in (("none", "none"), ("BN", "batch"))},
+                           split, batch, reps=cfg.pick(40, 200))
+    per_step = _ratio(timing["BN"], timing["none"])
+    step_ratio = statistics.median(timing["BN"]) / statistics.median(timing["none"])
+    reach = {k: tracks[k, mid].steps_to(target) for k in ("none", "BN")}
+    big, small = max(rates), min(rates)
+    checks = [
+        records.check(f"final test accuracy at lr {big}, BN − none", _diff(final["BN", big], final["none", big]), ">",
+                      0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        records.check(f"BN: final test accuracy at lr {big} − at lr {small} (at most 2 points worse)",
+                      _diff(final["BN", big], final["BN", small]), ">=", -0.02,
+                      "a larger rate does no harm: it may cost at most 2 accuracy points", within=(-1, 1)),
+        records.check(f"steps to {target:.0%} test accuracy at lr {mid}, BN / none", _ratio(reach["BN"], reach["none"]),
+                      "<", 1.0, f"BN {_mean(reach['BN']):.0f}, none {_mean(reach['none']):.0f} steps (means; a run that "
+                      f"never got there counts as one check past the end); margin: {_MARGIN_TEXT['ratio']}",
+                      margin=_MARGIN["ratio"]),
+        records.check("time of one training step, BN / none", per_step, ">", 1.0,
+                      f"{len(per_step)} steps of each, taken in turn on this machine (its load moves it); BN computes "
+                      "more per step"),
+        records.check(f"time to {target:.0%} test accuracy at lr {mid}, BN / none",
+                      [r * step_ratio for r in _ratio(reach["BN"], reach["none"])], "<", 1.0,
+                      f"steps to the target × the median time of a step (BN's is {step_ratio:.2f}× none's); margin: "
+                      f"{_MARGIN_TEXT['ratio']}", margin=_MARGIN["ratio"]),
+    ]
+    curves = {f"{k}, lr {lr}": [list(c) for c in zip(*tracks[k, lr].accuracy)] for k in ("none", "BN") for lr in rates}
+    return {
+        "params": {"epochs": epochs, "random seeds": list(seeds), "learning rates": list(rates), "batch_size": batch,
+                   "data": "digits (Z-Score)", "model": "sigmoid MLP 64-64-64-64-10, torch's default init, BN before "
+                   "each sigmoid"},
+        "checks": checks,
+        "notes": ["Santurkar et al. (2018) show the smoother loss surface directly (the loss and the gradient along "
+                  "the gradient direction vary less with BN); here its consequences are measured: how large a rate BN "
+                  "tolerates, how many steps and how much time it takes to a target accuracy.",
+                  "Times are of this run on this machine and move with its load; the check compares steps taken in "
+                  "turn, so both see the same load."],
+        "figures": [
+            records.figure("Final test accuracy against the learning rate (mean ± std over random seeds)",
+                           records.panel("lines", "final test accuracy", "learning rate (log scale)", "accuracy",
+                                         logx=True, series=[records.series(
+                                             k, rates, [_mean(final[k, lr]) for lr in rates],
+                                             [_mean(final[k, lr]) - _std(final[k, lr]) for lr in rates],
+                                             [_mean(final[k, lr]) + _std(final[k, lr]) for lr in rates])
+                                             for k in ("none", "BN")]),
+                           records.panel("lines", f"test accuracy during training, lr {mid}", "step", "accuracy",
+                                         series=[records.series(k, tracks[k, mid].steps,
+                                                                *_mean_curve(curves[f"{k}, lr {mid}"]))
+                                                 for k in ("none", "BN")],
+                                         refs=[{"y": target, "label": f"the target, {target:.0%}"}]),
+                           caption="Left: if the claim holds, BN's line stays high as the rate grows while the "
+                                   "network without BN falls or never rises. Right: the steps each needs to reach the "
+                                   "target accuracy."),
+        ],
+        "tables": [records.table("Final test accuracy (mean over random seeds)", ["", *[f"lr {lr}" for lr in rates]],
+                                 [[k, *[_mean(final[k, lr]) for lr in rates]] for k in ("none", "BN")]),
+                   records.table("Cost (this machine, this run)", ["", "median ms per step",
+                                                                   f"mean steps to {target:.0%} at lr {mid}"],
+                                 [[k, 1e3 * statistics.median(timing[k]), _mean(reach[k])] for k in ("none", "BN")])],
+    }
+
+
+# ----------------------------------------------------------------------------- ics
+
+
+def _loss_of(stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The members' summed cross-entropy on one batch (each member's gradient is its own)."""
+    out = stack.split(stack(x))
+    return nn.functional.cross_entropy(out.flatten(0, 1), y.repeat_interleave(stack.size), reduction="sum") / len(x)
+
+
+class _ShiftProbe:
+    """Internal covariate shift as Santurkar et al. (2018, §2.2) measure it, for every member: the
+    gradient G_i of layer i's weights on a batch, and G'_i, the same gradient after every layer
+    below i took its SGD step (all its parameters, lr·gradient) on that batch; ICS_i = ‖G_i − G'_i‖ /
+    ‖G_i‖ (relative, so that networks whose gradients differ in scale compare) and cos(G_i, G'_i),
+    averaged over the weight layers above the first. Measured every ``every`` steps on copies of
+    the Stack's layers in train mode; the Stack itself is not touched."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, lr: float, every: int):
+        self.X, self.y, self.lr, self.every = X, y, lr, every
+        self.shift: list[list[float]] = []  # [probe][member]
+        self.cosine: list[list[float]] = []
+
+    def _grads(self, stack, layers) -> list[tuple[torch.Tensor, ...]]:
+        body = copy.copy(stack)  # the same Stack, computing with these layers
+        body.layers = layers
+        params = [tuple(layer.parameters()) for layer in layers]
+        flat = torch.autograd.grad(_loss_of(body, stack.spread(self.X), self.y), [p for ps in params for p in ps])
+        out, k = [], 0
+        for ps in params:
+            out.append(flat[k: k + len(ps)])
+            k += len(ps)
+        return out
+
+    def __call__(self, step, stack, losses) -> None:
+        if step % self.every:
+            return
+        layers = copy.deepcopy(stack.layers).train()  # BN normalizes the probe batch by itself
+        grads = self._grads(stack, layers)
+        weighted = [i for i, layer in enumerate(layers) if hasattr(layer, "direction")]
+        shifts, cosines = [], []
+        for i in weighted[1:]:
+            moved = copy.deepcopy(layers)
+            with torch.no_grad():
+                for j in range(i):  # every layer below i steps
+                    for p, gp in zip(moved[j].parameters(), grads[j]):
+                        p.sub_(self.lr * gp)
+            w = list(layers[i].parameters()).index(layers[i].direction())
+            g1, g2 = grads[i][w].flatten(1), self._grads(stack, moved)[i][w].flatten(1)
+            shifts.append((g1 - g2).norm(dim=1) / g1.norm(dim=1).clamp_min(1e-30))
+            cosines.append(nn.functional.cosine_similarity(g1, g2, dim=1))
+        self.shift.append(torch.stack(shifts).mean(0).tolist())
+        self.cosine.append(torch.stack(cosines).mean(0).tolist())
+
+
+@experiment(
+    "ics",
+    "Internal covariate shift, measured: with and without BN",
+    source="Lesson 14.1 §二.4; the survey “Norm相关总结” (batch normalization); Santurkar et al. (2018), §2.2",
+    claim="BN's benefit does not come from reducing internal covariate shift: measured as the change of a layer's "
+    "gradient when the layers below it update, BN does not reduce it, and may even increase it.",
+    seeds=(20, 50), epochs=(3, 10),
+)
+def _ics(cfg: Config) -> dict:
+    epochs, seeds, batch, lr = cfg.epochs, cfg.seeds, 32, 0.1
+    split = data.load_dataset("digits", seed=0).scaled("zscore")
+    every = max(1, len(split.X_train) // batch // 2)  # twice per epoch
+    g = torch.Generator().manual_seed(1)
+    pick = torch.randperm(len(split.X_train), generator=g)[:256]
+    inits = {"default": "torch's default init", "kaiming": "He (Kaiming) init"}
+    shift, cosine, acc, curves = {}, {}, {}, {}
+    for init in inits:
+        for kind, norm in (("none", "none"), ("BN", "batch")):
+            nets = [models.mlp(split.num_features, 10, depth=4, width=64, activation="relu", init=init, norm=norm,
+                               seed=seed) for seed in seeds]
+            probe = _ShiftProbe(split.X_train[pick].to(cfg.device), split.y_train[pick].to(cfg.device), lr, every)
+            hs = train.fit_seeds(nets, split, seeds, epochs=epochs, lr=lr, batch_size=batch, device=cfg.device,
+                                 drop_last=True, on_step=probe, progress=cfg.progress, description=f"ics {init} {kind}")
+            key = (init, kind)
+            shift[key] = [_mean(v) for v in zip(*probe.shift)]  # per member: mean over the probes
+            curves[key] = [list(v) for v in zip(*probe.shift)]  # [member][probe]
+            cosine[key] = [_mean(v) for v in zip(*probe.cosine)]
+            acc[key] = [h.test_metric[-1] for h in hs]
+    ratio = {i: _ratio(shift[i, "BN"], shift[i, "none"]) for i in inits}
+    gain = {i: _diff(acc[i, "BN"], acc[i, "none"]) for i in inits}
+    checks = [
+        records.check("default init: internal covariate shift ‖G − G'‖/‖G‖, BN / none (not reduced: above 0.95)",
+                      ratio["default"], ">", 0.95,
+                      f"BN {_mean(shift['default', 'BN']):.4g}, none {_mean(shift['default', 'none']):.4g} (means over "
+                      "layers, probes and random seeds); below 0.95 would mean BN reduced it by more than 5%"),
+        records.check("default init: final test accuracy, BN − none (BN helps all the same)", gain["default"], ">", 0.0,
+                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+    ]
+    k_ratio, k_gain = _mean(ratio["kaiming"]), _mean(gain["kaiming"])
+    return {
+        "params": {"epochs": epochs, "random seeds": list(seeds), "lr": lr, "batch_size": batch,
+                   "probe": f"256 training examples, every {every} steps", "data": "digits (Z-Score)",
+                   "model": "ReLU MLP 64-64×4-10, BN before each ReLU; torch's default init, and He init"},
+        "checks": checks,
+        "notes": ["Santurkar et al. measure ICS on VGG and deep linear networks and find it no smaller, often larger, "
+                  "with BN, while BN trains much better; they conclude that BN helps by smoothing the loss landscape "
+                  "(see learning-rate). The same measure here, on a small MLP, in two settings.",
+                  f"With torch's default init the network without BN barely trains and BN rescues it, with "
+                  f"{_mean(ratio['default']):.2f}× its shift (the checks). With He init both train; there BN changes the "
+                  f"shift by {k_ratio:.2f}× and the accuracy by {k_gain:+.3f}. In neither setting does a smaller shift "
+                  "go with BN's benefit: where BN helps, the shift is larger; where it is smaller, BN does not help."],
+        "figures": [records.figure(
+            "Internal covariate shift during training (mean ± std over random seeds)",
+            *[records.panel("lines", f"{label}: ‖G − G'‖ / ‖G‖, mean over layers", "step",
+                            "relative change of the gradient",
+                            series=[records.series(k, [every * (j + 1) for j in range(len(curves[i, k][0]))],
+                                                   *_mean_curve(curves[i, k])) for k in ("none", "BN")])
+              for i, label in inits.items()],
+            caption="How much a layer's gradient changes when the layers below it take their step, with and without "
+                    "BN. If the claim holds, BN's benefit does not come with a lower line.")],
+        "tables": [records.table("Summary (mean over random seeds)", ["init", "", "‖G − G'‖ / ‖G‖", "cos(G, G')",
+                                                                      "final test accuracy"],
+                                 [[i, k, _mean(shift[i, k]), _mean(cosine[i, k]), _mean(acc[i, k])]
+                                  for i in inits for k in ("none", "BN")])],
+    }
+
+
+# ----------------------------------------------------------------------------- sequences
+
+
+class _SentenceNet(nn.Module):
+    """Tokens → embedding → Linear → norm → ReLU → mean over the sentence's own tokens → class.
+
+    ``norm``: ``"LN"`` each token over its features (LayerNorm); ``"BN per position"`` BatchNorm1d
+    over the flattened (position, feature) vector, each position a feature across the batch, as the
+    survey's example (the first words of two sentences normalized together); ``"BN over tokens"``
+    BatchNorm1d per feature over the batch and every position, as a convolutional text model would.
+    Padding positions are in the tensor the norm sees, as they are in a padded batch; the pooling
+    leaves them out.
+    """
+
+    def __init__(self, norm: str, vocab: int, length: int, width: int = 32, seed: int = 0):
+        super().__init__()
+        with models._seeded(seed):
+            self.embed = nn.Embedding(vocab, width, padding_idx=0)
+            self.linear = nn.Linear(width, width)
+            self.norm_kind = norm
+            self.norm = {"LN": lambda: nln.LayerNorm(width), "BN per position": lambda: nln.BatchNorm1d(length * width),
+                         "BN over tokens": lambda: nln.BatchNorm1d(width)}[norm]()
+            self.head = nn.Linear(width, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.linear(self.embed(tokens))  # (N, L, C)
+        if self.norm_kind == "LN":
+            h = self.norm(h)
+        elif self.norm_kind == "BN per position":
+            h = self.norm(h.flatten(1)).view_as(h)
+        else:
+            h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        mask = (tokens != 0).unsqueeze(-1).to(h.dtype)
+        return self.head((torch.relu(h) * mask).sum(1) / mask.sum(1))
+
+
+@experiment(
+    "sequences",
+    "Sentences of different lengths: BatchNorm vs LayerNorm",
+    source="the survey “Norm相关总结” (layer normalization)",
+    claim="BN suits images and tabular features, not sentences of different lengths: on padded sentences a model "
+    "with LN, which normalizes each token alone, does better than one with BN, whose batch statistics mix words "
+    "that stand at the same position in different sentences, and padding.",
+    seeds=(20, 50), epochs=(4, 12),
+)
+def _sequences(cfg: Config) -> dict:
+    epochs, seeds = cfg.epochs, cfg.seeds
+    # long and short sentences (1 to 40 words); a large test split, as evaluating costs little
+    split = data.make_sentences(num_examples=cfg.pick(3600, 8000), lengths=(1, 40), test_size=0.55, seed=0)
+    vocab, length = 20, split.X_train.shape[1]
+    kinds = ("LN", "BN per position", "BN over tokens")
+    curves, final = {}, {}
+    for kind in kinds:  # a model the Stack does not know: fit_seeds trains the seeds one by one
+        nets = [_SentenceNet(kind, vocab, length, seed=seed) for seed in seeds]
+        hs = train.fit_seeds(nets, split, seeds, epochs=epochs, lr=0.05, batch_size=64, device=cfg.device,
+                             drop_last=True, optimizer="adam", progress=cfg.progress, description=f"sequences {kind}")
+        curves[kind] = [h.test_metric for h in hs]
+        final[kind] = [c[-1] for c in curves[kind]]
+    checks = [records.check(f"final test accuracy, LN − {k}", _diff(final["LN"], final[k]), ">", 0.0,
+                            f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"])
+              for k in kinds[1:]]
+    lengths = (split.X_train != 0).sum(1).float()
+    return {
+        "params": {"epochs": epochs, "random seeds": list(seeds), "data": split.name,
+                   "sentence lengths": f"{int(lengths.min())}–{int(lengths.max())}, padded to {length}",
+                   "model": "embedding 32 → Linear → norm → ReLU → mean over the sentence → Linear, Adam lr 0.05, batch 64"},
+        "checks": checks,
+        "notes": ["The label is a question about the whole sentence (more words from the lower half of the vocabulary "
+                  "than from the upper), so a word counts the same wherever it stands. BN per position normalizes "
+                  "the k-th words of the batch's sentences together — and, past a short sentence's end, its padding."],
+        "figures": [records.figure("Test accuracy per epoch on padded sentences (mean ± std over random seeds)",
+                                   _curves_panel("test accuracy", "accuracy", curves),
+                                   caption="If the claim holds, LN's curve lies above both BN curves.")],
+        "tables": [records.table("Final test accuracy (mean over random seeds)", ["norm", "test accuracy", "std"],
+                                 [[k, _mean(final[k]), _std(final[k])] for k in kinds])],
+    }
+
+
 # ----------------------------------------------------------------------------- train-eval
 
 
