@@ -286,7 +286,7 @@ def test_every_experiment_returns_a_complete_json_record(name):
     assert json.loads(json.dumps(rec)) == json.loads(json.dumps(rec))  # plain JSON, NaN included
     for fig in rec["figures"]:
         for pan in fig["panels"]:
-            assert pan["kind"] in ("lines", "boxes", "bars")
+            assert pan["kind"] in records.PANEL_KINDS
     from normlab.lab.claims import CLAIMS, decide
 
     for claim in CLAIMS:  # every check a claim names exists in its experiment's record

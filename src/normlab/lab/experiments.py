@@ -289,6 +289,7 @@ def _zscore(cfg: Config) -> dict:
     raw_split = data.make_regression(num_examples=1000, num_inputs=2, degree=1, loc=5.0, seed=0)
     runs = {"raw": raw_split, "zscore": raw_split.scaled("zscore")}
     curves: dict[str, list[list[float]]] = {}
+    train_curves: dict[str, list[list[float]]] = {}
     spreads: dict[str, list[float]] = {}
     boxes: list[dict] = []
     for kind, split in runs.items():  # every random seed at once (lab.ensemble)
@@ -297,6 +298,7 @@ def _zscore(cfg: Config) -> dict:
         hs = train.fit_seeds(nets, split, seeds, epochs=epochs, lr=lr, batch_size=batch, device=cfg.device,
                              on_step=rec.on_step, progress=cfg.progress, description=f"zscore {kind}")
         curves[kind] = [h.test_loss for h in hs]
+        train_curves[kind] = [h.train_loss for h in hs]
         spreads[kind] = [_grad_std_spread(rec.layers(1, s)) for s in range(len(seeds))]
         boxes += _boxes(rec.layers(1, 0), kind)
     # The same on a real dataset with features on very different scales.
@@ -349,13 +351,14 @@ def _zscore(cfg: Config) -> dict:
         "checks": checks,
         "figures": [
             records.figure(
-                "Learning curves, raw vs Z-Score inputs (over random seeds)",
+                "Learning curves, raw vs Z-Score inputs (over random seeds; cf. the lesson's train and test MSE)",
+                _curves_panel("regression: training MSE (log scale)", "MSE", train_curves, logy=True),
                 _curves_panel("regression: test MSE (log scale)", "MSE", curves, logy=True),
                 _curves_panel("breast_cancer: test accuracy", "accuracy", real_acc),
-                caption="If the claim holds, the Z-Score curve lies below raw's on the left (lower error, sooner) "
-                        "and above it on the right (higher accuracy). Over the random seeds: on the left the "
+                caption="If the claim holds, the Z-Score curves lie below raw's in the two MSE panels (lower error, "
+                        "sooner) and above it on the right (higher accuracy). Over the random seeds: for the MSE the "
                         "geometric mean and a band ×/÷ one geometric standard deviation (an error stays above 0 "
-                        "on a log axis), on the right the mean ± one standard deviation.",
+                        "on a log axis), for the accuracy the mean ± one standard deviation.",
             ),
             records.figure(
                 f"Weight gradients of each layer during epoch 1, raw vs Z-Score inputs (random seed {seeds[0]})",
@@ -932,6 +935,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+# the identities' names on the figure's axis, by the start of the check's name
+_SHORT = {"Min-Max": "Min-Max [0, 1]", "Z-Score columns": "Z-Score mean 0, std 1", "distribution: the": "Z(a·x + b) = Z(x)",
+          "Z-Score is": "Z-Score as Linear", "backward eq. (4)–(9) vs autograd, Batch": "backward (4)–(9), BN",
+          "backward eq. (4)–(9) vs autograd, Layer": "backward (4)–(9), LN", "LayerNorm: training": "LN train = eval",
+          "LayerNorm: each": "LN alone = in batch", "GroupNorm with 1": "GN, 1 group = LN",
+          "GroupNorm with C": "GN, C groups = IN", "Weight Norm": "WN, eq. (19)", "Cosine Norm: eq.": "eq. (21) = eq. (26)"}
+
+
 def _survey_backward(x, gamma, dy, eps, dim):
     """The survey's eq. (4)–(9), written as printed, for a 2-D ``x`` normalized over ``dim`` (the
     m values of one statistic: the batch for BN, the features for LN) with γ, β per column."""
@@ -958,6 +969,11 @@ def _survey_backward(x, gamma, dy, eps, dim):
     "group InstanceNorm; Weight Norm is WN(Wx) = v·g·x/‖v‖; Cosine Norm is bounded by 1 and eq. (21) = eq. (26).",
 )
 def _identities(cfg: Config) -> dict:
+    with models._seeded(0):  # the layers' initial weights too, without touching the global RNG
+        return _identity_record()
+
+
+def _identity_record() -> dict:
     f64 = torch.float64
     g = torch.Generator().manual_seed(0)
     X = data.load_dataset("breast_cancer", seed=0).X_train.to(f64)  # 30 columns from 0.001 to 4254
@@ -1044,6 +1060,15 @@ def _identities(cfg: Config) -> dict:
         else:
             checks.append(records.check(name, value, "<", tol, f"{detail}; max |difference| / max |reference|, float64"))
     measured = [(n, v) for n, v, d in rows if "count" not in d and not n.startswith("Cosine Norm: largest")]
+    # the lesson's §二.1 picture: two classes of points before and after Z-Score
+    clouds = data.make_classification(num_examples=200, num_class=2, deg_dispersion=(6.0, 2.0), loc=10.0, seed=0)
+    pts = torch.cat([clouds.X_train, clouds.X_test]) * torch.tensor([3.0, 0.5])
+    labels = torch.cat([clouds.y_train, clouds.y_test])
+    scaled = torch.as_tensor(StandardScaler().fit_transform(pts))
+
+    def cloud(X):
+        return [records.series(f"class {k}", X[labels == k, 0], X[labels == k, 1]) for k in (0, 1)]
+
     return {
         "params": {"dtype": "float64", "threshold": tol, "data": "breast_cancer's training split; random tensors "
                    "from one seeded generator"},
@@ -1051,13 +1076,20 @@ def _identities(cfg: Config) -> dict:
         "figures": [records.figure(
             "How far each identity is from exact, in float64 (log scale)",
             records.panel("bars", "max relative error", "", "error", logy=True,
-                          labels=[n.split(":")[0] if ":" in n else n[:28] for n, _ in measured],
+                          labels=[next(v for k, v in _SHORT.items() if n.startswith(k)) for n, _ in measured],
                           values=[max(v, 1e-18) for _, v in measured],
                           refs=[{"y": tol, "label": f"the checks' threshold, {tol:g}"},
                                 {"y": eps64, "label": f"float64's rounding unit, {eps64:.2g}"}]),
             caption="One bar per identity (an exact 0 is drawn at 1e-18). Bars near float64's rounding unit are "
                     "exact to the dtype; the counts (changed ranks, LayerNorm's buffers) and Cosine Norm's bound "
-                    "are in the checks table.")],
+                    "are in the checks table."),
+            records.figure(
+                "A data set before and after Z-Score (cf. Lesson 14.1's scatter before and after normalizing)",
+                records.panel("points", "raw: x₁ stretched ×3, x₂ squeezed ×0.5, both far from 0", "x₁", "x₂",
+                              series=cloud(pts)),
+                records.panel("points", "after Z-Score: each column mean 0, std 1", "x₁", "x₂", series=cloud(scaled)),
+                caption="The same points: only the axes' numbers change (compare the tick labels); the two clouds "
+                        "keep their shapes, their overlap and every point's place relative to the others.")],
     }
 
 

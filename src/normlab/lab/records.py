@@ -32,6 +32,7 @@ panel kinds (every panel has "kind", "title", "xlabel", "ylabel"; optional "logy
 - ``"lines"``: ``"series": [{"label", "x": [...], "y": [...], "lo": [...]?, "hi": [...]?}]`` —
   curves; when ``lo``/``hi`` are given the band between them is shaded (mean ± std, percentiles);
   optional ``"logx": true`` puts x on a base-2 log scale ticked at the data (batch sizes).
+- ``"points"``: ``"series"`` as for lines, each drawn as dots (a scatter of a data set).
 - ``"boxes"``: ``"boxes": [{"label", "whislo", "q1", "med", "q3", "whishi"}]`` — box plots from
   summary statistics (matplotlib ``bxp``), e.g. one box per layer; ``"group"`` (optional str per
   box) colours boxes of the same group alike.
@@ -222,12 +223,16 @@ def series(label: str, x: Iterable, y: Iterable, lo: Iterable | None = None, hi:
     return out
 
 
+PANEL_KINDS = ("lines", "points", "boxes", "bars")
+
+
 def panel(kind: str, title: str, xlabel: str = "", ylabel: str = "", logy: bool = False, **data: Any) -> dict:
-    """One plot: ``kind`` is ``"lines"`` (``series=``), ``"boxes"`` (``boxes=``) or ``"bars"``
-    (``labels=``, ``values=``, optional ``errors=``); any kind takes ``refs=[{"y", "label"}]``,
-    reference levels drawn as labelled dashed lines that the axis is stretched to show."""
-    if kind not in ("lines", "boxes", "bars"):
-        raise ValueError(f"panel kind must be 'lines', 'boxes' or 'bars', got {kind!r}")
+    """One plot: ``kind`` is ``"lines"`` (``series=``), ``"points"`` (``series=``, drawn as dots: a
+    scatter of a data set), ``"boxes"`` (``boxes=``) or ``"bars"`` (``labels=``, ``values=``,
+    optional ``errors=``); any kind takes ``refs=[{"y", "label"}]``, reference levels drawn as
+    labelled dashed lines that the axis is stretched to show."""
+    if kind not in PANEL_KINDS:
+        raise ValueError(f"panel kind must be one of {list(PANEL_KINDS)}, got {kind!r}")
     return {"kind": kind, "title": title, "xlabel": xlabel, "ylabel": ylabel, "logy": logy, **data}
 
 
@@ -349,7 +354,7 @@ def problem(rec: dict) -> str | None:
         for j, pan in enumerate(f["panels"]):
             if not isinstance(pan, dict):
                 return f"{at}.panels[{j}] must be a dict (see panel()), got {kind(pan)}"
-            if pan.get("kind") != "lines":
+            if pan.get("kind") not in ("lines", "points"):
                 continue  # other kinds are read only when drawn: a panel that cannot be drawn is an error box
             lines = pan.get("series")
             if not isinstance(lines, list):

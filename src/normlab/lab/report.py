@@ -396,6 +396,19 @@ def _draw_lines(ax: Axes, pan: dict) -> list[float]:
     return drawn
 
 
+def _draw_points(ax: Axes, pan: dict) -> list[float]:
+    """One cloud of dots per series (a scatter of a data set, its classes by colour)."""
+    drawn: list[float] = []
+    series = pan.get("series", [])
+    for s, (colour, _, marker) in zip(series, _styles([s.get("label", "") for s in series])):
+        y = _plottable(s["y"])
+        ax.scatter(_plottable(s["x"]), y, s=10, color=colour, marker=marker or "o", alpha=0.6, label=s.get("label", ""),
+                   linewidths=0)
+        drawn += y
+    ax.grid(alpha=0.3)
+    return drawn
+
+
 def _draw_boxes(ax: Axes, pan: dict) -> list[float]:
     """Boxes from summary statistics; a box with a non-finite statistic leaves an empty slot."""
     boxes = pan.get("boxes", [])
@@ -444,6 +457,7 @@ def _draw_bars(ax: Axes, pan: dict) -> list[float]:
 
 _PAINTERS: dict[str, Callable[[Axes, dict], list[float]]] = {
     "lines": _draw_lines,
+    "points": _draw_points,
     "boxes": _draw_boxes,
     "bars": _draw_bars,
 }
