@@ -254,8 +254,9 @@ def fit_seeds(
     ``on_step(step, stack, losses)`` gets the Stack after every step and the members' losses (S,);
     ``on_epoch(epoch, stack, histories)`` after every epoch's measurements, the trained weights
     already copied into the members (``stack.members``). ``stack.offset`` is the index in
-    ``members`` of the stack's first member, ``stack.epoch`` the epoch under way. The other arguments are :func:`fit`'s. Returns one
-    :class:`History` per member; the members end with their trained weights.
+    ``members`` of the stack's first member, ``stack.epoch`` the epoch under way. The other
+    arguments are :func:`fit`'s. Returns one :class:`History` per member; the members end with
+    their trained weights.
     """
     from .ensemble import Stack, stackable
 
@@ -434,6 +435,10 @@ class SeedGradients:
                 self.values.setdefault((stack.epoch, stack.offset), {}).setdefault(name, []).append(g)
 
     def layers(self, epoch: int, member: int) -> dict[str, torch.Tensor]:
-        offset = max(o for e, o in self.values if e == epoch and o <= member)
+        offsets = [o for e, o in self.values if e == epoch and o <= member]
+        if not offsets:
+            raise KeyError(f"no gradients recorded for epoch {epoch}: recorded epochs {sorted(self.epochs)}, and "
+                           "only those that training reached")
+        offset = max(offsets)
         return {name: torch.stack(gs, 1)[member - offset].flatten()
                 for name, gs in self.values[(epoch, offset)].items()}
