@@ -23,7 +23,10 @@ NAN = float("nan")
 ROWS = [(37, 131, 1, 1), (700, 37, 1, 1), (1, 7, 1, 1), (24, 150, 4, 50), (48, 49, 6, 49), (15, 3 * 17, 5, 17), (6, 1, 6, 1),
         (1200, 9, 3, 1), (40, 8, 4, 1)]  # the last two: GroupNorm on (N, C), one value per channel
 # (N, C, S): BatchNorm over (N, S) per channel; S == 1 is the (M, C) layout (2-D, channels_last)
-CHANNELS = [(8, 5, 33), (2, 3, 7), (301, 7, 1), (3, 130, 1), (1, 4, 9)]
+CHANNELS = [(8, 5, 33), (2, 3, 7), (301, 7, 1), (3, 130, 1), (1, 4, 9),
+            # short runs (2×2 to 5×5 maps), which run whole vectors across channels: S below one
+            # vector, one vector (16 lanes) with an odd N·C, between one and two vectors
+            (5, 3, 4), (3, 5, 16), (2, 3, 25)]
 # fp16/bf16 compute in float32 (statistics in float64), as the reference does
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

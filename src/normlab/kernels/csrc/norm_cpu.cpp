@@ -290,15 +290,31 @@ inline void store_f2(scalar_t* p, const at::vec::Vectorized<float>& a, const at:
   }
 }
 
-// y[k] = f(k) for the whole pairs of float vectors of [0, n) where y is fp16/bf16 (f(k) computes
-// the vector at k with the operations of the scalar loop that finishes the rest); returns where
-// that loop starts: 0 for float and double, whose scalar loops the compiler vectorizes itself
+// one float vector stored as Vectorized<float>::size() values of scalar_t at p (fp16/bf16: the
+// first half of a converted pair)
+template <typename scalar_t>
+inline void store_f1(scalar_t* p, const at::vec::Vectorized<float>& a) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a.store(p);
+  } else {
+    at::vec::convert_from_float<scalar_t>(a, a).store(p, at::vec::Vectorized<float>::size());
+  }
+}
+
+// y[k] = f(k) over [0, n) in float vectors, pairs then one more where it fits, for fp16/bf16 y
+// (f(k) computes the vector at k with the operations of the scalar loop that finishes the rest;
+// with 16 float lanes a run of 16 to 31 values is a vector too); returns where that loop starts:
+// 0 for float and double, whose scalar loops the compiler vectorizes itself
 template <typename scalar_t, typename F>
 inline int64_t vec_map(int64_t n, scalar_t* y, F f) {
   if constexpr (kReduced<scalar_t>) {
     constexpr int64_t L = VF::size();
     int64_t k = 0;
     for (; k + 2 * L <= n; k += 2 * L) store_f2(y + k, f(k), f(k + L));
+    if (k + L <= n) {
+      store_f1(y + k, f(k));
+      k += L;
+    }
     return k;
   } else {
     return 0;
@@ -352,6 +368,22 @@ int64_t vec_pair_sums(int64_t R, int64_t n, int64_t stride, double& s, double& s
   return whole;
 }
 
+// R runs of n values each (n shorter than a vector), value(r, j) converted to float, copied into a
+// buffer of at most kChunk values, whole runs at a time; sum(buffer, used) takes each full buffer
+template <typename Value, typename Sum>
+void pack_runs(int64_t n, int64_t R, Value value, Sum sum) {
+  float buf[kChunk];
+  int64_t used = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    if (used + n > kChunk) {
+      sum(static_cast<const float*>(buf), used);
+      used = 0;
+    }
+    for (int64_t j = 0; j < n; ++j) buf[used++] = value(r, j);
+  }
+  if (used > 0) sum(static_cast<const float*>(buf), used);
+}
+
 // (Σd, Σd²), d = x − shift (shift a value of x: a large common offset cancels first), over R runs
 // of n values at stride `stride`
 template <typename scalar_t>
@@ -359,6 +391,15 @@ std::pair<double, double> shifted_sums(const scalar_t* x, int64_t n, double shif
   double s = 0.0, ss = 0.0;
   int64_t j0 = 0;
   if constexpr (kFloatLanes<scalar_t>) {
+    if (n < 2 * VF::size() && n % VF::size() && R > 1) {  // short runs (a 2×2 to 5×5 map) that leave a
+      // tail: packed as floats, then summed in lanes
+      pack_runs(n, R, [&](int64_t r, int64_t j) { return static_cast<float>(x[r * stride + j]); },
+                [&](const float* buf, int64_t used) {
+                  auto [a, b] = shifted_sums<float>(buf, used, shift);
+                  s += a, ss += b;
+                });
+      return {s, ss};
+    }
     using V = at::vec::Vectorized<float>;
     const V vs(static_cast<float>(shift));  // exact: shift is a value of x
     j0 = vec_pair_sums(R, n, stride, s, ss, [&](int64_t base, int64_t k, V& a, V& c) {
@@ -385,6 +426,20 @@ std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const
   double sg = 0.0, sgx = 0.0;
   int64_t j0 = 0;
   if constexpr (kFloatLanes<scalar_t>) {
+    if (n < 2 * VF::size() && n % VF::size() && R > 1 && w == nullptr) {  // short runs: packed as floats first
+      float gbuf[kChunk];
+      int64_t at = 0;
+      pack_runs(n, R, [&](int64_t r, int64_t j) {
+                  gbuf[at++ % kChunk] = static_cast<float>(dy[r * stride + j]);
+                  return static_cast<float>(x[r * stride + j]);
+                },
+                [&](const float* xbuf, int64_t used) {
+                  auto [a, b] = grad_sums<float, opmath_t, float>(xbuf, gbuf, nullptr, used, m0, rs0, c0);
+                  sg += a, sgx += b;
+                  at = 0;
+                });
+      return {sg, sgx};
+    }
     using V = at::vec::Vectorized<float>;
     const V vm(m0), vr(rs0), vc(c0);
     j0 = vec_pair_sums(R, n, stride, sg, sgx, [&](int64_t base, int64_t k, V& a, V& c) {
@@ -432,13 +487,8 @@ void rows_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double e
         int64_t j0 = 0;
         if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
           using V = at::vec::Vectorized<float>;
-          constexpr int64_t L = V::size();
           const V vm(m0), vr(rs0), vc(c0);
-          for (; j0 + 2 * L <= D; j0 += 2 * L) {
-            V a = ((load_f(xr + j0) - vm) * vr - vc) * load_f(wr + j0) + load_f(br + j0);
-            V b = ((load_f(xr + j0 + L) - vm) * vr - vc) * load_f(wr + j0 + L) + load_f(br + j0 + L);
-            store_f2(yr + j0, a, b);
-          }
+          j0 = vec_map(D, yr, [&](int64_t j) { return ((load_f(xr + j) - vm) * vr - vc) * load_f(wr + j) + load_f(br + j); });
         }
 #pragma omp simd
         for (int64_t j = j0; j < D; ++j) {
@@ -602,20 +652,14 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
           int64_t j0 = 0;
           if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
             using V = at::vec::Vectorized<float>;
-            constexpr int64_t L = V::size();
             const V vm(m0), vr(rs0), vc(c0), vmg(mg), vmgx(mgx);
-            V d[2];
-            for (; j0 + 2 * L <= D; j0 += 2 * L) {
-              for (int h = 0; h < 2; ++h) {
-                const int64_t j = j0 + h * L;
-                V xh = (load_f(xr + j) - vm) * vr - vc;
-                V g0 = load_f(gr + j);
-                (V::loadu(dwlp + j) + g0 * xh).store(dwlp + j);
-                (V::loadu(dblp + j) + g0).store(dblp + j);
-                d[h] = vr * (g0 * load_f(wr + j) - vmg - xh * vmgx);
-              }
-              store_f2(dxr + j0, d[0], d[1]);
-            }
+            j0 = vec_map(D, dxr, [&](int64_t j) {  // each vector's partials added once, in order
+              V xh = (load_f(xr + j) - vm) * vr - vc;
+              V g0 = load_f(gr + j);
+              (V::loadu(dwlp + j) + g0 * xh).store(dwlp + j);
+              (V::loadu(dblp + j) + g0).store(dblp + j);
+              return vr * (g0 * load_f(wr + j) - vmg - xh * vmgx);
+            });
           }
 #pragma omp simd
           for (int64_t j = j0; j < D; ++j) {
@@ -657,10 +701,18 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
 // -------------------------------------------------------------------------------- channels
 
 // BN training on (N, C, S), S > 1: statistics per channel over (N, S)
+template <typename scalar_t, typename coef_t>
+void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a, const coef_t* h, int64_t N,
+                            int64_t C, int64_t S, scalar_t* y);
+
 template <typename scalar_t, typename w_t>
 void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, int64_t N,
                              int64_t C, int64_t S, scalar_t* y, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
+  // runs shorter than two vectors (small maps): the statistics first, then the map by the eval
+  // kernel, which runs whole vectors across channels there
+  const bool short_runs = S < 2 * VF::size() && S != VF::size();
+  std::vector<opmath_t> m0s(short_runs ? C : 0), s0s(m0s.size()), h0s(m0s.size());
   at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const double shift = shift_of(static_cast<double>(x[c * S]));
@@ -672,6 +724,10 @@ void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doub
       const double scale = st.rstd * static_cast<double>(w[c]);
       const opmath_t s0 = static_cast<opmath_t>(scale);
       const opmath_t h0 = static_cast<opmath_t>(static_cast<double>(b[c]) - (st.mean - static_cast<double>(m0)) * scale);
+      if (short_runs) {
+        m0s[c] = m0, s0s[c] = s0, h0s[c] = h0;
+        continue;
+      }
       for (int64_t i = 0; i < N; ++i) {
         const scalar_t* xs = x + (i * C + c) * S;
         scalar_t* ys = y + (i * C + c) * S;
@@ -681,6 +737,7 @@ void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doub
       }
     }
   });
+  if (short_runs) channels_affine_kernel(x, m0s.data(), s0s.data(), h0s.data(), N, C, S, y);
 }
 
 // y = (x − m[c])·a[c] + h[c] on (M, C), parallel over blocks of rows
@@ -816,6 +873,10 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
                               w_t* dw, w_t* db) {
   using opmath_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(N * S);
+  // runs shorter than two vectors (small maps): the sums first, then dx with every channel's
+  // coefficients repeated S times, so that whole vectors run across channels (the same operations)
+  const bool short_runs = S < 2 * VF::size() && S != VF::size();
+  std::vector<opmath_t> coef(short_runs ? 6 * C * S : 0);
   at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const auto sv = saved<scalar_t, opmath_t>(mean[c], var[c], eps);
@@ -825,6 +886,11 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
       db[c] = static_cast<w_t>(sd);
       const opmath_t a = static_cast<opmath_t>(static_cast<double>(w[c]) * sv.rs);
       const opmath_t mg = static_cast<opmath_t>(sd / n), mgx = static_cast<opmath_t>(sdx / n);
+      if (short_runs) {
+        const opmath_t vals[6] = {m0, rs0, c0, a, mg, mgx};
+        for (int q = 0; q < 6; ++q) std::fill_n(coef.data() + q * C * S + c * S, S, vals[q]);
+        continue;
+      }
       for (int64_t i = 0; i < N; ++i) {
         const scalar_t* xs = x + (i * C + c) * S;
         const scalar_t* gs = dy + (i * C + c) * S;
@@ -838,6 +904,25 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
           opmath_t xh = (static_cast<opmath_t>(xs[k]) - m0) * rs0 - c0;
           dxs[k] = static_cast<scalar_t>(a * (static_cast<opmath_t>(gs[k]) - mg - xh * mgx));
         }
+      }
+    }
+  });
+  if (!short_runs) return;
+  const int64_t D = C * S;
+  const opmath_t *m0s = coef.data(), *rs0s = m0s + D, *c0s = rs0s + D, *as = c0s + D, *mgs = as + D, *mgxs = mgs + D;
+  at::parallel_for(0, N, grain(D), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const scalar_t* xi = x + i * D;
+      const scalar_t* gi = dy + i * D;
+      scalar_t* dxi = dx + i * D;
+      const int64_t j0 = vec_map(D, dxi, [&](int64_t j) {
+        VF xh = (load_f(xi + j) - VF::loadu(m0s + j)) * VF::loadu(rs0s + j) - VF::loadu(c0s + j);
+        return VF::loadu(as + j) * (load_f(gi + j) - VF::loadu(mgs + j) - xh * VF::loadu(mgxs + j));
+      });
+#pragma omp simd
+      for (int64_t j = j0; j < D; ++j) {
+        opmath_t xh = (static_cast<opmath_t>(xi[j]) - m0s[j]) * rs0s[j] - c0s[j];
+        dxi[j] = static_cast<scalar_t>(as[j] * (static_cast<opmath_t>(gi[j]) - mgs[j] - xh * mgxs[j]));
       }
     }
   });
@@ -915,9 +1000,37 @@ template <typename scalar_t, typename coef_t>
 void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a, const coef_t* h, int64_t N,
                             int64_t C, int64_t S, scalar_t* y) {
   if (S == 1) return columns_affine(x, m, a, h, N, C, y);
+  if (S < 2 * VF::size() && S != VF::size()) {  // runs shorter than two vectors (a 2×2 to 5×5 map): each
+    // sample's C·S values as columns, the channels' coefficients repeated S times, so that whole
+    // vectors run across channels
+    std::vector<coef_t> me(C * S), ae(C * S), he(C * S);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t k = 0; k < S; ++k) me[c * S + k] = m[c], ae[c * S + k] = a[c], he[c * S + k] = h[c];
+    return columns_affine(x, me.data(), ae.data(), he.data(), N, C * S, y);
+  }
+  if constexpr (kReduced<scalar_t>) {
+    if (S == VF::size()) {  // runs of one vector each (a 4×4 map with 16 lanes): two adjacent runs per store
+      const int64_t R = N * C;
+      at::parallel_for(0, (R + 1) / 2, grain(2 * S), [&](int64_t lo, int64_t hi) {
+        int64_t c = (2 * lo) % C;  // the channel of run 2p, carried along (a division per run costs as much as the run)
+        auto next = [&] { c = c + 1 == C ? 0 : c + 1; };
+        for (int64_t p = lo; p < hi; ++p) {
+          const VF v0 = (load_f(x + 2 * p * S) - VF(m[c])) * VF(a[c]) + VF(h[c]);
+          next();
+          if (2 * p + 1 < R) {
+            store_f2(y + 2 * p * S, v0, (load_f(x + (2 * p + 1) * S) - VF(m[c])) * VF(a[c]) + VF(h[c]));
+            next();
+          } else {
+            store_f1(y + 2 * p * S, v0);
+          }
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, N * C, grain(S), [&](int64_t lo, int64_t hi) {
-    for (int64_t ic = lo; ic < hi; ++ic) {
-      const int64_t c = ic % C;
+    int64_t c = lo % C;  // carried along: a division per run costs as much as a short run
+    for (int64_t ic = lo; ic < hi; ++ic, c = c + 1 == C ? 0 : c + 1) {
       const coef_t m0 = m[c], a0 = a[c], h0 = h[c];
       const scalar_t* xs = x + ic * S;
       scalar_t* ys = y + ic * S;
@@ -993,18 +1106,12 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
         scalar_t* dxi = dx + i * C;
         int64_t c0 = 0;
         if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
-          constexpr int64_t L = VF::size();
-          VF d[2];
-          for (; c0 + 2 * L <= C; c0 += 2 * L) {
-            for (int h = 0; h < 2; ++h) {
-              const int64_t c = c0 + h * L;
-              const VF g = load_f(gi + c);
-              (VF::loadu(lap + c) + g * (load_f(xi + c) - VF::loadu(m + c))).store(lap + c);
-              (VF::loadu(lbp + c) + g).store(lbp + c);
-              d[h] = g * VF::loadu(a + c);
-            }
-            store_f2(dxi + c0, d[0], d[1]);
-          }
+          c0 = vec_map(C, dxi, [&](int64_t c) {  // each vector's partials added once, in order
+            const VF g = load_f(gi + c);
+            (VF::loadu(lap + c) + g * (load_f(xi + c) - VF::loadu(m + c))).store(lap + c);
+            (VF::loadu(lbp + c) + g).store(lbp + c);
+            return g * VF::loadu(a + c);
+          });
         }
 #pragma omp simd
         for (int64_t c = c0; c < C; ++c) {
