@@ -199,8 +199,10 @@ int64_t blocks(int64_t rows) {
 }
 
 int64_t grain(int64_t work_per_item) {
-  // items per task so that a task touches at least ~32K values (smaller: one thread)
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+  // items per task so that a task touches at least ~2K values (smaller: one thread): torch's own
+  // norm kernels split even a few thousand rows' worth over the threads, and a warm pool's
+  // fork and join (a microsecond or two) is less than the half of a 10K-value pass it saves
+  return std::max<int64_t>(1, 2048 / std::max<int64_t>(1, work_per_item));
 }
 
 // the shift of the shifted sums: a value of the data, so that a large common offset cancels
