@@ -176,6 +176,17 @@ _MARGIN_TEXT = {
 }
 
 
+def _check(kind: str, name: str, values, op: str, threshold: float, detail: str = "",
+           within: tuple[float, float] | None = None) -> dict:
+    """:func:`records.check` with the margin fixed for this kind of quantity (``_MARGIN``), said in
+    the detail; a difference of accuracies lies in [−1, 1] unless ``within`` says otherwise."""
+    said = f"margin: {_MARGIN_TEXT[kind]}"
+    if within is None and kind == "accuracy":
+        within = (-1, 1)
+    return records.check(name, values, op, threshold, f"{detail}; {said}" if detail else said, within=within,
+                         margin=_MARGIN[kind])
+
+
 def _mean_curve(curves: list[list[float]], log: bool = False) -> tuple[list[float], list[float], list[float]]:
     """Mean and mean ± std over seeds, epoch by epoch; with ``log`` (a quantity drawn on a log axis,
     such as an MSE) the geometric mean and the band ×/÷ the geometric std, which stays above 0
@@ -315,19 +326,16 @@ def _zscore(cfg: Config) -> dict:
     acc_s = {k: [c[-1] for c in v] for k, v in real_acc.items()}
     final, auc, acc, spread = ({k: _mean(v) for k, v in d.items()} for d in (final_s, auc_s, acc_s, spreads))
     checks = [
-        records.check("final test MSE, zscore / raw", _ratio(final_s["zscore"], final_s["raw"]), "<", 1.0,
-                      f"after {epochs} epochs: zscore {final['zscore']:.4g}, raw {final['raw']:.4g} (means); "
-                      f"margin: {_MARGIN_TEXT['ratio']}", margin=_MARGIN["ratio"]),
-        records.check("mean test MSE over epochs (convergence speed), zscore / raw",
-                      _ratio(auc_s["zscore"], auc_s["raw"]), "<", 1.0, f"margin: {_MARGIN_TEXT['ratio']}",
-                      margin=_MARGIN["ratio"]),
-        records.check("breast_cancer test accuracy, zscore − raw", _diff(acc_s["zscore"], acc_s["raw"]), ">", 0.0,
-                      f"zscore {acc['zscore']:.3f}, raw {acc['raw']:.3f} (means); margin: {_MARGIN_TEXT['accuracy']}",
-                      within=(-1, 1), margin=_MARGIN["accuracy"]),
-        records.check("epoch-1 gradient spread across layers (log10 max/min std), zscore − raw",
+        _check("ratio", "final test MSE, zscore / raw", _ratio(final_s["zscore"], final_s["raw"]), "<", 1.0,
+                      f"after {epochs} epochs: zscore {final['zscore']:.4g}, raw {final['raw']:.4g} (means)"),
+        _check("ratio", "mean test MSE over epochs (convergence speed), zscore / raw",
+                      _ratio(auc_s["zscore"], auc_s["raw"]), "<", 1.0),
+        _check("accuracy", "breast_cancer test accuracy, zscore − raw", _diff(acc_s["zscore"], acc_s["raw"]), ">", 0.0,
+                      f"zscore {acc['zscore']:.3f}, raw {acc['raw']:.3f} (means)"),
+        _check("spread", "epoch-1 gradient spread across layers (log10 max/min std), zscore − raw",
                       _diff(spreads["zscore"], spreads["raw"]), "<", 0.0,
                       f"zscore {spread['zscore']:.3f}, raw {spread['raw']:.3f} (means; 0 = equal gradient scale in every "
-                      f"layer); margin: {_MARGIN_TEXT['spread']}", margin=_MARGIN["spread"]),
+                      "layer)"),
     ]
     notes = ["The lesson trains 5 epochs; a 4-unit sigmoid network barely moves in 5 epochs at lr 0.03, so the "
              "tour trains 20 (--full: 40). Z-Score statistics come from the training split only."]
@@ -339,7 +347,7 @@ def _zscore(cfg: Config) -> dict:
                      "predicts that class for every example: with inputs in the hundreds and thousands its sigmoids "
                      "saturate and it never learns.")
     if checks[-1]["status"] != "holds":
-        notes.append(f"The gradient-steadiness part is not shown here: in both runs the largest per-layer gradient "
+        notes.append("The gradient-steadiness part is not shown here: in both runs the largest per-layer gradient "
                      f"is {10 ** spread['raw']:.0f}× (raw) and {10 ** spread['zscore']:.0f}× (zscore) the smallest — "
                      "sigmoid' ≤ 1/4 shrinks it layer by layer whatever the inputs — so centring the inputs shows in "
                      "the loss rather than in this spread.")
@@ -412,18 +420,17 @@ def _drift(cfg: Config) -> dict:
     growth = {k: _diff(spread[(k, late)], spread[(k, early)]) for k in ("zscore", "zscore+BN")}  # per seed
     off = {k: _mean(v) for k, v in offset.items()}
     checks = [
-        records.check(f"Z-Score only: hidden layers' input offset |mean|/rms at epoch {late} − epoch {early}",
+        _check("offset", f"Z-Score only: hidden layers' input offset |mean|/rms at epoch {late} − epoch {early}",
                       _diff(offset[("zscore", late)], offset[("zscore", early)]), ">", 0.0,
                       f"epoch {early} {off[('zscore', early)]:.3f}, epoch {late} {off[('zscore', late)]:.3f} (means; 0 = "
                       "centred, 1 = one constant sign): the zero-centred property fades if the inputs of the layers "
-                      f"above the first move off zero; margin: {_MARGIN_TEXT['offset']}", margin=_MARGIN["offset"]),
-        records.check(f"Z-Score only: gradient spread at epoch {late} − epoch {early}", growth["zscore"], ">", 0.0,
-                      "spread = log10(max/min) over layers of the weight-gradient std; growing = drifting apart; "
-                      f"margin: {_MARGIN_TEXT['spread']}", margin=_MARGIN["spread"]),
-        records.check(f"growth of the gradient spread from epoch {early} to {late}, BN − Z-Score only",
+                      "above the first move off zero"),
+        _check("spread", f"Z-Score only: gradient spread at epoch {late} − epoch {early}", growth["zscore"], ">", 0.0,
+                      "spread = log10(max/min) over layers of the weight-gradient std; growing = drifting apart"),
+        _check("spread", f"growth of the gradient spread from epoch {early} to {late}, BN − Z-Score only",
                       _diff(growth["zscore+BN"], growth["zscore"]), "<", 0.0,
                       f"BN {_mean(growth['zscore+BN']):+.3f}, Z-Score only {_mean(growth['zscore']):+.3f} (means): "
-                      f"steadier = grows less; margin: {_MARGIN_TEXT['spread']}", margin=_MARGIN["spread"]),
+                      "steadier = grows less"),
     ]
     mse = {k: _mean(c[-1] for c in v) for k, v in curves.items()}
     notes = [f"BN's own gradient spread changes by {_mean(growth['zscore+BN']):+.3f} between epoch {early} and "
@@ -634,15 +641,13 @@ def _batchnorm(cfg: Config) -> dict:
     early_s = {k: [_mean(c[: max(1, len(c) // 4)]) for c in v] for k, v in acc_curves.items()}
     final, early, d = ({k: _mean(v) for k, v in x.items()} for x in (final_s, early_s, drift))
     checks = [
-        records.check("final test accuracy, BN − none", _diff(final_s["BN"], final_s["none"]), ">", 0.0,
-                      f"BN {final['BN']:.3f}, none {final['none']:.3f} (means); margin: {_MARGIN_TEXT['accuracy']}",
-                      within=(-1, 1), margin=_MARGIN["accuracy"]),
-        records.check("test accuracy over the first quarter of training, BN − none", _diff(early_s["BN"], early_s["none"]),
-                      ">", 0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
-        records.check("drift of the sigmoid input's percentiles (path length / band width), BN / none",
+        _check("accuracy", "final test accuracy, BN − none", _diff(final_s["BN"], final_s["none"]), ">", 0.0,
+                      f"BN {final['BN']:.3f}, none {final['none']:.3f} (means)"),
+        _check("accuracy", "test accuracy over the first quarter of training, BN − none", _diff(early_s["BN"], early_s["none"]),
+                      ">", 0.0),
+        _check("ratio", "drift of the sigmoid input's percentiles (path length / band width), BN / none",
                       _ratio(drift["BN"], drift["none"]), "<", 1.0,
-                      f"BN {d['BN']:.3f}, none {d['none']:.3f} (means); margin: {_MARGIN_TEXT['ratio']}",
-                      margin=_MARGIN["ratio"]),
+                      f"BN {d['BN']:.3f}, none {d['none']:.3f} (means)"),
     ]
     band_panels = [
         records.panel("lines", f"{'without BN' if kind == 'none' else 'with BN'}: median, band 15–85%", "step",
@@ -659,7 +664,7 @@ def _batchnorm(cfg: Config) -> dict:
             records.figure("Test accuracy with and without BN (mean ± std over random seeds; cf. Ioffe & Szegedy "
                            "2015, Fig. 1a)", acc_panel,
                            caption="If the claim holds, BN's curve rises sooner and ends higher."),
-            records.figure(f"The input to one sigmoid of the last hidden layer during training (random seed "
+            records.figure("The input to one sigmoid of the last hidden layer during training (random seed "
                            f"{seeds[0]}; cf. Fig. 1b, c)", *band_panels, sharey=True,
                            caption="The line is the median over the test set, the band the 15th to 85th percentile, "
                                    "read as the network computes it in training (BN with the batch's own statistics). "
@@ -737,10 +742,9 @@ def _compare(cfg: Config) -> dict:
                          spread[activation, norm], 1e3 * _mean(statistics.median(h.seconds) for h, _ in runs)])
     checks = [records.check(f"sigmoid: {n} − none final test accuracy", _diff(acc_s["sigmoid", n], acc_s["sigmoid", "none"]),
                             ">", 0.2, within=(-1, 1)) for n in _IN_NETWORK]
-    checks += [records.check(f"sigmoid: {n} − none gradient-variance spread",
+    checks += [_check("spread", f"sigmoid: {n} − none gradient-variance spread",
                              _diff(spread_s["sigmoid", n], spread_s["sigmoid", "none"]), "<", 0.0,
-                             "spread = log10(max/min) over layers of Var(∂loss/∂layer output) in the last epoch; "
-                             f"margin: {_MARGIN_TEXT['spread']}", margin=_MARGIN["spread"])
+                             "spread = log10(max/min) over layers of Var(∂loss/∂layer output) in the last epoch")
                for n in _IN_NETWORK]
     checks += [records.check(f"tanh: {n} − none final test accuracy (at most 2 points worse)",
                              _diff(acc_s["tanh", n], acc_s["tanh", "none"]), ">=", -0.02,
@@ -824,11 +828,11 @@ def _batch_size(cfg: Config) -> dict:
     rise = {n: _diff(errors[n][small], errors[n][big]) for n in ("batch", "group", "layer")}  # per random seed
     ranges = {n: [max(per) - min(per) for per in zip(*errors[n].values())] for n in ("group", "layer")}
     checks = [
-        *[records.check(f"BN error increase from batch {big} to {small} − {n.upper()}'s", _diff(rise["batch"], rise[n]),
-                        ">", 0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-2, 2), margin=_MARGIN["accuracy"])
+        *[_check("accuracy", f"BN error increase from batch {big} to {small} − {n.upper()}'s", _diff(rise["batch"], rise[n]),
+                        ">", 0.0, within=(-2, 2))
           for n in ("group", "layer")],
-        *[records.check(f"test error at batch {small}, {n.upper()} − BN", _diff(errors[n][small], errors["batch"][small]),
-                        "<", 0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"])
+        *[_check("accuracy", f"test error at batch {small}, {n.upper()} − BN", _diff(errors[n][small], errors["batch"][small]),
+                        "<", 0.0)
           for n in ("group", "layer")],
         *[records.check(f"{n.upper()} error range over batch sizes (max − min)", ranges[n], "<", 0.05,
                         "insensitive: within 5 points across all batch sizes") for n in ("group", "layer")],
@@ -1138,19 +1142,17 @@ def _scaling_stats(cfg: Config) -> dict:
     single = ways["each test example by its own"]
     majority = float(torch.bincount(y).max()) / len(y)
     checks = [
-        records.check(f"test accuracy, training statistics − each test batch of {batch} by its own",
-                      _diff(acc["training statistics"][:], acc[f"each test batch of {batch} by its own"]), ">", 0.0,
-                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
-        records.check("test accuracy, training statistics − each test example by its own",
-                      _diff(acc["training statistics"], acc["each test example by its own"]), ">", 0.0,
-                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        _check("accuracy", f"test accuracy, training statistics − each test batch of {batch} by its own",
+                      _diff(acc["training statistics"][:], acc[f"each test batch of {batch} by its own"]), ">", 0.0),
+        _check("accuracy", "test accuracy, training statistics − each test example by its own",
+                      _diff(acc["training statistics"], acc["each test example by its own"]), ">", 0.0),
     ]
     means = {k: _mean(v) for k, v in acc.items()}
     return {
         "params": {"epochs": epochs, "random seeds": list(seeds), "data": "breast_cancer (30 raw features)",
                    "model": "tanh MLP 30-16-16-2 on Z-Score inputs (training statistics), lr 0.05"},
         "checks": checks,
-        "notes": [f"A single example has standard deviation 0 in every column: the scaler keeps the scale of a "
+        "notes": ["A single example has standard deviation 0 in every column: the scaler keeps the scale of a "
                   f"constant column at 1, so every feature becomes {float(single.abs().max()):g} and the network gives "
                   f"one answer for every example (the majority class is {majority:.3f} of the test split).",
                   "The whole test split's own statistics are close to the training ones (143 examples drawn from the "
@@ -1265,10 +1267,9 @@ def _bn_affine(cfg: Config) -> dict:
         betas.append(torch.cat([bn.bias.detach() for bn in bns]))
         out_std.append(torch.cat([t.std(0) for t in seen]))
     checks = [
-        records.check("test accuracy over the first quarter of training, BN − affine", _diff(early["BN"], early["affine"]),
-                      ">", 0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
-        records.check("final test accuracy, BN − affine", _diff(final["BN"], final["affine"]), ">", 0.0,
-                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        _check("accuracy", "test accuracy over the first quarter of training, BN − affine", _diff(early["BN"], early["affine"]),
+                      ">", 0.0),
+        _check("accuracy", "final test accuracy, BN − affine", _diff(final["BN"], final["affine"]), ">", 0.0),
         records.check("learned γ, β: mean |γ − 1| + |β| over BN's units", moved, ">", 0.05,
                       "0 would be Z-Score kept as it is (γ = 1, β = 0); above 0.05 BN moved away from it"),
         records.check("learned distribution: mean over BN's units of |std − 1| + |mean| of the output on the test set",
@@ -1325,11 +1326,9 @@ def _shuffle(cfg: Config) -> dict:
             acc[key], curves[f"{norm.upper()[0]}N, {key[1]}"] = [h.test_metric[-1] for h in hs], [h.test_metric for h in hs]
     lost = {n: _diff(acc[n, "shuffled"], acc[n, "sorted"]) for n in ("batch", "layer")}
     checks = [
-        records.check("BN: test accuracy, shuffled − sorted batches", lost["batch"], ">", 0.0,
-                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
-        records.check("accuracy lost to sorted batches, BN − LN", _diff(lost["batch"], lost["layer"]), ">", 0.0,
-                      f"BN loses {_mean(lost['batch']):.3f}, LN {_mean(lost['layer']):.3f} (means); margin: "
-                      f"{_MARGIN_TEXT['accuracy']}", within=(-2, 2), margin=_MARGIN["accuracy"]),
+        _check("accuracy", "BN: test accuracy, shuffled − sorted batches", lost["batch"], ">", 0.0),
+        _check("accuracy", "accuracy lost to sorted batches, BN − LN", _diff(lost["batch"], lost["layer"]), ">", 0.0,
+                      f"BN loses {_mean(lost['batch']):.3f}, LN {_mean(lost['layer']):.3f} (means)", within=(-2, 2)),
     ]
     return {
         "params": {"epochs": epochs, "random seeds": list(seeds), "data": "digits (Z-Score), training split sorted by "
@@ -1435,22 +1434,20 @@ def _learning_rate(cfg: Config) -> dict:
     reach = {k: tracks[k, mid].steps_to(target) for k in ("none", "BN")}
     big, small = max(rates), min(rates)
     checks = [
-        records.check(f"final test accuracy at lr {big}, BN − none", _diff(final["BN", big], final["none", big]), ">",
-                      0.0, f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        _check("accuracy", f"final test accuracy at lr {big}, BN − none", _diff(final["BN", big], final["none", big]), ">",
+                      0.0),
         records.check(f"BN: final test accuracy at lr {big} − at lr {small} (at most 2 points worse)",
                       _diff(final["BN", big], final["BN", small]), ">=", -0.02,
                       "a larger rate does no harm: it may cost at most 2 accuracy points", within=(-1, 1)),
-        records.check(f"steps to {target:.0%} test accuracy at lr {mid}, BN / none", _ratio(reach["BN"], reach["none"]),
+        _check("ratio", f"steps to {target:.0%} test accuracy at lr {mid}, BN / none", _ratio(reach["BN"], reach["none"]),
                       "<", 1.0, f"BN {_mean(reach['BN']):.0f}, none {_mean(reach['none']):.0f} steps (means; a run that "
-                      f"never got there counts as one check past the end); margin: {_MARGIN_TEXT['ratio']}",
-                      margin=_MARGIN["ratio"]),
+                      "never got there counts as one check past the end)"),
         records.check("time of one training step, BN / none", per_step, ">", 1.0,
                       f"{len(per_step)} steps of each, taken in turn on this machine (its load moves it); BN computes "
                       "more per step"),
-        records.check(f"time to {target:.0%} test accuracy at lr {mid}, BN / none",
+        _check("ratio", f"time to {target:.0%} test accuracy at lr {mid}, BN / none",
                       [r * step_ratio for r in _ratio(reach["BN"], reach["none"])], "<", 1.0,
-                      f"steps to the target × the median time of a step (BN's is {step_ratio:.2f}× none's); margin: "
-                      f"{_MARGIN_TEXT['ratio']}", margin=_MARGIN["ratio"]),
+                      f"steps to the target × the median time of a step (BN's is {step_ratio:.2f}× none's)"),
     ]
     curves = {f"{k}, lr {lr}": [list(c) for c in zip(*tracks[k, lr].accuracy)] for k in ("none", "BN") for lr in rates}
     return {
@@ -1534,7 +1531,7 @@ class _ShiftProbe:
                 for j in range(i):  # every layer below i steps
                     for p, gp in zip(moved[j].parameters(), grads[j]):
                         p.sub_(self.lr * gp)
-            w = list(layers[i].parameters()).index(layers[i].direction())
+            w = next(k for k, p in enumerate(layers[i].parameters()) if p is layers[i].direction())
             g1, g2 = grads[i][w].flatten(1), self._grads(stack, moved)[i][w].flatten(1)
             shifts.append((g1 - g2).norm(dim=1) / g1.norm(dim=1).clamp_min(1e-30))
             cosines.append(nn.functional.cosine_similarity(g1, g2, dim=1))
@@ -1577,8 +1574,7 @@ def _ics(cfg: Config) -> dict:
                       ratio["default"], ">", 0.95,
                       f"BN {_mean(shift['default', 'BN']):.4g}, none {_mean(shift['default', 'none']):.4g} (means over "
                       "layers, probes and random seeds); below 0.95 would mean BN reduced it by more than 5%"),
-        records.check("default init: final test accuracy, BN − none (BN helps all the same)", gain["default"], ">", 0.0,
-                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
+        _check("accuracy", "default init: final test accuracy, BN − none (BN helps all the same)", gain["default"], ">", 0.0),
     ]
     k_ratio, k_gain = _mean(ratio["kaiming"]), _mean(gain["kaiming"])
     return {
@@ -1589,7 +1585,7 @@ def _ics(cfg: Config) -> dict:
         "notes": ["Santurkar et al. measure ICS on VGG and deep linear networks and find it no smaller, often larger, "
                   "with BN, while BN trains much better; they conclude that BN helps by smoothing the loss landscape "
                   "(see learning-rate). The same measure here, on a small MLP, in two settings.",
-                  f"With torch's default init the network without BN barely trains and BN rescues it, with "
+                  "With torch's default init the network without BN barely trains and BN rescues it, with "
                   f"{_mean(ratio['default']):.2f}× its shift (the checks). With He init both train; there BN changes the "
                   f"shift by {k_ratio:.2f}× and the accuracy by {k_gain:+.3f}. In neither setting does a smaller shift "
                   "go with BN's benefit: where BN helps, the shift is larger; where it is smaller, BN does not help."],
@@ -1667,8 +1663,7 @@ def _sequences(cfg: Config) -> dict:
                              drop_last=True, optimizer="adam", progress=cfg.progress, description=f"sequences {kind}")
         curves[kind] = [h.test_metric for h in hs]
         final[kind] = [c[-1] for c in curves[kind]]
-    checks = [records.check(f"final test accuracy, LN − {k}", _diff(final["LN"], final[k]), ">", 0.0,
-                            f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"])
+    checks = [_check("accuracy", f"final test accuracy, LN − {k}", _diff(final["LN"], final[k]), ">", 0.0)
               for k in kinds[1:]]
     lengths = (split.X_train != 0).sum(1).float()
     return {
@@ -1745,13 +1740,11 @@ def _train_eval(cfg: Config) -> dict:
     acc = {k: [_mean(r[i] for r in v) for i in range(len(test_batches))] for k, v in acc_rows.items()}
     mom = {m: (_mean(e for e, _ in v), _mean(a for _, a in v)) for m, v in mom_rows.items()}
     checks = [
-        records.check(f"test accuracy with batches of {test_batches[0]}, eval() − forgot eval()",
-                      _diff([r[0] for r in acc_rows["eval()"]], [r[0] for r in acc_rows["forgot eval()"]]), ">", 0.0,
-                      f"margin: {_MARGIN_TEXT['accuracy']}", within=(-1, 1), margin=_MARGIN["accuracy"]),
-        records.check("running-mean error vs population, momentum 0.1 / momentum 0.5",
+        _check("accuracy", f"test accuracy with batches of {test_batches[0]}, eval() − forgot eval()",
+                      _diff([r[0] for r in acc_rows["eval()"]], [r[0] for r in acc_rows["forgot eval()"]]), ">", 0.0),
+        _check("ratio", "running-mean error vs population, momentum 0.1 / momentum 0.5",
                       _ratio([e for e, _ in mom_rows[0.1]], [e for e, _ in mom_rows[0.5]]), "<", 1.0,
-                      "error = ‖running_mean − population mean‖ / √(Σ population variance), averaged over BN layers; "
-                      f"margin: {_MARGIN_TEXT['ratio']}", margin=_MARGIN["ratio"]),
+                      "error = ‖running_mean − population mean‖ / √(Σ population variance), averaged over BN layers"),
         records.check("forgetting eval(): relative change of running_mean after the test passes", drift, ">", 0.01,
                       "‖running_mean after − before‖ / ‖before‖, averaged over BN layers: the test data written into "
                       "the model (more than 1%)"),

@@ -549,7 +549,7 @@ t-interval over the seeds): the range that, by the seeds' spread, likely holds t
 runs would give. A check <span class="ok">✔ holds</span> when the whole interval lies on the
 claimed side, <span class="bad">✘ fails</span> when it lies on the other side, and is
 <span class="open">? undecided</span> when the interval still contains the threshold: the seeds
-disagree, and more of them (the tour runs 20, <code>--full</code> 50) can decide. Where a check
+disagree, and more of them (the tour runs 20 to 50, <code>--full</code> 50) can decide. Where a check
 names a <b>margin</b> (“&lt; 0 by &gt; 0.1”), an effect smaller than the margin does not matter:
 the claimed effect must clear it to hold, and an interval inside ±margin is decided too —
 <span class="bad">✘ fails</span>, no practical effect. A claim is
