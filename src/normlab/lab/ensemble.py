@@ -153,9 +153,9 @@ class _Scaled(nn.Module):
         S, N = self.size, x.shape[0]
         xs = x.view(N, S, -1)
         if self.kind == "rms":
-            y = F.rms_norm(xs, (xs.shape[-1],), None, self.eps)
+            y = F.rms_norm(xs, (xs.shape[-1],), None, self.eps)  # over all of a member's (C, *) values
             if self.weight is not None:
-                y = y * self.weight
+                y = y * self.weight.reshape(S, -1)
         else:
             y = F.group_norm(x, S, None, None, self.eps).view(N, S, -1)
             if self.weight is not None:
@@ -180,6 +180,8 @@ class _Wide(nn.Module):
         super().__init__()
         first, S = layers[0], len(layers)
         if isinstance(first, nn.Conv2d):
+            if "parametrizations" in first._modules:
+                raise TypeError("a weight-normed Conv2d is not stacked")
             wide = nn.Conv2d(S * first.in_channels, S * first.out_channels, first.kernel_size, first.stride,
                              first.padding, first.dilation, S * first.groups, first.bias is not None, first.padding_mode)
         elif isinstance(first, nln._BatchNorm):
@@ -244,7 +246,7 @@ def stackable(models: Sequence[nn.Module]) -> str | None:
     """Why ``models`` cannot be stacked (a sentence), or None when they can."""
     try:
         Stack(models)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: a state the wide layer does not take
         return str(e)
     return None
 
