@@ -54,7 +54,10 @@ from .. import nn as nln
 from ..stats import Moments
 from .models import Affine, _Channel
 
-__all__ = ["Stack", "stackable"]
+__all__ = ["Stack", "stackable", "NOT_STACKED"]
+
+# what Stack raises for networks it cannot hold (RuntimeError: a state the wide layer does not take)
+NOT_STACKED = (TypeError, ValueError, RuntimeError)
 
 _ELEMENTWISE = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Identity, nn.MaxPool2d,
                 nn.Flatten)
@@ -138,12 +141,11 @@ class _Scaled(nn.Module):
         first, self.size = layers[0], len(layers)
         if isinstance(first, nln.RMSNorm):
             self.kind, self.eps = "rms", first.eps
-            self.width = first.normalized_shape[0]
             w = [m.weight for m in layers] if first.weight is not None else None
             b = None
         else:  # _Channel(InstanceNorm1d(1)): each example over its features, scalar γ, β
             inorm = first.norm
-            self.kind, self.eps, self.width = "instance", inorm.eps, None
+            self.kind, self.eps = "instance", inorm.eps
             w = [m.norm.weight for m in layers] if inorm.affine else None
             b = [m.norm.bias for m in layers] if inorm.affine else None
         self.weight = nn.Parameter(torch.stack([t.detach() for t in w]).clone()) if w else None
@@ -246,7 +248,7 @@ def stackable(models: Sequence[nn.Module]) -> str | None:
     """Why ``models`` cannot be stacked (a sentence), or None when they can."""
     try:
         Stack(models)
-    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: a state the wide layer does not take
+    except NOT_STACKED as e:
         return str(e)
     return None
 

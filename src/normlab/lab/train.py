@@ -258,7 +258,7 @@ def fit_seeds(
     arguments are :func:`fit`'s. Returns one :class:`History` per member; the members end with
     their trained weights.
     """
-    from .ensemble import Stack, stackable
+    from .ensemble import NOT_STACKED, Stack
 
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(members) or not members:
@@ -268,12 +268,16 @@ def fit_seeds(
         _check_batches(m, data, epochs, batch_size, drop_last)
     device = torch.device(device)
     split = data.to(device)
-    groups = [list(range(len(members)))] if stackable(members) is None else [[i] for i in range(len(members))]
+    try:
+        stacks = [Stack(members)]
+    except NOT_STACKED:  # one at a time: a Stack of one holds any network
+        stacks = [Stack([m]) for m in members]
     histories = [History(metric=metric_name) for _ in members]
-    bar = _progress(progress, epochs * len(groups), description)
+    bar = _progress(progress, epochs * len(stacks), description)
     with _closing(bar):
-        for group in groups:
-            stack = Stack([members[i] for i in group]).to(device)
+        for k, stack in enumerate(stacks):
+            stack.to(device)
+            group = range(len(members)) if len(stacks) == 1 else [k]
             stack.offset = group[0]
             _fit_stack(stack, split, [seeds[i] for i in group], [histories[i] for i in group], criterion, metric_fn,
                        dict(epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, drop_last=drop_last,

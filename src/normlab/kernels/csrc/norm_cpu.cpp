@@ -432,7 +432,7 @@ std::pair<double, double> grad_sums(const scalar_t* x, const scalar_t* dy, const
       float gbuf[kChunk];
       int64_t at = 0;
       pack_runs(n, R, [&](int64_t r, int64_t j) {
-                  gbuf[at++ % kChunk] = static_cast<float>(dy[r * stride + j]);
+                  gbuf[at++] = static_cast<float>(dy[r * stride + j]);  // beside x's copy, reset with it
                   return static_cast<float>(x[r * stride + j]);
                 },
                 [&](const float* xbuf, int64_t used) {
@@ -869,6 +869,30 @@ void columns_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doubl
   columns_affine(x, m0.data(), s0.data(), h0.data(), M, C, y);
 }
 
+// dx = a·(dy − mg − x̂·mgx), x̂ = (x − m₀)·r₀ − c₀, on (M, C) with every coefficient per column
+// (BatchNorm's backward on the (M, C) layout, and on short runs with each channel's coefficients
+// repeated over its run), parallel over blocks of rows
+template <typename scalar_t, typename opmath_t>
+void columns_dx(const scalar_t* x, const scalar_t* dy, const opmath_t* m0, const opmath_t* rs0, const opmath_t* c0,
+                const opmath_t* a, const opmath_t* mg, const opmath_t* mgx, int64_t M, int64_t C, scalar_t* dx) {
+  at::parallel_for(0, M, grain(C), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const scalar_t* xi = x + i * C;
+      const scalar_t* gi = dy + i * C;
+      scalar_t* dxi = dx + i * C;
+      const int64_t cv = vec_map(C, dxi, [&](int64_t c) {
+        VF xh = (load_f(xi + c) - VF::loadu(m0 + c)) * VF::loadu(rs0 + c) - VF::loadu(c0 + c);
+        return VF::loadu(a + c) * (load_f(gi + c) - VF::loadu(mg + c) - xh * VF::loadu(mgx + c));
+      });
+#pragma omp simd
+      for (int64_t c = cv; c < C; ++c) {
+        opmath_t xh = (static_cast<opmath_t>(xi[c]) - m0[c]) * rs0[c] - c0[c];
+        dxi[c] = static_cast<scalar_t>(a[c] * (static_cast<opmath_t>(gi[c]) - mg[c] - xh * mgx[c]));
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename w_t>
 void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* mean, const double* var,
                               const w_t* w, double eps, int64_t N, int64_t C, int64_t S, scalar_t* dx,
@@ -911,23 +935,8 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
   });
   if (!short_runs) return;
   const int64_t D = C * S;
-  const opmath_t *m0s = coef.data(), *rs0s = m0s + D, *c0s = rs0s + D, *as = c0s + D, *mgs = as + D, *mgxs = mgs + D;
-  at::parallel_for(0, N, grain(D), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const scalar_t* xi = x + i * D;
-      const scalar_t* gi = dy + i * D;
-      scalar_t* dxi = dx + i * D;
-      const int64_t j0 = vec_map(D, dxi, [&](int64_t j) {
-        VF xh = (load_f(xi + j) - VF::loadu(m0s + j)) * VF::loadu(rs0s + j) - VF::loadu(c0s + j);
-        return VF::loadu(as + j) * (load_f(gi + j) - VF::loadu(mgs + j) - xh * VF::loadu(mgxs + j));
-      });
-#pragma omp simd
-      for (int64_t j = j0; j < D; ++j) {
-        opmath_t xh = (static_cast<opmath_t>(xi[j]) - m0s[j]) * rs0s[j] - c0s[j];
-        dxi[j] = static_cast<scalar_t>(as[j] * (static_cast<opmath_t>(gi[j]) - mgs[j] - xh * mgxs[j]));
-      }
-    }
-  });
+  const opmath_t* q = coef.data();
+  columns_dx(x, dy, q, q + D, q + 2 * D, q + 3 * D, q + 4 * D, q + 5 * D, N, D, dx);
 }
 
 template <typename scalar_t, typename w_t>
@@ -979,22 +988,7 @@ void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double
     mg[c] = static_cast<opmath_t>(sd / M);
     mgx[c] = static_cast<opmath_t>(sdx / M);
   }
-  at::parallel_for(0, M, grain(C), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const scalar_t* xi = x + i * C;
-      const scalar_t* gi = dy + i * C;
-      scalar_t* dxi = dx + i * C;
-      const int64_t cv = vec_map(C, dxi, [&](int64_t c) {
-        VF xh = (load_f(xi + c) - VF::loadu(m0.data() + c)) * VF::loadu(rs0.data() + c) - VF::loadu(c0.data() + c);
-        return VF::loadu(a.data() + c) * (load_f(gi + c) - VF::loadu(mg.data() + c) - xh * VF::loadu(mgx.data() + c));
-      });
-#pragma omp simd
-      for (int64_t c = cv; c < C; ++c) {
-        opmath_t xh = (static_cast<opmath_t>(xi[c]) - m0[c]) * rs0[c] - c0[c];
-        dxi[c] = static_cast<scalar_t>(a[c] * (static_cast<opmath_t>(gi[c]) - mg[c] - xh * mgx[c]));
-      }
-    }
-  });
+  columns_dx(x, dy, m0.data(), rs0.data(), c0.data(), a.data(), mg.data(), mgx.data(), M, C, dx);
 }
 
 // BN eval: y = (x − m[c])·a[c] + h[c] on (N, C, S) (S == 1: the (M, C) layout)
