@@ -24,10 +24,27 @@ def test_every_method_gives_a_row_per_shape_and_pass():
     assert len(rows) == 2 * (len(sum(TINY.values(), [])) - 1)
     for r in rows:
         assert set(r) == set(bench.COLUMNS) and r["ms"] > 0 and r["GB/s"] > 0 and r["vs compiled"] is None
+        assert r["vs torch low"] <= r["vs torch"] <= r["vs torch high"]
     s = bench.summary(rows)
     assert set(s) == {"fwd", "fwd+bwd", "per method"} and s["fwd"]["min vs torch"] > 0
     assert s["per method"]["layer_norm fwd"]["min"] == next(r["vs torch"] for r in rows
                                                             if r["method"] == "layer_norm" and r["pass"] == "fwd")
+
+
+@pytest.mark.parametrize("n", [5, 10, 31, 51, 100])
+def test_speedup_interval_is_the_binomial_order_statistics_of_the_median(n):
+    binom = pytest.importorskip("scipy.stats").binom
+    ours = [1.01 + 0.01 * ((7 * i) % n) for i in range(n)]  # every ratio distinct, all below 1
+    theirs = [1.0] * n
+    ratios = sorted(a / b for a, b in zip(theirs, ours))
+    mid, low, high = bench.speedup(theirs, ours)
+    # scipy's binomial: the widest symmetric pair of order statistics covering the median at 95%
+    k = max(1, max(j for j in range(n // 2 + 1) if binom.cdf(j - 1, n, 0.5) <= 0.025))
+    assert mid == pytest.approx(sorted(ratios)[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2)
+    assert (low, high) == (ratios[k - 1], ratios[n - k])
+    assert binom.cdf(n - k, n, 0.5) - binom.cdf(k - 1, n, 0.5) >= 0.95 or k == 1
+    assert bench.verdict(low, high) == "slower" and bench.verdict(0.9, 1.1) == "par"
+    assert bench.verdict(*bench.speedup(ours, theirs)[1:]) == "faster"
 
 
 def test_compiled_column_when_asked():
@@ -73,6 +90,7 @@ def test_model_bench_runs_models_of_each_library_in_a_dtype():
     rows = bench_models.run(names, sizes=("small",), reps=1, dtype=torch.bfloat16)
     assert [(r["model"], r["step"]) for r in rows] == [(n, s) for n in names for s in ("train", "eval")]
     assert all(r["dtype"] == "bfloat16" and r["converted"] > 0 and r["speed-up"] > 0 for r in rows)
+    assert all(r["low"] <= r["speed-up"] <= r["high"] and r["verdict"] in ("faster", "par", "slower") for r in rows)
     assert "| bfloat16 |" in bench_models.table(rows)
     with pytest.raises(ValueError, match="unknown model"):
         bench_models.run(["nope"])

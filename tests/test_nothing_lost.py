@@ -3,7 +3,6 @@ each kind of bad input, training and eval, on every backend; and normlab refuses
 module refuses, with an error torch's callers catch (a subclass of torch's error class, where
 torch's is ValueError or RuntimeError)."""
 
-import itertools
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 every route with the same output or raises the same class with the same message on every route
 (the compiled core, torch's op after normlab's checks, the reference)."""
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

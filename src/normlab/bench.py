@@ -20,7 +20,9 @@ run. ``--system-malloc`` measures with the defaults; the JSON's ``meta`` records
 
 Reported per case: the median time, GB/s by the bytes model, % of the copy's GB/s, and the
 speed-up of normlab over torch, over the reference and over the compiled reference (time of
-the other / time of normlab: above 1 means normlab is faster). Peak memory is reported on CUDA
+the other / time of normlab: above 1 means normlab is faster). The speed-up over torch is the
+median of the rounds' ratios with a 95% interval (:func:`speedup`) and a verdict: "faster" or
+"slower" where the interval excludes 1, "par" where the difference is within the machine's noise. Peak memory is reported on CUDA
 (``torch.cuda.max_memory_allocated`` above the inputs); the CPU has no allocator counter.
 
 >>> rows = run(quick=True, methods=["rms_norm"], shapes={"rms_norm": [(64, 128)]}, reps=3)
@@ -33,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import statistics
 import sys
 import textwrap
@@ -47,7 +50,7 @@ import torch.nn.functional as TF
 from . import functional as F
 from .kernels import set_backend, use_backend
 
-__all__ = ["run", "METHODS", "SHAPES", "COLUMNS", "main"]
+__all__ = ["run", "timed", "speedup", "verdict", "METHODS", "SHAPES", "COLUMNS", "main"]
 
 ROWS_QUICK = [(256, 1024), (4096, 1024), (1000, 1000), (256, 4096), (8, 16, 16, 256, "p")]
 ROWS_FULL = ROWS_QUICK + [(64, 768), (8192, 1024), (2048, 4096), (4096, 4096), (333, 2049)]
@@ -68,15 +71,17 @@ METHODS: dict[str, tuple] = {
 SHAPES = {"rows": (ROWS_QUICK, ROWS_FULL), "nchw": (NCHW_QUICK, NCHW_FULL)}
 # the layouts beside contiguous: "p" a permuted view (rows), "cl" channels_last (N, C, ...)
 _TAGS = {"rows": ("", "p"), "nchw": ("", "cl")}
-COLUMNS = ["method", "shape", "dtype", "pass", "ms", "GB/s", "% copy", "vs torch", "vs reference", "vs compiled",
-           "peak MB", "copy GB/s"]
+COLUMNS = ["method", "shape", "dtype", "pass", "ms", "GB/s", "% copy", "vs torch", "vs torch low", "vs torch high",
+           "verdict", "vs reference", "vs compiled", "peak MB", "copy GB/s"]
 
 
-def _median_times(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
-    """Median seconds per candidate, after one warm-up call each, interleaved round by round in
-    an order that reverses every round (a drift in the machine's speed hits every candidate alike)."""
-    for fn in fns.values():
-        fn()
+def timed(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, ``reps`` rounds after ``warmup`` calls each,
+    interleaved round by round in an order that reverses every round (a drift in the machine's
+    speed hits every candidate alike, and round ``i`` of each candidate ran side by side)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns.items())
     for i in range(reps):
@@ -88,7 +93,30 @@ def _median_times(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, fl
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def speedup(theirs: list[float], ours: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The speed-up ``theirs / ours`` as the median of the rounds' ratios (each round timed both
+    side by side), with a distribution-free ``level`` confidence interval of that median (order
+    statistics of the binomial: no assumption on the noise's shape). ``(median, low, high)``;
+    the interval is the whole range when there are too few rounds for ``level``."""
+    r = sorted(a / b for a, b in zip(theirs, ours))
+    n = len(r)
+    k, cdf = 0, 0.0  # largest k with P(Binomial(n, 1/2) < k) <= (1 - level) / 2
+    while True:
+        cdf += math.comb(n, k) / 2**n
+        if cdf > (1 - level) / 2:
+            break
+        k += 1
+    k = max(k, 1)
+    return statistics.median(r), r[k - 1], r[n - k]
+
+
+def verdict(low: float, high: float) -> str:
+    """``"faster"`` or ``"slower"`` where the interval of a speed-up excludes 1, else ``"par"``
+    (the difference is within the machine's noise at this many rounds)."""
+    return "faster" if low > 1 else "slower" if high < 1 else "par"
 
 
 def _inputs(method: str, shape: tuple, dtype, device):
@@ -177,7 +205,9 @@ def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.
                     if not compiled:
                         fns.pop("compiled")
                     fns["copy"] = lambda: x.clone()  # timed in the same rounds as the candidates
-                    t = _median_times(fns, reps)
+                    times = timed(fns, reps)
+                    t = {k: statistics.median(v) for k, v in times.items()}
+                    ratio, low, high = speedup(times["torch"], times["normlab"])
                     copy = t["copy"]
                     passes = 2 + METHODS[method][1] + (3 if backward else 0)
                     gbs = passes * size / t["normlab"] / 1e9
@@ -185,7 +215,8 @@ def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.
                     out.append({
                         "method": method, "shape": label, "dtype": str(dtype).replace("torch.", ""),
                         "pass": "fwd+bwd" if backward else "fwd", "ms": t["normlab"] * 1e3, "GB/s": gbs,
-                        "% copy": 100 * gbs / copy_gbs, "vs torch": t["torch"] / t["normlab"],
+                        "% copy": 100 * gbs / copy_gbs, "vs torch": ratio, "vs torch low": low,
+                        "vs torch high": high, "verdict": verdict(low, high),
                         "vs reference": t["reference"] / t["normlab"],
                         "vs compiled": t["compiled"] / t["normlab"] if "compiled" in t else None,
                         "peak MB": _peak_mb(fns["normlab"]) if device == "cuda" else None,
@@ -213,22 +244,25 @@ def summary(rows: list[dict]) -> dict:
             vs = [row["vs torch"] for row in r]
             out[p] = {"median vs torch": statistics.median(vs), "min vs torch": min(vs),
                       "median % copy": statistics.median(row["% copy"] for row in r)}
-    per = {}
+    per: dict[str, list[dict]] = {}
     for row in rows:
-        per.setdefault(f"{row['method']} {row['pass']}", []).append(row["vs torch"])
-    out["per method"] = {k: {"min": min(v), "median": statistics.median(v), "shapes": len(v),
-                             "slower": sum(x < 1 for x in v)} for k, v in per.items()}
+        per.setdefault(f"{row['method']} {row['pass']}", []).append(row)
+    out["per method"] = {k: {"min": min(r["vs torch"] for r in v), "median": statistics.median(r["vs torch"] for r in v),
+                             "shapes": len(v), **{w: sum(r["verdict"] == w for r in v) for w in ("faster", "par", "slower")}}
+                         for k, v in per.items()}
     return out
 
 
-_CAPTION = ("× torch: torch's own op (torch.nn.functional) on the same tensors, timed in the same rounds; "
-            "× reference, × compiled: normlab's plain-torch reference, eager and torch.compile-d. "
+_CAPTION = ("× torch: torch's own op (torch.nn.functional) on the same tensors, timed in the same rounds: the median "
+            "of the rounds' ratios, and its 95% interval (distribution-free: where it holds 1, the two are on par). "
+            "× ref., × compiled: normlab's plain-torch reference, eager and torch.compile-d. "
             "Each is the other's time / normlab's: > 1 means normlab is faster. "
             "% copy: bandwidth reached, against x.clone() on this machine. --json keeps every column.")
 _LEFT = ("method", "shape", "dtype", "pass")
 # the printed columns (header: row key); a column with no value in any row is left out
 _SHOWN = {"method": "method", "shape": "shape", "dtype": "dtype", "pass": "pass", "ms": "ms", "% copy": "% copy",
-          "× torch": "vs torch", "× reference": "vs reference", "× compiled": "vs compiled", "peak MB": "peak MB"}
+          "× torch": "vs torch", "95% CI": "vs torch low", "× ref.": "vs reference",
+          "× compiled": "vs compiled", "peak MB": "peak MB"}
 
 
 def _shown(rows: list[dict]) -> dict[str, str]:
@@ -243,14 +277,14 @@ def _table(rows: list[dict]):
     for head in shown:
         table.add_column(head, justify="left" if head in _LEFT else "right")
     for row in rows:
-        table.add_row(*[_fmt(row[k]) for k in shown.values()])
+        table.add_row(*[_cell(row, k) for k in shown.values()])
     return table
 
 
 def _text_table(rows: list[dict]) -> str:
     """The same table as plain text, where ``rich`` (the lab extra) is not installed."""
     shown = _shown(rows)
-    cells = [list(shown)] + [[_fmt(row[k]) for k in shown.values()] for row in rows]
+    cells = [list(shown)] + [[_cell(row, k) for k in shown.values()] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(shown))]
     return "\n".join(["  ".join(v.ljust(w) if c in _LEFT else v.rjust(w) for v, w, c in zip(line, widths, shown))
                       for line in cells] + [textwrap.fill(_CAPTION, 100)])
@@ -271,6 +305,12 @@ class _PlainConsole:
         print(text, file=sys.stderr)
 
 
+def _cell(row: dict, key: str) -> str:
+    if key == "vs torch low":  # the interval in one cell
+        return f"{row[key]:.2f}-{row['vs torch high']:.2f}"
+    return _fmt(row[key])
+
+
 def _fmt(v) -> str:
     if v is None:
         return "–"
@@ -289,11 +329,14 @@ def plot(rows: list[dict], path: str) -> None:
     FigureCanvasAgg(fig)
     for ax, p in zip(fig.subplots(len(passes), 1, squeeze=False)[:, 0], passes):
         r = [row for row in rows if row["pass"] == p]
-        ax.bar(range(len(r)), [row["vs torch"] for row in r], color=["C2" if row["vs torch"] >= 1 else "C3" for row in r])
+        mid = [row["vs torch"] for row in r]
+        err = [[m - row["vs torch low"] for m, row in zip(mid, r)], [row["vs torch high"] - m for m, row in zip(mid, r)]]
+        colors = {"faster": "C2", "par": "0.6", "slower": "C3"}
+        ax.bar(range(len(r)), mid, yerr=err, capsize=2, color=[colors[row["verdict"]] for row in r])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(r)), [f"{row['method']} {row['shape']}" for row in r], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("speed-up vs torch")
-        ax.set_title(f"{p}: normlab vs torch native (> 1: normlab faster)")
+        ax.set_title(f"{p}: normlab vs torch native (> 1: normlab faster; bars: 95% interval, grey: within noise)")
     fig.savefig(path, dpi=90)
 
 
@@ -323,8 +366,11 @@ def _models(args, console, malloc: str) -> int:
         return 2
     print(bench_models.table(rows))
     worst = min(rows, key=lambda r: r["speed-up"])
-    print(f"slowest relative to torch.nn: {worst['model']} {worst['size']} {worst['step']} at {worst['speed-up']:.2f}×; "
-          f"median {statistics.median(r['speed-up'] for r in rows):.2f}×; malloc: {malloc}")
+    count = {w: sum(r["verdict"] == w for r in rows) for w in ("faster", "par", "slower")}
+    print(f"slowest relative to torch.nn: {worst['model']} {worst['size']} {worst['step']} at {worst['speed-up']:.2f}× "
+          f"({worst['low']:.2f}–{worst['high']:.2f}); median {statistics.median(r['speed-up'] for r in rows):.2f}×; "
+          f"of {len(rows)} rows faster on {count['faster']}, on par on {count['par']}, slower on {count['slower']}; "
+          f"malloc: {malloc}")
     if args.json:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "compiled": args.compile,
                 "malloc": malloc, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -370,8 +416,8 @@ def main(args) -> int:
                   f"median {v['median % copy']:.0f}% of copy bandwidth")
     print("per method and pass, normlab against torch's own op:")
     for k, v in s["per method"].items():
-        slower = f"slower on {v['slower']} of {v['shapes']} shapes" if v["slower"] else f"faster on all {v['shapes']} shapes"
-        print(f"  {k:<24} median {v['median']:.2f}×  min {v['min']:.2f}×  {slower}")
+        print(f"  {k:<24} median {v['median']:.2f}×  min {v['min']:.2f}×  shapes: {v['faster']} faster, "
+              f"{v['par']} on par, {v['slower']} slower")
     print(f"malloc: {malloc}" + (" (glibc mallopt; --system-malloc for the defaults)" if malloc != "system" else ""))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
             "quick": args.quick, "malloc": malloc, "date": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -10,7 +10,9 @@ round in one process:
 
 With ``compile=True`` both models are ``torch.compile``-d (inductor) and the compiled ones are
 compared. Reported: median milliseconds of each and the speed-up (torch's time / normlab's; above
-1 normlab is faster). Timings are for reading, never for a test.
+1 normlab is faster) as the median of the rounds' ratios, with its 95% interval and the verdict
+(:func:`normlab.bench.speedup`): "par" where the interval holds 1, the difference being within the
+machine's noise. Timings are for reading, never for a test.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import importlib.util
 import pathlib
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
+from .bench import speedup, timed, verdict
 from .convert import to_normlab
 
 __all__ = ["MODELS", "run", "load_torchvision"]
@@ -192,19 +194,6 @@ def _to(inputs, dtype: torch.dtype):
         lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)
 
 
-def _median(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up (and, compiled, the compilation)
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(reps):  # the order turns every round, so that neither always runs after the other
-        for k, fn in (list(fns.items()) if rep % 2 == 0 else list(fns.items())[::-1]):
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _library(name: str) -> str:
     return {"timm": "timm", "diffusers": "diffusers"}.get(name.split("-")[0], "transformers")
 
@@ -212,7 +201,7 @@ def _library(name: str) -> str:
 def run(models=None, sizes=("small", "base"), compile: bool = False, reps: int = 10,
         progress: Callable[[str], None] | None = None, dtype: torch.dtype = torch.float32) -> list[dict]:
     """One row per model × size × step: ``{"model", "size", "step", "dtype", "torch ms", "normlab ms",
-    "speed-up", "converted"}``; models and inputs in ``dtype``. Without ``models``, every model
+    "speed-up", "low", "high", "verdict", "converted"}``; models and inputs in ``dtype``. Without ``models``, every model
     whose library is installed (transformers, timm, diffusers)."""
     names = list(models or [n for n in MODELS if importlib.util.find_spec(_library(n))])
     unknown = [n for n in names if n not in MODELS]
@@ -238,19 +227,23 @@ def run(models=None, sizes=("small", "base"), compile: bool = False, reps: int =
             for step in ("train", "eval"):
                 if progress:
                     progress(f"{name} {size} {step}{' compiled' if compile else ''}")
-                t = _median({"torch": theirs[step], "normlab": ours[step]}, reps)
+                # two warm-up calls each (compiled: the compilation); then paired rounds
+                t = timed({"torch": theirs[step], "normlab": ours[step]}, reps, warmup=2)
+                ratio, low, high = speedup(t["torch"], t["normlab"])
                 rows.append({"model": name, "size": size, "step": step, "compiled": compile, "dtype": str(dtype)[6:],
-                             "torch ms": t["torch"] * 1e3, "normlab ms": t["normlab"] * 1e3,
-                             "speed-up": t["torch"] / t["normlab"], "converted": len(report["converted"])})
+                             "torch ms": statistics.median(t["torch"]) * 1e3,
+                             "normlab ms": statistics.median(t["normlab"]) * 1e3, "speed-up": ratio,
+                             "low": low, "high": high, "verdict": verdict(low, high),
+                             "converted": len(report["converted"])})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table (what the README's performance section shows)."""
-    lines = ["| model | size | step | dtype | torch.nn ms | normlab ms | speed-up | norms converted |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | size | step | dtype | torch.nn ms | normlab ms | speed-up | 95% interval | | norms converted |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} | {r['step']}{' (compiled)' if r['compiled'] else ''} | "
                      f"{r['dtype']} | {r['torch ms']:.1f} | {r['normlab ms']:.1f} | {r['speed-up']:.2f} | "
-                     f"{r['converted']} |")
+                     f"{r['low']:.2f}–{r['high']:.2f} | {r['verdict']} | {r['converted']} |")
     return "\n".join(lines)

@@ -290,9 +290,11 @@ bool batched(const Tensor& t) {
   return ks.has(c10::DispatchKey::Batched) || ks.has(c10::DispatchKey::FuncTorchBatched);
 }
 
-Tensor shaped_like(const Tensor& g, const Tensor& like) {  // a flat parameter gradient as the parameter
-  return g.reshape(like.sizes()).to(like.scalar_type());
+Tensor shaped_as(const Tensor& g, IntArrayRef sizes, at::ScalarType dtype) {  // a flat parameter gradient
+  return (g.sizes() == sizes ? g : g.reshape(sizes)).to(dtype);
 }
+
+Tensor shaped_like(const Tensor& g, const Tensor& like) { return shaped_as(g, like.sizes(), like.scalar_type()); }
 
 // ----------------------------------------------------------------------- autograd: batch stats
 
@@ -305,25 +307,16 @@ std::tuple<bool, bool, bool> needs(AutogradContext* ctx, const Tensor& w, bool h
   return {x, gw, gb};
 }
 
-// the Form as one saved IValue: (kind, groups, seg, center, rank, *shape, *permute)
-void save_form(AutogradContext* ctx, const Form& f) {
-  std::vector<int64_t> v = {f.kind, f.groups, f.seg, f.center, static_cast<int64_t>(f.shape.size())};
-  v.insert(v.end(), f.shape.begin(), f.shape.end());
-  v.insert(v.end(), f.permute.begin(), f.permute.end());
-  ctx->saved_data["form"] = std::move(v);
-}
-
-Form load_form(AutogradContext* ctx) {
-  auto v = ctx->saved_data["form"].toIntVector();
+// what both Functions keep for backward besides x and γ, in one saved capsule (a map entry per
+// field cost a string hash and an IValue each, on every call)
+struct Kept : torch::CustomClassHolder {
+  Tensor mean, var;  // the statistics used (batch, or copies of the running ones)
+  double eps = 0;
   Form f;
-  f.kind = v[0];
-  f.groups = v[1];
-  f.seg = v[2];
-  f.center = v[3] != 0;
-  f.shape.assign(v.begin() + 5, v.begin() + 5 + v[4]);
-  f.permute.assign(v.begin() + 5 + v[4], v.end());
-  return f;
-}
+  bool has_bias = false;  // β itself is not needed, only its shape and dtype
+  std::vector<int64_t> bias_shape;
+  at::ScalarType bias_dtype = at::kFloat;
+};
 
 // no graph to record: the kernel straight away (inference, or nothing requires grad)
 bool recording(std::initializer_list<const OptTensor*> ts) {
@@ -333,54 +326,38 @@ bool recording(std::initializer_list<const OptTensor*> ts) {
   return false;
 }
 
-// what both Functions keep for backward: x, γ, β (for their shapes), the statistics, ε, the form
 void save(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b, Tensor mean, Tensor var,
           double eps, const Form& f) {
-  // β itself is not needed, only its shape and dtype (an in-place change of β between forward
-  // and backward must not be an error, as it is not in torch)
+  // (an in-place change of β between forward and backward must not be an error, as it is not
+  // in torch); the statistics' gradients are never used: undefined, not materialized as zeros
+  ctx->set_materialize_grads(false);
   ctx->save_for_backward({x, given(w) ? *w : Tensor()});
-  if (given(b)) {
-    ctx->saved_data["bias_shape"] = b->sizes().vec();
-    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b->scalar_type());
-  }
-  ctx->saved_data["mean"] = std::move(mean);
-  ctx->saved_data["var"] = std::move(var);
-  ctx->saved_data["eps"] = eps;
-  save_form(ctx, f);
+  auto k = c10::make_intrusive<Kept>();
+  k->mean = std::move(mean), k->var = std::move(var), k->eps = eps, k->f = f;
+  if (given(b)) k->has_bias = true, k->bias_shape = b->sizes().vec(), k->bias_dtype = b->scalar_type();
+  ctx->saved_data["kept"] = c10::IValue::make_capsule(std::move(k));
 }
 
 struct Saved {
-  Tensor x, w, mean, var;
-  std::vector<int64_t> bias_shape;
-  at::ScalarType bias_dtype = at::kFloat;
-  bool has_bias = false;
+  Tensor x, w;
+  c10::intrusive_ptr<Kept> k;
   OptTensor wo;
-  double eps;
-  Form f;
   bool need_x, need_w, need_b;
   bool formula;  // a graph to build, batched gradients, or no kernel for the device
 
   Saved(AutogradContext* ctx, const Tensor& dy) {
     auto saved = ctx->get_saved_variables();
     x = saved[0], w = saved[1];
-    has_bias = ctx->saved_data.count("bias_shape") > 0;
-    if (has_bias) {
-      bias_shape = ctx->saved_data["bias_shape"].toIntVector();
-      bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-    }
-    std::tie(need_x, need_w, need_b) = needs(ctx, w, has_bias);
-    mean = ctx->saved_data["mean"].toTensor();
-    var = ctx->saved_data["var"].toTensor();
-    eps = ctx->saved_data["eps"].toDouble();
-    f = load_form(ctx);
+    k = c10::static_intrusive_pointer_cast<Kept>(ctx->saved_data["kept"].toCapsule());
+    std::tie(need_x, need_w, need_b) = needs(ctx, w, k->has_bias);
     wo = w.defined() ? OptTensor(w) : std::nullopt;
-    formula = at::GradMode::is_enabled() || batched(dy) || !has_kernel(x, f);
+    formula = at::GradMode::is_enabled() || batched(dy) || !has_kernel(x, k->f);
   }
 
   // the gradients of (x, γ, β), then none for the `rest` other arguments of forward
   variable_list grads(const Tensor& dx, const Tensor& dw, const Tensor& db, size_t rest) const {
     variable_list out = {need_x ? dx : Tensor(), need_w ? shaped_like(dw, w) : Tensor(),
-                         need_b ? db.reshape(bias_shape).to(bias_dtype) : Tensor()};
+                         need_b ? shaped_as(db, k->bias_shape, k->bias_dtype) : Tensor()};
     out.resize(3 + rest);
     return out;
   }
@@ -403,10 +380,10 @@ struct NormFn : public torch::autograd::Function<NormFn> {
     const Saved s(ctx, dy);
     Tensor dx, dw, db;
     if (s.formula) {
-      std::tie(dx, dw, db) = formula_backward(s.f, dy, s.x, s.wo, s.eps, s.need_w, s.need_b);
+      std::tie(dx, dw, db) = formula_backward(s.k->f, dy, s.x, s.wo, s.k->eps, s.need_w, s.need_b);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(dx, dw, db) = form_backward(s.f, dy, s.x, s.mean, s.var, s.wo, s.eps);
+      std::tie(dx, dw, db) = form_backward(s.k->f, dy, s.x, s.k->mean, s.k->var, s.wo, s.k->eps);
     }
     return s.grads(dx, dw, db, 2);
   }
@@ -469,13 +446,13 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
     const Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(7);
     const Saved s(ctx, dy);
-    const Tensor &x = s.x, &mean = s.mean, &var = s.var;
+    const Tensor &x = s.x, &mean = s.k->mean, &var = s.k->var;
     Tensor dx, dw, db;
     if (s.formula) {
-      std::tie(dx, dw, db) = eval_formula_backward(s.f, dy, x, mean, var, s.wo, s.eps, s.need_w, s.need_b);
+      std::tie(dx, dw, db) = eval_formula_backward(s.k->f, dy, x, mean, var, s.wo, s.k->eps, s.need_w, s.need_b);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(dx, dw, db) = eval_backward(s.f, dy, x, mean, var, s.wo, s.eps);
+      std::tie(dx, dw, db) = eval_backward(s.k->f, dy, x, mean, var, s.wo, s.k->eps);
     }
     return s.grads(dx, dw, db, 4);
   }
