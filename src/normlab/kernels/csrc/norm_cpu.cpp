@@ -303,23 +303,89 @@ inline void store_f1(scalar_t* p, const at::vec::Vectorized<float>& a) {
   }
 }
 
-// y[k] = f(k) over [0, n) in float vectors, pairs then one more where it fits, for fp16/bf16 y
-// (f(k) computes the vector at k with the operations of the scalar loop that finishes the rest;
-// with 16 float lanes a run of 16 to 31 values is a vector too); returns where that loop starts:
+// The vector at k of a vec_map: n ≤ VF::size() valid lanes (fewer at the end of a run: the rest
+// read as 0 and never written)
+struct Lanes {
+  int64_t k, n;
+  static constexpr int64_t L = VF::size();
+
+  // p[k, k + n) as floats: the values of x (fp16/bf16), or coefficients and partials (float)
+  template <typename T>
+  VF operator()(const T* p) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return n == L ? VF::loadu(p + k) : VF::loadu(p + k, n);
+    } else {
+      if (n == L) return load_f(p + k);
+      if constexpr (kReduced<T>) {  // a masked load where the ISA has one (AVX512)
+        return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p + k, n)));
+      } else {
+        return VF(0.f);
+      }
+    }
+  }
+  void put(float* p, const VF& v) const { n == L ? v.store(p + k) : v.store(p + k, n); }
+};
+
+// y[k, k + n) = f(ld) over [0, n) in float vectors for fp16/bf16 y, pairs of vectors, then one,
+// then the partial vector of the last < VF::size() values: f computes the vector that ld (a
+// Lanes) reads from its arrays, with the operations of the scalar loop that float and double run
+// instead. Returns where that loop starts: n for fp16/bf16 (every value is done here — their
+// scalar conversions, one value per instruction for fp16, cost more than the arithmetic),
 // 0 for float and double, whose scalar loops the compiler vectorizes itself
 template <typename scalar_t, typename F>
 inline int64_t vec_map(int64_t n, scalar_t* y, F f) {
   if constexpr (kReduced<scalar_t>) {
     constexpr int64_t L = VF::size();
     int64_t k = 0;
-    for (; k + 2 * L <= n; k += 2 * L) store_f2(y + k, f(k), f(k + L));
+    for (; k + 2 * L <= n; k += 2 * L) store_f2(y + k, f(Lanes{k, L}), f(Lanes{k + L, L}));
     if (k + L <= n) {
-      store_f1(y + k, f(k));
+      store_f1(y + k, f(Lanes{k, L}));
       k += L;
     }
-    return k;
+    if (k < n) {
+      const VF v = f(Lanes{k, n - k});
+      at::vec::convert_from_float<scalar_t>(v, v).store(y + k, n - k);
+    }
+    return n;
   } else {
     return 0;
+  }
+}
+
+// p[0, n) in x's compute precision: for fp16/bf16 converted into buf in float vectors (exact), for
+// float and double p itself. The scalar loops after it then run on floats, which the compiler
+// vectorizes; fp16's scalar conversion (one value per instruction) would not be.
+template <typename scalar_t>
+inline const at::opmath_type<scalar_t>* widened(const scalar_t* p, int64_t n, at::opmath_type<scalar_t>* buf) {
+  if constexpr (kReduced<scalar_t>) {
+    constexpr int64_t L = VF::size();
+    int64_t k = 0;
+    for (; k + L <= n; k += L) load_f(p + k).store(buf + k);
+    for (; k < n; ++k) buf[k] = static_cast<float>(p[k]);
+    return buf;
+  } else {
+    return p;
+  }
+}
+
+// where a loop writes values of x's compute precision that belong in dst: buf for fp16/bf16 (then
+// narrowed into dst), dst itself for float and double
+template <typename scalar_t>
+inline at::opmath_type<scalar_t>* widened_out(scalar_t* dst, at::opmath_type<scalar_t>* buf) {
+  if constexpr (kReduced<scalar_t>) {
+    return buf;
+  } else {
+    return dst;
+  }
+}
+
+// buf[0, n) rounded into dst (fp16/bf16, to nearest even as static_cast does); nothing for
+// float and double, whose loop wrote dst
+template <typename scalar_t>
+inline void narrowed(const at::opmath_type<scalar_t>* buf, int64_t n, scalar_t* dst) {
+  if constexpr (kReduced<scalar_t>) {
+    const int64_t k0 = vec_map(n, dst, [&](const Lanes& ld) { return ld(buf); });
+    for (int64_t k = k0; k < n; ++k) dst[k] = static_cast<scalar_t>(buf[k]);
   }
 }
 
@@ -490,7 +556,7 @@ void rows_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double e
         if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
           using V = at::vec::Vectorized<float>;
           const V vm(m0), vr(rs0), vc(c0);
-          j0 = vec_map(D, yr, [&](int64_t j) { return ((load_f(xr + j) - vm) * vr - vc) * load_f(wr + j) + load_f(br + j); });
+          j0 = vec_map(D, yr, [&](const Lanes& ld) { return ((ld(xr) - vm) * vr - vc) * ld(wr) + ld(br); });
         }
 #pragma omp simd
         for (int64_t j = j0; j < D; ++j) {
@@ -507,7 +573,7 @@ void rows_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double e
               static_cast<opmath_t>(static_cast<double>(b[p0 + k]) - (st.mean - static_cast<double>(m0)) * scale);
           const scalar_t* xs = xr + k * seg;
           scalar_t* ys = yr + k * seg;
-          const int64_t j0 = vec_map(seg, ys, [&](int64_t j) { return (load_f(xs + j) - VF(m0)) * VF(s0) + VF(h0); });
+          const int64_t j0 = vec_map(seg, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(s0) + VF(h0); });
 #pragma omp simd
           for (int64_t j = j0; j < seg; ++j) ys[j] = static_cast<scalar_t>((static_cast<opmath_t>(xs[j]) - m0) * s0 + h0);
         }
@@ -655,12 +721,12 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
           if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
             using V = at::vec::Vectorized<float>;
             const V vm(m0), vr(rs0), vc(c0), vmg(mg), vmgx(mgx);
-            j0 = vec_map(D, dxr, [&](int64_t j) {  // each vector's partials added once, in order
-              V xh = (load_f(xr + j) - vm) * vr - vc;
-              V g0 = load_f(gr + j);
-              (V::loadu(dwlp + j) + g0 * xh).store(dwlp + j);
-              (V::loadu(dblp + j) + g0).store(dblp + j);
-              return vr * (g0 * load_f(wr + j) - vmg - xh * vmgx);
+            j0 = vec_map(D, dxr, [&](const Lanes& ld) {  // each vector's partials added once, in order
+              V xh = (ld(xr) - vm) * vr - vc;
+              V g0 = ld(gr);
+              ld.put(dwlp, ld(dwlp) + g0 * xh);
+              ld.put(dblp, ld(dblp) + g0);
+              return vr * (g0 * ld(wr) - vmg - xh * vmgx);
             });
           }
 #pragma omp simd
@@ -677,9 +743,9 @@ void rows_backward_kernel(const scalar_t* dy, const scalar_t* x, const double* m
             const scalar_t* xs = xr + k * seg;
             const scalar_t* gs = gr + k * seg;
             scalar_t* dxs = dxr + k * seg;
-            const int64_t j0 = vec_map(seg, dxs, [&](int64_t j) {
-              VF xh = (load_f(xs + j) - VF(m0)) * VF(rs0) - VF(c0);
-              return VF(rs0) * (load_f(gs + j) * VF(wk) - VF(mg) - xh * VF(mgx));
+            const int64_t j0 = vec_map(seg, dxs, [&](const Lanes& ld) {
+              VF xh = (ld(xs) - VF(m0)) * VF(rs0) - VF(c0);
+              return VF(rs0) * (ld(gs) * VF(wk) - VF(mg) - xh * VF(mgx));
             });
 #pragma omp simd
             for (int64_t j = j0; j < seg; ++j) {
@@ -733,7 +799,7 @@ void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doub
       for (int64_t i = 0; i < N; ++i) {
         const scalar_t* xs = x + (i * C + c) * S;
         scalar_t* ys = y + (i * C + c) * S;
-        const int64_t k0 = vec_map(S, ys, [&](int64_t k) { return (load_f(xs + k) - VF(m0)) * VF(s0) + VF(h0); });
+        const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(s0) + VF(h0); });
 #pragma omp simd
         for (int64_t k = k0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<opmath_t>(xs[k]) - m0) * s0 + h0);
       }
@@ -750,8 +816,8 @@ void columns_affine(const scalar_t* x, const coef_t* m, const coef_t* a, const c
     for (int64_t i = lo; i < hi; ++i) {
       const scalar_t* xi = x + i * C;
       scalar_t* yi = y + i * C;
-      const int64_t c0 = vec_map(C, yi, [&](int64_t c) {
-        return (load_f(xi + c) - VF::loadu(m + c)) * VF::loadu(a + c) + VF::loadu(h + c);
+      const int64_t c0 = vec_map(C, yi, [&](const Lanes& ld) {
+        return (ld(xi) - ld(m)) * ld(a) + ld(h);
       });
 #pragma omp simd
       for (int64_t c = c0; c < C; ++c) yi[c] = static_cast<scalar_t>((static_cast<coef_t>(xi[c]) - m[c]) * a[c] + h[c]);
@@ -880,9 +946,9 @@ void columns_dx(const scalar_t* x, const scalar_t* dy, const opmath_t* m0, const
       const scalar_t* xi = x + i * C;
       const scalar_t* gi = dy + i * C;
       scalar_t* dxi = dx + i * C;
-      const int64_t cv = vec_map(C, dxi, [&](int64_t c) {
-        VF xh = (load_f(xi + c) - VF::loadu(m0 + c)) * VF::loadu(rs0 + c) - VF::loadu(c0 + c);
-        return VF::loadu(a + c) * (load_f(gi + c) - VF::loadu(mg + c) - xh * VF::loadu(mgx + c));
+      const int64_t cv = vec_map(C, dxi, [&](const Lanes& ld) {
+        VF xh = (ld(xi) - ld(m0)) * ld(rs0) - ld(c0);
+        return ld(a) * (ld(gi) - ld(mg) - xh * ld(mgx));
       });
 #pragma omp simd
       for (int64_t c = cv; c < C; ++c) {
@@ -921,9 +987,9 @@ void channels_backward_kernel(const scalar_t* dy, const scalar_t* x, const doubl
         const scalar_t* xs = x + (i * C + c) * S;
         const scalar_t* gs = dy + (i * C + c) * S;
         scalar_t* dxs = dx + (i * C + c) * S;
-        const int64_t k0 = vec_map(S, dxs, [&](int64_t k) {
-          VF xh = (load_f(xs + k) - VF(m0)) * VF(rs0) - VF(c0);
-          return VF(a) * (load_f(gs + k) - VF(mg) - xh * VF(mgx));
+        const int64_t k0 = vec_map(S, dxs, [&](const Lanes& ld) {
+          VF xh = (ld(xs) - VF(m0)) * VF(rs0) - VF(c0);
+          return VF(a) * (ld(gs) - VF(mg) - xh * VF(mgx));
         });
 #pragma omp simd
         for (int64_t k = k0; k < S; ++k) {
@@ -956,19 +1022,20 @@ void columns_backward_kernel(const scalar_t* dy, const scalar_t* x, const double
   std::vector<double> pd(nblk * C, 0.0), pdx(nblk * C, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
     std::vector<opmath_t> lb(C), lbx(C);  // a block's partial sums in x's precision (≤ 256 rows)
+    std::vector<opmath_t> wx(kReduced<scalar_t> ? C : 0), wg(wx.size());
     for (int64_t blk = blo; blk < bhi; ++blk) {
       std::fill(lb.begin(), lb.end(), opmath_t(0));
       std::fill(lbx.begin(), lbx.end(), opmath_t(0));
       opmath_t* pb = lb.data();
       opmath_t* pbx = lbx.data();
       for (int64_t i = blk * per; i < std::min(M, (blk + 1) * per); ++i) {
-        const scalar_t* xi = x + i * C;
-        const scalar_t* gi = dy + i * C;
+        const opmath_t* xi = widened(x + i * C, C, wx.data());
+        const opmath_t* gi = widened(dy + i * C, C, wg.data());
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          opmath_t xh = (static_cast<opmath_t>(xi[c]) - m0[c]) * rs0[c] - c0[c];
-          pb[c] += static_cast<opmath_t>(gi[c]);
-          pbx[c] += static_cast<opmath_t>(gi[c]) * xh;
+          opmath_t xh = (xi[c] - m0[c]) * rs0[c] - c0[c];
+          pb[c] += gi[c];
+          pbx[c] += gi[c] * xh;
         }
       }
       for (int64_t c = 0; c < C; ++c) {
@@ -1030,7 +1097,7 @@ void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a,
       const coef_t m0 = m[c], a0 = a[c], h0 = h[c];
       const scalar_t* xs = x + ic * S;
       scalar_t* ys = y + ic * S;
-      const int64_t k0 = vec_map(S, ys, [&](int64_t k) { return (load_f(xs + k) - VF(m0)) * VF(a0) + VF(h0); });
+      const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(a0) + VF(h0); });
 #pragma omp simd
       for (int64_t k = k0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<coef_t>(xs[k]) - m0) * a0 + h0);
     }
@@ -1068,7 +1135,7 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
             for (int64_t i = 0; i < N; ++i) {
               const scalar_t* gs = gc + i * stride;
               scalar_t* dxs = dxc + i * stride;
-              const int64_t k2 = vec_map(k0, dxs, [&](int64_t j) { return load_f(gs + j) * va; });
+              const int64_t k2 = vec_map(k0, dxs, [&](const Lanes& ld) { return ld(gs) * va; });
               for (int64_t j = k2; j < k0; ++j) dxs[j] = static_cast<scalar_t>(static_cast<opmath_t>(gs[j]) * a0);
             }
           }
@@ -1102,11 +1169,11 @@ void channels_eval_backward_kernel(const scalar_t* dy, const scalar_t* x, const 
         scalar_t* dxi = dx + i * C;
         int64_t c0 = 0;
         if constexpr (kReduced<scalar_t>) {  // the loop below in float lanes, the same operations
-          c0 = vec_map(C, dxi, [&](int64_t c) {  // each vector's partials added once, in order
-            const VF g = load_f(gi + c);
-            (VF::loadu(lap + c) + g * (load_f(xi + c) - VF::loadu(m + c))).store(lap + c);
-            (VF::loadu(lbp + c) + g).store(lbp + c);
-            return g * VF::loadu(a + c);
+          c0 = vec_map(C, dxi, [&](const Lanes& ld) {  // each vector's partials added once, in order
+            const VF g = ld(gi);
+            ld.put(lap, ld(lap) + g * (ld(xi) - ld(m)));
+            ld.put(lbp, ld(lbp) + g);
+            return g * ld(a);
           });
         }
 #pragma omp simd
@@ -1174,8 +1241,8 @@ void groups_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double
       for (int64_t k = 0; k < S; ++k) {
         const scalar_t* xk = xn + k * C;
         scalar_t* yk = yn + k * C;
-        const int64_t cv = vec_map(C, yk, [&](int64_t c) {
-          return (load_f(xk + c) - VF::loadu(m0.data() + c)) * VF::loadu(a0.data() + c) + VF::loadu(h0.data() + c);
+        const int64_t cv = vec_map(C, yk, [&](const Lanes& ld) {
+          return (ld(xk) - ld(m0.data())) * ld(a0.data()) + ld(h0.data());
         });
 #pragma omp simd
         for (int64_t c = cv; c < C; ++c) yk[c] = static_cast<scalar_t>((static_cast<opmath_t>(xk[c]) - m0[c]) * a0[c] + h0[c]);
@@ -1192,8 +1259,10 @@ void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double*
   const int64_t cg = C / G;
   std::vector<double> dwp(N * C, 0.0), dbp(N * C, 0.0);
   at::parallel_for(0, N, grain(S * C), [&](int64_t lo, int64_t hi) {
-    std::vector<opmath_t> m0(C), rs0(C), c0(C), b0(C), b1(C);
+    std::vector<opmath_t> m0(C), rs0(C), c0(C), b0(C), b1(C), wgt(C);
+    std::vector<opmath_t> wx(kReduced<scalar_t> ? C : 0), wg(wx.size()), wd(wx.size());
     std::vector<double> mg(G), mgx(G);
+    for (int64_t c = 0; c < C; ++c) wgt[c] = static_cast<opmath_t>(w[c]);
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* xn = x + n * S * C;
       const scalar_t* gn = dy + n * S * C;
@@ -1208,13 +1277,13 @@ void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double*
       double* sd = dbp.data() + n * C;
       double* sdx = dwp.data() + n * C;
       for (int64_t k = 0; k < S; ++k) {
-        const scalar_t* xk = xn + k * C;
-        const scalar_t* gk = gn + k * C;
+        const opmath_t* xk = widened(xn + k * C, C, wx.data());
+        const opmath_t* gk = widened(gn + k * C, C, wg.data());
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          opmath_t xh = (static_cast<opmath_t>(xk[c]) - m0[c]) * rs0[c] - c0[c];
-          sd[c] += static_cast<opmath_t>(gk[c]);
-          sdx[c] += static_cast<opmath_t>(gk[c]) * xh;
+          opmath_t xh = (xk[c] - m0[c]) * rs0[c] - c0[c];
+          sd[c] += gk[c];
+          sdx[c] += gk[c] * xh;
         }
       }
       std::fill(mg.begin(), mg.end(), 0.0);
@@ -1229,15 +1298,15 @@ void groups_backward_kernel(const scalar_t* dy, const scalar_t* x, const double*
         b1[c] = static_cast<opmath_t>(mgx[c / cg] / m);
       }
       for (int64_t k = 0; k < S; ++k) {
-        const scalar_t* xk = xn + k * C;
-        const scalar_t* gk = gn + k * C;
-        scalar_t* dxk = dxn + k * C;
+        const opmath_t* xk = widened(xn + k * C, C, wx.data());
+        const opmath_t* gk = widened(gn + k * C, C, wg.data());
+        opmath_t* dxk = widened_out(dxn + k * C, wd.data());
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          opmath_t xh = (static_cast<opmath_t>(xk[c]) - m0[c]) * rs0[c] - c0[c];
-          dxk[c] = static_cast<scalar_t>(
-              rs0[c] * (static_cast<opmath_t>(gk[c]) * static_cast<opmath_t>(w[c]) - b0[c] - xh * b1[c]));
+          opmath_t xh = (xk[c] - m0[c]) * rs0[c] - c0[c];
+          dxk[c] = rs0[c] * (gk[c] * wgt[c] - b0[c] - xh * b1[c]);
         }
+        narrowed(dxk, C, dxn + k * C);
       }
     }
   });
