@@ -75,10 +75,15 @@ COLUMNS = ["method", "shape", "dtype", "pass", "ms", "GB/s", "% copy", "vs torch
            "verdict", "vs reference", "vs compiled", "peak MB", "copy GB/s"]
 
 
-def timed(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+def timed(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1,
+          before: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each candidate, ``reps`` rounds after ``warmup`` calls each,
     interleaved round by round in an order that reverses every round (a drift in the machine's
-    speed hits every candidate alike, and round ``i`` of each candidate ran side by side)."""
+    speed hits every candidate alike, and round ``i`` of each candidate ran side by side).
+    ``before``, untimed, runs before every timed call, so that each candidate starts from the
+    same state of the caches instead of from whatever the previous candidate left there (a
+    candidate that follows the slow reference would start cold, and one that follows a copy of
+    the input warm)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -86,6 +91,8 @@ def timed(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dic
     order = list(fns.items())
     for i in range(reps):
         for k, fn in order if i % 2 == 0 else order[::-1]:
+            if before is not None:
+                before()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -205,7 +212,8 @@ def run(quick: bool = True, methods: Iterable[str] | None = None, dtypes=(torch.
                     if not compiled:
                         fns.pop("compiled")
                     fns["copy"] = lambda: x.clone()  # timed in the same rounds as the candidates
-                    times = timed(fns, reps)
+                    # each call starts as in a network: its input just written by the layer before
+                    times = timed(fns, reps, before=lambda: x.clone())
                     t = {k: statistics.median(v) for k, v in times.items()}
                     ratio, low, high = speedup(times["torch"], times["normlab"])
                     copy = t["copy"]
