@@ -667,3 +667,26 @@ def test_compiled_norms_keep_eager_memory_format(mode, monkeypatch):
         eager, compiled = m(x), torch.compile(m, backend="aot_eager", fullgraph=True)(x)
         assert eager.stride() == compiled.stride(), (type(m).__name__, eager.stride(), compiled.stride())
         assert_rel(compiled, eager, tol=TOL[torch.float32])
+
+
+def test_every_rule_is_written_once_and_raised_by_both_the_core_and_the_python_routes():
+    """The rulebook (normlab.rules) holds each check's class and words; the C++ core raises them
+    through the header generated from it, the Python routes through rules.error, and neither
+    spells a message of its own."""
+    import pathlib
+    import re
+
+    from normlab import rules
+
+    root = pathlib.Path(normlab.__file__).parent
+    cpp = "".join((root / "kernels" / "csrc" / f).read_text() for f in ("norm_ops.cpp", "python.cpp", "norm_cpu.cpp"))
+    py = "".join(p.read_text() for p in root.rglob("*.py") if p.name != "rules.py")
+    assert set(re.findall(r"NORMLAB_RULE\(.*?,\s*(\w+),\s*\{", cpp, flags=re.S)) == set(rules.RULES)
+    assert set(re.findall(r'\berror\("(\w+)"', py)) == set(rules.RULES)
+    for name, (_, text) in rules.RULES.items():
+        words = max(re.split(r"\{\w+\}", text), key=len)  # the longest stretch without a field
+        assert words not in cpp and words not in py, (name, words)
+    header = rules.cpp_header()
+    assert all(f"inline constexpr Rule {name}{{" in header for name in rules.RULES)
+    e = rules.error("param_shape", op="layer_norm", name="weight", want=(4,), got=(3,))
+    assert isinstance(e, normlab.ShapeError) and str(e) == "layer_norm: weight must have shape (4,) to match the input, got (3,)"

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import kernels
 from .autograd import normalize_affine
-from .errors import DTypeError, ShapeError, StateError
+from .rules import error
 from .stats import accumulation_dtype, check_writable, extrema, moments, update_running
 
 kernels.load_core()  # built at first use, then loaded from the cache (kernels.build)
@@ -74,15 +74,9 @@ def _check_input(x: Tensor, op: str, min_ndim: int = 1) -> None:
     if not isinstance(x, Tensor):
         raise _not_a_tensor(x, op)
     if not x.is_floating_point():
-        raise DTypeError(
-            f"{op}: expected a floating-point tensor, got dtype {x.dtype}; "
-            f"convert it first, e.g. x.float()"
-        )
+        raise error("input_dtype", op=op, dtype=x.dtype)
     if x.dim() < min_ndim:
-        raise ShapeError(
-            f"{op}: expected at least {min_ndim}-D input, got {x.dim()}-D input of shape "
-            f"{tuple(x.shape)}"
-        )
+        raise error("input_ndim", op=op, min_ndim=min_ndim, ndim=x.dim(), shape=tuple(x.shape))
 
 
 def _int_arg(v, what: str, op: str) -> int:
@@ -93,7 +87,7 @@ def _int_arg(v, what: str, op: str) -> int:
             raise TypeError
         return operator.index(v)
     except TypeError:
-        raise TypeError(f"{op}: {what} must be an int, got {type(v).__name__}") from None
+        raise error("int_arg", op=op, what=what, type=type(v).__name__) from None
 
 
 def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
@@ -102,10 +96,7 @@ def _require_values(x: Tensor, dims: Sequence[int], op: str) -> None:
     dims = [d % x.dim() for d in dims] if x.dim() else []
     count = math.prod([n for d, n in enumerate(x.shape) if d not in dims])
     if math.prod([x.shape[d] for d in dims]) == 0 and count > 0:
-        raise ValueError(
-            f"{op}: no values to compute statistics over: input of shape {tuple(x.shape)} is "
-            f"empty along dims {tuple(dims)}; skip empty batches before calling it"
-        )
+        raise error("no_values", op=op, shape=tuple(x.shape), dims=tuple(dims))
 
 
 def _normalize(op: str, x: Tensor, dims: Sequence[int], weight=None, bias=None, eps=1e-5, *, center=True,
@@ -131,26 +122,15 @@ def _check_param(t: Tensor | None, name: str, shape: Sequence[int], op: str, x: 
     if t is None:
         return
     if tuple(t.shape) != tuple(shape):
-        raise ShapeError(
-            f"{op}: {name} must have shape {tuple(shape)} to match the input, got "
-            f"{tuple(t.shape)}"
-        )
+        raise error("param_shape", op=op, name=name, want=tuple(shape), got=tuple(t.shape))
     if t.is_meta and not x.is_meta:
-        raise ValueError(
-            f"{op}: {name} is on meta (made without data, e.g. under torch.device('meta')) but the "
-            f"input is on {x.device}; give the module storage first: module.to_empty(device=input.device), "
-            "then module.reset_parameters() or load_state_dict(...)"
-        )
+        raise error("param_meta", op=op, name=name, device=x.device)
     if t.device != x.device:
-        raise ValueError(
-            f"{op}: {name} is on {t.device} but the input is on {x.device}; move them to one device, "
-            "e.g. module.to(input.device)"
-        )
+        raise error("param_device", op=op, name=name, device=t.device, input_device=x.device)
     if not t.is_floating_point():
-        raise DTypeError(f"{op}: {name} must be floating-point, got dtype {t.dtype}")
+        raise error("param_float", op=op, name=name, dtype=t.dtype)
     if not (any_dtype or t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))):
-        raise DTypeError(f"{op}: {name} is {t.dtype} but the input is {x.dtype}; use one dtype (e.g. "
-                         f"module.to({x.dtype})), or float32 {name} with a half-precision input")
+        raise error("param_dtype", op=op, name=name, dtype=t.dtype, input_dtype=x.dtype)
 
 
 def _one_dtype(op: str, *params: tuple[Tensor | None, str]) -> None:
@@ -158,8 +138,7 @@ def _one_dtype(op: str, *params: tuple[Tensor | None, str]) -> None:
     given = [(t, name) for t, name in params if t is not None]
     for t, name in given[1:]:
         if t.dtype != given[0][0].dtype:
-            raise DTypeError(f"{op}: {name} is {t.dtype} but {given[0][1]} is {given[0][0].dtype}; give the "
-                             "parameters and running statistics one dtype")
+            raise error("one_dtype", op=op, name=name, dtype=t.dtype, first=given[0][1], first_dtype=given[0][0].dtype)
 
 
 def _channels(x: Tensor, op: str, *params: tuple[Tensor | None, str]) -> int:
@@ -291,10 +270,7 @@ def instance_norm(
     if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if isinstance(input, Tensor) and input.dim() < 3:
-        raise ShapeError(
-            f"instance_norm: expected at least 3-D input (N, C, *spatial), got {input.dim()}-D "
-            f"input of shape {tuple(input.shape)}"
-        )
+        raise error("instance_ndim", ndim=input.dim(), shape=tuple(input.shape))
     if core is not None:  # being compiled: normlab's checks, then the traced operator
         _check_channel_args("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats, eps)
         return core.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
@@ -325,18 +301,13 @@ def _check_channel_args(op, input, running_mean, running_var, weight, bias, batc
               (bias, "bias"))
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
         if t is not None and t.requires_grad and torch.is_grad_enabled():  # torch refuses this too
-            raise ValueError(f"{op}: {name} requires grad, but no gradient flows into running "
-                             f"statistics; pass {name}.detach() (or a buffer)")
+            raise error("running_grad", op=op, name=name)
     positive = op == "batch_norm" and batch_stats  # torch's rule for ε: InstanceNorm takes 0 either way
     if not (eps > 0 if positive else eps >= 0):
-        raise ValueError(f"{op}: eps must be {'positive' if positive else 'non-negative'} when normalizing with "
-                         f"{'batch' if batch_stats else 'running'} statistics, got eps={eps:g}; the usual value is 1e-5")
+        raise error("eps", op=op, sign="positive" if positive else "non-negative",
+                    stats="batch" if batch_stats else "running", eps=f"{eps:g}")
     if not batch_stats and (running_mean is None or running_var is None):
-        raise StateError(
-            f"{op}: running_mean and running_var are required to normalize with running "
-            f"statistics; pass them, or use batch statistics (training=True / "
-            f"use_input_stats=True)"
-        )
+        raise error("running_required", op=op)
 
 
 def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batch_stats, momentum, eps):
@@ -357,11 +328,7 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
                           fixed_var=_per_channel(running_var, nd))[0]
     n = math.prod([input.shape[d] for d in dims])
     if n == 1:
-        raise ValueError(
-            f"{op}: expected more than 1 value per channel when training, got 1 (input of "
-            f"shape {tuple(input.shape)}); use a batch of at least 2 (e.g. drop_last=True in the "
-            f"DataLoader), or eval mode, or GroupNorm/LayerNorm for single samples"
-        )
+        raise error("channel_values", op=op, shape=tuple(input.shape))
     if _native():
         return _torch_channel_norm(op, input, running_mean, running_var, weight, bias, True, momentum, eps)
     if op == "instance_norm" and _is_channels_last(input):  # GroupNorm's view with one channel per group
@@ -380,11 +347,7 @@ def _trailing_dims(input: Tensor, normalized_shape, op: str) -> tuple[tuple[int,
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
     if k == 0 or tuple(input.shape[input.dim() - k:]) != shape or input.dim() < k:
-        raise ShapeError(
-            f"{op}: normalized_shape {shape} must equal the trailing dims of the input, got "
-            f"input of shape {tuple(input.shape)}; pass normalized_shape=input.shape[-k:] for "
-            f"the last k dims"
-        )
+        raise error("normalized_shape", op=op, normalized_shape=shape, shape=tuple(input.shape))
     return tuple(range(input.dim() - k, input.dim())), shape
 
 
@@ -569,14 +532,10 @@ def group_norm(
     _check_input(input, op, min_ndim=2)
     c = _channels(input, op, (weight, "weight"), (bias, "bias"))
     if num_groups <= 0 or c % num_groups:
-        raise ShapeError(
-            f"group_norm: num_groups={num_groups} must divide the {c} channels; choose a "
-            f"divisor of {c}"
-        )
+        raise error("groups_divide", groups=num_groups, channels=c)
     _require_values(input, range(1, input.dim()), op)
     if input.numel() and input.numel() // (input.shape[0] * num_groups) == 1:  # torch's rule, the core's words
-        raise ValueError(f"group_norm: expected more than 1 value per group, got 1 (input of shape "
-                         f"{tuple(input.shape)}, num_groups={num_groups}); use fewer groups, or LayerNorm")
+        raise error("group_values", shape=tuple(input.shape), groups=num_groups)
     if core is not None:  # being compiled: the checks above, then the traced operator
         return core.group_norm(input, num_groups, weight, bias, eps)
     if _native():

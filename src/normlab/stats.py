@@ -40,6 +40,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .rules import error
+
 __all__ = [
     "accumulation_dtype",
     "reduce_mean",
@@ -330,8 +332,7 @@ def check_writable(t: Tensor | None, name: str) -> None:
     elif torch._debug_has_internal_overlap(t) == 1:  # 1: some elements share one memory location
         why = "several of its elements share one memory location (an expanded tensor)"
     if why:
-        raise ValueError(f"{name} cannot be updated in place: {why}; pass a tensor of its own, "
-                         f"e.g. {name}.clone()")
+        raise error("unwritable", name=name, why=why)
 
 
 def _unsqueeze_dims(t: Tensor, dims: tuple[int, ...], ndim: int) -> Tensor:

@@ -3,7 +3,8 @@
 The core is compiled against the torch that is installed, at first use (or ahead of it with
 ``normlab build``), with the system's C++ compiler (g++ or ``$CXX``), and cached: the shared
 library is kept under ``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``) in a folder named by
-a hash of the sources, the torch version, the compiler and the flags, so later processes only
+a hash of the sources (with ``rules.h``, the rulebook of :mod:`normlab.rules` as C++, which
+the build writes beside them), the torch version, the compiler and the flags, so later processes only
 load it and a new torch or a changed source builds anew. Building takes 30-60 s on two cores and
 says so on stderr; processes that start at once build it once (a file lock), the others wait.
 
@@ -102,6 +103,12 @@ def _link_flags() -> list[str]:
     return ["-shared", "-fopenmp", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
 
 
+def _rules_header() -> str:
+    from .. import rules
+
+    return rules.cpp_header()
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("NORMLAB_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "normlab")
@@ -116,6 +123,7 @@ def library_path(cxx: str | None = None) -> Path | None:
     h = hashlib.sha256()
     for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
+    h.update(_rules_header().encode())
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -224,8 +232,9 @@ def _build(cxx: str, target: Path) -> None:
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent))
     try:
+        (work / "rules.h").write_text(_rules_header())  # the rulebook, from normlab/rules.py
         objs = [work / f"{src.stem}.o" for src in SOURCES]
-        jobs = [subprocess.Popen([cxx, "-c", str(src), "-o", str(obj), *_flags()], stdout=subprocess.PIPE,
+        jobs = [subprocess.Popen([cxx, "-c", str(src), "-o", str(obj), f"-I{work}", *_flags()], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
         for job in jobs:
             _, err = job.communicate()

@@ -53,29 +53,25 @@ std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::ge
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 void check_input(const Tensor& x, const char* op, int64_t min_ndim) {
-  NORMLAB_CHECK_DTYPE(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got dtype ",
-                   dtype_name(x.scalar_type()), "; convert it first, e.g. x.float()");
-  NORMLAB_CHECK_SHAPE(x.dim() >= min_ndim, op, ": expected at least ", min_ndim, "-D input, got ", x.dim(),
-                      "-D input of shape ", tuple(x.sizes()));
+  NORMLAB_RULE(at::isFloatingType(x.scalar_type()), input_dtype, {{"op", op}, {"dtype", dtype_name(x.scalar_type())}});
+  NORMLAB_RULE(x.dim() >= min_ndim, input_ndim,
+               {{"op", op}, {"min_ndim", c10::str(min_ndim)}, {"ndim", c10::str(x.dim())}, {"shape", tuple(x.sizes())}});
 }
 
 // any_dtype: RMSNorm's rule, where torch takes parameters of every float dtype (its output has the input's)
 void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const char* op, const Tensor& x,
                  bool any_dtype = false) {
   if (!given(t)) return;
-  NORMLAB_CHECK_SHAPE(t->sizes() == shape, op, ": ", name, " must have shape ", tuple(shape),
-                      " to match the input, got ", tuple(t->sizes()));
-  TORCH_CHECK_VALUE(!t->is_meta() || x.is_meta(), op, ": ", name, " is on meta (made without data, e.g. under "
-                    "torch.device('meta')) but the input is on ", x.device(), "; give the module storage first: "
-                    "module.to_empty(device=input.device), then module.reset_parameters() or load_state_dict(...)");
-  TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
-                    x.device(), "; move them to one device, e.g. module.to(input.device)");
-  NORMLAB_CHECK_DTYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating-point, got dtype ",
-                   dtype_name(t->scalar_type()));
+  NORMLAB_RULE(t->sizes() == shape, param_shape,
+               {{"op", op}, {"name", name}, {"want", tuple(shape)}, {"got", tuple(t->sizes())}});
+  NORMLAB_RULE(!t->is_meta() || x.is_meta(), param_meta, {{"op", op}, {"name", name}, {"device", c10::str(x.device())}});
+  NORMLAB_RULE(t->device() == x.device(), param_device,
+               {{"op", op}, {"name", name}, {"device", c10::str(t->device())}, {"input_device", c10::str(x.device())}});
+  NORMLAB_RULE(at::isFloatingType(t->scalar_type()), param_float,
+               {{"op", op}, {"name", name}, {"dtype", dtype_name(t->scalar_type())}});
   const auto xt = x.scalar_type(), pt = t->scalar_type();
-  NORMLAB_CHECK_DTYPE(any_dtype || pt == xt || (pt == at::kFloat && (xt == at::kHalf || xt == at::kBFloat16)), op, ": ", name,
-                      " is ", dtype_name(pt), " but the input is ", dtype_name(xt), "; use one dtype (e.g. module.to(",
-                      dtype_name(xt), ")), or float32 ", name, " with a half-precision input");
+  NORMLAB_RULE(any_dtype || pt == xt || (pt == at::kFloat && (xt == at::kHalf || xt == at::kBFloat16)), param_dtype,
+               {{"op", op}, {"name", name}, {"dtype", dtype_name(pt)}, {"input_dtype", dtype_name(xt)}});
 }
 
 // torch's rule: the parameters and running statistics given share one dtype
@@ -88,9 +84,9 @@ void check_one_dtype(const char* op, std::initializer_list<std::pair<const OptTe
       first = t, first_name = name;
       continue;
     }
-    NORMLAB_CHECK_DTYPE((*t)->scalar_type() == (*first)->scalar_type(), op, ": ", name, " is ",
-                        dtype_name((*t)->scalar_type()), " but ", first_name, " is ",
-                        dtype_name((*first)->scalar_type()), "; give the parameters and running statistics one dtype");
+    NORMLAB_RULE((*t)->scalar_type() == (*first)->scalar_type(), one_dtype,
+                 {{"op", op}, {"name", name}, {"dtype", dtype_name((*t)->scalar_type())}, {"first", first_name},
+                  {"first_dtype", dtype_name((*first)->scalar_type())}});
   }
 }
 
@@ -100,8 +96,7 @@ void require_values(const Tensor& x, IntArrayRef dims, const char* op) {
   int64_t n = 1, count = 1;
   for (int64_t d = 0; d < x.dim(); ++d)
     (std::find(dims.begin(), dims.end(), d) != dims.end() ? n : count) *= x.size(d);
-  TORCH_CHECK_VALUE(n > 0 || count == 0, op, ": no values to compute statistics over: input of shape ",
-                    tuple(x.sizes()), " is empty along dims ", tuple(dims), "; skip empty batches before calling it");
+  NORMLAB_RULE(n > 0 || count == 0, no_values, {{"op", op}, {"shape", tuple(x.sizes())}, {"dims", tuple(dims)}});
 }
 
 // -------------------------------------------------------------------------------- forms
@@ -461,9 +456,8 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
 // ------------------------------------------------------------------------ running statistics
 
 void check_running(const OptTensor& t, const char* name, const char* op) {
-  if (given(t) && t->requires_grad() && at::GradMode::is_enabled())  // torch refuses this too
-    TORCH_CHECK_VALUE(false, op, ": ", name, " requires grad, but no gradient flows into running statistics; pass ",
-                      name, ".detach() (or a buffer)");
+  // torch refuses this too
+  NORMLAB_RULE(!(given(t) && t->requires_grad() && at::GradMode::is_enabled()), running_grad, {{"op", op}, {"name", name}});
 }
 
 // new = (1 − momentum)·old + momentum·batch per channel, in float64, written into both
@@ -477,8 +471,7 @@ void update_running(const OptTensor& rm, const OptTensor& rv, const Tensor& mean
                       : at::has_internal_overlap(**t) == at::MemOverlap::Yes
                           ? "several of its elements share one memory location (an expanded tensor)"
                           : nullptr;
-    TORCH_CHECK_VALUE(why == nullptr, name, " cannot be updated in place: ", why, "; pass a tensor of its own, e.g. ",
-                      name, ".clone()");
+    NORMLAB_RULE(why == nullptr, unwritable, {{"name", name}, {"why", why ? why : ""}});
   }
   // plain CPU buffers are updated in place; fake, functional or other tensors through aten ops
   auto plain = [](const Tensor& t) { return t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
@@ -533,9 +526,8 @@ Tensor layer_norm_impl(const Tensor& x, IntArrayRef normalized_shape, const OptT
                        double eps, bool center, const char* op) {
   check_input(x, op, 1);
   const int64_t k = static_cast<int64_t>(normalized_shape.size()), nd = x.dim();
-  NORMLAB_CHECK_SHAPE(k > 0 && nd >= k && x.sizes().slice(nd - k) == normalized_shape, op, ": normalized_shape ",
-                      tuple(normalized_shape), " must equal the trailing dims of the input, got input of shape ",
-                      tuple(x.sizes()), "; pass normalized_shape=input.shape[-k:] for the last k dims");
+  NORMLAB_RULE(k > 0 && nd >= k && x.sizes().slice(nd - k) == normalized_shape, normalized_shape,
+               {{"op", op}, {"normalized_shape", tuple(normalized_shape)}, {"shape", tuple(x.sizes())}});
   check_param(w, "weight", normalized_shape, op, x, /*any_dtype=*/!center);
   if (center) check_param(b, "bias", normalized_shape, op, x);
   if (center) check_one_dtype(op, {{&w, "weight"}, {&b, "bias"}});
@@ -584,17 +576,16 @@ Tensor group_norm(const Tensor& x, int64_t num_groups, const OptTensor& w, const
   check_input(x, op, 2);
   check_channels(x, op, {{&w, "weight"}, {&b, "bias"}});
   const int64_t N = x.size(0), C = x.size(1);
-  NORMLAB_CHECK_SHAPE(num_groups > 0 && C % num_groups == 0, "group_norm: num_groups=", num_groups,
-                      " must divide the ", C, " channels; choose a divisor of ", C);
+  NORMLAB_RULE(num_groups > 0 && C % num_groups == 0, groups_divide,
+               {{"groups", c10::str(num_groups)}, {"channels", c10::str(C)}});
   std::vector<int64_t> dims;
   for (int64_t d = 1; d < x.dim(); ++d) dims.push_back(d);
   int64_t S = 1;
   for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
   require_values(x, dims, op);  // statistics over (C/G, *S) per sample and group
   // torch's rule: a group of one value normalizes to 0 whatever it holds
-  TORCH_CHECK_VALUE(x.numel() == 0 || (C / num_groups) * S > 1, "group_norm: expected more than 1 value per group, "
-                    "got 1 (input of shape ", tuple(x.sizes()), ", num_groups=", num_groups,
-                    "); use fewer groups, or LayerNorm");
+  NORMLAB_RULE(x.numel() == 0 || (C / num_groups) * S > 1, group_values,
+               {{"shape", tuple(x.sizes())}, {"groups", c10::str(num_groups)}});
   if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
   Form f;
   f.groups = num_groups;
@@ -630,12 +621,11 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
   f.kind = CHANNELS;
   // torch's rule for ε: positive for BatchNorm with batch statistics, else non-negative (InstanceNorm takes 0)
   const bool positive = !instance && batch_stats;
-  TORCH_CHECK_VALUE(positive ? eps > 0 : eps >= 0, op, ": eps must be ", positive ? "positive" : "non-negative",
-                    " when normalizing with ", batch_stats ? "batch" : "running", " statistics, got eps=", eps,
-                    "; the usual value is 1e-5");
+  NORMLAB_RULE(positive ? eps > 0 : eps >= 0, eps,
+               {{"op", op}, {"sign", positive ? "positive" : "non-negative"}, {"stats", batch_stats ? "batch" : "running"},
+                {"eps", c10::str(eps)}});
   if (!batch_stats) {
-    NORMLAB_CHECK_STATE(given(rm) && given(rv), op, ": running_mean and running_var are required to normalize with ",
-                      "running statistics; pass them, or use batch statistics (training=True / use_input_stats=True)");
+    NORMLAB_RULE(given(rm) && given(rv), running_required, {{"op", op}});
     if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
     Tensor xc = x;
     if (perm.empty() && !x.is_contiguous()) xc = x.contiguous();
@@ -653,9 +643,7 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
   // an empty batch: an empty output, the running statistics as they were (torch's semantics)
   if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
   const int64_t n = instance ? S : N * S;
-  TORCH_CHECK_VALUE(n > 1, op, ": expected more than 1 value per channel when training, got 1 (input of shape ",
-                    tuple(x.sizes()), "); use a batch of at least 2 (e.g. drop_last=True in the DataLoader), or eval ",
-                    "mode, or GroupNorm/LayerNorm for single samples");
+  NORMLAB_RULE(n > 1, channel_values, {{"op", op}, {"shape", tuple(x.sizes())}});
   Tensor y, mean, var;
   if (instance) {
     if (!perm.empty() && x.device().is_cpu()) {  // GroupNorm's view with one channel per group
@@ -703,8 +691,7 @@ Tensor batch_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, con
 
 Tensor instance_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w,
                      const OptTensor& b, bool use_input_stats, double momentum, double eps) {
-  NORMLAB_CHECK_SHAPE(x.dim() >= 3, "instance_norm: expected at least 3-D input (N, C, *spatial), got ", x.dim(),
-                      "-D input of shape ", tuple(x.sizes()));
+  NORMLAB_RULE(x.dim() >= 3, instance_ndim, {{"ndim", c10::str(x.dim())}, {"shape", tuple(x.sizes())}});
   return channel_norm("instance_norm", x, rm, rv, w, b, use_input_stats, momentum, eps, true);
 }
 

@@ -66,7 +66,7 @@ std::vector<int64_t> ints(PyObject* o, const char* what) {
 
 // one int (functional.py passes num_groups through _int_arg first: the same rule, the same words)
 int64_t one_int(PyObject* o, const char* what) {
-  TORCH_CHECK_TYPE(PyLong_Check(o) && !PyBool_Check(o), g_op, ": ", what, " must be an int, got ", Py_TYPE(o)->tp_name);
+  NORMLAB_RULE(PyLong_Check(o) && !PyBool_Check(o), int_arg, {{"op", g_op}, {"what", what}, {"type", Py_TYPE(o)->tp_name}});
   const int64_t v = PyLong_AsLongLong(o);
   if (PyErr_Occurred()) throw python_error();
   return v;
