@@ -68,11 +68,38 @@ def _form_calls():
     return rec.calls
 
 
+def _reference_samples():
+    """The reference as operators (normlab::formula, formula_backward: what the core runs where it
+    has no kernel), on the forms' views: rows (R/g, g, D/seg, seg) over (2, 3), channels (N, C, S)
+    over (0, 2) with and without fixed statistics, RMS (no centring)."""
+    rows, pr = _leaf(3, 2, 2, 5), [2, 1, 1]
+    chans, pc = _leaf(4, 6, 5), [6, 1]
+    fixed = (torch.zeros(6, 1, dtype=torch.float64), torch.rand(6, 1, dtype=torch.float64) + 0.5)
+    return {
+        "formula rows": (OPS.formula.default, (rows, [2, 3], _leaf(*pr), _leaf(*pr), 1e-5, True, None, None)),
+        "formula rms": (OPS.formula.default, (rows, [2, 3], _leaf(*pr), None, 1e-5, False, None, None)),
+        "formula channels eval": (OPS.formula.default, (chans, [0, 2], _leaf(*pc), _leaf(*pc), 1e-5, True, *fixed)),
+        "formula_backward rows": (OPS.formula_backward.default,
+                                  (_leaf(3, 2, 2, 5), rows, [2, 3], _leaf(*pr), 1e-5, True, None, None, pr)),
+        "formula_backward channels, no weight": (OPS.formula_backward.default,
+                                                 (_leaf(4, 6, 5), chans, [0, 2], None, 1e-5, True, None, None, pc)),
+        "formula_backward eval": (OPS.formula_backward.default,
+                                  (_leaf(4, 6, 5), chans, [0, 2], _leaf(*pc), 1e-5, True, *fixed, pc)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_reference_samples()))
+def test_reference_operators_pass_opcheck(name):
+    op, args = _reference_samples()[name]
+    opcheck(op, args)
+
+
 def test_every_operator_is_checked():
     registered = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("normlab::")}
     public = {op.__name__.split(".")[0] for op, _ in _public_samples().values()}
     forms = {f.__name__.split(".")[0] for f in _form_calls()}
-    assert registered == public | forms, registered ^ (public | forms)
+    reference = {op.__name__.split(".")[0] for op, _ in _reference_samples().values()}
+    assert registered == public | forms | reference, registered ^ (public | forms | reference)
 
 
 @pytest.mark.parametrize("name", ["rows_forward", "rows_backward", "channels_forward", "channels_backward",

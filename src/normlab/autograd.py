@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .stats import accumulation_dtype, centered, corrected_variance, mean_square, moments, reduce_mean
 
-__all__ = ["NormalizeAffine", "normalize_affine"]
+__all__ = ["NormalizeAffine", "normalize_affine", "affine_backward"]
 
 
 def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
@@ -158,56 +158,70 @@ class NormalizeAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         x, weight, mean, rstd = ctx.saved_tensors
-        dims, center, acc = ctx.dims, ctx.center, rstd.dtype
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need = ctx.needs_input_grad[:3]
         if torch.compiler.is_compiling():  # dynamo's needs_input_grad can be stale under torch.func
-            need_x, need_w, need_b = True, weight is not None, ctx.bias_meta is not None
+            need = (True, weight is not None, ctx.bias_meta is not None)
         # Without a graph to build, two x-sized buffers are reused in place (the reference
         # path is memory-bound and fresh allocations cost page faults). Double backward
-        # builds a graph through the same formula, out of place, with the statistics
-        # recomputed so that they depend on x.
+        # builds a graph through the same formula, out of place.
         # (dynamo refuses strided out=, and vmap — torch.func, is_grads_batched — refuses out=)
         inplace = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or _transformed(dy))
-        if ctx.batch_stats and not inplace:
-            mean, var = moments(x, dims, center=center, dtype=acc)
-            rstd = torch.rsqrt(var + ctx.eps)
-        dya = dy.to(acc)
-        dx = dw = db = None
-        if need_b:
-            shape, dtype = ctx.bias_meta
-            db = dya.sum_to_size(shape).to(dtype)  # eq. (9)
-        if not ctx.batch_stats and not need_w:  # fixed statistics: ∂l/∂x = r·γ·∂l/∂y, no x̂ needed
-            return (dya * _scale(rstd, weight)).to(x.dtype) if need_x else None, dw, db, None, None, None, None, None
-        xa = x.to(acc)
-        xhat = xa - mean if center else xa * rstd  # buffer A
-        if center:
-            xhat = xhat.mul_(rstd) if inplace else xhat * rstd
-        buf = dya * xhat  # buffer B
-        if need_w:
-            dw = buf.sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
-            if dw is buf:  # nothing was summed: buf is reused below
-                dw = dw.clone()
-        if not need_x:
-            return dx, dw, db, None, None, None, None, None
-        if not ctx.batch_stats:
-            dx = torch.mul(dya, _scale(rstd, weight), out=buf if inplace else None)
-            return dx.to(x.dtype), dw, db, None, None, None, None, None
-        # eq. (5)-(7) in x̂ form: ∂l/∂x = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·∂l/∂y (eq. 4)
-        if _constant_over(weight, dims, x.dim()):
-            # γ constant where the means run (BN, IN): mean(g) = γ·mean(dy) and mean(g·x̂) =
-            # γ·mean(dy·x̂), so g is never built and γ joins r in one per-statistic scale
-            r, g = _scale(rstd, weight), dya
-            gx_mean = reduce_mean(buf, dims)
-        else:  # LN, GN: γ varies inside a statistic's group
-            buf = buf.mul_(weight) if inplace else buf * weight
-            gx_mean = reduce_mean(buf, dims)
-            r, g = rstd, torch.mul(dya, weight, out=buf if inplace else None)  # B is free again: it takes g
-        proj = xhat.mul_(gx_mean) if inplace else xhat * gx_mean
-        if center:
-            g_mean = reduce_mean(g, dims)
-            proj = proj.add_(g_mean) if inplace else proj + g_mean
-        dx = torch.sub(g, proj, out=proj).mul_(r) if inplace else (g - proj) * r
-        return dx.to(x.dtype), dw, db, None, None, None, None, None
+        return (*affine_backward(dy, x, weight, mean, rstd, ctx.dims, ctx.eps, ctx.center, ctx.batch_stats,
+                                 ctx.bias_meta, need, inplace), None, None, None, None, None)
+
+
+def affine_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, dims: Sequence[int],
+                    eps: float, center: bool, batch_stats: bool, bias_meta, need=(True, True, True),
+                    inplace: bool = False, acc: torch.dtype | None = None
+                    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(∂l/∂x, ∂l/∂γ, ∂l/∂β)`` of :class:`NormalizeAffine` (module doc: the survey's eq. (4)–(9)
+    in x̂ form; with fixed statistics ``∂l/∂x = r·γ·∂l/∂y``), ``None`` where ``need`` says no.
+    ``mean``, ``rstd``: the statistics of the forward (with batch statistics and ``inplace=False``
+    they are recomputed from ``x``, so that a graph built through this — double backward —
+    depends on x through them: they may then be ``None``, with ``acc`` the accumulation dtype);
+    ``bias_meta``: β's ``(shape, dtype)``, or ``None``."""
+    acc = acc or rstd.dtype
+    need_x, need_w, need_b = need
+    if batch_stats and not inplace:
+        mean, var = moments(x, dims, center=center, dtype=acc)
+        rstd = torch.rsqrt(var + eps)
+    dya = dy.to(acc)
+    dx = dw = db = None
+    if need_b:
+        shape, dtype = bias_meta
+        db = dya.sum_to_size(shape).to(dtype)  # eq. (9)
+    if not batch_stats and not need_w:  # fixed statistics: ∂l/∂x = r·γ·∂l/∂y, no x̂ needed
+        return ((dya * _scale(rstd, weight)).to(x.dtype) if need_x else None), dw, db
+    xa = x.to(acc)
+    xhat = xa - mean if center else xa * rstd  # buffer A
+    if center:
+        xhat = xhat.mul_(rstd) if inplace else xhat * rstd
+    buf = dya * xhat  # buffer B
+    if need_w:
+        dw = buf.sum_to_size(weight.shape).to(weight.dtype)  # eq. (8)
+        if dw is buf:  # nothing was summed: buf is reused below
+            dw = dw.clone()
+    if not need_x:
+        return dx, dw, db
+    if not batch_stats:
+        dx = torch.mul(dya, _scale(rstd, weight), out=buf if inplace else None)
+        return dx.to(x.dtype), dw, db
+    # eq. (5)-(7) in x̂ form: ∂l/∂x = r·(g − mean(g) − x̂·mean(g·x̂)), g = γ·∂l/∂y (eq. 4)
+    if _constant_over(weight, dims, x.dim()):
+        # γ constant where the means run (BN, IN): mean(g) = γ·mean(dy) and mean(g·x̂) =
+        # γ·mean(dy·x̂), so g is never built and γ joins r in one per-statistic scale
+        r, g = _scale(rstd, weight), dya
+        gx_mean = reduce_mean(buf, dims)
+    else:  # LN, GN: γ varies inside a statistic's group
+        buf = buf.mul_(weight) if inplace else buf * weight
+        gx_mean = reduce_mean(buf, dims)
+        r, g = rstd, torch.mul(dya, weight, out=buf if inplace else None)  # B is free again: it takes g
+    proj = xhat.mul_(gx_mean) if inplace else xhat * gx_mean
+    if center:
+        g_mean = reduce_mean(g, dims)
+        proj = proj.add_(g_mean) if inplace else proj + g_mean
+    dx = torch.sub(g, proj, out=proj).mul_(r) if inplace else (g - proj) * r
+    return dx.to(x.dtype), dw, db
 
 
 def _transformed(t: Tensor) -> bool:

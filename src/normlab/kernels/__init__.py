@@ -107,7 +107,9 @@ def load_core() -> bool:
 
         _LOADED = build.load()
         if _LOADED:
-            from . import ops  # noqa: F401  (the CUDA implementation of the kernels, where Triton is)
+            # the CUDA implementation of the kernels (where Triton is), and the reference as the
+            # operators the core falls back on (normlab::formula, formula_backward)
+            from . import ops, reference  # noqa: F401
     return _LOADED
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..autograd import normalize_affine  # the reference itself: never the kernels it checks
+from ..autograd import affine_backward, normalize_affine  # the reference itself: never the kernels it checks
+from ..stats import accumulation_dtype
 
 __all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_eval",
-           "channels_eval_backward", "groups_forward", "groups_backward"]
+           "channels_eval_backward", "groups_forward", "groups_backward", "formula", "formula_backward"]
 
 
 def _rows(x: Tensor, groups: int, seg: int) -> tuple[Tensor, tuple[int, ...], tuple[int, int, int]]:
@@ -112,3 +113,43 @@ def groups_backward(dy, x, mean, var, weight, eps: float, groups: int, out=None)
     dx, dw, db = _grads(lambda xx, w, b: normalize_affine(xx, (1, 3), w, b, eps)[0], x4, dy.reshape(x4.shape),
                         weight, pshape, x.shape)
     return _into(out, dx), dw, db
+
+
+# ------------------------------------------------ the reference as operators, for the core itself
+# Where the compiled core has no kernel to run — a forward-mode tangent, a graph to build through
+# the backward (double backward), batched gradients, a device without kernels — its operators
+# call these two (``torch.ops.normlab.formula``, ``formula_backward``) on the canonical form's
+# view: the reference's own differentiable ops, so the formula lives in the reference and the
+# kernels only. They run as CompositeImplicitAutograd: autograd, forward AD and vmap see the
+# plain torch ops inside.
+
+
+def formula(x: Tensor, dims: list[int], weight, bias, eps: float, center: bool, fixed_mean, fixed_var) -> Tensor:
+    """``y`` of :func:`normlab.autograd.normalize_affine` on ``x`` (reduced over ``dims``; the
+    parameters and fixed statistics broadcast against it), in x's dtype."""
+    return normalize_affine(x, dims, weight, bias, eps, center=center, fixed_mean=fixed_mean, fixed_var=fixed_var)[0]
+
+
+def formula_backward(dy: Tensor, x: Tensor, dims: list[int], weight, eps: float, center: bool, fixed_mean, fixed_var,
+                     pshape: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`formula` by :func:`normlab.autograd.affine_backward`
+    out of place (batch statistics recomputed from x); the parameter gradients summed to
+    ``pshape`` in the accumulation dtype (``dweight`` empty without a weight)."""
+    acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, fixed_mean, fixed_var) if t is not None))
+    batch = fixed_var is None
+    mean = rstd = None
+    if not batch:
+        mean = fixed_mean.to(acc) if center else None
+        rstd = torch.rsqrt(fixed_var.to(acc) + eps)
+    dx, dw, db = affine_backward(dy, x, weight, mean, rstd, dims, eps, center, batch, (tuple(pshape), acc),
+                                 (True, weight is not None, True), inplace=False, acc=acc)
+    return dx, (x.new_empty(0, dtype=acc) if dw is None else dw), db
+
+
+_LIB = torch.library.Library("normlab", "FRAGMENT")  # kept alive here: dropping it unregisters
+_LIB.define("formula(Tensor x, int[] dims, Tensor? weight, Tensor? bias, float eps, bool center, "
+            "Tensor? fixed_mean, Tensor? fixed_var) -> Tensor")
+_LIB.define("formula_backward(Tensor dy, Tensor x, int[] dims, Tensor? weight, float eps, bool center, "
+            "Tensor? fixed_mean, Tensor? fixed_var, int[] pshape) -> (Tensor, Tensor, Tensor)")
+_LIB.impl("formula", formula, "CompositeImplicitAutograd")
+_LIB.impl("formula_backward", formula_backward, "CompositeImplicitAutograd")

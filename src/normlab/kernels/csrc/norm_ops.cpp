@@ -4,11 +4,14 @@
 // One operator call per norm, as torch's own: the checks (ValueError/TypeError with normlab's
 // messages), the choice of canonical form (norm_cpu.cpp) and the autograd node all live here.
 // Autograd is a C++ Function whose backward is the fused backward kernel; when a graph is being
-// built (double backward), or the gradient is a batched tensor (is_grads_batched), it is the
-// written-out formula of the survey's eq. (4)-(9) in differentiable aten ops,
+// built (double backward), or the gradient is a batched tensor (is_grads_batched), it is
+// normlab's reference — the written-out formula of the survey's eq. (4)-(9),
 //   ∂l/∂x = r·(g − mean(g) − x̂·mean(g·x̂)),  g = γ·∂l/∂y  (RMSNorm: no mean(g)),
-// with the statistics recomputed from x so that they depend on it. Forward-mode AD (a tangent
-// on any input) runs the forward as differentiable aten ops, which carry the tangents.
+// in plain differentiable torch ops, with the statistics recomputed from x so that they depend
+// on it — called as the operator normlab::formula_backward. Forward-mode AD (a tangent on any
+// input) and devices without kernels run the reference's forward, normlab::formula, whose ops
+// carry the tangents. (Both are registered from Python by normlab.kernels.reference: the
+// formula lives in the reference and the kernels only.)
 // BatchNorm/InstanceNorm update their running statistics here, after every check has passed,
 // both buffers or neither (torch's rule: new = (1 − momentum)·old + momentum·batch, the
 // unbiased variance, computed in float64).
@@ -112,7 +115,7 @@ struct Form {
   int64_t groups = 1, seg = 1;
   bool center = true;
 
-  // the same data as a tensor the aten formula reduces over `dims`, γ, β viewed as `pshape`
+  // the same data as a tensor the reference reduces over `dims`, γ, β viewed as `pshape`
   std::vector<int64_t> dims() const {
     if (kind == ROWS) return {2, 3};
     if (kind == CHANNELS) return {0, 2};
@@ -223,7 +226,7 @@ FwdOut eval_backward(const Form& f, const Tensor& dy, const Tensor& x, const Ten
 }
 
 // Does a compiled kernel exist for x's device? (CUDA: the Triton kernels normlab registers from
-// Python when Triton is there.) Otherwise the aten formula computes the call.
+// Python when Triton is there.) Otherwise the reference computes the call (formula_forward).
 bool has_kernel(const Tensor& x, const Form& f) {
   if (x.device().is_cpu() || x.device().is_meta()) return true;
   if (x.scalar_type() == at::kDouble) return false;  // the Triton kernels: float32, float16, bfloat16
@@ -233,45 +236,45 @@ bool has_kernel(const Tensor& x, const Form& f) {
   return handle(name).hasKernelForDispatchKey(key);
 }
 
-// ------------------------------------------------------------- the written-out formula (aten)
+// ---------------------------------------------------------------- where there is no kernel
 
-at::ScalarType acc_type(const Tensor& x, std::initializer_list<const OptTensor*> others = {}) {
-  at::ScalarType acc = at::promote_types(x.scalar_type(), at::kFloat);
-  for (auto* t : others)
-    if (given(*t)) acc = at::promote_types(acc, (*t)->scalar_type());
-  return acc;
+OptTensor pview(const OptTensor& t, const Form& f) {
+  return given(t) ? t->reshape(f.pshape()) : OptTensor();
 }
 
-Tensor pview(const OptTensor& t, const Form& f) { return t->reshape(f.pshape()); }
-
-// y by differentiable aten ops (forward-mode AD, devices without a kernel)
-Tensor formula_forward(const Form& f, const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-  auto dims = f.dims();
-  Tensor xa = to_view(x, f).to(acc_type(x));
-  Tensor xc = f.center ? xa - xa.mean(dims, true) : xa;
-  Tensor y = xc * at::rsqrt(xc.square().mean(dims, true) + eps);
-  if (given(w)) y = y * pview(w, f);
-  if (given(b)) y = y + pview(b, f);
-  return from_view(y.to(x.scalar_type()), f, x);
+// Where there is no kernel to run — a forward-mode tangent, a graph to build through the backward
+// (double backward), batched gradients, a device without kernels — the reference runs, as the
+// operators normlab::formula and formula_backward that normlab.kernels.reference registers from
+// Python (CompositeImplicitAutograd: autograd, forward AD and vmap see the plain torch ops inside),
+// on the form's view. `mean`, `var`: the fixed statistics of BatchNorm in eval, or none.
+c10::OperatorHandle reference_op(const char* name) {
+  auto op = c10::Dispatcher::singleton().findOp({name, ""});
+  TORCH_CHECK(op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd), name,
+              " is not registered: it is normlab's Python reference, registered by `import normlab`");
+  return *op;
 }
 
-// (dx, dw, db) of the norm by differentiable aten ops, statistics recomputed from x
+Tensor formula_forward(const Form& f, const Tensor& x, const OptTensor& w, const OptTensor& b, double eps,
+                       const OptTensor& mean = std::nullopt, const OptTensor& var = std::nullopt) {
+  static auto op = reference_op("normlab::formula")
+                       .typed<Tensor(const Tensor&, IntArrayRef, const OptTensor&, const OptTensor&, double, bool,
+                                     const OptTensor&, const OptTensor&)>();
+  Tensor y = op.call(to_view(x, f), f.dims(), pview(w, f), pview(b, f), eps, f.center, pview(mean, f), pview(var, f));
+  return from_view(y, f, x);
+}
+
+// (dx, dw, db) of formula_forward: dw and db summed to the form's parameter shape
 std::tuple<Tensor, Tensor, Tensor> formula_backward(const Form& f, const Tensor& dy, const Tensor& x,
-                                                    const OptTensor& w, double eps, bool need_w, bool need_b) {
-  auto dims = f.dims();
-  auto pshape = f.pshape();
-  Tensor xa = to_view(x, f).to(acc_type(x, {&w}));
-  Tensor xc = f.center ? xa - xa.mean(dims, true) : xa;
-  Tensor rstd = at::rsqrt(xc.square().mean(dims, true) + eps);
-  Tensor xhat = xc * rstd;
-  Tensor dya = to_view(dy, f).to(xa.scalar_type());
-  Tensor dw = need_w ? (dya * xhat).sum_to_size(pshape) : Tensor();  // eq. (8)
-  Tensor db = need_b ? dya.sum_to_size(pshape) : Tensor();           // eq. (9)
-  Tensor g = given(w) ? dya * pview(w, f) : dya;                     // eq. (4)
-  Tensor proj = xhat * (g * xhat).mean(dims, true);
-  if (f.center) proj = proj + g.mean(dims, true);
-  Tensor dx = from_view(((g - proj) * rstd).to(x.scalar_type()), f, x);
-  return {dx, dw, db};
+                                                    const OptTensor& w, double eps,
+                                                    const OptTensor& mean = std::nullopt,
+                                                    const OptTensor& var = std::nullopt) {
+  static auto op = reference_op("normlab::formula_backward")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, IntArrayRef,
+                                                                 const OptTensor&, double, bool, const OptTensor&,
+                                                                 const OptTensor&, IntArrayRef)>();
+  auto [dx, dw, db] = op.call(to_view(dy, f), to_view(x, f), f.dims(), pview(w, f), eps, f.center, pview(mean, f),
+                              pview(var, f), f.pshape());
+  return {from_view(dx, f, x), dw, db};
 }
 
 bool has_fw_grad(std::initializer_list<const OptTensor*> ts) {
@@ -375,7 +378,7 @@ struct NormFn : public torch::autograd::Function<NormFn> {
     const Saved s(ctx, dy);
     Tensor dx, dw, db;
     if (s.formula) {
-      std::tie(dx, dw, db) = formula_backward(s.k->f, dy, s.x, s.wo, s.k->eps, s.need_w, s.need_b);
+      std::tie(dx, dw, db) = formula_backward(s.k->f, dy, s.x, s.wo, s.k->eps);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(dx, dw, db) = form_backward(s.k->f, dy, s.x, s.k->mean, s.k->var, s.wo, s.k->eps);
@@ -403,29 +406,6 @@ FwdOut normalize(const Form& f, const Tensor& x, const OptTensor& w, const OptTe
 
 // BatchNorm in eval: y = (x − μ)·a + β per channel, a = γ·r, r = 1/√(σ² + ε) (the lesson's
 // affine view of BN in inference). ∂l/∂x = a·∂l/∂y, ∂l/∂γ = r·Σ ∂l/∂y·(x − μ), ∂l/∂β = Σ ∂l/∂y.
-std::tuple<Tensor, Tensor, Tensor> eval_formula_backward(const Form& f, const Tensor& dy, const Tensor& x,
-                                                         const Tensor& mean, const Tensor& var, const OptTensor& w,
-                                                         double eps, bool need_w, bool need_b) {
-  auto pshape = f.pshape();
-  at::ScalarType acc = at::promote_types(acc_type(x, {&w}), at::promote_types(mean.scalar_type(), var.scalar_type()));
-  Tensor r = at::rsqrt(var.to(acc).reshape(pshape) + eps);
-  Tensor dya = to_view(dy, f).to(acc);
-  Tensor dw = need_w ? (dya * (to_view(x, f).to(acc) - mean.to(acc).reshape(pshape)) * r).sum_to_size(pshape) : Tensor();
-  Tensor db = need_b ? dya.sum_to_size(pshape) : Tensor();
-  Tensor a = given(w) ? r * pview(w, f) : r;
-  return {from_view((dya * a).to(x.scalar_type()), f, x), dw, db};
-}
-
-Tensor eval_formula_forward(const Form& f, const Tensor& x, const Tensor& mean, const Tensor& var,
-                            const OptTensor& w, const OptTensor& b, double eps) {
-  auto pshape = f.pshape();
-  at::ScalarType acc = at::promote_types(acc_type(x, {&w, &b}), at::promote_types(mean.scalar_type(), var.scalar_type()));
-  Tensor y = (to_view(x, f).to(acc) - mean.to(acc).reshape(pshape)) * at::rsqrt(var.to(acc).reshape(pshape) + eps);
-  if (given(w)) y = y * pview(w, f);
-  if (given(b)) y = y + pview(b, f);
-  return from_view(y.to(x.scalar_type()), f, x);
-}
-
 struct EvalFn : public torch::autograd::Function<EvalFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b,
                                const Tensor& mean, const Tensor& var, Form f, double eps) {
@@ -444,7 +424,7 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
     const Tensor &x = s.x, &mean = s.k->mean, &var = s.k->var;
     Tensor dx, dw, db;
     if (s.formula) {
-      std::tie(dx, dw, db) = eval_formula_backward(s.k->f, dy, x, mean, var, s.wo, s.k->eps, s.need_w, s.need_b);
+      std::tie(dx, dw, db) = formula_backward(s.k->f, dy, x, s.wo, s.k->eps, mean, var);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(dx, dw, db) = eval_backward(s.k->f, dy, x, mean, var, s.wo, s.k->eps);
@@ -632,7 +612,7 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
     f.shape = perm.empty() ? std::vector<int64_t>{N, C, S} : std::vector<int64_t>{N * S, C, 1};
     f.permute = perm;
     if (has_fw_grad({&w, &b}) || xc._fw_grad(0).defined() || !has_kernel(xc, f))
-      return eval_formula_forward(f, xc, *rm, *rv, w, b, eps);
+      return formula_forward(f, xc, w, b, eps, rm, rv);
     const OptTensor xo(xc);
     if (!recording({&xo, &w, &b})) {
       at::AutoDispatchBelowADInplaceOrView guard;
