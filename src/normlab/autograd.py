@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .stats import accumulation_dtype, centered, corrected_variance, mean_square, moments, reduce_mean
 
-__all__ = ["NormalizeAffine", "normalize_affine", "affine_backward"]
+__all__ = ["NormalizeAffine", "normalize_affine", "affine_forward", "affine_backward"]
 
 
 def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
@@ -83,6 +83,34 @@ def _affine(y: Tensor, x: Tensor, rstd: Tensor, weight, bias, mean) -> Tensor:
     return y if bias is None else y.add_(bias)
 
 
+def affine_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: Sequence[int], eps: float,
+                   center: bool = True, fixed_mean: Tensor | None = None, fixed_var: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of :class:`NormalizeAffine` in plain torch ops, without its autograd Function:
+    ``(y, mean, var)`` as ``apply`` returns them. What ``torch.jit.trace`` records where an
+    exporter needs plain ops (ONNX's TorchScript exporter has no ``aten::rms_norm``)."""
+    acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias, fixed_mean, fixed_var) if t is not None))
+    batch_stats = fixed_var is None
+    if batch_stats:  # y starts as the centred copy the variance pass needs anyway
+        if center:
+            mean, y, shift = centered(x, dims, acc)  # y − shift is exactly centred
+            var = corrected_variance(y, shift, dims)
+        else:
+            mean, y, shift = None, x.to(acc), None
+            var = mean_square(y, dims)
+    else:
+        # copies: a later in-place update of the running buffers must not reach the
+        # tensors saved for backward (a graph built in eval, then a train step)
+        mean = fixed_mean.to(acc, copy=True) if center else None
+        var = fixed_var.to(acc, copy=True)
+        # x − μ first (promoted to acc): folding μ into the shift would cancel
+        # catastrophically when x sits far from 0
+        y, shift = (x - mean, None) if center else (x.to(acc), None)
+    rstd = torch.rsqrt(var + eps)
+    y = _affine(y, x, rstd, weight, bias, shift)
+    return y.to(x.dtype), (mean if center else var.new_zeros(())), var
+
+
 class NormalizeAffine(torch.autograd.Function):
     """``y = γ·(x − μ)·rsqrt(σ² + ε) + β`` over ``dims``; backward written out (module doc).
 
@@ -99,26 +127,7 @@ class NormalizeAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, dims, eps, center, fixed_mean, fixed_var):
-        acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias, fixed_mean, fixed_var) if t is not None))
-        batch_stats = fixed_var is None
-        if batch_stats:  # y starts as the centred copy the variance pass needs anyway
-            if center:
-                mean, y, shift = centered(x, dims, acc)  # y − shift is exactly centred
-                var = corrected_variance(y, shift, dims)
-            else:
-                mean, y, shift = None, x.to(acc), None
-                var = mean_square(y, dims)
-        else:
-            # copies: a later in-place update of the running buffers must not reach the
-            # tensors saved for backward (a graph built in eval, then a train step)
-            mean = fixed_mean.to(acc, copy=True) if center else None
-            var = fixed_var.to(acc, copy=True)
-            # x − μ first (promoted to acc): folding μ into the shift would cancel
-            # catastrophically when x sits far from 0
-            y, shift = (x - mean, None) if center else (x.to(acc), None)
-        rstd = torch.rsqrt(var + eps)
-        y = _affine(y, x, rstd, weight, bias, shift)
-        return y.to(x.dtype), (mean if center else var.new_zeros(())), var
+        return affine_forward(x, weight, bias, dims, eps, center, fixed_mean, fixed_var)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .autograd import normalize_affine
+from .autograd import affine_forward, normalize_affine
 from .rules import error
 from .stats import accumulation_dtype, check_writable, extrema, moments, update_running
 
@@ -481,10 +481,8 @@ def rms_norm(
         return torch.nn.functional.rms_norm(input, shape, weight, eps)
     if eps is None:  # torch's rule: the eps of the dtype the statistics are computed in
         eps = torch.finfo(accumulation_dtype(input.dtype)).eps
-    if torch.jit.is_tracing():  # the formula in plain ops: ONNX's TorchScript exporter has no aten::rms_norm
-        xa = input.to(accumulation_dtype(input.dtype))
-        y = xa * torch.rsqrt(xa.square().mean(dims, keepdim=True) + eps)
-        return (y if weight is None else y * weight).to(input.dtype)
+    if torch.jit.is_tracing():  # the reference's plain ops: ONNX's TorchScript exporter has no aten::rms_norm
+        return kernels.keep_format(affine_forward(input, weight, None, dims, eps, center=False)[0], input)
     return kernels.keep_format(_normalize(op, input, dims, weight, None, eps, center=False)[0], input)
 
 

@@ -120,7 +120,8 @@ def mean_square(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
     # its largest magnitude (exact; a constant, so the gradient is unchanged), and the mean
     # square is (‖x/s‖·s/√n)², which overflows only where the mean square itself does
     with torch.no_grad():
-        s = torch.exp2(torch.floor(torch.log2(x.detach().abs().amax(dim=dims, keepdim=True))))
+        # (2^k as pow, not exp2: an exported model's ONNX has Pow)
+        s = torch.pow(2.0, torch.floor(torch.log2(x.detach().abs().amax(dim=dims, keepdim=True))))
         s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
     # vector_norm fuses square and sum in one pass (and its gradient at 0 is 0, not NaN)
     rms = torch.linalg.vector_norm(x / s, 2, dim=dims, keepdim=True) * (s / math.sqrt(n))
