@@ -79,10 +79,30 @@ inline void transpose8(const uint32_t* src, int64_t ss, uint32_t* dst, int64_t d
     _mm256_storeu_ps(dp + (i + 4) * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
   }
 }
+
+// an 8×8 block of 2-byte values (fp16, bf16) transposed in registers, as transpose8 does
+inline void transpose8_u16(const uint16_t* src, int64_t ss, uint16_t* dst, int64_t ds) {
+  __m128i r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ss));
+  for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved by 16 bits
+    t[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // then by 32 bits: four rows' values of two columns each
+    u[4 * h + 0] = _mm_unpacklo_epi32(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 1] = _mm_unpackhi_epi32(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 2] = _mm_unpacklo_epi32(t[4 * h + 1], t[4 * h + 3]);
+    u[4 * h + 3] = _mm_unpackhi_epi32(t[4 * h + 1], t[4 * h + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {  // then by 64 bits: whole columns
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * i) * ds), _mm_unpacklo_epi64(u[i], u[i + 4]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * i + 1) * ds), _mm_unpackhi_epi64(u[i], u[i + 4]));
+  }
+}
 #endif
 
 // dst (S, C) = src (C, S)ᵀ for each of B matrices, in tiles of 32×32 (both sides in cache);
-// 4-byte values in 8×8 register blocks where AVX2 is there
+// 4- and 2-byte values in 8×8 register blocks where AVX2 is there
 template <typename T>
 void transpose_kernel(const T* src, T* dst, int64_t B, int64_t C, int64_t S) {
   constexpr int64_t K = 32;
@@ -95,10 +115,16 @@ void transpose_kernel(const T* src, T* dst, int64_t B, int64_t C, int64_t S) {
       const int64_t s1 = std::min(S, s0 + K), c1 = std::min(C, c0 + K);
       int64_t c = c0;
 #if defined(__AVX2__)
-      if constexpr (sizeof(T) == 4) {
+      if constexpr (sizeof(T) == 4 || sizeof(T) == 2) {
         for (; c + 8 <= c1; c += 8) {
           int64_t s = s0;
-          for (; s + 8 <= s1; s += 8) transpose8(sp + c * S + s, S, dp + s * C + c, C);
+          for (; s + 8 <= s1; s += 8) {
+            if constexpr (sizeof(T) == 4) {
+              transpose8(sp + c * S + s, S, dp + s * C + c, C);
+            } else {
+              transpose8_u16(sp + c * S + s, S, dp + s * C + c, C);
+            }
+          }
           for (; s < s1; ++s)
             for (int64_t k = c; k < c + 8; ++k) dp[s * C + k] = sp[k * S + s];
         }
