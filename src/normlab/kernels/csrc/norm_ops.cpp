@@ -58,7 +58,8 @@ bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 void check_input(const Tensor& x, const char* op, int64_t min_ndim) {
   NORMLAB_RULE(at::isFloatingType(x.scalar_type()), input_dtype, {{"op", op}, {"dtype", dtype_name(x.scalar_type())}});
   NORMLAB_RULE(x.dim() >= min_ndim, input_ndim,
-               {{"op", op}, {"min_ndim", c10::str(min_ndim)}, {"ndim", c10::str(x.dim())}, {"shape", tuple(x.sizes())}});
+               {{"op", op}, {"min_ndim", c10::str(min_ndim)}, {"ndim", c10::str(x.dim())},
+                {"shape", tuple(x.sizes())}});
 }
 
 // any_dtype: RMSNorm's rule, where torch takes parameters of every float dtype (its output has the input's)
@@ -67,7 +68,8 @@ void check_param(const OptTensor& t, const char* name, IntArrayRef shape, const 
   if (!given(t)) return;
   NORMLAB_RULE(t->sizes() == shape, param_shape,
                {{"op", op}, {"name", name}, {"want", tuple(shape)}, {"got", tuple(t->sizes())}});
-  NORMLAB_RULE(!t->is_meta() || x.is_meta(), param_meta, {{"op", op}, {"name", name}, {"device", c10::str(x.device())}});
+  NORMLAB_RULE(!t->is_meta() || x.is_meta(), param_meta,
+               {{"op", op}, {"name", name}, {"device", c10::str(x.device())}});
   NORMLAB_RULE(t->device() == x.device(), param_device,
                {{"op", op}, {"name", name}, {"device", c10::str(t->device())}, {"input_device", c10::str(x.device())}});
   NORMLAB_RULE(at::isFloatingType(t->scalar_type()), param_float,
@@ -437,7 +439,8 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
 
 void check_running(const OptTensor& t, const char* name, const char* op) {
   // torch refuses this too
-  NORMLAB_RULE(!(given(t) && t->requires_grad() && at::GradMode::is_enabled()), running_grad, {{"op", op}, {"name", name}});
+  NORMLAB_RULE(!(given(t) && t->requires_grad() && at::GradMode::is_enabled()), running_grad,
+               {{"op", op}, {"name", name}});
 }
 
 // new = (1 − momentum)·old + momentum·batch per channel, in float64, written into both
@@ -602,7 +605,8 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
   // torch's rule for ε: positive for BatchNorm with batch statistics, else non-negative (InstanceNorm takes 0)
   const bool positive = !instance && batch_stats;
   NORMLAB_RULE(positive ? eps > 0 : eps >= 0, eps,
-               {{"op", op}, {"sign", positive ? "positive" : "non-negative"}, {"stats", batch_stats ? "batch" : "running"},
+               {{"op", op}, {"sign", positive ? "positive" : "non-negative"},
+                {"stats", batch_stats ? "batch" : "running"},
                 {"eps", c10::str(eps)}});
   if (!batch_stats) {
     NORMLAB_RULE(given(rm) && given(rv), running_required, {{"op", op}});
