@@ -22,8 +22,9 @@ Reported per case: the median time, GB/s by the bytes model, % of the copy's GB/
 speed-up of normlab over torch, over the reference and over the compiled reference (time of
 the other / time of normlab: above 1 means normlab is faster). The speed-up over torch is the
 median of the rounds' ratios with a 95% interval (:func:`speedup`) and a verdict: "faster" or
-"slower" where the interval excludes 1, "par" where the difference is within the machine's noise. Peak memory is reported on CUDA
-(``torch.cuda.max_memory_allocated`` above the inputs); the CPU has no allocator counter.
+"slower" where the interval excludes 1, "par" where the difference is within the machine's noise.
+Peak memory is reported on CUDA (``torch.cuda.max_memory_allocated`` above the inputs); the CPU
+has no allocator counter.
 
 >>> rows = run(quick=True, methods=["rms_norm"], shapes={"rms_norm": [(64, 128)]}, reps=3)
 >>> sorted(rows[0]) == sorted(COLUMNS)
@@ -255,14 +256,16 @@ def summary(rows: list[dict]) -> dict:
     per: dict[str, list[dict]] = {}
     for row in rows:
         per.setdefault(f"{row['method']} {row['pass']}", []).append(row)
-    out["per method"] = {k: {"min": min(r["vs torch"] for r in v), "median": statistics.median(r["vs torch"] for r in v),
-                             "shapes": len(v), **{w: sum(r["verdict"] == w for r in v) for w in ("faster", "par", "slower")}}
-                         for k, v in per.items()}
+    out["per method"] = {
+        k: {"min": min(r["vs torch"] for r in v), "median": statistics.median(r["vs torch"] for r in v),
+            "shapes": len(v), **{w: sum(r["verdict"] == w for r in v) for w in ("faster", "par", "slower")}}
+        for k, v in per.items()}
     return out
 
 
-_CAPTION = ("× torch: torch's own op (torch.nn.functional) on the same tensors, timed in the same rounds: the median "
-            "of the rounds' ratios, and its 95% interval (distribution-free: where it holds 1, the two are on par). "
+_CAPTION = ("× torch: torch's own op (torch.nn.functional) on the same tensors, timed in the same rounds: the "
+            "median of the rounds' ratios, and its 95% interval (distribution-free: where it holds 1, the two are "
+            "on par). "
             "× ref., × compiled: normlab's plain-torch reference, eager and torch.compile-d. "
             "Each is the other's time / normlab's: > 1 means normlab is faster. "
             "% copy: bandwidth reached, against x.clone() on this machine. --json keeps every column.")
@@ -338,7 +341,8 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, p in zip(fig.subplots(len(passes), 1, squeeze=False)[:, 0], passes):
         r = [row for row in rows if row["pass"] == p]
         mid = [row["vs torch"] for row in r]
-        err = [[m - row["vs torch low"] for m, row in zip(mid, r)], [row["vs torch high"] - m for m, row in zip(mid, r)]]
+        err = [[m - row["vs torch low"] for m, row in zip(mid, r)],
+               [row["vs torch high"] - m for m, row in zip(mid, r)]]
         colors = {"faster": "C2", "par": "0.6", "slower": "C3"}
         ax.bar(range(len(r)), mid, yerr=err, capsize=2, color=[colors[row["verdict"]] for row in r])
         ax.axhline(1.0, color="k", lw=0.8)
@@ -375,7 +379,8 @@ def _models(args, console, malloc: str) -> int:
     print(bench_models.table(rows))
     worst = min(rows, key=lambda r: r["speed-up"])
     count = {w: sum(r["verdict"] == w for r in rows) for w in ("faster", "par", "slower")}
-    print(f"slowest relative to torch.nn: {worst['model']} {worst['size']} {worst['step']} at {worst['speed-up']:.2f}× "
+    print(f"slowest relative to torch.nn: {worst['model']} {worst['size']} {worst['step']} "
+          f"at {worst['speed-up']:.2f}× "
           f"({worst['low']:.2f}–{worst['high']:.2f}); median {statistics.median(r['speed-up'] for r in rows):.2f}×; "
           f"of {len(rows)} rows faster on {count['faster']}, on par on {count['par']}, slower on {count['slower']}; "
           f"malloc: {malloc}")

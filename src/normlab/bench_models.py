@@ -201,8 +201,8 @@ def _library(name: str) -> str:
 def run(models=None, sizes=("small", "base"), compile: bool = False, reps: int = 10,
         progress: Callable[[str], None] | None = None, dtype: torch.dtype = torch.float32) -> list[dict]:
     """One row per model × size × step: ``{"model", "size", "step", "dtype", "torch ms", "normlab ms",
-    "speed-up", "low", "high", "verdict", "converted"}``; models and inputs in ``dtype``. Without ``models``, every model
-    whose library is installed (transformers, timm, diffusers)."""
+    "speed-up", "low", "high", "verdict", "converted"}``; models and inputs in ``dtype``. Without
+    ``models``, every model whose library is installed (transformers, timm, diffusers)."""
     names = list(models or [n for n in MODELS if importlib.util.find_spec(_library(n))])
     unknown = [n for n in names if n not in MODELS]
     if unknown:
