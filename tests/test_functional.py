@@ -81,6 +81,28 @@ def test_gradcheck_and_gradgradcheck(name):
     assert torch.autograd.gradgradcheck(fn, args)
 
 
+@pytest.mark.parametrize("center", [True, False])
+def test_the_reference_differentiates_through_given_statistics(center):
+    """Statistics that are functions of something (SyncBatchNorm's all-reduced moments) get the
+    survey's eq. (5)-(6) as their gradients, in backward, double backward and forward mode;
+    running buffers (no grad) still get none, and may be updated in place after the forward."""
+    from normlab.autograd import normalize_affine
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in ((4, 3, 5), (3, 1), (3, 1)))
+    m = torch.randn(3, 1, generator=g, dtype=torch.float64).requires_grad_()
+    v = (torch.rand(3, 1, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    fn = lambda x, w, b, m, v: normalize_affine(x, (0, 2), w, b, 1e-5, center=center, fixed_mean=m, fixed_var=v)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, m, v), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, m, v))
+    rm, rv = m.detach().clone(), v.detach().clone()  # buffers
+    y = fn(x, w, b, rm, rv)
+    rm.add_(1.0)
+    rv.mul_(2.0)
+    y.sum().backward()  # the graph kept copies of the buffers
+    assert x.grad is not None and rm.grad is None
+
+
 def test_weight_norm_op_matches_torch_and_gradchecks():
     v = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
     for dim in (0, 1, 2, -2, None, -1):

@@ -131,22 +131,29 @@ class NormalizeAffine(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, dims, eps, center, _, fixed_var = inputs
+        x, weight, bias, dims, eps, center, fixed_mean, fixed_var = inputs
         _, mean, var = output
         ctx.dims, ctx.center, ctx.eps, ctx.batch_stats = tuple(dims), center, eps, fixed_var is None
         # the bias itself is not needed by backward: keep only its shape and dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+        # fixed statistics that are functions of something (SyncBatchNorm's all-reduced moments,
+        # not running buffers): kept themselves, so that their gradients (eq. 5-6) and a graph
+        # through them exist; running buffers are not kept (a later in-place update must not
+        # invalidate this graph) and get no gradient, as torch refuses them requiring one
+        ctx.fixed_meta = tuple(None if t is None else (t.shape, t.dtype) for t in (fixed_mean, fixed_var))
+        fm, fv = (t if t is not None and t.requires_grad else None for t in (fixed_mean, fixed_var))
         rstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd, fm, fv)
         ctx.save_for_forward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, var)
 
     @staticmethod
-    def jvp(ctx, dx, dw, db, *_):
+    def jvp(ctx, dx, dw, db, _d, _e, _c, dmean, dvar):
         """Forward mode (``torch.func.jvp``, ``forward_ad``): the tangent of y from those of x, γ,
-        β. With batch statistics ``dx̂ = r·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ))`` (without centering,
-        no ``mean(ẋ)``): the same projection as the backward's, applied forward; with fixed
-        statistics ``dx̂ = r·ẋ``. Then ``ẏ = γ·dx̂ + γ̇·x̂ + β̇``."""
+        β and fixed statistics. With batch statistics ``dx̂ = r·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ))``
+        (without centering, no ``mean(ẋ)``): the same projection as the backward's, applied
+        forward; with fixed statistics ``dx̂ = r·(ẋ − μ̇) − ½·x̂·r²·σ̇²``. Then
+        ``ẏ = γ·dx̂ + γ̇·x̂ + β̇``."""
         x, weight, mean, rstd = ctx.saved_tensors
         dims, acc = ctx.dims, rstd.dtype
         xa = x.to(acc)
@@ -158,6 +165,13 @@ class NormalizeAffine(torch.autograd.Function):
                 proj = xhat * reduce_mean(xhat * d, dims)
                 d = d - (proj + reduce_mean(d, dims) if ctx.center else proj)
             dy = dy + (d * rstd if weight is None else d * rstd * weight)
+        if not ctx.batch_stats and (dmean is not None and ctx.center or dvar is not None):
+            d = torch.zeros_like(xhat)
+            if dmean is not None and ctx.center:
+                d = d - dmean.to(acc) * rstd
+            if dvar is not None:
+                d = d - 0.5 * xhat * rstd.square() * dvar.to(acc)
+            dy = dy + (d if weight is None else d * weight)
         if dw is not None:
             dy = dy + xhat * dw
         if db is not None:
@@ -166,17 +180,37 @@ class NormalizeAffine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, fm, fv = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
+        need_m, need_v = (ctx.needs_input_grad[6] and ctx.center), ctx.needs_input_grad[7]
         if torch.compiler.is_compiling():  # dynamo's needs_input_grad can be stale under torch.func
             need = (True, weight is not None, ctx.bias_meta is not None)
+            need_m, need_v = fm is not None and ctx.center, fv is not None
         # Without a graph to build, two x-sized buffers are reused in place (the reference
         # path is memory-bound and fresh allocations cost page faults). Double backward
         # builds a graph through the same formula, out of place.
         # (dynamo refuses strided out=, and vmap — torch.func, is_grads_batched — refuses out=)
         inplace = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or _transformed(dy))
-        return (*affine_backward(dy, x, weight, mean, rstd, ctx.dims, ctx.eps, ctx.center, ctx.batch_stats,
-                                 ctx.bias_meta, need, inplace), None, None, None, None, None)
+        if not inplace and (fm is not None or fv is not None):  # a graph through the fixed statistics too
+            acc = rstd.dtype
+            mean = fm.to(acc) if fm is not None else mean
+            rstd = torch.rsqrt(fv.to(acc) + ctx.eps) if fv is not None else rstd
+        grads = affine_backward(dy, x, weight, mean, rstd, ctx.dims, ctx.eps, ctx.center, ctx.batch_stats,
+                                ctx.bias_meta, need, inplace)
+        dmean = dvar = None
+        if not ctx.batch_stats and (need_m or need_v):
+            # eq. (6) and (5) with the statistics given: ∂l/∂μ = −Σ γ·r·∂l/∂y,
+            # ∂l/∂σ² = −½ Σ γ·∂l/∂y·x̂·r²
+            acc = rstd.dtype
+            g = dy.to(acc) if weight is None else dy.to(acc) * weight
+            if need_m:
+                shape, dtype = ctx.fixed_meta[0]
+                dmean = (-(g * rstd)).sum_to_size(shape).to(dtype)
+            if need_v:
+                xhat = ((x.to(acc) - mean) if ctx.center else x.to(acc)) * rstd
+                shape, dtype = ctx.fixed_meta[1]
+                dvar = (-0.5 * g * xhat * rstd.square()).sum_to_size(shape).to(dtype)
+        return (*grads, None, None, None, dmean, dvar)
 
 
 def affine_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, dims: Sequence[int],
