@@ -364,19 +364,20 @@ struct Saved {
 };
 
 struct NormFn : public torch::autograd::Function<NormFn> {
-  // returns (y, mean, var): statistics float64, flat, not differentiable
+  // returns y; the statistics (float64, flat, not differentiable) go to *stats, not through
+  // autograd (each output of a Function costs a wrapping on every call)
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b,
-                               Form f, double eps) {
+                               Form f, double eps, FwdOut* stats) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, var] = form_forward(f, x, w, b, eps);
     save(ctx, x, w, b, mean, var, eps, f);
-    ctx->mark_non_differentiable({mean, var});
-    return {y, mean, var};
+    *stats = {Tensor(), mean, var};
+    return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& dy = grads[0];
-    if (!dy.defined()) return variable_list(5);
+    if (!dy.defined()) return variable_list(6);
     const Saved s(ctx, dy);
     Tensor dx, dw, db;
     if (s.formula) {
@@ -385,7 +386,7 @@ struct NormFn : public torch::autograd::Function<NormFn> {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(dx, dw, db) = form_backward(s.k->f, dy, s.x, s.k->mean, s.k->var, s.wo, s.k->eps);
     }
-    return s.grads(dx, dw, db, 2);
+    return s.grads(dx, dw, db, 3);
   }
 };
 
@@ -400,8 +401,9 @@ FwdOut normalize(const Form& f, const Tensor& x, const OptTensor& w, const OptTe
     at::AutoDispatchBelowADInplaceOrView guard;
     return form_forward(f, x, w, b, eps);
   }
-  auto out = NormFn::apply(x, w, b, f, eps);
-  return {out[0], out[1], out[2]};
+  FwdOut stats;
+  Tensor y = NormFn::apply(x, w, b, f, eps, &stats)[0];
+  return {y, std::get<1>(stats), std::get<2>(stats)};
 }
 
 // -------------------------------------------------------------------- autograd: fixed stats
