@@ -50,6 +50,11 @@ def channels_backward(dy, x, mean, var, weight, eps: float, out=None):
     return _into(out, dx), dw, db
 
 
+def channels_stats(x):
+    """Per channel of ``x (N, C, S)``: ``(mean, var)``, the biased variance, float64."""
+    return _ops.channels_stats(x, list(x.shape), [])
+
+
 def channels_eval(x, mean, var, weight, bias, eps: float, out=None):
     """BatchNorm in eval on ``x (N, C, S)`` straight from the running statistics ``mean``, ``var``
     (``(C,)``): ``(x − mean)·γ/√(var + ε) + β``, the map built in float64."""

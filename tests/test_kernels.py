@@ -84,6 +84,9 @@ def test_channels_kernels_equal_the_reference(poisoned, shape, offset, dtype):
     want = reference.channels_forward(x, w, b, 1e-5)
     for g_, w_, name in zip(got, want, ("y", "mean", "var")):
         assert_rel(g_, w_, dtype, what=name)
+    for g_, w_, name in zip(cpu.channels_stats(x), reference.channels_stats(x), ("mean alone", "var alone")):
+        assert_rel(g_, w_, dtype, what=name)
+        assert torch.equal(g_, got[1 if name == "mean alone" else 2])  # the same sums as the fused kernel's
     var = want[2]
     dy = _data(shape, dtype, 0.0, seed=3)
     for g_, w_, name in zip(cpu.channels_backward(dy, x, want[1], var, w, 1e-5),

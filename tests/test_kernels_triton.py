@@ -58,6 +58,8 @@ def test_channels(poisoned, shape, offset):
     want = reference.channels_forward(x.cpu(), w.cpu(), b.cpu(), 1e-5)
     for g_, w_, name in zip(got, want, ("y", "mean", "var")):
         assert_rel(g_.cpu(), w_, tol=1e-5, what=name)
+    for g_, w_, name in zip(tk.channels_stats(x), want[1:], ("mean alone", "var alone")):
+        assert_rel(g_.cpu(), w_, tol=1e-5, what=name)
     var = want[2]
     got = tk.channels_backward(dy, x, want[1].to(DEVICE), var.to(DEVICE), w, 1e-5)
     for g_, w_, name in zip(got, reference.channels_backward(dy.cpu(), x.cpu(), want[1], var, w.cpu(), 1e-5),

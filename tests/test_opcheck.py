@@ -32,6 +32,13 @@ def _public_samples():
         "batch_norm eval": (OPS.batch_norm.default, (x, *stats(), w, b, False, 0.1, 1e-5)),
         "instance_norm": (OPS.instance_norm.default, (x, None, None, w, b, True, 0.1, 1e-5)),
         "instance_norm with statistics": (OPS.instance_norm.default, (x, *stats(), None, None, True, 0.1, 1e-5)),
+        "batch_stats": (OPS.batch_stats.default, (x,)),
+        "batch_stats channels_last": (OPS.batch_stats.default, (xc,)),
+        "batch_norm_apply, statistics requiring grad": (
+            OPS.batch_norm_apply.default, (x, _leaf(6), _leaf(6, grad=False).abs().add(0.5).requires_grad_(), w, b,
+                                           1e-5)),
+        "batch_norm_apply channels_last, no affine": (OPS.batch_norm_apply.default, (xc, *stats(), None, None, 0.0)),
+        "update_running": (OPS.update_running.default, (*stats(), *stats(), 0.1)),
     }
 
 
@@ -64,7 +71,9 @@ def _form_calls():
     with rec:
         for _, (op, args) in _public_samples().items():
             y = op(*args)
-            y.sum().backward()
+            for t in (y if isinstance(y, tuple) else (y,)):
+                if t is not None and t.requires_grad:
+                    t.sum().backward(retain_graph=True)
     return rec.calls
 
 
@@ -103,7 +112,7 @@ def test_every_operator_is_checked():
 
 
 @pytest.mark.parametrize("name", ["rows_forward", "rows_backward", "channels_forward", "channels_backward",
-                                  "channels_eval", "channels_eval_backward", "groups_forward", "groups_backward"])
+                                  "channels_stats", "channels_eval", "channels_eval_backward", "groups_forward", "groups_backward"])
 def test_form_operators_pass_opcheck_with_the_arguments_the_norms_give_them(name):
     calls = {f.__name__.split(".")[0]: (f, a, k) for f, (a, k) in _form_calls().items()}
     func, args, kwargs = calls[name]

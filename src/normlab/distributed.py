@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import functional as F
 from .errors import DTypeError, ShapeError
 from .nn import _BatchNorm
-from .stats import Moments, accumulation_dtype, centered, corrected_variance, momentum_factor, update_running
+from .stats import Moments, momentum_factor
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "all_reduce_moments", "all_reduce_scaler"]
 
@@ -90,48 +91,31 @@ def all_reduce_moments(m: Moments, group=None) -> Moments:
 
 
 def _global_moments(x: Tensor, group) -> Moments:
-    """The merged float64 triple of every rank's batch. Each rank's passes run in its
-    accumulation dtype (no float64 copy of x); its mean keeps float64 digits (see ``centered``)."""
-    dims = (0, *range(2, x.dim()))
+    """The merged ``(count, mean, M2)`` per channel of every rank's batch, float64, with the mean
+    and M2 differentiable functions of every rank's ``x``: BatchNorm's statistics operator on
+    each rank, each rank's triple in its own slot of a differentiable all-reduce
+    (``torch.distributed.nn``, whose backward all-reduces the gradients), then Chan's merge in
+    rank order. An empty shard takes part with a zero count."""
+    C = x.shape[1]
     if x.numel():
-        mean, d, r = centered(x.detach(), dims, mean_dtype=torch.float64)
-        n = x.numel() // x.shape[1]
-        var = corrected_variance(d, r, dims).double().flatten()
-        local = Moments(torch.full_like(var, float(n)), mean.flatten(), var * n)
-    else:  # an empty shard still takes part in the collective
-        local = Moments.empty((x.shape[1],), dtype=torch.float64, device=x.device)
-    return all_reduce_moments(local, group)
-
-
-def _normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor, tuple]:
-    """``(x̂, r, view)``: ``x̂ = (x − μ)·r`` in x's accumulation dtype from the float64 global
-    statistics, the mean's rounding to that dtype carried in a per-channel term (so a large
-    offset costs no accuracy), and ``r = 1/√(σ² + ε)`` in that dtype."""
-    acc = accumulation_dtype(x.dtype)
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    r = torch.rsqrt(var + eps)
-    m0 = mean.to(acc)
-    c0 = ((mean - m0.double()) * r).to(acc)
-    r0 = r.to(acc)
-    return (x.to(acc) - m0.view(view)) * r0.view(view) - c0.view(view), r0, view
-
-
-def _differentiable_moments(x: Tensor, stats: Moments, group) -> tuple[Tensor, Tensor]:
-    """The global mean and biased variance as functions of every rank's ``x``, so autograd derives
-    the backward (and double backward) through the collective: the sums of ``x − k`` and
-    ``(x − k)²`` with ``k`` the exact global mean (``stats``, found first without a graph, so the
-    sums are small and nothing cancels), all-reduced with ``torch.distributed.nn``, whose backward
-    all-reduces the gradients. The values equal ``stats``' up to rounding; float64."""
+        mean, var = F._batch_stats(x)
+        n = float(x.numel() // C)
+        local = Moments(torch.full_like(mean, n), mean, var * n)
+    else:  # zeros that are still functions of x: the backward's collective runs on this rank too
+        zero = x.sum((0, *range(2, x.dim())), dtype=torch.float64)
+        local = Moments(zero.detach(), zero, zero)
+    world = _world(group)
+    if world == 1:
+        return local
     from torch.distributed.nn.functional import all_reduce
 
-    dims, view = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
-    k = stats.mean.to(accumulation_dtype(x.dtype))
-    d = x.to(k.dtype) - k.view(view)
-    sums = torch.stack([d.sum(dims, dtype=torch.float64), d.square().sum(dims, dtype=torch.float64)])
-    if _world(group) > 1:
-        sums = all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    shift = sums[0] / stats.count
-    return k.double() + shift, (sums[1] / stats.count - shift.square()).clamp(min=0)
+    mine, rank = torch.stack([local.count, local.mean, local.m2]), dist.get_rank(group)
+    slots = torch.stack([mine if r == rank else torch.zeros_like(mine) for r in range(world)])
+    parts = all_reduce(slots, op=dist.ReduceOp.SUM, group=group)
+    total = Moments(parts[0, 0].detach(), parts[0, 1], parts[0, 2])
+    for p in parts[1:]:
+        total = total.merge(Moments(p[0].detach(), p[1], p[2]))
+    return total
 
 
 class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
@@ -222,12 +206,10 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         if input.shape[1] != self.num_features:
             raise ShapeError(f"SyncBatchNorm({self.num_features}) expects {self.num_features} channels in dim 1, "
                              f"got input of shape {tuple(input.shape)}")
-        from .functional import _check_channel_args  # BatchNorm's own checks: dtypes, ε, running statistics
-
         batch_stats = self.training or self.running_mean is None
         keep = not self.training or self.track_running_stats
-        _check_channel_args("batch_norm", input, self.running_mean if keep else None,
-                            self.running_var if keep else None, self.weight, self.bias, batch_stats, self.eps)
+        F._check_channel_args("batch_norm", input, self.running_mean if keep else None,
+                              self.running_var if keep else None, self.weight, self.bias, batch_stats, self.eps)
 
     def _agree(self, input: Tensor) -> None:
         """Check the input on every rank before any statistic travels: each rank's channel count
@@ -263,16 +245,14 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         if float(stats.count.min()) <= 1:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel over all ranks, got "
                              f"{int(stats.count.min())}; use larger batches or GroupNorm")
-        mean, var = _differentiable_moments(input, stats, self.process_group)
-        xhat, _, view = _normalized(input, mean, var, self.eps)
-        y = xhat if self.weight is None else xhat * self.weight.view(view)
-        if self.bias is not None:
-            y = y + self.bias.view(view)
+        y = F._batch_norm_apply(input, stats.mean, stats.var(), self.weight, self.bias, self.eps)
+        if input.numel() == 0 and stats.mean.requires_grad:  # an empty shard: its backward must still reach the
+            y = y + 0 * (stats.mean.sum() + stats.m2.sum()).to(y.dtype)  # all-reduce, which every rank runs
         if self.track_running_stats:
-            update_running(self.running_mean, self.running_var, stats.mean, stats.var(correction=1),
-                           momentum_factor(self.momentum, self.num_batches_tracked))
+            F._update_running(self.running_mean, self.running_var, stats.mean, stats.var(correction=1),
+                              momentum_factor(self.momentum, self.num_batches_tracked))
             self.num_batches_tracked.add_(1)
-        return y.to(input.dtype)
+        return y
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:

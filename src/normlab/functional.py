@@ -221,6 +221,53 @@ def batch_norm(
                          weight, bias, training, momentum, eps)
 
 
+# BatchNorm in parts, for the layers that do something between the statistics and the map:
+# SyncBatchNorm all-reduces the statistics, BatchRenorm corrects them. The core's operators
+# (normlab::batch_stats, batch_norm_apply, update_running) where it is there, else the reference.
+
+
+def _batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    """BatchNorm's batch statistics alone: per channel over ``(N, *)`` the mean and the biased
+    variance, ``(C,)`` each in float64, differentiable functions of ``input``."""
+    if kernels.core() is not None:
+        return torch.ops.normlab.batch_stats(input)
+    op = "batch_stats"
+    _check_input(input, op, min_ndim=2)
+    dims = (0, *range(2, input.dim()))
+    _require_values(input, dims, op)
+    mean, var = moments(input, dims, keepdim=False, dtype=torch.float64)
+    return mean, var
+
+
+def _batch_norm_apply(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      eps: float) -> Tensor:
+    """BatchNorm's map with the statistics given, ``(x − μ)·γ/√(σ² + ε) + β`` per channel: the
+    gradients flow into ``mean`` and ``var`` too where they require them (the survey “Norm相关总结”
+    eq. (5)–(6)), so statistics that are functions of the batch give BatchNorm's backward."""
+    if kernels.core() is not None:
+        return torch.ops.normlab.batch_norm_apply(input, mean, var, weight, bias, eps)
+    op = "batch_norm_apply"
+    _check_input(input, op, min_ndim=2)
+    _channels(input, op, (weight, "weight"), (bias, "bias"))
+    for t, name in ((mean, "mean"), (var, "var")):
+        _check_param(t, name, (input.shape[1],), op, input, any_dtype=True)
+    if not eps >= 0:
+        raise error("eps", op=op, sign="non-negative", stats="given", eps=f"{eps:g}")
+    nd = input.dim()
+    return _normalize(op, input, (0, *range(2, nd)), _per_channel(weight, nd), _per_channel(bias, nd), eps,
+                      fixed_mean=_per_channel(mean, nd), fixed_var=_per_channel(var, nd))[0]
+
+
+def _update_running(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+                    momentum: float) -> None:
+    """BatchNorm's rule for the running statistics (:func:`normlab.stats.update_running`), in
+    the core where it is there; ``var`` is the unbiased variance."""
+    if kernels.core() is not None:
+        torch.ops.normlab.update_running(running_mean, running_var, mean.detach(), var.detach(), momentum)
+    else:
+        update_running(running_mean, running_var, mean.detach(), var.detach(), momentum)
+
+
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,

@@ -41,7 +41,8 @@ from torch.nn.parameter import Parameter
 
 from . import functional as F
 from .errors import ShapeError
-from .stats import accumulation_dtype, mean_square, momentum_factor, update_running
+from .rules import error
+from .stats import accumulation_dtype, mean_square, momentum_factor
 
 __all__ = [
     "BatchNorm1d",
@@ -562,25 +563,26 @@ class _BatchRenorm(_BatchNorm):
         # BatchNorm's checks before the statistics are taken: a refused call computes and writes nothing
         F._check_channel_args("batch_norm", input, self.running_mean, self.running_var, self.weight, self.bias,
                               True, self.eps)
-        # one pass of BatchNorm's own kernel gives x̂ and, through buffers updated with momentum 1,
-        # the batch's mean and unbiased variance; r and d (constants to autograd) then scale and shift x̂
-        acc = accumulation_dtype(input.dtype)  # float32 for half-precision input: no overflow, one rounding
-        batch_mean = torch.zeros_like(self.running_mean, dtype=acc)
-        batch_var = torch.ones_like(self.running_var, dtype=acc)
-        xhat = F.batch_norm(input, batch_mean, batch_var, None, None, True, 1.0, self.eps)
         n = input.numel() // input.shape[1]
+        if n == 1:
+            raise error("channel_values", op="batch_norm", shape=tuple(input.shape))
+        # statistics → corrections → BatchNorm's map: the batch's μ_B, σ²_B (functions of x), then
+        # y = γ·(x̂·r + d) + β as BatchNorm with those statistics, scale γ·r and shift γ·d + β, with r
+        # and d constants to autograd, in float32 or wider (never rounded to a half parameter dtype)
+        mean, var = F._batch_stats(input)
         with torch.no_grad():
-            sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
+            sigma = torch.sqrt(self.running_var.double() + self.eps)
             rmax, dmax = self.limits()
-            r = (torch.sqrt(batch_var * ((n - 1) / n) + self.eps) / sigma).clamp(1.0 / rmax, rmax)
-            d = ((batch_mean - self.running_mean.to(acc)) / sigma).clamp(-dmax, dmax)
-        scale, shift = (r, d) if self.weight is None else (self.weight * r, self.weight * d)
+            r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / rmax, rmax)
+            d = ((mean - self.running_mean.double()) / sigma).clamp(-dmax, dmax)
+        acc = accumulation_dtype(input.dtype)
+        r, d = r.to(acc), d.to(acc)
+        scale, shift = (r, d) if self.weight is None else (self.weight.to(acc) * r, self.weight.to(acc) * d)
         if self.bias is not None:
-            shift = shift + self.bias
-        view = (1, -1) + (1,) * (input.dim() - 2)
-        out = (xhat.to(acc) * scale.to(acc).view(view) + shift.to(acc).view(view)).to(input.dtype)
-        update_running(self.running_mean, self.running_var, batch_mean, batch_var,  # after success
-                       momentum_factor(self.momentum, self.num_batches_tracked))
+            shift = shift + self.bias.to(acc)
+        out = F._batch_norm_apply(input, mean, var, scale, shift, self.eps)
+        F._update_running(self.running_mean, self.running_var, mean, var * (n / (n - 1)),  # after success
+                          momentum_factor(self.momentum, self.num_batches_tracked))
         self.num_batches_tracked.add_(1)
         return out
 

@@ -16,6 +16,12 @@ kernel of that form, with autograd in C++:
 * **groups** — GroupNorm and InstanceNorm on ``channels_last`` input, ``x`` viewed as
   ``(N, S, C)``, one statistic per sample and group of ``C/groups`` adjacent channels (CPU).
 
+BatchNorm also comes in parts, for the layers that act between its statistics and its map:
+``batch_stats`` (μ and σ² per channel, float64, differentiable), ``batch_norm_apply`` (the map
+with statistics given, their gradients flowing back) and ``update_running`` (the running
+statistics' rule). :class:`~normlab.distributed.SyncBatchNorm` is statistics → all-reduce of
+the moments → map, :class:`~normlab.nn.BatchRenorm2d` statistics → corrections r, d → map.
+
 The kernels of the forms are operators too (``torch.ops.normlab.rows_forward``, ...), with the
 signatures of :mod:`normlab.kernels.reference`, their oracle (the tests call both alike through
 ``tests/cpu_kernels.py``). On CUDA their implementation is the Triton kernels of

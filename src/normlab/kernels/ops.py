@@ -52,6 +52,9 @@ def _register_triton() -> None:
                                                out=_view(dx, shape, permute))
         return dx, dw, db
 
+    def channels_stats(x, shape, permute):
+        return triton().channels_stats(_view(x, shape, permute).contiguous())
+
     def channels_eval(x, mean, var, weight, bias, eps, shape, permute):
         y = torch.empty_like(x)
         triton().channels_eval(_view(x, shape, permute), mean, var, weight, bias, eps, out=_view(y, shape, permute))
@@ -64,7 +67,7 @@ def _register_triton() -> None:
                                                     out=_view(dx, shape, permute))
         return dx, dw, db
 
-    for fn in (rows_forward, rows_backward, channels_forward, channels_backward, channels_eval,
+    for fn in (rows_forward, rows_backward, channels_forward, channels_backward, channels_stats, channels_eval,
                channels_eval_backward):
         lib.impl(fn.__name__, fn, "CUDA")
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..autograd import affine_backward, normalize_affine  # the reference itself: never the kernels it checks
 from ..stats import accumulation_dtype
 
-__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_eval",
+__all__ = ["rows_forward", "rows_backward", "channels_forward", "channels_backward", "channels_stats", "channels_eval",
            "channels_eval_backward", "groups_forward", "groups_backward", "formula", "formula_backward"]
 
 
@@ -60,6 +60,12 @@ def channels_forward(x, weight, bias, eps: float, out=None):
     C = x.shape[1]
     y, mean, var = normalize_affine(x.double(), (0, 2), _flat(weight, (C, 1)), _flat(bias, (C, 1)), eps)
     return _into(out, y.to(x.dtype)), mean.reshape(-1), var.reshape(-1)
+
+
+def channels_stats(x):
+    """BatchNorm's statistics of ``x (N, C, S)`` alone: ``(mean, var)`` per channel in float64."""
+    _, mean, var = normalize_affine(x.double(), (0, 2), None, None, 0.0)
+    return mean.reshape(-1), var.reshape(-1)
 
 
 def channels_backward(dy, x, mean, var, weight, eps: float, out=None):

@@ -248,12 +248,21 @@ def rows_backward(dy, x, mean, var, weight, eps: float, center: bool, groups: in
     return dx, dwp.sum(0).to(_grad_dtype(weight, x)), dbp.sum(0).to(_grad_dtype(weight, x))
 
 
-def channels_forward(x, weight, bias, eps: float, out=None):
-    """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel, stored in float64."""
+def channels_stats(x):
+    """Per channel of ``x (N, C, S)``: ``(mean, var)``, the biased variance, stored in float64."""
     N, C, S = x.shape
     mean = torch.empty(C, dtype=torch.float64, device=x.device)
     var = torch.empty(C, dtype=torch.float64, device=x.device)
+    if x.numel() == 0:
+        return mean.fill_(float("nan")), var.fill_(float("nan"))
     _chan_stats[(C,)](x, mean, var, N, C, S, BLOCK=_block(N * S))
+    return mean, var
+
+
+def channels_forward(x, weight, bias, eps: float, out=None):
+    """BN training on ``x (N, C, S)`` → ``(y, mean, var)`` per channel, stored in float64."""
+    N, C, S = x.shape
+    mean, var = channels_stats(x)
     rstd = torch.rsqrt(var + eps)
     m0 = mean.float().contiguous()
     scale = rstd * _param(weight, C, 1.0, x).double()

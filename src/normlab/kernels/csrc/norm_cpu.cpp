@@ -599,7 +599,7 @@ void rows_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double e
               static_cast<opmath_t>(static_cast<double>(b[p0 + k]) - (st.mean - static_cast<double>(m0)) * scale);
           const scalar_t* xs = xr + k * seg;
           scalar_t* ys = yr + k * seg;
-          const int64_t j0 = vec_map(seg, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(s0) + VF(h0); });
+          const int64_t j0 = vec_map(seg, ys, [&](const Lanes& ld) { return at::vec::fmadd(ld(xs) - VF(m0), VF(s0), VF(h0)); });
 #pragma omp simd
           for (int64_t j = j0; j < seg; ++j) ys[j] = static_cast<scalar_t>((static_cast<opmath_t>(xs[j]) - m0) * s0 + h0);
         }
@@ -799,6 +799,14 @@ template <typename scalar_t, typename coef_t>
 void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a, const coef_t* h, int64_t N,
                             int64_t C, int64_t S, scalar_t* y);
 
+// channel c of x (N, C, S): its statistics from the sums shifted by its first value
+template <typename scalar_t>
+inline Stats channel_stats(const scalar_t* x, int64_t c, int64_t N, int64_t C, int64_t S, double eps) {
+  const double shift = shift_of(static_cast<double>(x[c * S]));
+  auto [s, ss] = shifted_sums(x + c * S, S, shift, N, C * S);
+  return finish(static_cast<double>(N * S), shift, s, ss, true, eps);
+}
+
 template <typename scalar_t, typename w_t>
 void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, int64_t N,
                              int64_t C, int64_t S, scalar_t* y, double* mean, double* var) {
@@ -809,9 +817,7 @@ void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doub
   std::vector<opmath_t> m0s(short_runs ? C : 0), s0s(m0s.size()), h0s(m0s.size());
   at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
-      const double shift = shift_of(static_cast<double>(x[c * S]));
-      auto [s, ss] = shifted_sums(x + c * S, S, shift, N, C * S);
-      Stats st = finish(static_cast<double>(N * S), shift, s, ss, true, eps);
+      const Stats st = channel_stats(x, c, N, C, S, eps);
       mean[c] = st.mean;
       var[c] = st.var;
       const opmath_t m0 = static_cast<opmath_t>(static_cast<scalar_t>(st.mean));
@@ -825,7 +831,7 @@ void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doub
       for (int64_t i = 0; i < N; ++i) {
         const scalar_t* xs = x + (i * C + c) * S;
         scalar_t* ys = y + (i * C + c) * S;
-        const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(s0) + VF(h0); });
+        const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return at::vec::fmadd(ld(xs) - VF(m0), VF(s0), VF(h0)); });
 #pragma omp simd
         for (int64_t k = k0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<opmath_t>(xs[k]) - m0) * s0 + h0);
       }
@@ -843,7 +849,7 @@ void columns_affine(const scalar_t* x, const coef_t* m, const coef_t* a, const c
       const scalar_t* xi = x + i * C;
       scalar_t* yi = y + i * C;
       const int64_t c0 = vec_map(C, yi, [&](const Lanes& ld) {
-        return (ld(xi) - ld(m)) * ld(a) + ld(h);
+        return at::vec::fmadd(ld(xi) - ld(m), ld(a), ld(h));
       });
 #pragma omp simd
       for (int64_t c = c0; c < C; ++c) yi[c] = static_cast<scalar_t>((static_cast<coef_t>(xi[c]) - m[c]) * a[c] + h[c]);
@@ -925,12 +931,10 @@ inline void chan_merge(double& n, double& m, double& q, double& plain, double nb
   plain += mb * nb;
 }
 
-// BN training on (M, C): per block of rows a two-pass mean and M2 per column (the block is in
-// cache), merged across blocks with Chan's formula, then the affine map
-template <typename scalar_t, typename w_t>
-void columns_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, int64_t M,
-                            int64_t C, scalar_t* y, double* mean, double* var) {
-  using opmath_t = at::opmath_type<scalar_t>;
+// mean and biased variance per column of x (M, C): per block of rows a two-pass mean and M2 per
+// column (the block is in cache), merged across blocks with Chan's formula
+template <typename scalar_t>
+void columns_stats(const scalar_t* x, int64_t M, int64_t C, double* mean, double* var) {
   const int64_t nblk = blocks(M), per = (M + nblk - 1) / nblk;
   std::vector<double> pn(nblk, 0.0), pmean(nblk * C, 0.0), pm2(nblk * C, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t blo, int64_t bhi) {
@@ -946,13 +950,24 @@ void columns_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doubl
       }
     }
   });
-  std::vector<opmath_t> m0(C), s0(C), h0(C);
   for (int64_t c = 0; c < C; ++c) {
     double n = 0.0, m = 0.0, q = 0.0, plain = 0.0;
     for (int64_t blk = 0; blk < nblk; ++blk) chan_merge(n, m, q, plain, pn[blk], pmean[blk * C + c], pm2[blk * C + c]);
     if (!std::isfinite(m)) m = plain / n;  // an inf in the data: the mean is that inf, as in torch
     mean[c] = m;
     var[c] = variance(m, q / n);
+  }
+}
+
+// BN training on (M, C): the statistics (columns_stats), then the affine map
+template <typename scalar_t, typename w_t>
+void columns_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double eps, int64_t M,
+                            int64_t C, scalar_t* y, double* mean, double* var) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  columns_stats(x, M, C, mean, var);
+  std::vector<opmath_t> m0(C), s0(C), h0(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = mean[c];
     m0[c] = static_cast<opmath_t>(static_cast<scalar_t>(m));
     const double scale = static_cast<double>(w[c]) / std::sqrt(var[c] + eps);
     s0[c] = static_cast<opmath_t>(scale);
@@ -1104,10 +1119,10 @@ void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a,
         int64_t c = (2 * lo) % C;  // the channel of run 2p, carried along (a division per run costs as much as the run)
         auto next = [&] { c = c + 1 == C ? 0 : c + 1; };
         for (int64_t p = lo; p < hi; ++p) {
-          const VF v0 = (load_f(x + 2 * p * S) - VF(m[c])) * VF(a[c]) + VF(h[c]);
+          const VF v0 = at::vec::fmadd(load_f(x + 2 * p * S) - VF(m[c]), VF(a[c]), VF(h[c]));
           next();
           if (2 * p + 1 < R) {
-            store_f2(y + 2 * p * S, v0, (load_f(x + (2 * p + 1) * S) - VF(m[c])) * VF(a[c]) + VF(h[c]));
+            store_f2(y + 2 * p * S, v0, at::vec::fmadd(load_f(x + (2 * p + 1) * S) - VF(m[c]), VF(a[c]), VF(h[c])));
             next();
           } else {
             store_f1(y + 2 * p * S, v0);
@@ -1123,7 +1138,7 @@ void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a,
       const coef_t m0 = m[c], a0 = a[c], h0 = h[c];
       const scalar_t* xs = x + ic * S;
       scalar_t* ys = y + ic * S;
-      const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(a0) + VF(h0); });
+      const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return at::vec::fmadd(ld(xs) - VF(m0), VF(a0), VF(h0)); });
 #pragma omp simd
       for (int64_t k = k0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<coef_t>(xs[k]) - m0) * a0 + h0);
     }
@@ -1467,6 +1482,32 @@ std::tuple<Tensor, Tensor, Tensor> channels_forward(const Tensor& x, const c10::
   return {y, mean, var};
 }
 
+// BatchNorm's statistics alone: per channel of x (N, C, S) the mean and the biased variance in
+// float64, as channels_forward computes them (SyncBatchNorm all-reduces them, BatchRenorm corrects)
+std::tuple<Tensor, Tensor> channels_stats(const Tensor& x, IntArrayRef shape, IntArrayRef permute) {
+  check_float(x, "channels_stats");
+  check_view(x, shape, "channels_stats");
+  const int64_t N = shape[0], C = shape[1], S = shape[2];
+  Tensor mean = vec(x, C, at::kDouble), var = vec(x, C, at::kDouble);
+  if (x.numel() == 0) return {mean.fill_(NAN), var.fill_(NAN)};
+  Tensor xv = canon(x, shape, permute);
+  NORMLAB_DISPATCH(x, "channels_stats", [&] {
+    const scalar_t* px = xv.const_data_ptr<scalar_t>();
+    double *pm = mean.mutable_data_ptr<double>(), *pv = var.mutable_data_ptr<double>();
+    if (S > 1) {
+      at::parallel_for(0, C, grain(N * S), [&](int64_t lo, int64_t hi) {
+        for (int64_t c = lo; c < hi; ++c) {
+          const Stats st = channel_stats(px, c, N, C, S, 0.0);
+          pm[c] = st.mean, pv[c] = st.var;
+        }
+      });
+    } else {
+      columns_stats(px, N, C, pm, pv);
+    }
+  });
+  return {mean, var};
+}
+
 std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                                      const Tensor& var, const c10::optional<Tensor>& weight,
                                                      double eps, IntArrayRef shape, IntArrayRef permute) {
@@ -1682,6 +1723,11 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward_meta(const Tensor&, const T
   return {at::empty_like(x), at::empty({shape[1]}, opts), at::empty({shape[1]}, opts)};
 }
 
+std::tuple<Tensor, Tensor> channels_stats_meta(const Tensor& x, IntArrayRef shape, IntArrayRef) {
+  auto opts = x.options().dtype(at::kDouble);
+  return {at::empty({shape[1]}, opts), at::empty({shape[1]}, opts)};
+}
+
 Tensor channels_eval_meta(const Tensor& x, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
                           const c10::optional<Tensor>&, double, IntArrayRef, IntArrayRef) {
   return at::empty_like(x);
@@ -1720,6 +1766,7 @@ TORCH_LIBRARY(normlab, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("channels_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, int[] shape, "
         "int[] permute) -> (Tensor, Tensor, Tensor)");
+  m.def("channels_stats(Tensor x, int[] shape, int[] permute) -> (Tensor, Tensor)");
   m.def("channels_eval(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, int[] shape, "
         "int[] permute) -> Tensor");
   m.def("channels_eval_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
@@ -1736,6 +1783,7 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("rows_backward", &normlab::rows_backward);
   m.impl("channels_forward", &normlab::channels_forward);
   m.impl("channels_backward", &normlab::channels_backward);
+  m.impl("channels_stats", &normlab::channels_stats);
   m.impl("channels_eval", &normlab::channels_eval);
   m.impl("channels_eval_backward", &normlab::channels_eval_backward);
   m.impl("groups_forward", &normlab::groups_forward);
@@ -1747,6 +1795,7 @@ TORCH_LIBRARY_IMPL(normlab, Meta, m) {
   m.impl("rows_backward", &normlab::rows_backward_meta);
   m.impl("channels_forward", &normlab::channels_forward_meta);
   m.impl("channels_backward", &normlab::channels_backward_meta);
+  m.impl("channels_stats", &normlab::channels_stats_meta);
   m.impl("channels_eval", &normlab::channels_eval_meta);
   m.impl("channels_eval_backward", &normlab::channels_eval_backward_meta);
   m.impl("groups_forward", &normlab::groups_forward_meta);

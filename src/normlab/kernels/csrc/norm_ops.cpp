@@ -1,5 +1,7 @@
 // normlab's norms as torch operators, with torch.nn.functional's signatures:
-//   normlab::layer_norm, rms_norm, group_norm, batch_norm, instance_norm.
+//   normlab::layer_norm, rms_norm, group_norm, batch_norm, instance_norm;
+// and BatchNorm in parts (SyncBatchNorm all-reduces between them, BatchRenorm corrects):
+//   normlab::batch_stats, batch_norm_apply, update_running.
 //
 // One operator call per norm, as torch's own: the checks (ValueError/TypeError with normlab's
 // messages), the choice of canonical form (norm_cpu.cpp) and the autograd node all live here.
@@ -327,11 +329,12 @@ bool recording(std::initializer_list<const OptTensor*> ts) {
 }
 
 void save(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b, Tensor mean, Tensor var,
-          double eps, const Form& f) {
+          double eps, const Form& f, variable_list extra = {}) {
   // (an in-place change of β between forward and backward must not be an error, as it is not
   // in torch); the statistics' gradients are never used: undefined, not materialized as zeros
   ctx->set_materialize_grads(false);
-  ctx->save_for_backward({x, given(w) ? *w : Tensor()});
+  extra.insert(extra.begin(), {x, given(w) ? *w : Tensor()});
+  ctx->save_for_backward(std::move(extra));
   auto k = c10::make_intrusive<Kept>();
   k->mean = std::move(mean), k->var = std::move(var), k->eps = eps, k->f = f;
   if (given(b)) k->has_bias = true, k->bias_shape = b->sizes().vec(), k->bias_dtype = b->scalar_type();
@@ -340,6 +343,7 @@ void save(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTe
 
 struct Saved {
   Tensor x, w;
+  variable_list extra;  // what save() was given besides x and γ
   c10::intrusive_ptr<Kept> k;
   OptTensor wo;
   bool need_x, need_w, need_b;
@@ -348,6 +352,7 @@ struct Saved {
   Saved(AutogradContext* ctx, const Tensor& dy) {
     auto saved = ctx->get_saved_variables();
     x = saved[0], w = saved[1];
+    extra.assign(saved.begin() + 2, saved.end());
     k = c10::static_intrusive_pointer_cast<Kept>(ctx->saved_data["kept"].toCapsule());
     std::tie(need_x, need_w, need_b) = needs(ctx, w, k->has_bias);
     wo = w.defined() ? OptTensor(w) : std::nullopt;
@@ -408,16 +413,22 @@ FwdOut normalize(const Form& f, const Tensor& x, const OptTensor& w, const OptTe
 
 // -------------------------------------------------------------------- autograd: fixed stats
 
-// BatchNorm in eval: y = (x − μ)·a + β per channel, a = γ·r, r = 1/√(σ² + ε) (the lesson's
-// affine view of BN in inference). ∂l/∂x = a·∂l/∂y, ∂l/∂γ = r·Σ ∂l/∂y·(x − μ), ∂l/∂β = Σ ∂l/∂y.
+// BatchNorm with given statistics: y = (x − μ)·a + β per channel, a = γ·r, r = 1/√(σ² + ε) (the
+// lesson's affine view of BN in inference). ∂l/∂x = a·∂l/∂y, ∂l/∂γ = r·Σ ∂l/∂y·(x − μ),
+// ∂l/∂β = Σ ∂l/∂y; and where the statistics are functions of something (SyncBatchNorm's
+// all-reduced moments, BatchRenorm's batch moments: batch_norm_apply) their own gradients, the
+// survey's eq. (6) and (5) with μ, σ² given: ∂l/∂μ = −a·Σ ∂l/∂y, ∂l/∂σ² = −½·γ·r²·Σ ∂l/∂y·x̂.
+// Running buffers get none: they are copied, so a later update in place (a train step) does not
+// reach what backward reads.
 struct EvalFn : public torch::autograd::Function<EvalFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b,
                                const Tensor& mean, const Tensor& var, Form f, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor y = eval_forward(f, x, mean, var, w, b, eps);
-    // copies: a later in-place update of the running buffers (a train step) must not reach
-    // what backward reads
-    save(ctx, x, w, b, mean.clone(), var.clone(), eps, f);
+    // statistics that require grad are kept themselves: a graph built through the backward
+    // (double backward) then runs through them
+    const bool functions = mean.requires_grad() || var.requires_grad();
+    save(ctx, x, w, b, mean.clone(), var.clone(), eps, f, functions ? variable_list{mean, var} : variable_list{});
     return {y};
   }
 
@@ -425,15 +436,44 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
     const Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(7);
     const Saved s(ctx, dy);
-    const Tensor &x = s.x, &mean = s.k->mean, &var = s.k->var;
-    Tensor dx, dw, db;
+    const bool functions = !s.extra.empty();
+    const Tensor &x = s.x, &mean = functions ? s.extra[0] : s.k->mean, &var = functions ? s.extra[1] : s.k->var;
+    const size_t at = 1 + given(s.wo) + s.k->has_bias;  // μ's place among the tensors autograd numbered
+    const bool need_m = functions && ctx->needs_input_grad(at), need_v = functions && ctx->needs_input_grad(at + 1);
+    Tensor dx, dw, db, dmean, dvar;
     if (s.formula) {
       std::tie(dx, dw, db) = formula_backward(s.k->f, dy, x, s.wo, s.k->eps, mean, var);
+      if (need_m || need_v) std::tie(dmean, dvar) = stats_grads(dy, x, s.wo, mean, var, s.k->eps, need_m, need_v);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(dx, dw, db) = eval_backward(s.k->f, dy, x, mean, var, s.wo, s.k->eps);
+      if (need_m || need_v) {  // from the kernel's sums: Σ ∂l/∂y is ∂l/∂β, Σ ∂l/∂y·x̂ is ∂l/∂γ
+        Tensor r = (var.to(at::kDouble) + s.k->eps).rsqrt(), g = given(s.wo) ? s.wo->to(at::kDouble) * r : r;
+        if (need_m) dmean = (-g * db.to(at::kDouble)).to(mean.scalar_type());
+        if (need_v) dvar = (-0.5 * g * r * dw.to(at::kDouble)).to(var.scalar_type());
+      }
     }
-    return s.grads(dx, dw, db, 4);
+    variable_list out = s.grads(dx, dw, db, 4);
+    out[3] = dmean, out[4] = dvar;
+    return out;
+  }
+
+  // the statistics' gradients in plain aten ops on x's own layout (N, C, *), differentiable
+  static std::pair<Tensor, Tensor> stats_grads(const Tensor& dy, const Tensor& x, const OptTensor& w,
+                                               const Tensor& mean, const Tensor& var, double eps, bool need_m,
+                                               bool need_v) {
+    std::vector<int64_t> dims = {0}, view(x.dim(), 1);
+    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+    view[1] = x.size(1);
+    Tensor r = (var.to(at::kDouble) + eps).rsqrt();
+    Tensor g = given(w) ? dy.to(at::kDouble) * w->to(at::kDouble).view(view) : dy.to(at::kDouble);
+    Tensor dmean, dvar;
+    if (need_m) dmean = (-(g.sum(dims) * r)).to(mean.scalar_type());
+    if (need_v) {
+      Tensor xc = x.to(at::kDouble) - mean.to(at::kDouble).view(view);
+      dvar = (-0.5 * (g * xc).sum(dims) * r * r * r).to(var.scalar_type());
+    }
+    return {dmean, dvar};
   }
 };
 
@@ -588,6 +628,36 @@ Tensor group_norm(const Tensor& x, int64_t num_groups, const OptTensor& w, const
   return perm.empty() ? y : y.contiguous(x.suggest_memory_format());
 }
 
+// BatchNorm's form of x (N, C, *): (N, C, S), or (N·S, C, 1) for channels_last on the CPU
+Form channels_form(const Tensor& x, Tensor& xc) {
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(1, N * C);
+  auto perm = channels_last_permute(x);
+  xc = perm.empty() && !x.is_contiguous() ? x.contiguous() : x;
+  Form f;
+  f.kind = CHANNELS;
+  f.shape = perm.empty() ? std::vector<int64_t>{N, C, S} : std::vector<int64_t>{N * S, C, 1};
+  f.permute = perm;
+  return f;
+}
+
+// x (N, C, *) normalized per channel with the statistics given (running buffers, or functions of
+// something: see EvalFn), after the caller's checks
+Tensor normalize_given(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& w, const OptTensor& b,
+                       double eps) {
+  if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
+  Tensor xc;
+  Form f = channels_form(x, xc);
+  const OptTensor mo(mean), vo(var);
+  if (has_fw_grad({&w, &b, &mo, &vo}) || xc._fw_grad(0).defined() || !has_kernel(xc, f))
+    return formula_forward(f, xc, w, b, eps, mo, vo);
+  const OptTensor xo(xc);
+  if (!recording({&xo, &w, &b, &mo, &vo})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return eval_forward(f, xc, mean, var, w, b, eps);
+  }
+  return EvalFn::apply(xc, w, b, mean, var, f, eps)[0];
+}
+
 // BatchNorm and InstanceNorm: per-channel parameters and running statistics
 Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w,
                     const OptTensor& b, bool batch_stats, double momentum, double eps, bool instance) {
@@ -598,9 +668,6 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
   const int64_t nd = x.dim(), N = x.size(0), C = x.size(1);
   int64_t S = 1;
   for (int64_t d = 2; d < nd; ++d) S *= x.size(d);
-  std::vector<int64_t> dims;
-  if (!instance) dims.push_back(0);
-  for (int64_t d = 2; d < nd; ++d) dims.push_back(d);
   auto perm = channels_last_permute(x);
   Form f;
   f.kind = CHANNELS;
@@ -612,19 +679,7 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
                 {"eps", c10::str(eps)}});
   if (!batch_stats) {
     NORMLAB_RULE(given(rm) && given(rv), running_required, {{"op", op}});
-    if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
-    Tensor xc = x;
-    if (perm.empty() && !x.is_contiguous()) xc = x.contiguous();
-    f.shape = perm.empty() ? std::vector<int64_t>{N, C, S} : std::vector<int64_t>{N * S, C, 1};
-    f.permute = perm;
-    if (has_fw_grad({&w, &b}) || xc._fw_grad(0).defined() || !has_kernel(xc, f))
-      return formula_forward(f, xc, w, b, eps, rm, rv);
-    const OptTensor xo(xc);
-    if (!recording({&xo, &w, &b})) {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      return eval_forward(f, xc, *rm, *rv, w, b, eps);
-    }
-    return EvalFn::apply(xc, w, b, *rm, *rv, f, eps)[0];
+    return normalize_given(x, *rm, *rv, w, b, eps);
   }
   // an empty batch: an empty output, the running statistics as they were (torch's semantics)
   if (x.numel() == 0) return empty_output(x, w, b, channel_view(x));
@@ -648,10 +703,8 @@ Tensor channel_norm(const char* op, const Tensor& x, const OptTensor& rm, const 
       if (!perm.empty()) y = y.contiguous(x.suggest_memory_format());
     }
   } else {
-    Tensor xc = x;
-    if (perm.empty() && !x.is_contiguous()) xc = x.contiguous();
-    f.shape = perm.empty() ? std::vector<int64_t>{N, C, S} : std::vector<int64_t>{N * S, C, 1};
-    f.permute = perm;
+    Tensor xc;
+    f = channels_form(x, xc);
     std::tie(y, mean, var) = normalize(f, xc, w, b, eps);
   }
   if (given(rm) || given(rv)) {
@@ -675,6 +728,95 @@ Tensor batch_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, con
   return channel_norm("batch_norm", x, rm, rv, w, b, training, momentum, eps, false);
 }
 
+// ---------------------------------------------------- BatchNorm in parts: statistics, then apply
+
+std::vector<int64_t> batch_dims(const Tensor& x) {  // (0, 2, 3, ...)
+  std::vector<int64_t> dims = {0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+// The statistics of BatchNorm's batch alone, μ and σ² per channel over (N, *), float64, as
+// functions of x: ∂μ/∂x = 1/n, ∂σ²/∂x = 2·(x − μ)/n. The backward runs in aten ops in x's
+// compute precision, x − μ taken as (x − m₀) − (μ − m₀) with m₀ = μ rounded to it (a large
+// offset costs no digits); while a graph is built through it, μ is taken again from x.
+struct StatsFn : public torch::autograd::Function<StatsFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, Form f) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = handle("normlab::channels_stats")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef)>();
+    auto [mean, var] = op.call(x, f.shape, f.permute);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x});
+    ctx->saved_data["mean"] = mean;
+    return {mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor &dmean = grads[0], &dvar = grads[1];
+    const Tensor x = ctx->get_saved_variables()[0];
+    if (!dmean.defined() && !dvar.defined()) return {Tensor(), Tensor()};
+    const auto dims = batch_dims(x);
+    std::vector<int64_t> view(x.dim(), 1);
+    view[1] = x.size(1);
+    const auto acc = at::promote_types(x.scalar_type(), at::kFloat);
+    const double n = static_cast<double>(x.numel() / x.size(1));
+    Tensor dx = dmean.defined() ? (dmean / n).to(acc).view(view) : Tensor();
+    if (dvar.defined()) {
+      Tensor mean = at::GradMode::is_enabled() ? x.to(at::kDouble).mean(dims) : ctx->saved_data["mean"].toTensor();
+      Tensor m0 = mean.to(acc);
+      Tensor d = (x.to(acc) - m0.view(view)) - (mean - m0.to(at::kDouble)).to(acc).view(view);
+      Tensor t = d * (dvar * (2.0 / n)).to(acc).view(view);
+      dx = dx.defined() ? t + dx : t;
+    }
+    return {dx.expand(x.sizes()).to(x.scalar_type()), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
+  const char* op = "batch_stats";
+  check_input(x, op, 2);
+  require_values(x, batch_dims(x), op);  // (an input of no channels has none to give: empty statistics)
+  Tensor xc;
+  Form f = channels_form(x, xc);
+  if (x._fw_grad(0).defined() || !has_kernel(xc, f)) {  // torch's op carries tangents (and runs anywhere)
+    auto [var, mean] = at::var_mean(x.to(at::kDouble), batch_dims(x), /*correction=*/0, /*keepdim=*/false);
+    return {mean, var};
+  }
+  if (!(at::GradMode::is_enabled() && x.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto k = handle("normlab::channels_stats")
+                        .typed<std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef)>();
+    return k.call(xc, f.shape, f.permute);
+  }
+  auto out = StatsFn::apply(xc, f);
+  return {out[0], out[1]};
+}
+
+// BatchNorm with statistics given as tensors that may be functions of something (their gradients
+// flow back, see EvalFn): y = (x − μ)·γ/√(σ² + ε) + β per channel
+Tensor batch_norm_apply(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& w,
+                        const OptTensor& b, double eps) {
+  const char* op = "batch_norm_apply";
+  check_input(x, op, 2);
+  check_channels(x, op, {{&w, "weight"}, {&b, "bias"}});
+  const int64_t C = x.size(1);
+  const OptTensor mo(mean), vo(var);
+  check_param(mo, "mean", {C}, op, x, /*any_dtype=*/true);
+  check_param(vo, "var", {C}, op, x, /*any_dtype=*/true);
+  NORMLAB_RULE(eps >= 0, eps, {{"op", op}, {"sign", "non-negative"}, {"stats", "given"}, {"eps", c10::str(eps)}});
+  return normalize_given(x, mean, var, w, b, eps);
+}
+
+// the running statistics' rule alone (BatchNorm's, see update_running): SyncBatchNorm and
+// BatchRenorm, which take their statistics in parts, update by it too
+void update_running_op(const OptTensor& rm, const OptTensor& rv, const Tensor& mean, const Tensor& var,
+                       double momentum) {
+  check_running(rm, "running_mean", "update_running");
+  check_running(rv, "running_var", "update_running");
+  update_running(rm, rv, mean, var, momentum);
+}
+
 Tensor instance_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w,
                      const OptTensor& b, bool use_input_stats, double momentum, double eps) {
   NORMLAB_RULE(x.dim() >= 3, instance_ndim, {{"ndim", c10::str(x.dim())}, {"shape", tuple(x.sizes())}});
@@ -694,6 +836,11 @@ TORCH_LIBRARY_FRAGMENT(normlab, m) {
   m.def("instance_norm(Tensor input, Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, "
         "Tensor? weight=None, Tensor? bias=None, bool use_input_stats=True, float momentum=0.1, "
         "float eps=1e-05) -> Tensor");
+  m.def("batch_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def("batch_norm_apply(Tensor input, Tensor mean, Tensor var, Tensor? weight=None, Tensor? bias=None, "
+        "float eps=1e-05) -> Tensor");
+  m.def("update_running(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor var, "
+        "float momentum) -> ()");
 }
 
 // Autograd: the planning above and the C++ Functions. Below autograd (inference mode, and the
@@ -705,6 +852,9 @@ TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
   m.impl("group_norm", &normlab::group_norm);
   m.impl("batch_norm", &normlab::batch_norm);
   m.impl("instance_norm", &normlab::instance_norm);
+  m.impl("batch_stats", &normlab::batch_stats);
+  m.impl("batch_norm_apply", &normlab::batch_norm_apply);
+  m.impl("update_running", &normlab::update_running_op);
 }
 
 TORCH_LIBRARY_IMPL(normlab, CompositeExplicitAutograd, m) {
@@ -713,4 +863,7 @@ TORCH_LIBRARY_IMPL(normlab, CompositeExplicitAutograd, m) {
   m.impl("group_norm", &normlab::group_norm);
   m.impl("batch_norm", &normlab::batch_norm);
   m.impl("instance_norm", &normlab::instance_norm);
+  m.impl("batch_stats", &normlab::batch_stats);
+  m.impl("batch_norm_apply", &normlab::batch_norm_apply);
+  m.impl("update_running", &normlab::update_running_op);
 }
