@@ -157,9 +157,12 @@ Tensor packed(const Tensor& t) {
   return t.contiguous();
 }
 
-// t (shaped like x) in the canonical layout; a view for what the op allocated, a copy only
-// for an input or an incoming gradient in another layout
+// t (shaped like x) with its data in the canonical layout, for the kernels' pointers (its sizes are
+// not the form's: the kernels take those from `shape`); t itself where it is already (no view to
+// make: each costs as much as a small kernel), a copy only for an input or an incoming gradient
+// in another layout
 Tensor canon(const Tensor& t, IntArrayRef shape, IntArrayRef permute) {
+  if (permute.empty() && t.is_contiguous()) return t;
   return packed(permute.empty() ? t : t.permute(permute)).view(shape);
 }
 
@@ -1548,8 +1551,8 @@ std::tuple<Tensor, Tensor, Tensor> channels_backward(const Tensor& dy, const Ten
 std::vector<double> values(const c10::optional<Tensor>& t, int64_t C, double fill) {
   std::vector<double> v(C, fill);
   if (!(t.has_value() && t->defined())) return v;
-  Tensor u = t->reshape({C});
-  if (!u.is_contiguous() || !u.device().is_cpu()) u = u.contiguous().cpu();
+  const bool flat = t->dim() == 1 && t->is_contiguous() && t->device().is_cpu();
+  Tensor u = flat ? *t : t->reshape({C}).contiguous().cpu();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "values", [&] {
     const scalar_t* p = u.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c]);

@@ -29,6 +29,7 @@
 
 #include "errors.h"
 
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -292,8 +293,10 @@ bool batched(const Tensor& t) {
   return ks.has(c10::DispatchKey::Batched) || ks.has(c10::DispatchKey::FuncTorchBatched);
 }
 
+Tensor converted(const Tensor& t, at::ScalarType dtype);
+
 Tensor shaped_as(const Tensor& g, IntArrayRef sizes, at::ScalarType dtype) {  // a flat parameter gradient
-  return (g.sizes() == sizes ? g : g.reshape(sizes)).to(dtype);
+  return converted(g.sizes() == sizes ? g : g.reshape(sizes), dtype);
 }
 
 Tensor shaped_like(const Tensor& g, const Tensor& like) { return shaped_as(g, like.sizes(), like.scalar_type()); }
@@ -413,6 +416,43 @@ FwdOut normalize(const Form& f, const Tensor& x, const OptTensor& w, const OptTe
 
 // -------------------------------------------------------------------- autograd: fixed stats
 
+// a tensor whose data this code may read and write through its pointer: on the CPU, neither fake
+// nor functional (those go through aten ops)
+bool plain(const Tensor& t) {
+  return t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
+         !at::functionalization::impl::isFunctionalTensor(t);
+}
+
+// small per-channel vectors (statistics, parameter gradients) on the plain CPU path are copied
+// and converted value by value: an aten clone or cast costs a few dispatches, more than the work
+bool small_plain(const Tensor& t, int64_t most) { return plain(t) && t.is_contiguous() && t.numel() <= most; }
+
+// a copy of t (for backward: a later in-place update of a running buffer, a train step, must not
+// reach what backward reads)
+Tensor copied(const Tensor& t) {
+  if (!small_plain(t, 1 << 16)) return t.clone();
+  Tensor out = at::empty(t.sizes(), t.options());
+  std::memcpy(out.mutable_data_ptr(), t.const_data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
+  return out;
+}
+
+// t in dtype
+Tensor converted(const Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  if (!small_plain(t, 2048) || !at::isFloatingType(dtype)) return t.to(dtype);  // (then aten's vector loop wins)
+  Tensor out = at::empty(t.sizes(), t.options().dtype(dtype));
+  const int64_t n = t.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "converted", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "converted", [&] {
+      using out_t = scalar_t;
+      out_t* q = out.mutable_data_ptr<out_t>();
+      for (int64_t i = 0; i < n; ++i) q[i] = static_cast<out_t>(p[i]);
+    });
+  });
+  return out;
+}
+
 // BatchNorm with given statistics: y = (x − μ)·a + β per channel, a = γ·r, r = 1/√(σ² + ε) (the
 // lesson's affine view of BN in inference). ∂l/∂x = a·∂l/∂y, ∂l/∂γ = r·Σ ∂l/∂y·(x − μ),
 // ∂l/∂β = Σ ∂l/∂y; and where the statistics are functions of something (SyncBatchNorm's
@@ -428,7 +468,7 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
     // statistics that require grad are kept themselves: a graph built through the backward
     // (double backward) then runs through them
     const bool functions = mean.requires_grad() || var.requires_grad();
-    save(ctx, x, w, b, mean.clone(), var.clone(), eps, f, functions ? variable_list{mean, var} : variable_list{});
+    save(ctx, x, w, b, copied(mean), copied(var), eps, f, functions ? variable_list{mean, var} : variable_list{});
     return {y};
   }
 
@@ -499,8 +539,6 @@ void update_running(const OptTensor& rm, const OptTensor& rv, const Tensor& mean
     NORMLAB_RULE(why == nullptr, unwritable, {{"name", name}, {"why", why ? why : ""}});
   }
   // plain CPU buffers are updated in place; fake, functional or other tensors through aten ops
-  auto plain = [](const Tensor& t) { return t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
-                                            !at::functionalization::impl::isFunctionalTensor(t); };
   auto direct = [&](const OptTensor& t) {
     const auto dt = given(t) ? t->scalar_type() : at::kFloat;
     return !given(t) || (plain(*t) && t->is_contiguous() && !t->is_inference() &&
