@@ -128,12 +128,14 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
     with the mean and the biased variance taken per channel over the global batch: the batches of
-    every rank of ``process_group``, as if concatenated. They are the merged ``(count, mean, M2)``
-    of all ranks (:func:`all_reduce_moments`), so uneven and empty shards are exact;
-    ``running_var`` stores the unbiased global variance, updated with ``momentum`` as BatchNorm
-    does. The statistics are functions of every rank's batch through a differentiable all-reduce
-    (``torch.distributed.nn``), so autograd gives the backward of the survey “Norm相关总结” eq.
-    (5)–(7) with both sums taken over the global batch,
+    every rank of ``process_group``, as if concatenated. Each rank takes its own ``(count, mean,
+    M2)`` with BatchNorm's statistics operator, the triples are merged in rank order with Chan's
+    formula (as :func:`all_reduce_moments`), so uneven and empty shards are exact, and BatchNorm's
+    map normalizes with the result; ``running_var`` stores the unbiased global variance, updated
+    with ``momentum`` by BatchNorm's rule. The statistics are functions of every rank's batch
+    through a differentiable all-reduce (``torch.distributed.nn``) and the map passes their
+    gradients back (eq. (5)–(6) with the statistics given), so autograd gives the backward of the
+    survey “Norm相关总结” eq. (5)–(7) with both sums taken over the global batch,
 
     .. math::
 
@@ -141,8 +143,8 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         \Big(\frac{\partial l}{\partial y} - \frac{1}{n}\sum \frac{\partial l}{\partial y}
         - \hat x \cdot \frac{1}{n}\sum \frac{\partial l}{\partial y}\,\hat x\Big),
 
-    ``n`` the global count per channel, and the double backward too. Parameter gradients are local (DistributedDataParallel averages them, as with
-    torch's SyncBatchNorm). In training every rank must call it in step (the statistics are a
+    ``n`` the global count per channel, and the double backward too. Parameter gradients are local
+    (DistributedDataParallel averages them, as with torch's SyncBatchNorm). In training every rank must call it in step (the statistics are a
     collective); each rank's input is checked before any statistic travels, and ranks whose
     channel counts disagree all raise, naming every rank's count, so none is left waiting.
     Training on at most one value per channel over all ranks raises a ``ValueError``.
