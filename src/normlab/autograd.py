@@ -298,5 +298,10 @@ def normalize_affine(
     fixed_var: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Functional entry point of the reference: ``(y, mean, var)`` as :class:`NormalizeAffine`
-    returns them (the compiled core's operators are :mod:`normlab.kernels`' business)."""
+    returns them (the compiled core's operators are :mod:`normlab.kernels`' business). Being
+    compiled, the forward's plain ops (:func:`affine_forward`), which dynamo traces (it refuses an
+    autograd.Function with a custom ``jvp``) and inductor fuses with their neighbours; autograd
+    then derives their backward."""
+    if torch.compiler.is_compiling():
+        return affine_forward(x, weight, bias, tuple(dims), eps, center, fixed_mean, fixed_var)
     return NormalizeAffine.apply(x, weight, bias, tuple(dims), eps, center, fixed_mean, fixed_var)

@@ -212,7 +212,7 @@ def batch_norm(
         >>> torch.allclose(mean, 0.1 * x.mean(0))          # the running mean moved 10% of the way
         True
     """
-    core = kernels.core()
+    core = kernels.core("batch_norm")
     if core is not None:
         if core is kernels.TRACED and not (isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0):
             _check_channel_args("batch_norm", input, running_mean, running_var, weight, bias, training, eps)
@@ -229,7 +229,7 @@ def batch_norm(
 def _batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """BatchNorm's batch statistics alone: per channel over ``(N, *)`` the mean and the biased
     variance, ``(C,)`` each in float64, differentiable functions of ``input``."""
-    if kernels.core() is not None:
+    if kernels.core("batch_norm") is not None:
         return torch.ops.normlab.batch_stats(input)
     op = "batch_stats"
     _check_input(input, op, min_ndim=2)
@@ -244,7 +244,7 @@ def _batch_norm_apply(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor |
     """BatchNorm's map with the statistics given, ``(x − μ)·γ/√(σ² + ε) + β`` per channel: the
     gradients flow into ``mean`` and ``var`` too where they require them (the survey “Norm相关总结”
     eq. (5)–(6)), so statistics that are functions of the batch give BatchNorm's backward."""
-    if kernels.core() is not None:
+    if kernels.core("batch_norm") is not None:
         return torch.ops.normlab.batch_norm_apply(input, mean, var, weight, bias, eps)
     op = "batch_norm_apply"
     _check_input(input, op, min_ndim=2)
@@ -262,7 +262,7 @@ def _update_running(running_mean: Tensor | None, running_var: Tensor | None, mea
                     momentum: float) -> None:
     """BatchNorm's rule for the running statistics (:func:`normlab.stats.update_running`), in
     the core where it is there; ``var`` is the unbiased variance."""
-    if kernels.core() is not None:
+    if kernels.core("batch_norm") is not None:
         torch.ops.normlab.update_running(running_mean, running_var, mean.detach(), var.detach(), momentum)
     else:
         update_running(running_mean, running_var, mean.detach(), var.detach(), momentum)
@@ -313,7 +313,7 @@ def instance_norm(
         >>> bool(y.mean((2, 3)).abs().max() < 1e-5), tuple(y.shape)
         (True, (2, 3, 8, 8))
     """
-    core = kernels.core()
+    core = kernels.core("instance_norm")
     if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if isinstance(input, Tensor) and input.dim() < 3:
@@ -438,7 +438,7 @@ def layer_norm(
         True
     """
     weight = _offset_weight(weight, offset, "layer_norm")
-    core = kernels.core()
+    core = kernels.core("layer_norm")
     if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.layer_norm(input, normalized_shape, weight, bias, eps)
     op = "layer_norm"
@@ -453,7 +453,7 @@ def layer_norm(
     if _native():
         _require_values(input, dims, op)  # as the core and the reference: no statistics of nothing
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
-    return _normalize(op, input, dims, weight, bias, eps)[0]
+    return _normalize(op, input, dims, weight, bias, eps)[0].contiguous()  # as torch's and the core's, whatever x's strides
 
 
 def _offset_weight(weight: Tensor | None, offset: float, op: str) -> Tensor | None:
@@ -513,7 +513,7 @@ def rms_norm(
         True
     """
     weight = _offset_weight(weight, offset, "rms_norm")
-    core = kernels.core()
+    core = kernels.core("rms_norm")
     if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.rms_norm(input, normalized_shape, weight, eps)
     op = "rms_norm"
@@ -570,7 +570,7 @@ def group_norm(
         True
     """
     num_groups = _int_arg(num_groups, "num_groups", "group_norm")
-    core = kernels.core()
+    core = kernels.core("group_norm")
     if core is not None and core is not kernels.TRACED:  # the compiled core checks in C++
         return core.group_norm(input, num_groups, weight, bias, eps)
     op = "group_norm"

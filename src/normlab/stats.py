@@ -325,8 +325,8 @@ def check_writable(t: Tensor | None, name: str) -> None:
 
     >>> check_writable(torch.zeros(3), "running_mean")   # a plain buffer: fine
     """
-    if t is None:
-        return
+    if t is None or torch.compiler.is_compiling():  # (dynamo cannot trace is_inference; functionalized
+        return  # updates write no buffer in place)
     why = None
     if t.is_inference() and not torch.is_inference_mode_enabled():
         why = "it was made under torch.inference_mode()"

@@ -119,12 +119,11 @@ def load_core() -> bool:
     return _LOADED
 
 
-# What torch.compile gets: "fuse" — torch's own ops, which inductor lowers and fuses with their
-# neighbours; "operators" — normlab's, which inductor calls as they are; "auto" (the default) —
-# per norm, the one measured faster inside compiled models (README "Performance": compiled
-# transformers models with normlab's operators ran at 0.77–0.93× torch.nn's for ResNet's
-# BatchNorms and 0.93× for a LayerNorm/RMSNorm MLP, 1.0× with torch's ops): torch's ops for every
-# norm today (_AUTO_FUSES).
+# What torch.compile gets: "fuse" — normlab's reference formula (normlab.autograd, plain torch ops
+# and the written-out backward), which dynamo traces and inductor lowers and fuses with the norm's
+# neighbours; "operators" — normlab's operators, which inductor calls as they are; "auto" (the
+# default) — per norm, the one measured faster inside compiled models (README "Performance"):
+# the formula for every norm today (_AUTO_FUSES).
 COMPILE_MODES = ("auto", "fuse", "operators")
 _AUTO_FUSES = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
 
@@ -146,8 +145,9 @@ def get_compile_mode() -> str:
 
 def set_compile_mode(mode: str) -> str:
     """Choose what ``torch.compile`` gets for the norms, for the whole process; returns the previous
-    mode. ``"fuse"``: torch's own ops, which inductor fuses with their neighbours (torch's float32
-    statistics); ``"operators"``: normlab's operators, opaque to inductor (normlab's numerics);
+    mode. ``"fuse"``: normlab's reference formula in plain torch ops, which inductor fuses with
+    the norm's neighbours (its statistics in float32 for float32 and half-precision input, two
+    passes); ``"operators"``: normlab's operators, opaque to inductor (float64 statistics);
     ``"auto"`` (the default, or ``NORMLAB_COMPILE``): per norm, the one measured faster. It applies
     to code compiled after the call: ``torch._dynamo.reset()`` recompiles what was compiled before.
     """
@@ -161,53 +161,42 @@ def _fuse(op: str) -> bool:
 
 
 class _Traced:
-    """The core as ``torch.ops.normlab`` calls, for code that torch.compile traces (dynamo
-    understands operators, not the eager entry points of ``normlab._C``), or torch's own op
-    where inductor does better with it (:data:`COMPILE`)."""
+    """The core as ``torch.ops.normlab`` calls, for code that torch.compile traces in the
+    ``"operators"`` mode (dynamo understands operators, not the eager entry points of
+    ``normlab._C``)."""
 
     @staticmethod
     def layer_norm(x, shape, weight, bias, eps):
-        if _fuse("layer_norm"):
-            return torch.nn.functional.layer_norm(x, _ints(shape), weight, bias, eps)
         return torch.ops.normlab.layer_norm(x, _ints(shape), weight, bias, eps)
 
     @staticmethod
     def rms_norm(x, shape, weight, eps):
-        if _fuse("rms_norm"):
-            return torch.nn.functional.rms_norm(x, _ints(shape), weight, eps)
         return torch.ops.normlab.rms_norm(x, _ints(shape), weight, eps)
 
     @staticmethod
     def group_norm(x, groups, weight, bias, eps):
-        if _fuse("group_norm"):
-            return torch.nn.functional.group_norm(x, groups, weight, bias, eps)
         return torch.ops.normlab.group_norm(x, groups, weight, bias, eps)
 
     @staticmethod
     def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
-        if _fuse("batch_norm"):
-            return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.ops.normlab.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
     @staticmethod
     def instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
-        if _fuse("instance_norm"):  # in x's memory format, as normlab's eager InstanceNorm (torch's is contiguous)
-            y = torch.nn.functional.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
-                                                  momentum, eps)
-            return keep_format(y, x)
         return torch.ops.normlab.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
                                                momentum, eps)
 
 
 def keep_format(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Return ``y`` in the memory format of ``like`` (reshapes lose channels_last)."""
+    """Return ``y`` in the memory format of ``like`` where that is channels_last (reshapes lose
+    it), else contiguous (as the core returns it for any other strides)."""
     for fmt in (torch.channels_last, torch.channels_last_3d):
         try:
             if like.is_contiguous(memory_format=fmt) and not like.is_contiguous():
                 return y.contiguous(memory_format=fmt)
         except RuntimeError:  # format does not apply to this ndim
             continue
-    return y
+    return y.contiguous()
 
 
 TRACED = _Traced  # what core() gives code being compiled: functional runs normlab's Python checks first
@@ -220,22 +209,24 @@ def _ints(shape):
 _C = None
 
 
-def core():
+def core(op: str | None = None):
     """The compiled core's entry points (``layer_norm``, ``rms_norm``, ``group_norm``,
     ``batch_norm``, ``instance_norm``, torch.nn.functional's arguments, all positional) when
     the backend is ``"auto"`` and the core is there, else ``None``.
 
-    Called by every norm, so it is a few attribute reads: eager calls get ``normlab._C``, whose
-    functions take their arguments directly (``torch.ops``' schema parsing costs as much as a
-    small norm), code being compiled gets :class:`_Traced` (the ``torch.ops.normlab`` operators or
-    torch's own ops, per :data:`COMPILE`), and ``torch.func``
+    Called by every norm (``op``: its name), so it is a few attribute reads: eager calls get
+    ``normlab._C``, whose functions take their arguments directly (``torch.ops``' schema parsing
+    costs as much as a small norm), code being compiled gets :class:`_Traced` (the
+    ``torch.ops.normlab`` operators) or, where :data:`COMPILE` fuses ``op``, ``None`` (the
+    reference formula, which inductor fuses with its neighbours), and ``torch.func``
     transforms get ``None`` (the reference, whose autograd.Function they can transform), and so
     do exporters — ``torch.export`` (and the ONNX exporter on top of it) and ``torch.jit.trace``
     (and ``torch.onnx.export(dynamo=False)``) — which then record torch's native ops (see
     :func:`native`): the exported program runs wherever torch does, without normlab."""
     global _C
     if torch.compiler.is_compiling():
-        if _backend != "auto" or torch._C._are_functorch_transforms_active() or torch.compiler.is_exporting():
+        if (_backend != "auto" or torch._C._are_functorch_transforms_active() or torch.compiler.is_exporting()
+                or (op is not None and _fuse(op))):
             return None
         return _Traced if _LOADED else None
     if ((_override.get() or _backend) != "auto" or torch._C._are_functorch_transforms_active()
