@@ -1,5 +1,6 @@
 """Fast kernels against their reference (same signatures), dispatch, backends and torch.compile."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -670,6 +671,22 @@ def test_compiled_norms_keep_eager_memory_format(mode, monkeypatch):
         eager, compiled = m(x), torch.compile(m, backend="aot_eager", fullgraph=True)(x)
         assert eager.stride() == compiled.stride(), (type(m).__name__, eager.stride(), compiled.stride())
         assert_rel(compiled, eager, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("make", [lambda: nln.BatchNorm2d(8), lambda: nln.LayerNorm(10), lambda: nln.GroupNorm(2, 8),
+                                  lambda: nln.InstanceNorm2d(8)])
+def test_compiled_formula_keeps_a_large_offset_exact(make, monkeypatch):
+    # the formula torch.compile gets ("fuse") takes its statistics in one pass of the data shifted
+    # by each group's first value: an offset of 1e4 costs no digits, as in the core's kernels
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "COMPILE", "fuse")
+    x = torch.randn(4, 8, 10, 10, generator=torch.Generator().manual_seed(0)) + 1e4
+    m = make()
+    y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    with normlab.use_backend("reference"):
+        want = copy.deepcopy(m).double()(x.double())
+    assert (y.double() - want).abs().max() < 1e-5
+    assert torch.isnan(torch.compile(make(), backend="aot_eager")(x.index_fill(3, torch.tensor([0]), float("inf")))).any()
 
 
 def test_every_rule_is_written_once_and_raised_by_both_the_core_and_the_python_routes():

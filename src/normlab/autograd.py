@@ -92,7 +92,14 @@ def affine_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: 
     acc = accumulation_dtype(x.dtype, *(t.dtype for t in (weight, bias, fixed_mean, fixed_var) if t is not None))
     batch_stats = fixed_var is None
     if batch_stats:  # y starts as the centred copy the variance pass needs anyway
-        if center:
+        if center and torch.compiler.is_compiling():
+            # one read of x fewer than the two passes below: inductor lowers var_mean to one
+            # Welford reduction, here of the data shifted by the first value of each group (as the
+            # core's kernels shift their sums), so a large common offset cancels before anything
+            # is rounded; the shifted data is recomputed inside the map, which it fuses with
+            mean, var, y = _shifted_var_mean(x.to(acc), dims)
+            shift = None
+        elif center:
             mean, y, shift = centered(x, dims, acc)  # y − shift is exactly centred
             var = corrected_variance(y, shift, dims)
         else:
@@ -109,6 +116,18 @@ def affine_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: 
     rstd = torch.rsqrt(var + eps)
     y = _affine(y, x, rstd, weight, bias, shift)
     return y.to(x.dtype), (mean if center else var.new_zeros(())), var
+
+
+def _shifted_var_mean(xa: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, biased var, x − mean)`` over ``dims`` (kept) from the data shifted by its first
+    value in each group (0 where that value is not finite: an inf then reaches the mean)."""
+    shift = xa
+    for d in dims:
+        shift = shift.narrow(d, 0, 1)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    d = xa - shift
+    var, md = torch.var_mean(d, dims, correction=0, keepdim=True)
+    return shift + md, var, d - md
 
 
 class NormalizeAffine(torch.autograd.Function):
