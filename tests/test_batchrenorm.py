@@ -113,3 +113,73 @@ def test_gradcheck_and_state_dict_and_errors():
     with pytest.raises(ValueError, match="more than 1 value"):
         m.float()(torch.randn(1, 3))
     assert torch.equal(m.running_mean, before.float())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("make", ["BatchRenorm1d", "SyncBatchNorm"])
+def test_a_constant_channel_has_finite_second_derivatives(backend, make):
+    # var = 0 in channel 1: the statistics' second derivative exists there (a norm's does not)
+    import normlab
+    from normlab.distributed import SyncBatchNorm
+
+    m = (SyncBatchNorm(3) if make == "SyncBatchNorm" else nln.BatchRenorm1d(3, rmax=2.0, dmax=1.0)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[:, 1] = 0.5
+    x.requires_grad_()
+    with normlab.use_backend(backend):
+        g, = torch.autograd.grad((m(x) * torch.randn(6, 3, dtype=torch.float64)).sum(), x, create_graph=True)
+        gg, = torch.autograd.grad(g.square().sum(), x)
+    assert torch.isfinite(gg).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_forward_mode_agrees_with_reverse_mode(backend):
+    # ⟨g, J·t⟩ by forward mode = ⟨Jᵀ·g, t⟩ by reverse mode, r and d constants in both
+    import torch.autograd.forward_ad as fwAD
+
+    import normlab
+
+    m = nln.BatchRenorm2d(3, rmax=1.5, dmax=0.5).double()
+    with torch.no_grad():
+        m.running_var.fill_(2.0)
+        m.running_mean.fill_(0.3)
+    m.momentum = 0.0
+    x, t, g = (torch.randn(4, 3, 5, 5, dtype=torch.float64) for _ in range(3))
+    with normlab.use_backend(backend):
+        with fwAD.dual_level():
+            jt = fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent
+        xr = x.clone().requires_grad_()
+        jg, = torch.autograd.grad(m(xr), xr, g)
+    torch.testing.assert_close((g * jt).sum(), (jg * t).sum())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_renorm_and_sync_refuse_inference_buffers_before_computing(backend):
+    import normlab
+    from normlab.distributed import SyncBatchNorm
+
+    for make in (lambda: nln.BatchRenorm2d(3), lambda: SyncBatchNorm(3)):
+        with torch.inference_mode():
+            m = make()
+        m.weight, m.bias = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(3))
+        with normlab.use_backend(backend), pytest.raises(ValueError, match="inference_mode"):
+            m(torch.randn(4, 3, 2, 2))
+        assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_batchnorm_in_parts_raises_normlabs_classes_on_every_route(backend):
+    import normlab
+    import normlab.functional as F
+    from normlab.errors import DTypeError, ShapeError
+
+    x, s = torch.randn(4, 3, 5), torch.ones(3, dtype=torch.float64)
+    with normlab.use_backend(backend):
+        with pytest.raises(ShapeError):
+            F._batch_norm_apply(x, torch.zeros(4, dtype=torch.float64), s, None, None, 1e-5)
+        with pytest.raises(ShapeError):
+            F._batch_norm_apply(x, s, s, torch.ones(4), None, 1e-5)
+        with pytest.raises(DTypeError):
+            F._batch_stats(torch.ones(4, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match="no values"):
+            F._batch_stats(torch.randn(0, 3, 5))

@@ -507,3 +507,17 @@ def test_offset_is_refused_where_it_cannot_hold():
     with pytest.raises(RuntimeError, match="to_torch"):  # TorchScript: normlab's forward is Python
         torch.jit.script(model)
     assert type(model[1]) is N.RMSNorm
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_channel_norms_return_the_cores_strides_on_every_route(backend):
+    # a permuted (not channels_last) input gives contiguous output, channels_last stays so
+    import normlab
+    from normlab.distributed import SyncBatchNorm
+
+    permuted = torch.randn(5, 4, 3, 6).permute(1, 2, 0, 3)  # (4, 3, 5, 6), neither contiguous nor channels_last
+    last = torch.randn(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    with normlab.use_backend(backend):
+        for m in (N.BatchNorm2d(3), N.BatchNorm2d(3).eval(), N.InstanceNorm2d(3), N.BatchRenorm2d(3), SyncBatchNorm(3)):
+            assert m(permuted).is_contiguous(), m
+            assert m(last).is_contiguous(memory_format=torch.channels_last), m

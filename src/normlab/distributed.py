@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .errors import DTypeError, ShapeError
 from .nn import _BatchNorm
-from .stats import Moments, momentum_factor
+from .stats import Moments, check_writable, momentum_factor
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "all_reduce_moments", "all_reduce_scaler"]
 
@@ -212,6 +212,9 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         keep = not self.training or self.track_running_stats
         F._check_channel_args("batch_norm", input, self.running_mean if keep else None,
                               self.running_var if keep else None, self.weight, self.bias, batch_stats, self.eps)
+        if self.training and self.track_running_stats:  # before anything is computed or saved
+            check_writable(self.running_mean, "running_mean")
+            check_writable(self.running_var, "running_var")
 
     def _agree(self, input: Tensor) -> None:
         """Check the input on every rank before any statistic travels: each rank's channel count

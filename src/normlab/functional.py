@@ -229,12 +229,12 @@ def batch_norm(
 def _batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """BatchNorm's batch statistics alone: per channel over ``(N, *)`` the mean and the biased
     variance, ``(C,)`` each in float64, differentiable functions of ``input``."""
-    if kernels.core("batch_norm") is not None:
-        return torch.ops.normlab.batch_stats(input)
-    op = "batch_stats"
+    op = "batch_stats"  # (checked here on every route: normlab's exception classes)
     _check_input(input, op, min_ndim=2)
     dims = (0, *range(2, input.dim()))
     _require_values(input, dims, op)
+    if kernels.core("batch_norm") is not None:
+        return torch.ops.normlab.batch_stats(input)
     mean, var = moments(input, dims, keepdim=False, dtype=torch.float64)
     return mean, var
 
@@ -244,18 +244,19 @@ def _batch_norm_apply(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor |
     """BatchNorm's map with the statistics given, ``(x − μ)·γ/√(σ² + ε) + β`` per channel: the
     gradients flow into ``mean`` and ``var`` too where they require them (the survey “Norm相关总结”
     eq. (5)–(6)), so statistics that are functions of the batch give BatchNorm's backward."""
-    if kernels.core("batch_norm") is not None:
-        return torch.ops.normlab.batch_norm_apply(input, mean, var, weight, bias, eps)
-    op = "batch_norm_apply"
+    op = "batch_norm_apply"  # (checked here on every route: normlab's exception classes)
     _check_input(input, op, min_ndim=2)
     _channels(input, op, (weight, "weight"), (bias, "bias"))
     for t, name in ((mean, "mean"), (var, "var")):
         _check_param(t, name, (input.shape[1],), op, input, any_dtype=True)
     if not eps >= 0:
         raise error("eps", op=op, sign="non-negative", stats="given", eps=f"{eps:g}")
+    if kernels.core("batch_norm") is not None:
+        return torch.ops.normlab.batch_norm_apply(input, mean, var, weight, bias, eps)
     nd = input.dim()
-    return _normalize(op, input, (0, *range(2, nd)), _per_channel(weight, nd), _per_channel(bias, nd), eps,
-                      fixed_mean=_per_channel(mean, nd), fixed_var=_per_channel(var, nd))[0]
+    y = _normalize(op, input, (0, *range(2, nd)), _per_channel(weight, nd), _per_channel(bias, nd), eps,
+                   fixed_mean=_per_channel(mean, nd), fixed_var=_per_channel(var, nd))[0]
+    return kernels.keep_format(y, input)  # the core's strides
 
 
 def _update_running(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
@@ -371,8 +372,9 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
     if not batch_stats:
         if _native():  # torch's op, after our checks
             return _torch_channel_norm(op, input, running_mean, running_var, weight, bias, False, momentum, eps)
-        return _normalize(op, input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
-                          fixed_var=_per_channel(running_var, nd))[0]
+        y = _normalize(op, input, dims, w, b, eps, fixed_mean=_per_channel(running_mean, nd),
+                       fixed_var=_per_channel(running_var, nd))[0]
+        return kernels.keep_format(y, input)  # the core's strides: channels_last kept, else contiguous
     n = math.prod([input.shape[d] for d in dims])
     if n == 1:
         raise error("channel_values", op=op, shape=tuple(input.shape))
@@ -387,7 +389,7 @@ def _channel_norm(op, input, dims, running_mean, running_var, weight, bias, batc
     # InstanceNorm has one statistic per (sample, channel): the running ones get their average
     update_running(running_mean, running_var, mean.reshape(-1, c).mean(0),
                    var.reshape(-1, c).mean(0) * (n / (n - 1)), momentum)  # unbiased
-    return y
+    return kernels.keep_format(y, input)
 
 
 def _trailing_dims(input: Tensor, normalized_shape, op: str) -> tuple[tuple[int, ...], tuple]:

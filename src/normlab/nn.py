@@ -42,7 +42,7 @@ from torch.nn.parameter import Parameter
 from . import functional as F
 from .errors import ShapeError
 from .rules import error
-from .stats import accumulation_dtype, mean_square, momentum_factor
+from .stats import accumulation_dtype, check_writable, mean_square, momentum_factor
 
 __all__ = [
     "BatchNorm1d",
@@ -569,12 +569,14 @@ class _BatchRenorm(_BatchNorm):
         # statistics → corrections → BatchNorm's map: the batch's μ_B, σ²_B (functions of x), then
         # y = γ·(x̂·r + d) + β as BatchNorm with those statistics, scale γ·r and shift γ·d + β, with r
         # and d constants to autograd, in float32 or wider (never rounded to a half parameter dtype)
+        check_writable(self.running_mean, "running_mean")  # before anything is computed or saved
+        check_writable(self.running_var, "running_var")
         mean, var = F._batch_stats(input)
-        with torch.no_grad():
+        with torch.no_grad():  # (detached: no forward-mode tangent either)
             sigma = torch.sqrt(self.running_var.double() + self.eps)
             rmax, dmax = self.limits()
-            r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / rmax, rmax)
-            d = ((mean - self.running_mean.double()) / sigma).clamp(-dmax, dmax)
+            r = (torch.sqrt(var.detach() + self.eps) / sigma).clamp(1.0 / rmax, rmax)
+            d = ((mean.detach() - self.running_mean.double()) / sigma).clamp(-dmax, dmax)
         acc = accumulation_dtype(input.dtype)
         r, d = r.to(acc), d.to(acc)
         scale, shift = (r, d) if self.weight is None else (self.weight.to(acc) * r, self.weight.to(acc) * d)

@@ -106,7 +106,11 @@ def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None,
 
 
 def corrected_variance(d: Tensor, r: Tensor, dims: Dims) -> Tensor:
-    """``mean((d − r)²) = mean(d²) − r²`` over ``dims``, clamped at 0 (see :func:`centered`)."""
+    """``mean((d − r)²) = mean(d²) − r²`` over ``dims``, clamped at 0 (see :func:`centered`).
+    Where autograd records it, ``mean(d·d)``: twice differentiable everywhere (:func:`mean_square`'s
+    norm has no second derivative at a constant group, d = 0)."""
+    if torch.is_grad_enabled() and d.requires_grad:
+        return ((d * d).mean(tuple(dims), keepdim=True) - r.square()).clamp(min=0)
     return (mean_square(d, dims) - r.square()).clamp(min=0)
 
 

@@ -847,11 +847,9 @@ Tensor batch_norm_apply(const Tensor& x, const Tensor& mean, const Tensor& var, 
 }
 
 // the running statistics' rule alone (BatchNorm's, see update_running): SyncBatchNorm and
-// BatchRenorm, which take their statistics in parts, update by it too
+// BatchRenorm, which take their statistics in parts, update by it too (after their own checks)
 void update_running_op(const OptTensor& rm, const OptTensor& rv, const Tensor& mean, const Tensor& var,
                        double momentum) {
-  check_running(rm, "running_mean", "update_running");
-  check_running(rv, "running_var", "update_running");
   update_running(rm, rv, mean, var, momentum);
 }
 
