@@ -146,8 +146,9 @@ def get_compile_mode() -> str:
 def set_compile_mode(mode: str) -> str:
     """Choose what ``torch.compile`` gets for the norms, for the whole process; returns the previous
     mode. ``"fuse"``: normlab's reference formula in plain torch ops, which inductor fuses with
-    the norm's neighbours (its statistics in float32 for float32 and half-precision input, two
-    passes); ``"operators"``: normlab's operators, opaque to inductor (float64 statistics);
+    the norm's neighbours (its statistics one pass over the shifted data, in float32 for float32
+    and half-precision input); ``"operators"``: normlab's operators, opaque to inductor (float64
+    statistics);
     ``"auto"`` (the default, or ``NORMLAB_COMPILE``): per norm, the one measured faster. It applies
     to code compiled after the call: ``torch._dynamo.reset()`` recompiles what was compiled before.
     """
