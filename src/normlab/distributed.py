@@ -18,6 +18,7 @@ computation, so the same code runs in a single process.
 
 from __future__ import annotations
 
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -111,7 +112,9 @@ def _global_moments(x: Tensor, group) -> Moments:
 
     mine, rank = torch.stack([local.count, local.mean, local.m2]), dist.get_rank(group)
     slots = torch.stack([mine if r == rank else torch.zeros_like(mine) for r in range(world)])
-    parts = all_reduce(slots, op=dist.ReduceOp.SUM, group=group)
+    with warnings.catch_warnings():  # its deprecation names torch's successor, which has no autograd
+        warnings.filterwarnings("ignore", message=".*all_reduce is deprecated", category=FutureWarning)
+        parts = all_reduce(slots, op=dist.ReduceOp.SUM, group=group)
     total = Moments(parts[0, 0].detach(), parts[0, 1], parts[0, 2])
     for p in parts[1:]:
         total = total.merge(Moments(p[0].detach(), p[1], p[2]))
