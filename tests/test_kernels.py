@@ -689,6 +689,30 @@ def test_compiled_formula_keeps_a_large_offset_exact(make, monkeypatch):
     assert torch.isnan(torch.compile(make(), backend="aot_eager")(x.index_fill(3, torch.tensor([0]), float("inf")))).any()
 
 
+def test_compiled_autograd_takes_the_cores_backward_nodes():
+    # compiled autograd (torch.compile of the backward) collects what each node keeps: plain values
+    from torch._dynamo import compiled_autograd
+
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), nln.BatchNorm2d(8), nln.GroupNorm(2, 8),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 36, 16), nln.LayerNorm(16), nln.RMSNorm(16))
+    x = torch.randn(4, 3, 8, 8)
+    for train in (True, False):
+        model.train(train)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        want = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        loss = model(x).square().sum()
+        with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            loss.backward()
+        for p, w in zip(model.parameters(), want):
+            assert_rel(p.grad, w, tol=1e-5)
+
+
 def test_every_rule_is_written_once_and_raised_by_both_the_core_and_the_python_routes():
     """The rulebook (normlab.rules) holds each check's class and words; the C++ core raises them
     through the header generated from it, the Python routes through rules.error, and neither

@@ -312,9 +312,8 @@ std::tuple<bool, bool, bool> needs(AutogradContext* ctx, const Tensor& w, bool h
   return {x, gw, gb};
 }
 
-// what both Functions keep for backward besides x and γ, in one saved capsule (a map entry per
-// field cost a string hash and an IValue each, on every call)
-struct Kept : torch::CustomClassHolder {
+// what both Functions keep for backward besides x and γ
+struct Kept {
   Tensor mean, var;  // the statistics used (batch, or copies of the running ones)
   double eps = 0;
   Form f;
@@ -331,23 +330,45 @@ bool recording(std::initializer_list<const OptTensor*> ts) {
   return false;
 }
 
+// The tensors go to save_for_backward, the rest into saved_data as two plain values (an int list
+// and ε): compiled autograd hashes what a node keeps, which a capsule is not, and a map entry per
+// field would cost a string hash and an IValue each on every call
 void save(AutogradContext* ctx, const Tensor& x, const OptTensor& w, const OptTensor& b, Tensor mean, Tensor var,
           double eps, const Form& f, variable_list extra = {}) {
   // (an in-place change of β between forward and backward must not be an error, as it is not
   // in torch); the statistics' gradients are never used: undefined, not materialized as zeros
   ctx->set_materialize_grads(false);
-  extra.insert(extra.begin(), {x, given(w) ? *w : Tensor()});
+  extra.insert(extra.begin(), {x, given(w) ? *w : Tensor(), std::move(mean), std::move(var)});
   ctx->save_for_backward(std::move(extra));
-  auto k = c10::make_intrusive<Kept>();
-  k->mean = std::move(mean), k->var = std::move(var), k->eps = eps, k->f = f;
-  if (given(b)) k->has_bias = true, k->bias_shape = b->sizes().vec(), k->bias_dtype = b->scalar_type();
-  ctx->saved_data["kept"] = c10::IValue::make_capsule(std::move(k));
+  std::vector<int64_t> k = {f.kind, f.groups, f.seg, f.center, given(b),
+                            given(b) ? static_cast<int64_t>(b->scalar_type()) : 0,
+                            static_cast<int64_t>(f.shape.size()), static_cast<int64_t>(f.permute.size())};
+  k.insert(k.end(), f.shape.begin(), f.shape.end());
+  k.insert(k.end(), f.permute.begin(), f.permute.end());
+  if (given(b)) k.insert(k.end(), b->sizes().begin(), b->sizes().end());
+  ctx->saved_data["k"] = std::move(k);
+  ctx->saved_data["eps"] = eps;
+}
+
+// save()'s values back
+Kept kept(AutogradContext* ctx, const variable_list& saved) {
+  Kept k;
+  k.mean = saved[2], k.var = saved[3];
+  k.eps = ctx->saved_data["eps"].toDouble();
+  const auto v = ctx->saved_data["k"].toIntVector();
+  k.f.kind = v[0], k.f.groups = v[1], k.f.seg = v[2], k.f.center = v[3] != 0;
+  k.has_bias = v[4] != 0, k.bias_dtype = static_cast<at::ScalarType>(v[5]);
+  const auto ns = static_cast<size_t>(v[6]), np = static_cast<size_t>(v[7]);
+  k.f.shape.assign(v.begin() + 8, v.begin() + 8 + ns);
+  k.f.permute.assign(v.begin() + 8 + ns, v.begin() + 8 + ns + np);
+  k.bias_shape.assign(v.begin() + 8 + ns + np, v.end());
+  return k;
 }
 
 struct Saved {
   Tensor x, w;
-  variable_list extra;  // what save() was given besides x and γ
-  c10::intrusive_ptr<Kept> k;
+  variable_list extra;  // what save() was given besides x, γ and the statistics
+  Kept k;
   OptTensor wo;
   bool need_x, need_w, need_b;
   bool formula;  // a graph to build, batched gradients, or no kernel for the device
@@ -355,17 +376,17 @@ struct Saved {
   Saved(AutogradContext* ctx, const Tensor& dy) {
     auto saved = ctx->get_saved_variables();
     x = saved[0], w = saved[1];
-    extra.assign(saved.begin() + 2, saved.end());
-    k = c10::static_intrusive_pointer_cast<Kept>(ctx->saved_data["kept"].toCapsule());
-    std::tie(need_x, need_w, need_b) = needs(ctx, w, k->has_bias);
+    extra.assign(saved.begin() + 4, saved.end());
+    k = kept(ctx, saved);
+    std::tie(need_x, need_w, need_b) = needs(ctx, w, k.has_bias);
     wo = w.defined() ? OptTensor(w) : std::nullopt;
-    formula = at::GradMode::is_enabled() || batched(dy) || !has_kernel(x, k->f);
+    formula = at::GradMode::is_enabled() || batched(dy) || !has_kernel(x, k.f);
   }
 
   // the gradients of (x, γ, β), then none for the `rest` other arguments of forward
   variable_list grads(const Tensor& dx, const Tensor& dw, const Tensor& db, size_t rest) const {
     variable_list out = {need_x ? dx : Tensor(), need_w ? shaped_like(dw, w) : Tensor(),
-                         need_b ? shaped_as(db, k->bias_shape, k->bias_dtype) : Tensor()};
+                         need_b ? shaped_as(db, k.bias_shape, k.bias_dtype) : Tensor()};
     out.resize(3 + rest);
     return out;
   }
@@ -389,10 +410,10 @@ struct NormFn : public torch::autograd::Function<NormFn> {
     const Saved s(ctx, dy);
     Tensor dx, dw, db;
     if (s.formula) {
-      std::tie(dx, dw, db) = formula_backward(s.k->f, dy, s.x, s.wo, s.k->eps);
+      std::tie(dx, dw, db) = formula_backward(s.k.f, dy, s.x, s.wo, s.k.eps);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(dx, dw, db) = form_backward(s.k->f, dy, s.x, s.k->mean, s.k->var, s.wo, s.k->eps);
+      std::tie(dx, dw, db) = form_backward(s.k.f, dy, s.x, s.k.mean, s.k.var, s.wo, s.k.eps);
     }
     return s.grads(dx, dw, db, 3);
   }
@@ -477,18 +498,18 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
     if (!dy.defined()) return variable_list(7);
     const Saved s(ctx, dy);
     const bool functions = !s.extra.empty();
-    const Tensor &x = s.x, &mean = functions ? s.extra[0] : s.k->mean, &var = functions ? s.extra[1] : s.k->var;
-    const size_t at = 1 + given(s.wo) + s.k->has_bias;  // μ's place among the tensors autograd numbered
+    const Tensor &x = s.x, &mean = functions ? s.extra[0] : s.k.mean, &var = functions ? s.extra[1] : s.k.var;
+    const size_t at = 1 + given(s.wo) + s.k.has_bias;  // μ's place among the tensors autograd numbered
     const bool need_m = functions && ctx->needs_input_grad(at), need_v = functions && ctx->needs_input_grad(at + 1);
     Tensor dx, dw, db, dmean, dvar;
     if (s.formula) {
-      std::tie(dx, dw, db) = formula_backward(s.k->f, dy, x, s.wo, s.k->eps, mean, var);
-      if (need_m || need_v) std::tie(dmean, dvar) = stats_grads(dy, x, s.wo, mean, var, s.k->eps, need_m, need_v);
+      std::tie(dx, dw, db) = formula_backward(s.k.f, dy, x, s.wo, s.k.eps, mean, var);
+      if (need_m || need_v) std::tie(dmean, dvar) = stats_grads(dy, x, s.wo, mean, var, s.k.eps, need_m, need_v);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(dx, dw, db) = eval_backward(s.k->f, dy, x, mean, var, s.wo, s.k->eps);
+      std::tie(dx, dw, db) = eval_backward(s.k.f, dy, x, mean, var, s.wo, s.k.eps);
       if (need_m || need_v) {  // from the kernel's sums: Σ ∂l/∂y is ∂l/∂β, Σ ∂l/∂y·x̂ is ∂l/∂γ
-        Tensor r = (var.to(at::kDouble) + s.k->eps).rsqrt(), g = given(s.wo) ? s.wo->to(at::kDouble) * r : r;
+        Tensor r = (var.to(at::kDouble) + s.k.eps).rsqrt(), g = given(s.wo) ? s.wo->to(at::kDouble) * r : r;
         if (need_m) dmean = (-g * db.to(at::kDouble)).to(mean.scalar_type());
         if (need_v) dvar = (-0.5 * g * r * dw.to(at::kDouble)).to(var.scalar_type());
       }
