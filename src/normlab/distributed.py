@@ -52,8 +52,10 @@ def all_reduce_moments(m: Moments, group=None) -> Moments:
     so every rank gets the same triple, equal to that of the concatenated data up to rounding and
     with no ``E[x²] − E[x]²`` cancellation (Chan, Golub & LeVeque 1979, "Updating formulae and a
     pairwise algorithm for computing sample variances"). It is a collective: every rank of
-    ``group`` must call it. Outside an initialized process group, or with one process, ``m`` is
-    returned as it is.
+    ``group`` must call it. The merged mean and M2 are differentiable functions of every rank's
+    (autograd's backward all-reduces their gradients, as ``torch.distributed.nn`` does), which is
+    how :class:`SyncBatchNorm` gets the backward over the global batch. Outside an initialized
+    process group, or with one process, ``m`` is returned as it is.
 
     Args:
         m (Moments): this rank's :class:`normlab.stats.Moments`.
@@ -80,37 +82,14 @@ def all_reduce_moments(m: Moments, group=None) -> Moments:
         >>> torch.allclose(merged.var(correction=1), x.var(0))
         True
     """
-    if _world(group) == 1:
-        return m
-    packed = torch.stack([m.count, m.mean, m.m2]).to(torch.float64)
-    parts = [torch.empty_like(packed) for _ in range(_world(group))]
-    dist.all_gather(parts, packed.contiguous(), group=group)
-    total = Moments(parts[0][0], parts[0][1], parts[0][2])
-    for p in parts[1:]:
-        total = total.merge(Moments(p[0], p[1], p[2]))
-    return total
-
-
-def _global_moments(x: Tensor, group) -> Moments:
-    """The merged ``(count, mean, M2)`` per channel of every rank's batch, float64, with the mean
-    and M2 differentiable functions of every rank's ``x``: BatchNorm's statistics operator on
-    each rank, each rank's triple in its own slot of a differentiable all-reduce
-    (``torch.distributed.nn``, whose backward all-reduces the gradients), then Chan's merge in
-    rank order. An empty shard takes part with a zero count."""
-    C = x.shape[1]
-    if x.numel():
-        mean, var = F._batch_stats(x)
-        n = float(x.numel() // C)
-        local = Moments(torch.full_like(mean, n), mean, var * n)
-    else:  # zeros that are still functions of x: the backward's collective runs on this rank too
-        zero = x.sum((0, *range(2, x.dim())), dtype=torch.float64)
-        local = Moments(zero.detach(), zero, zero)
     world = _world(group)
     if world == 1:
-        return local
+        return m
     from torch.distributed.nn.functional import all_reduce
 
-    mine, rank = torch.stack([local.count, local.mean, local.m2]), dist.get_rank(group)
+    # each rank's triple in its own slot of a sum: a gather that autograd differentiates (the
+    # backward all-reduces the gradients), so the merged mean and M2 are functions of every rank's
+    mine, rank = torch.stack([m.count, m.mean, m.m2]).to(torch.float64), dist.get_rank(group)
     slots = torch.stack([mine if r == rank else torch.zeros_like(mine) for r in range(world)])
     with warnings.catch_warnings():  # its deprecation names torch's successor, which has no autograd
         warnings.filterwarnings("ignore", message=".*all_reduce is deprecated", category=FutureWarning)
@@ -119,6 +98,21 @@ def _global_moments(x: Tensor, group) -> Moments:
     for p in parts[1:]:
         total = total.merge(Moments(p[0].detach(), p[1], p[2]))
     return total
+
+
+def _global_moments(x: Tensor, group) -> Moments:
+    """The merged ``(count, mean, M2)`` per channel of every rank's batch, float64, with the mean
+    and M2 differentiable functions of every rank's ``x``: BatchNorm's statistics operator on
+    each rank, then :func:`all_reduce_moments`. An empty shard takes part with a zero count."""
+    C = x.shape[1]
+    if x.numel():
+        mean, var = F._batch_stats(x)
+        n = float(x.numel() // C)
+        local = Moments(torch.full_like(mean, n), mean, var * n)
+    else:  # zeros that are still functions of x: the backward's collective runs on this rank too
+        zero = x.sum((0, *range(2, x.dim())), dtype=torch.float64)
+        local = Moments(zero.detach(), zero, zero)
+    return all_reduce_moments(local, group)
 
 
 class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
@@ -147,9 +141,10 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         - \hat x \cdot \frac{1}{n}\sum \frac{\partial l}{\partial y}\,\hat x\Big),
 
     ``n`` the global count per channel, and the double backward too. Parameter gradients are local
-    (DistributedDataParallel averages them, as with torch's SyncBatchNorm). In training every rank must call it in step (the statistics are a
-    collective); each rank's input is checked before any statistic travels, and ranks whose
-    channel counts disagree all raise, naming every rank's count, so none is left waiting.
+    (DistributedDataParallel averages them, as with torch's SyncBatchNorm). In training every rank
+    must call it in step (the statistics are a collective); each rank's input is checked before
+    any statistic travels, and ranks whose channel counts disagree all raise, naming every rank's
+    count, so none is left waiting.
     Training on at most one value per channel over all ranks raises a ``ValueError``.
 
     In eval mode it is BatchNorm with running statistics (or, with

@@ -455,7 +455,8 @@ def layer_norm(
     if _native():
         _require_values(input, dims, op)  # as the core and the reference: no statistics of nothing
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
-    return _normalize(op, input, dims, weight, bias, eps)[0].contiguous()  # as torch's and the core's, whatever x's strides
+    # contiguous, as torch's and the core's output whatever x's strides
+    return _normalize(op, input, dims, weight, bias, eps)[0].contiguous()
 
 
 def _offset_weight(weight: Tensor | None, offset: float, op: str) -> Tensor | None:
