@@ -106,11 +106,7 @@ def centered(x: Tensor, dims: Dims, dtype: torch.dtype | None = None,
 
 
 def corrected_variance(d: Tensor, r: Tensor, dims: Dims) -> Tensor:
-    """``mean((d − r)²) = mean(d²) − r²`` over ``dims``, clamped at 0 (see :func:`centered`).
-    Where autograd records it, ``mean(d·d)``: twice differentiable everywhere (:func:`mean_square`'s
-    norm has no second derivative at a constant group, d = 0)."""
-    if torch.is_grad_enabled() and d.requires_grad:
-        return ((d * d).mean(tuple(dims), keepdim=True) - r.square()).clamp(min=0)
+    """``mean((d − r)²) = mean(d²) − r²`` over ``dims``, clamped at 0 (see :func:`centered`)."""
     return (mean_square(d, dims) - r.square()).clamp(min=0)
 
 
@@ -127,9 +123,14 @@ def mean_square(x: Tensor, dims: Dims, keepdim: bool = True) -> Tensor:
         # (2^k as pow, not exp2: an exported model's ONNX has Pow)
         s = torch.pow(2.0, torch.floor(torch.log2(x.detach().abs().amax(dim=dims, keepdim=True))))
         s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
-    # vector_norm fuses square and sum in one pass (and its gradient at 0 is 0, not NaN)
-    rms = torch.linalg.vector_norm(x / s, 2, dim=dims, keepdim=True) * (s / math.sqrt(n))
-    return (rms if keepdim else rms.squeeze(dims)).square()
+    if torch.is_grad_enabled() and x.requires_grad:
+        # recorded for autograd: squares, whose second derivative exists everywhere (the norm's
+        # does not at a group of zeros, a constant channel once centred); (m·s)·s overflows only
+        # where the mean square does
+        ms = (x / s).square().mean(dim=dims, keepdim=True) * s * s
+    else:  # vector_norm fuses square and sum in one pass
+        ms = (torch.linalg.vector_norm(x / s, 2, dim=dims, keepdim=True) * (s / math.sqrt(n))).square()
+    return ms if keepdim else ms.squeeze(dims)
 
 
 def moments(

@@ -602,7 +602,7 @@ void rows_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, double e
               static_cast<opmath_t>(static_cast<double>(b[p0 + k]) - (st.mean - static_cast<double>(m0)) * scale);
           const scalar_t* xs = xr + k * seg;
           scalar_t* ys = yr + k * seg;
-          const int64_t j0 = vec_map(seg, ys, [&](const Lanes& ld) { return at::vec::fmadd(ld(xs) - VF(m0), VF(s0), VF(h0)); });
+          const int64_t j0 = vec_map(seg, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(s0) + VF(h0); });
 #pragma omp simd
           for (int64_t j = j0; j < seg; ++j) ys[j] = static_cast<scalar_t>((static_cast<opmath_t>(xs[j]) - m0) * s0 + h0);
         }
@@ -834,7 +834,7 @@ void channels_forward_kernel(const scalar_t* x, const w_t* w, const w_t* b, doub
       for (int64_t i = 0; i < N; ++i) {
         const scalar_t* xs = x + (i * C + c) * S;
         scalar_t* ys = y + (i * C + c) * S;
-        const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return at::vec::fmadd(ld(xs) - VF(m0), VF(s0), VF(h0)); });
+        const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(s0) + VF(h0); });
 #pragma omp simd
         for (int64_t k = k0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<opmath_t>(xs[k]) - m0) * s0 + h0);
       }
@@ -852,7 +852,7 @@ void columns_affine(const scalar_t* x, const coef_t* m, const coef_t* a, const c
       const scalar_t* xi = x + i * C;
       scalar_t* yi = y + i * C;
       const int64_t c0 = vec_map(C, yi, [&](const Lanes& ld) {
-        return at::vec::fmadd(ld(xi) - ld(m), ld(a), ld(h));
+        return (ld(xi) - ld(m)) * ld(a) + ld(h);
       });
 #pragma omp simd
       for (int64_t c = c0; c < C; ++c) yi[c] = static_cast<scalar_t>((static_cast<coef_t>(xi[c]) - m[c]) * a[c] + h[c]);
@@ -1122,10 +1122,10 @@ void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a,
         int64_t c = (2 * lo) % C;  // the channel of run 2p, carried along (a division per run costs as much as the run)
         auto next = [&] { c = c + 1 == C ? 0 : c + 1; };
         for (int64_t p = lo; p < hi; ++p) {
-          const VF v0 = at::vec::fmadd(load_f(x + 2 * p * S) - VF(m[c]), VF(a[c]), VF(h[c]));
+          const VF v0 = (load_f(x + 2 * p * S) - VF(m[c])) * VF(a[c]) + VF(h[c]);
           next();
           if (2 * p + 1 < R) {
-            store_f2(y + 2 * p * S, v0, at::vec::fmadd(load_f(x + (2 * p + 1) * S) - VF(m[c]), VF(a[c]), VF(h[c])));
+            store_f2(y + 2 * p * S, v0, (load_f(x + (2 * p + 1) * S) - VF(m[c])) * VF(a[c]) + VF(h[c]));
             next();
           } else {
             store_f1(y + 2 * p * S, v0);
@@ -1141,7 +1141,7 @@ void channels_affine_kernel(const scalar_t* x, const coef_t* m, const coef_t* a,
       const coef_t m0 = m[c], a0 = a[c], h0 = h[c];
       const scalar_t* xs = x + ic * S;
       scalar_t* ys = y + ic * S;
-      const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return at::vec::fmadd(ld(xs) - VF(m0), VF(a0), VF(h0)); });
+      const int64_t k0 = vec_map(S, ys, [&](const Lanes& ld) { return (ld(xs) - VF(m0)) * VF(a0) + VF(h0); });
 #pragma omp simd
       for (int64_t k = k0; k < S; ++k) ys[k] = static_cast<scalar_t>((static_cast<coef_t>(xs[k]) - m0) * a0 + h0);
     }

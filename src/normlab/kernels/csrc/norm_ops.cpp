@@ -437,6 +437,19 @@ FwdOut normalize(const Form& f, const Tensor& x, const OptTensor& w, const OptTe
 
 // -------------------------------------------------------------------- autograd: fixed stats
 
+// BatchNorm's shapes of x (N, C, *): its statistics' dims, and a per-channel vector's view
+std::vector<int64_t> batch_dims(const Tensor& x) {  // (0, 2, 3, ...)
+  std::vector<int64_t> dims = {0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+std::vector<int64_t> channel_view(const Tensor& x) {  // (1, C, 1, ...)
+  std::vector<int64_t> v(x.dim(), 1);
+  v[1] = x.size(1);
+  return v;
+}
+
 // a tensor whose data this code may read and write through its pointer: on the CPU, neither fake
 // nor functional (those go through aten ops)
 bool plain(const Tensor& t) {
@@ -523,9 +536,7 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
   static std::pair<Tensor, Tensor> stats_grads(const Tensor& dy, const Tensor& x, const OptTensor& w,
                                                const Tensor& mean, const Tensor& var, double eps, bool need_m,
                                                bool need_v) {
-    std::vector<int64_t> dims = {0}, view(x.dim(), 1);
-    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
-    view[1] = x.size(1);
+    const auto dims = batch_dims(x), view = channel_view(x);
     Tensor r = (var.to(at::kDouble) + eps).rsqrt();
     Tensor g = given(w) ? dy.to(at::kDouble) * w->to(at::kDouble).view(view) : dy.to(at::kDouble);
     Tensor dmean, dvar;
@@ -598,12 +609,6 @@ Tensor empty_output(const Tensor& x, const OptTensor& w, const OptTensor& b, Int
   if (given(w)) y = y * w->reshape(pshape).to(x.scalar_type());
   if (given(b)) y = y + b->reshape(pshape).to(x.scalar_type());
   return y;
-}
-
-std::vector<int64_t> channel_view(const Tensor& x) {  // (1, C, 1, ...)
-  std::vector<int64_t> v(x.dim(), 1);
-  v[1] = x.size(1);
-  return v;
 }
 
 Tensor layer_norm_impl(const Tensor& x, IntArrayRef normalized_shape, const OptTensor& w, const OptTensor& b,
@@ -789,12 +794,6 @@ Tensor batch_norm(const Tensor& x, const OptTensor& rm, const OptTensor& rv, con
 
 // ---------------------------------------------------- BatchNorm in parts: statistics, then apply
 
-std::vector<int64_t> batch_dims(const Tensor& x) {  // (0, 2, 3, ...)
-  std::vector<int64_t> dims = {0};
-  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
-  return dims;
-}
-
 // The statistics of BatchNorm's batch alone, μ and σ² per channel over (N, *), float64, as
 // functions of x: ∂μ/∂x = 1/n, ∂σ²/∂x = 2·(x − μ)/n. The backward runs in aten ops in x's
 // compute precision, x − μ taken as (x − m₀) − (μ − m₀) with m₀ = μ rounded to it (a large
@@ -815,9 +814,7 @@ struct StatsFn : public torch::autograd::Function<StatsFn> {
     const Tensor &dmean = grads[0], &dvar = grads[1];
     const Tensor x = ctx->get_saved_variables()[0];
     if (!dmean.defined() && !dvar.defined()) return {Tensor(), Tensor()};
-    const auto dims = batch_dims(x);
-    std::vector<int64_t> view(x.dim(), 1);
-    view[1] = x.size(1);
+    const auto dims = batch_dims(x), view = channel_view(x);
     const auto acc = at::promote_types(x.scalar_type(), at::kFloat);
     const double n = static_cast<double>(x.numel() / x.size(1));
     Tensor dx = dmean.defined() ? (dmean / n).to(acc).view(view) : Tensor();
@@ -835,11 +832,12 @@ struct StatsFn : public torch::autograd::Function<StatsFn> {
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
   const char* op = "batch_stats";
   check_input(x, op, 2);
-  require_values(x, batch_dims(x), op);  // (an input of no channels has none to give: empty statistics)
+  const auto dims = batch_dims(x);
+  require_values(x, dims, op);  // (an input of no channels has none to give: empty statistics)
   Tensor xc;
   Form f = channels_form(x, xc);
   if (x._fw_grad(0).defined() || !has_kernel(xc, f)) {  // torch's op carries tangents (and runs anywhere)
-    auto [var, mean] = at::var_mean(x.to(at::kDouble), batch_dims(x), /*correction=*/0, /*keepdim=*/false);
+    auto [var, mean] = at::var_mean(x.to(at::kDouble), dims, /*correction=*/0, /*keepdim=*/false);
     return {mean, var};
   }
   if (!(at::GradMode::is_enabled() && x.requires_grad())) {
